@@ -1,0 +1,17 @@
+//! Compiles the gRPC service of `proto/data_service.proto` (tonic server and
+//! client) with a pure-Rust protobuf compiler (protox): no `protoc` needed.
+//!
+//! The messages themselves come from the `streambridge-protocol` crate, which
+//! the WASM client shares, so each proto type exists exactly once.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(["data_service.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .extern_path(".StreamRequest", "::streambridge_protocol::StreamRequest")
+        .extern_path(".StreamResponse", "::streambridge_protocol::StreamResponse")
+        // The library enables only tonic's server half; tests connect their own channel.
+        .build_transport(false)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! The wire types of streambridge and the WebSocket envelope codec.
+//!
+//! Both the server and the WASM client compile this crate, so the envelope of
+//! WebSocket protocol v1 (`proto/bridge.proto`, specified in
+//! `docs/websocket-protocol.md`) is defined and decoded in exactly one place.
+//!
+//! # Layout
+//!
+//! - The generated types: [`StreamRequest`] / [`StreamResponse`] (the seed's
+//!   contract, `proto/data_service.proto`) and the envelope [`ClientFrame`] /
+//!   [`ServerFrame`] / [`Status`] (`proto/bridge.proto`).
+//! - [`Subprotocol`]: the two WebSocket subprotocols and their names.
+//! - [`proto`]: the binary encoding (`streambridge.v1.proto`), both directions.
+//! - `json` (feature `json`): the proto3 JSON encoding (`streambridge.v1.json`),
+//!   the server's half only (decode client frames, encode server frames).
+//!
+//! This crate knows nothing of sockets or transports: it turns bytes into
+//! frames and back.
+
+include!(concat!(env!("OUT_DIR"), "/_.rs"));
+
+#[cfg(feature = "json")]
+pub mod json;
+pub mod proto;
+
+use std::fmt;
+
+/// A WebSocket subprotocol of protocol v1: how envelope frames are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subprotocol {
+    /// `streambridge.v1.json`: text frames, proto3 JSON mapping of the envelope.
+    Json,
+    /// `streambridge.v1.proto`: binary frames, protobuf encoding of the envelope.
+    Proto,
+}
+
+impl Subprotocol {
+    /// Every subprotocol the server speaks, in the order it lists them in errors.
+    pub const ALL: [Subprotocol; 2] = [Subprotocol::Json, Subprotocol::Proto];
+
+    /// The name offered in `Sec-WebSocket-Protocol`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Subprotocol::Json => "streambridge.v1.json",
+            Subprotocol::Proto => "streambridge.v1.proto",
+        }
+    }
+
+    /// The subprotocol with this exact name, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl fmt::Display for Subprotocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A frame that could not be decoded. The message says what was wrong, in
+/// words fit for a `Status.message` sent back to the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeError(pub String);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// The error for a client frame whose `oneof frame` is empty: well-formed, but
+/// neither a request nor a half-close.
+fn empty_client_frame() -> DecodeError {
+    DecodeError("ClientFrame has neither request nor closeSend; exactly one is required".into())
+}

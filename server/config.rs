@@ -1,0 +1,128 @@
+//! Every setting of the server: one clap struct, each flag also an environment
+//! variable (`STREAMBRIDGE_*`), each default chosen to be safe on the internet.
+//!
+//! Limits live here and nowhere else; the README's configuration table lists
+//! them with their defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// 4 MiB: gRPC's customary default for the largest message a peer may send.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// Settings of a streambridge server.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "streambridge", version, about)]
+pub struct Config {
+    /// Address to listen on. One port serves native gRPC, gRPC-Web, the
+    /// WebSocket bridge and the web page.
+    #[arg(long, env = "STREAMBRIDGE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory served at `/`: the web page and the WASM package (`pkg/`).
+    #[arg(long, env = "STREAMBRIDGE_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+
+    /// Largest message accepted on any transport, in bytes: a gRPC message, a
+    /// gRPC-Web message or a WebSocket frame.
+    #[arg(long, env = "STREAMBRIDGE_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: usize,
+
+    /// An origin (`https://app.example.com`) allowed to open WebSockets and make
+    /// cross-origin gRPC-Web calls, besides the server's own origin, which is
+    /// always allowed. Repeatable; comma-separated in the environment; `*`
+    /// allows every origin.
+    #[arg(long = "allowed-origin", env = "STREAMBRIDGE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Bytes each WebSocket reads from the kernel at a time. Allocated for every
+    /// open socket, so it sets most of an idle socket's memory; larger frames
+    /// are still accepted (up to --max-message-size).
+    #[arg(long, env = "STREAMBRIDGE_WS_READ_BUFFER_SIZE", default_value_t = 4096)]
+    pub ws_read_buffer_size: usize,
+
+    /// Bytes of outgoing WebSocket frames gathered before a write to the kernel.
+    /// Replies are also written whenever no further reply is ready.
+    #[arg(long, env = "STREAMBRIDGE_WS_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    pub ws_write_buffer_size: usize,
+
+    /// Requests of one WebSocket call read ahead of their replies. When they are
+    /// all waiting for the client to read replies, the server stops reading
+    /// from that socket (backpressure).
+    #[arg(long, env = "STREAMBRIDGE_WS_REQUEST_QUEUE", default_value_t = 32)]
+    pub ws_request_queue: usize,
+
+    /// How long to wait for the peer's Close frame after the server sent its
+    /// own, before dropping the connection.
+    #[arg(long, env = "STREAMBRIDGE_WS_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub ws_close_timeout: Duration,
+
+    /// Concurrent HTTP/2 streams (gRPC calls) allowed per connection.
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 1000)]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Time a client has to send a complete HTTP/1 request head; a slower one
+    /// (slowloris) is disconnected.
+    #[arg(long, env = "STREAMBRIDGE_HTTP1_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http1_header_read_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long live calls get to finish before the server
+    /// exits anyway.
+    #[arg(long, env = "STREAMBRIDGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// The defaults, listening on `listen`: what tests and embedders start from.
+    pub fn with_listen(listen: SocketAddr) -> Self {
+        let mut config = Config::parse_from(["streambridge"]);
+        config.listen = listen;
+        config
+    }
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 10s or 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{text}`: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_the_documented_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5h").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = Config::parse_from(["streambridge"]);
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.max_message_size, 4 * 1024 * 1024);
+        assert_eq!(config.http2_max_concurrent_streams, 1000);
+        assert!(config.allowed_origins.is_empty());
+    }
+}

@@ -1,0 +1,41 @@
+//! The `streambridge` binary: parse the configuration, set up logging, serve
+//! until SIGINT/SIGTERM, drain. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use streambridge::{Config, Server, termination_signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let config = Config::parse();
+    let server = match Server::bind(config.clone()).await {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("streambridge: cannot listen on {}: {error}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let address = server
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.listen.to_string());
+    tracing::info!(
+        "streambridge listening on {address}: page http://{address}/, WebSocket ws://{address}/ws, gRPC and gRPC-Web on the same port"
+    );
+    let shutdown = server.shutdown_token();
+    tokio::spawn(async move {
+        termination_signal().await;
+        tracing::info!("signal received; draining");
+        shutdown.cancel();
+    });
+    if server.run().await {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,350 @@
+//! One bidirectional call over one WebSocket: client frames in, through the
+//! [processor](crate::processor), server frames out, then the final `status`
+//! frame and the close.
+//!
+//! One task owns the socket and runs a `select!` loop, so there is no lock
+//! between a reading and a writing half. Reading has priority, but only while
+//! the request queue has room; the queue holds at most
+//! [`CallSettings::request_queue`] requests ahead of their replies, so a client
+//! that sends without reading makes the server stop reading it
+//! (backpressure) instead of growing memory.
+//!
+//! Replies are coalesced: every reply already computed is fed to the socket,
+//! then one flush writes them in as few syscalls as the buffer allows.
+//!
+//! A failure (bad frame, oversize frame, shutdown) stops the reading; the
+//! replies to every request read before it are still delivered, then the
+//! `status` frame says what went wrong and the close code matches it (see
+//! [`crate::error`]). A client that goes away without `closeSend` cancels the
+//! call: the task returns and everything it held is dropped.
+
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use streambridge_protocol::{Status, StreamResponse, Subprotocol, client_frame, json, proto, server_frame};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::processor;
+
+/// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
+#[derive(Clone, Debug)]
+pub struct CallSettings {
+    /// Largest frame payload accepted, in bytes.
+    pub max_message_size: usize,
+    /// Bytes read from the kernel at a time; allocated per socket.
+    pub read_buffer_size: usize,
+    /// Bytes of frames gathered before a write.
+    pub write_buffer_size: usize,
+    /// Requests read ahead of their replies.
+    pub request_queue: usize,
+    /// How long to wait for the peer's Close frame, and to deliver the last frames.
+    pub close_timeout: Duration,
+}
+
+/// Where the client's request stream stands.
+enum Input {
+    /// Requests may come; the sender feeds the processor.
+    Open(mpsc::Sender<streambridge_protocol::StreamRequest>),
+    /// The client sent `closeSend`. The socket is still read, to catch a
+    /// client that breaks the protocol by sending on.
+    HalfClosed,
+    /// A failure stopped the reading; the call is finishing.
+    Stopped,
+}
+
+/// How the reading side of the call ended.
+enum Ending {
+    /// Every reply is out: send the status (OK, or the failure) and close.
+    Finish {
+        failure: Option<Error>,
+        framing_intact: bool,
+    },
+    /// The client went away (or closed) before the call finished: cancel.
+    Cancelled,
+}
+
+/// Runs the call on `socket` to its end.
+pub async fn run<S>(
+    mut socket: WebSocketStream<S>,
+    subprotocol: Subprotocol,
+    settings: &CallSettings,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match exchange(&mut socket, subprotocol, settings, &shutdown).await {
+        Ending::Cancelled => tracing::debug!("client left without closeSend; call cancelled"),
+        Ending::Finish {
+            failure,
+            framing_intact,
+        } => {
+            if let Some(error) = &failure {
+                tracing::debug!(%error, code = ?error.code(), "call failed");
+            }
+            let closing = finish(
+                &mut socket,
+                subprotocol,
+                failure,
+                framing_intact,
+                settings.close_timeout,
+            );
+            if tokio::time::timeout(settings.close_timeout * 2, closing).await.is_err() {
+                tracing::debug!("peer did not complete the close handshake in time");
+            }
+        }
+    }
+}
+
+/// The request/reply loop, up to the moment the status can be sent.
+async fn exchange<S>(
+    socket: &mut WebSocketStream<S>,
+    subprotocol: Subprotocol,
+    settings: &CallSettings,
+    shutdown: &CancellationToken,
+) -> Ending
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (request_tx, request_rx) = mpsc::channel(settings.request_queue.max(1));
+    let requests = ReceiverStream::new(request_rx).map(Ok::<_, std::convert::Infallible>);
+    let mut replies = std::pin::pin!(processor::process(requests).fuse());
+    let mut input = Input::Open(request_tx);
+    let mut failure = None;
+    let mut framing_intact = true;
+
+    loop {
+        let may_read = match &input {
+            Input::Open(sender) => sender.capacity() > 0,
+            Input::HalfClosed => true,
+            Input::Stopped => false,
+        };
+        let draining_allowed = matches!(input, Input::Open(_));
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled(), if draining_allowed => {
+                failure = Some(Error::ShuttingDown);
+                input = Input::Stopped;
+            }
+            frame = socket.next(), if may_read => {
+                let outcome = match frame {
+                    Some(Ok(message)) => on_message(message, subprotocol, &mut input),
+                    Some(Err(error)) => on_read_error(error, settings.max_message_size, &mut framing_intact),
+                    None => return Ending::Cancelled,
+                };
+                match outcome {
+                    Read::Continue => {}
+                    Read::Pong => {
+                        // tungstenite queued a pong; send it now, not with the next reply.
+                        if socket.flush().await.is_err() {
+                            return Ending::Cancelled;
+                        }
+                    }
+                    Read::Failed(error) => {
+                        failure = Some(error);
+                        input = Input::Stopped;
+                    }
+                    Read::Gone => return Ending::Cancelled,
+                }
+            }
+            reply = replies.next() => {
+                let Some(Ok(reply)) = reply else {
+                    return Ending::Finish { failure, framing_intact };
+                };
+                if send_replies(socket, subprotocol, reply, &mut replies).await.is_err() {
+                    return Ending::Cancelled;
+                }
+            }
+        }
+    }
+}
+
+/// What reading one frame led to.
+enum Read {
+    Continue,
+    Pong,
+    Failed(Error),
+    Gone,
+}
+
+fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input) -> Read {
+    let decoded = match (message, subprotocol) {
+        (Message::Text(text), Subprotocol::Json) => json::decode_client_frame(&text),
+        (Message::Binary(bytes), Subprotocol::Proto) => proto::decode_client_frame(&bytes),
+        (Message::Text(_), Subprotocol::Proto) => return Read::Failed(wrong_type("text", "binary", subprotocol)),
+        (Message::Binary(_), Subprotocol::Json) => return Read::Failed(wrong_type("binary", "text", subprotocol)),
+        (Message::Ping(_), _) => return Read::Pong,
+        (Message::Pong(_) | Message::Frame(_), _) => return Read::Continue,
+        (Message::Close(_), _) => return Read::Gone,
+    };
+    match (decoded, &*input) {
+        (Err(error), _) => Read::Failed(error.into()),
+        (Ok(client_frame::Frame::Request(request)), Input::Open(sender)) => {
+            // The loop reads only while the queue has room, and this task is
+            // the only sender, so the queue cannot be full here.
+            match sender.try_send(request) {
+                Ok(()) => Read::Continue,
+                Err(error) => Read::Failed(Error::Internal(format!("request queue: {error}"))),
+            }
+        }
+        (Ok(client_frame::Frame::CloseSend(_)), Input::Open(_)) => {
+            *input = Input::HalfClosed;
+            Read::Continue
+        }
+        (Ok(client_frame::Frame::Request(_)), _) => Read::Failed(Error::AfterCloseSend("request")),
+        (Ok(client_frame::Frame::CloseSend(_)), _) => Read::Failed(Error::AfterCloseSend("closeSend")),
+    }
+}
+
+fn wrong_type(received: &'static str, expected: &'static str, subprotocol: Subprotocol) -> Error {
+    Error::WrongFrameType {
+        received,
+        expected,
+        subprotocol,
+    }
+}
+
+fn on_read_error(error: WsError, limit: usize, framing_intact: &mut bool) -> Read {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => {
+            // tungstenite stopped inside the frame: what follows is not framed.
+            *framing_intact = false;
+            Read::Failed(Error::MessageTooLarge { size, limit })
+        }
+        WsError::Utf8(_) => Read::Failed(Error::InvalidFrame(streambridge_protocol::DecodeError(
+            "text frame is not valid UTF-8".into(),
+        ))),
+        WsError::Protocol(violation) => {
+            *framing_intact = false;
+            Read::Failed(Error::ProtocolViolation(violation.to_string()))
+        }
+        WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => Read::Gone,
+        other => {
+            *framing_intact = false;
+            Read::Failed(Error::Internal(other.to_string()))
+        }
+    }
+}
+
+/// Feeds `first` and every further reply that is ready now, then flushes once.
+async fn send_replies<S, R>(
+    socket: &mut WebSocketStream<S>,
+    subprotocol: Subprotocol,
+    first: StreamResponse,
+    replies: &mut R,
+) -> Result<(), WsError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: futures_util::Stream<Item = Result<StreamResponse, std::convert::Infallible>> + Unpin,
+{
+    socket
+        .feed(encode(subprotocol, server_frame::Frame::Response(first)))
+        .await?;
+    while let Some(Some(Ok(reply))) = replies.next().now_or_never() {
+        socket
+            .feed(encode(subprotocol, server_frame::Frame::Response(reply)))
+            .await?;
+    }
+    socket.flush().await
+}
+
+fn encode(subprotocol: Subprotocol, frame: server_frame::Frame) -> Message {
+    match subprotocol {
+        Subprotocol::Json => Message::text(json::encode_server_frame(&frame)),
+        Subprotocol::Proto => Message::Binary(Bytes::from(proto::encode_server_frame(frame))),
+    }
+}
+
+/// Sends the status frame and the close, then waits for the peer's close so
+/// that nothing the peer sent is left unread when the connection drops.
+async fn finish<S>(
+    socket: &mut WebSocketStream<S>,
+    subprotocol: Subprotocol,
+    failure: Option<Error>,
+    framing_intact: bool,
+    close_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (status, close_code) = match &failure {
+        None => (
+            Status {
+                code: 0,
+                message: String::new(),
+            },
+            1000,
+        ),
+        Some(error) => (
+            Status {
+                code: error.code() as i32,
+                message: error.to_string(),
+            },
+            error.close_code(),
+        ),
+    };
+    let reason = close_reason(&status.message);
+    let close = CloseFrame {
+        code: CloseCode::from(close_code),
+        reason: reason.into(),
+    };
+    let sent = async {
+        socket
+            .feed(encode(subprotocol, server_frame::Frame::Status(status)))
+            .await?;
+        socket.send(Message::Close(Some(close))).await
+    };
+    if sent.await.is_err() {
+        return;
+    }
+    let drained = async {
+        if framing_intact {
+            // Frames after ours are discarded until the peer's Close ends the stream.
+            while let Some(Ok(_)) = socket.next().await {}
+        } else {
+            discard_until_eof(socket.get_mut()).await;
+        }
+    };
+    let _ = tokio::time::timeout(close_timeout, drained).await;
+}
+
+/// Reads and drops raw bytes until the peer closes the connection.
+async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
+    let mut sink = [0u8; 4096];
+    while let Ok(1..) = io.read(&mut sink).await {}
+}
+
+/// The close frame's reason: the status message, cut to the 123 bytes a
+/// close frame allows, on a character boundary.
+fn close_reason(message: &str) -> String {
+    const MAX: usize = 123;
+    if message.len() <= MAX {
+        return message.to_string();
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_and_stay_utf8() {
+        let long = "é".repeat(100);
+        let reason = close_reason(&long);
+        assert!(reason.len() <= 123);
+        assert!(long.starts_with(&reason));
+        assert_eq!(close_reason("short"), "short");
+    }
+}
