@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::{Status, StreamResponse, Subprotocol, client_frame, json, proto, server_frame};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::WebSocketStream;
@@ -309,7 +309,13 @@ async fn finish<S>(
             // Frames after ours are discarded until the peer's Close ends the stream.
             while let Some(Ok(_)) = socket.next().await {}
         } else {
-            discard_until_eof(socket.get_mut()).await;
+            // The peer's Close cannot be parsed any more: end our side of the
+            // TCP connection (our Close is out) and drop its bytes until it
+            // ends its side.
+            let io = socket.get_mut();
+            if io.shutdown().await.is_ok() {
+                discard_until_eof(io).await;
+            }
         }
     };
     let _ = tokio::time::timeout(close_timeout, drained).await;

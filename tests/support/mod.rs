@@ -1,0 +1,77 @@
+//! Starts a real streambridge server on 127.0.0.1:0 for a test, and the
+//! clients the tests talk to it with.
+
+#![allow(dead_code)] // each test file uses a different part of this module
+
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use streambridge::grpc::DataServiceClient;
+use streambridge::{ActiveCalls, Config, Server};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Generous bound on how long a single step of a test may take before the
+/// test fails instead of hanging. Not a synchronisation device: tests wait for
+/// events, this only turns a hang into a failure.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A server running in this test's runtime; shut down when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub calls: ActiveCalls,
+    shutdown: CancellationToken,
+}
+
+impl TestServer {
+    /// A server with the default configuration.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose default configuration `adjust` changed first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
+        config.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
+        adjust(&mut config);
+        let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
+        let addr = server.local_addr().unwrap();
+        let calls = server.active_calls();
+        let shutdown = server.shutdown_token();
+        tokio::spawn(server.run());
+        TestServer { addr, calls, shutdown }
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// A tonic client on a fresh HTTP/2 connection.
+    pub async fn grpc_client(&self) -> DataServiceClient<Channel> {
+        let channel = Channel::from_shared(self.http_url(""))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect gRPC");
+        DataServiceClient::new(channel)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Awaits `future`, failing the test if it takes longer than [`STEP_TIMEOUT`].
+pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(STEP_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {STEP_TIMEOUT:?}: {what}"))
+}
