@@ -42,7 +42,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::routing::any;
+use axum::routing::{any, post};
 use http::{Method, Request, Response, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,8 @@ pub fn router(
     let web = HttpService::new(
         axum::Router::new()
             .route("/ws", any(websocket::upgrade))
-            .fallback_service(static_files::service(&config.static_dir))
+            .route("/{service}/{method}", post(grpc_without_grpc_content_type))
+            .fallback(static_files::service(&config.static_dir))
             .with_state(state),
     );
     // The order matches `classify`.
@@ -125,6 +126,14 @@ fn classify(request: &Request<Body>) -> Route {
     } else {
         Route::Web
     }
+}
+
+/// A POST to a gRPC-shaped path that is not gRPC: the caller probably forgot
+/// the content type, so say which ones are understood.
+async fn grpc_without_grpc_content_type() -> (http::StatusCode, &'static str) {
+    let message = "415 unsupported media type: gRPC methods take content-type application/grpc (native gRPC) \
+                   or application/grpc-web, application/grpc-web-text (gRPC-Web)\n";
+    (http::StatusCode::UNSUPPORTED_MEDIA_TYPE, message)
 }
 
 /// A bound, not yet running server.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod http;
 pub mod ws;
 
 use std::net::SocketAddr;
