@@ -18,7 +18,8 @@ use tonic::Code;
 /// Why a call ended other than normally.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A frame that does not decode as a `ClientFrame` of the subprotocol.
+    /// A frame that does not decode as a `ClientFrame` of the subprotocol
+    /// (including a text frame that is not valid UTF-8).
     #[error("{0}")]
     InvalidFrame(#[from] DecodeError),
 
@@ -34,7 +35,7 @@ pub enum Error {
         subprotocol: Subprotocol,
     },
 
-    /// A WebSocket protocol error (bad masking, invalid UTF-8 in a text frame, ...).
+    /// A WebSocket protocol error (unmasked client frame, reserved bits, ...).
     #[error("WebSocket protocol violation: {0}")]
     ProtocolViolation(String),
 

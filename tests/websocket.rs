@@ -140,6 +140,21 @@ async fn websocket_unparsable_protobuf_delivers_earlier_replies_then_status_3_an
 }
 
 #[tokio::test]
+async fn websocket_text_frame_with_invalid_utf8_is_status_3_and_close_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let invalid_utf8 = Message::Frame(Frame::message(
+        Bytes::from_static(&[0xff, 0xfe]),
+        OpCode::Data(Data::Text),
+        true,
+    ));
+    let message = bad_input_case(&server, Sub::Json, vec![invalid_utf8], 3, 1007).await;
+    assert!(message.contains("UTF-8"), "{message}");
+    assert_still_serving(&server).await;
+}
+
+#[tokio::test]
 async fn websocket_request_after_close_send_is_status_3_and_close_1007() {
     let server = TestServer::start().await;
     for sub in [Sub::Json, Sub::Proto] {
@@ -229,6 +244,9 @@ async fn a_socket_dropped_without_close_send_leaves_no_call_behind() {
     send_all(&mut socket, [request_frame(Sub::Proto, "hello")]).await;
     assert_eq!(next_response(&mut socket, Sub::Proto).await, "processed: hello");
     within("close", socket.close(None)).await.unwrap(); // a Close frame, no closeSend
+    // The server answers the Close (a clean close for the client), then lets go.
+    let answer = within("close answer", futures_util::StreamExt::next(&mut socket)).await;
+    assert!(matches!(answer, Some(Ok(Message::Close(_)))), "{answer:?}");
     within("call released", server.calls.wait_for(Transport::WebSocket, 0)).await;
 }
 

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
@@ -152,6 +152,12 @@ where
                         failure = Some(error);
                         input = Input::Stopped;
                     }
+                    Read::ClosedByPeer => {
+                        // tungstenite queued the answer to the peer's Close; send it
+                        // so the peer sees a clean close, not a dropped connection.
+                        let _ = tokio::time::timeout(settings.close_timeout, socket.flush()).await;
+                        return Ending::Cancelled;
+                    }
                     Read::Gone => return Ending::Cancelled,
                 }
             }
@@ -172,6 +178,9 @@ enum Read {
     Continue,
     Pong,
     Failed(Error),
+    /// The peer sent a Close frame (without finishing the call).
+    ClosedByPeer,
+    /// The connection is gone.
     Gone,
 }
 
@@ -183,7 +192,7 @@ fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input) -> 
         (Message::Binary(_), Subprotocol::Json) => return Read::Failed(wrong_type("binary", "text", subprotocol)),
         (Message::Ping(_), _) => return Read::Pong,
         (Message::Pong(_) | Message::Frame(_), _) => return Read::Continue,
-        (Message::Close(_), _) => return Read::Gone,
+        (Message::Close(_), _) => return Read::ClosedByPeer,
     };
     match (decoded, &*input) {
         (Err(error), _) => Read::Failed(error.into()),
@@ -219,9 +228,14 @@ fn on_read_error(error: WsError, limit: usize, framing_intact: &mut bool) -> Rea
             *framing_intact = false;
             Read::Failed(Error::MessageTooLarge { size, limit })
         }
-        WsError::Utf8(_) => Read::Failed(Error::InvalidFrame(streambridge_protocol::DecodeError(
-            "text frame is not valid UTF-8".into(),
-        ))),
+        WsError::Utf8(_) => {
+            // tungstenite ends the stream after this error: no Close can be read.
+            *framing_intact = false;
+            Read::Failed(Error::InvalidFrame(streambridge_protocol::DecodeError(
+                "text frame is not valid UTF-8".into(),
+            )))
+        }
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => Read::Gone,
         WsError::Protocol(violation) => {
             *framing_intact = false;
             Read::Failed(Error::ProtocolViolation(violation.to_string()))

@@ -1,0 +1,94 @@
+"""A Python grpcio client for streambridge, driven by tests/python_grpcio.rs.
+
+Generates stubs from the seed's proto (tests/python/seed/data_service.proto, the
+contract exactly as the seed states it) with grpcio-tools, then streams through
+the server given as argv[1] (host:port) and checks every reply. Exits non-zero
+with a message on the first mismatch; prints one JSON summary line on success.
+"""
+
+import importlib
+import json
+import pathlib
+import queue
+import sys
+import tempfile
+
+import grpc
+from grpc_tools import protoc
+
+SEED_DIR = pathlib.Path(__file__).resolve().parent / "seed"
+TIMEOUT_S = 30
+
+
+def generate_stubs(out_dir):
+    code = protoc.main(
+        ["grpc_tools.protoc", f"-I{SEED_DIR}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+         str(SEED_DIR / "data_service.proto")]
+    )
+    if code != 0:
+        sys.exit(f"protoc failed with exit code {code}")
+    sys.path.insert(0, str(out_dir))
+    return importlib.import_module("data_service_pb2"), importlib.import_module("data_service_pb2_grpc")
+
+
+def expect(actual, wanted, what):
+    if actual != wanted:
+        sys.exit(f"{what}: expected {wanted!r}, got {actual!r}")
+
+
+def seed_usage(stub, pb2):
+    """The tutorial's client: send msg 0..4, CloseSend, read until EOF."""
+    requests = (pb2.StreamRequest(data=f"msg {i}") for i in range(5))
+    replies = [r.result for r in stub.BidirectionalStream(requests, timeout=TIMEOUT_S)]
+    expect(replies, [f"processed: msg {i}" for i in range(5)], "seed usage")
+    return len(replies)
+
+
+def pipelined(stub, pb2, count):
+    requests = (pb2.StreamRequest(data=f"python {i} ü") for i in range(count))
+    replies = [r.result for r in stub.BidirectionalStream(requests, timeout=TIMEOUT_S)]
+    expect(replies, [f"processed: python {i} ü" for i in range(count)], "pipelined")
+    return len(replies)
+
+
+def interleaved(stub, pb2, turns):
+    """Each reply arrives before the next request exists: true bidi streaming."""
+    outbox = queue.Queue()
+    done = object()
+
+    def requests():
+        while True:
+            item = outbox.get(timeout=TIMEOUT_S)
+            if item is done:
+                return
+            yield item
+
+    outbox.put(pb2.StreamRequest(data="turn 0"))
+    call = stub.BidirectionalStream(requests(), timeout=TIMEOUT_S)
+    seen = 0
+    for reply in call:
+        expect(reply.result, f"processed: turn {seen}", "interleaved")
+        seen += 1
+        outbox.put(pb2.StreamRequest(data=f"turn {seen}") if seen < turns else done)
+    expect(seen, turns, "interleaved replies")
+    return seen
+
+
+def main():
+    target = sys.argv[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        pb2, pb2_grpc = generate_stubs(out_dir)
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
+            stub = pb2_grpc.DataServiceStub(channel)
+            summary = {
+                "seed_usage": seed_usage(stub, pb2),
+                "pipelined": pipelined(stub, pb2, 1000),
+                "interleaved": interleaved(stub, pb2, 20),
+                "grpcio": grpc.__version__,
+            }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+//! A client nobody on this project wrote: Python grpcio, with stubs that
+//! grpcio-tools generates from the seed's proto, streaming through the server.
+//!
+//! The interpreter comes from `STREAMBRIDGE_PYTHON`, or the virtualenv that
+//! `cargo xtask test` provisions; without either the test fails and says how
+//! to get one (it never silently skips).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use streambridge::Transport;
+use support::{TestServer, within};
+
+fn python() -> PathBuf {
+    if let Some(path) = std::env::var_os("STREAMBRIDGE_PYTHON") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let venv_python = target.join("python-venv/bin/python");
+    assert!(
+        venv_python.exists(),
+        "no Python with grpcio: run `cargo xtask test` (it provisions {}) or set STREAMBRIDGE_PYTHON",
+        venv_python.display()
+    );
+    venv_python
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_with_stubs_from_the_seed_proto_streams_through_the_server() {
+    let server = TestServer::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
+    let child = tokio::process::Command::new(python())
+        .arg(script)
+        .arg(server.addr.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the Python client");
+    let output = within("python client", child.wait_with_output())
+        .await
+        .expect("python client output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "python client failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON summary line");
+    assert_eq!(summary["seed_usage"], 5);
+    assert_eq!(summary["pipelined"], 1000);
+    assert_eq!(summary["interleaved"], 20);
+    within("calls released", server.calls.wait_for(Transport::Grpc, 0)).await;
+}
