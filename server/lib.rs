@@ -57,6 +57,10 @@ pub use shutdown::termination_signal;
 /// Any of the server's HTTP services, type-erased so the router can pick one.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
+/// The server's whole HTTP surface: one service per transport, and the
+/// function that picks one for each request.
+pub type TransportRouter = Steer<HttpService, fn(&Request<Body>, &[HttpService]) -> usize, Request<Body>>;
+
 /// What every request handler may need; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -69,10 +73,7 @@ pub struct AppState {
 
 /// The whole HTTP surface of the server: classifies each request by its
 /// content type (and path) and hands it to exactly one transport.
-pub fn router(
-    config: &Config,
-    state: AppState,
-) -> Steer<HttpService, fn(&Request<Body>, &[HttpService]) -> usize, Request<Body>> {
+pub fn router(config: &Config, state: AppState) -> TransportRouter {
     let grpc_routes = tonic::service::Routes::new(grpc::GrpcDataService::server(
         state.calls.clone(),
         state.shutdown.clone(),
