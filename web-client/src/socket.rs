@@ -1,0 +1,87 @@
+//! A browser WebSocket (web-sys) turned into one callback of [`SocketEvent`]s,
+//! so the call logic never touches `web-sys` callbacks or `JsValue`s.
+
+use js_sys::{ArrayBuffer, Uint8Array};
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
+
+/// What happened on the socket.
+pub enum SocketEvent {
+    /// The handshake succeeded; frames can be sent.
+    Open,
+    /// A binary frame arrived.
+    Binary(Vec<u8>),
+    /// A text frame arrived (the proto subprotocol never sends one).
+    Text,
+    /// The connection ended; `code` is the close code (1006 if it broke).
+    Closed { code: u16, reason: String },
+}
+
+type Handler<T> = Closure<dyn FnMut(T)>;
+
+/// An open or opening WebSocket and the callbacks it calls.
+pub struct Socket {
+    socket: WebSocket,
+    _on_open: Handler<web_sys::Event>,
+    _on_message: Handler<MessageEvent>,
+    _on_close: Handler<CloseEvent>,
+}
+
+impl Socket {
+    /// Starts connecting to `url` with `subprotocol`; `on_event` hears everything after.
+    pub fn open(url: &str, subprotocol: &str, on_event: impl FnMut(SocketEvent) + 'static) -> Result<Socket, JsValue> {
+        let socket = WebSocket::new_with_str(url, subprotocol)?;
+        socket.set_binary_type(BinaryType::Arraybuffer);
+        let on_event = std::rc::Rc::new(std::cell::RefCell::new(on_event));
+
+        let events = on_event.clone();
+        let on_open = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| (events.borrow_mut())(SocketEvent::Open));
+        let events = on_event.clone();
+        let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |message: MessageEvent| {
+            let event = match message.data().dyn_into::<ArrayBuffer>() {
+                Ok(buffer) => SocketEvent::Binary(Uint8Array::new(&buffer).to_vec()),
+                Err(_) => SocketEvent::Text,
+            };
+            (events.borrow_mut())(event);
+        });
+        let events = on_event;
+        let on_close = Closure::<dyn FnMut(CloseEvent)>::new(move |close: CloseEvent| {
+            (events.borrow_mut())(SocketEvent::Closed {
+                code: close.code(),
+                reason: close.reason(),
+            });
+        });
+        socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        Ok(Socket {
+            socket,
+            _on_open: on_open,
+            _on_message: on_message,
+            _on_close: on_close,
+        })
+    }
+
+    /// Sends one binary frame.
+    pub fn send(&self, frame: &[u8]) -> Result<(), JsValue> {
+        self.socket.send_with_u8_array(frame)
+    }
+
+    /// Closes the connection without waiting for the call (a cancel).
+    pub fn close(&self) {
+        let _ = self.socket.close_with_code_and_reason(1000, "cancelled by the client");
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // The closures die with this struct: the socket must not call them after.
+        self.socket.set_onopen(None);
+        self.socket.set_onmessage(None);
+        self.socket.set_onclose(None);
+        if self.socket.ready_state() <= WebSocket::OPEN {
+            let _ = self.socket.close();
+        }
+    }
+}
