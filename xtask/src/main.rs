@@ -1,17 +1,30 @@
 //! The project's chores, in Rust (`cargo xtask <verb>`), so they work the same
 //! on every machine and need no shell scripts.
 //!
-//! - `cargo xtask test`: everything the project checks: provisions the pinned
-//!   Python grpcio client in a virtualenv, then runs every Rust test,
-//!   the integration tests included.
-//! - `cargo xtask serve [ARGS]`: runs the server on 127.0.0.1:8080 with its
-//!   page; ARGS go to `streambridge`.
+//! - `cargo xtask test`: everything the project checks, in one command:
+//!   provisions the pinned Python grpcio client, runs every Rust test, builds
+//!   the WASM package, runs its wasm-bindgen tests in headless Chromium
+//!   against a live server, then the end-to-end page tests (playwright-core,
+//!   Debian's Chromium) and the TypeScript check. Ends with one
+//!   `summary: N passed, M failed` line.
+//! - `cargo xtask build-web`: the WASM package into `static/pkg/`.
+//! - `cargo xtask serve [ARGS]`: `build-web`, then the server (release) on
+//!   127.0.0.1:8080 with its page; ARGS go to `streambridge`.
+//!
+//! Tools are installed when missing, at pinned versions: the
+//! `wasm32-unknown-unknown` target, `wasm-bindgen-cli` at exactly the
+//! `wasm-bindgen` version of `Cargo.lock`, the Python virtualenv, the npm
+//! packages of `tests/e2e/package-lock.json`. Chromium and chromedriver come
+//! from the system (Debian packages `chromium`, `chromium-driver`).
+
+mod process;
+mod web;
 
 use std::env;
-use std::ffi::OsStr;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+
+use process::{ServerProcess, TestCounts, run, run_counted};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -19,8 +32,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
+        Some("build-web") => web::build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
-        _ => Err(usage()),
+        _ => Err("usage: cargo xtask <test | build-web | serve [streambridge args]>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -29,10 +43,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn usage() -> String {
-    "usage: cargo xtask <test | serve [streambridge args]>".to_string()
 }
 
 /// The workspace root.
@@ -56,28 +66,70 @@ fn cargo() -> Command {
     command
 }
 
-/// Runs `command`, failing with its description if it fails.
-fn run(command: &mut Command) -> Result {
-    let description = format!("{command:?}");
-    eprintln!("xtask: running {description}");
-    let status = command
-        .status()
-        .map_err(|e| format!("cannot start {description}: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("{description} failed: {status}"))
-    }
-}
-
 fn test() -> Result {
     let python = python_venv()?;
-    run(cargo()
-        .args(["test", "--workspace", "--exclude", "streambridge-client", "--locked"])
-        .env("STREAMBRIDGE_PYTHON", &python))
+    let mut counts = TestCounts::default();
+    let outcome = (|| {
+        run_counted(
+            cargo()
+                .args(["test", "--workspace", "--exclude", "streambridge-client", "--locked"])
+                .env("STREAMBRIDGE_PYTHON", &python),
+            &mut counts,
+        )?;
+        web::build()?;
+        run(cargo().args(["build", "--bin", "streambridge", "--locked"]))?;
+        browser_tests(&mut counts)
+    })();
+    println!("summary: {} passed, {} failed", counts.passed, counts.failed);
+    outcome
+}
+
+/// The WASM client's tests and the page's, each against its own live server.
+fn browser_tests(counts: &mut TestCounts) -> Result {
+    let chromedriver = Path::new("/usr/bin/chromedriver");
+    if !chromedriver.exists() {
+        return Err("chromedriver not found: apt-get install chromium chromium-driver".into());
+    }
+    {
+        // wasm-bindgen-test serves its test page from its own origin, which
+        // a default server would refuse (403): allow any origin here.
+        let server = ServerProcess::start(&["--allowed-origin", "*"])?;
+        let runner = web::cargo_bin("wasm-bindgen-test-runner");
+        run_counted(
+            cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "streambridge-client",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                    "--locked",
+                ])
+                .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", runner)
+                .env("CHROMEDRIVER", chromedriver)
+                .env(
+                    "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
+                    root().join("web-client/webdriver.json"),
+                )
+                .env("WASM_BINDGEN_TEST_TIMEOUT", "120")
+                .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", server.addr)),
+            counts,
+        )?;
+    }
+    let e2e = root().join("tests/e2e");
+    web::npm_ci(&e2e)?;
+    let server = ServerProcess::start(&[])?;
+    run_counted(
+        Command::new("node")
+            .args(["--test", "--test-reporter=tap"])
+            .current_dir(&e2e)
+            .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr)),
+        counts,
+    )
 }
 
 fn serve(args: &[String]) -> Result {
+    web::build()?;
     let mut command = cargo();
     command
         .args(["run", "--release", "--locked", "--bin", "streambridge", "--"])
@@ -90,23 +142,18 @@ fn serve(args: &[String]) -> Result {
 fn python_venv() -> Result<PathBuf> {
     let requirements_path = root().join("tests/python/requirements.txt");
     let requirements =
-        fs::read_to_string(&requirements_path).map_err(|e| format!("{}: {e}", requirements_path.display()))?;
+        std::fs::read_to_string(&requirements_path).map_err(|e| format!("{}: {e}", requirements_path.display()))?;
     let venv = target_dir().join("python-venv");
     let python = venv.join("bin/python");
     let stamp = venv.join("requirements.installed");
-    if python.exists() && fs::read_to_string(&stamp).is_ok_and(|installed| installed == requirements) {
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|installed| installed == requirements) {
         return Ok(python);
     }
     let system_python = env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
-    run(Command::new(&system_python).args([
-        OsStr::new("-m"),
-        OsStr::new("venv"),
-        OsStr::new("--clear"),
-        venv.as_os_str(),
-    ]))?;
+    run(Command::new(&system_python).args(["-m", "venv", "--clear"]).arg(&venv))?;
     run(Command::new(&python)
         .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
         .arg(&requirements_path))?;
-    fs::write(&stamp, requirements).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    std::fs::write(&stamp, requirements).map_err(|e| format!("{}: {e}", stamp.display()))?;
     Ok(python)
 }

@@ -1,0 +1,147 @@
+// End-to-end: the real page, served by the real server, in headless Chromium
+// (Debian's, driven by playwright-core; no browser download). Every wait is
+// for an event on the page (Playwright's auto-waiting), never a fixed sleep.
+//
+// STREAMBRIDGE_BASE_URL: the server (cargo xtask test starts one).
+// STREAMBRIDGE_SCREENSHOT: if set, where to save a screenshot of the page.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+
+const base = process.env.STREAMBRIDGE_BASE_URL;
+assert.ok(base, 'set STREAMBRIDGE_BASE_URL to a running server (cargo xtask test does)');
+const wsUrl = base.replace(/^http/, 'ws') + '/ws';
+
+let browser;
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+/** A fresh page that records every console error and uncaught exception. */
+async function openPage() {
+  const page = await browser.newPage();
+  const problems = [];
+  page.on('console', (message) => {
+    if (message.type() === 'error') problems.push(`console: ${message.text()}`);
+  });
+  page.on('pageerror', (error) => problems.push(`exception: ${error.message}`));
+  await page.goto(base + '/');
+  await page.locator('#state[data-state="open"]').waitFor();
+  return { page, problems };
+}
+
+test('a person types a message, presses Enter and sees the reply', async () => {
+  const { page, problems } = await openPage();
+  await page.fill('#message', 'hello from the page');
+  await page.press('#message', 'Enter');
+  await page.locator('#log li.received', { hasText: 'processed: hello from the page' }).waitFor();
+  assert.equal(await page.inputValue('#message'), '', 'the field is cleared after sending');
+
+  await page.fill('#message', 'clicked');
+  await page.click('#send');
+  await page.locator('#log li.received', { hasText: 'processed: clicked' }).waitFor();
+
+  const received = await page.locator('#log li.received').allTextContents();
+  assert.deepEqual(received, ['processed: hello from the page', 'processed: clicked'], 'replies in order');
+
+  await page.click('#close-send');
+  await page.locator('#log li.status', { hasText: 'status 0' }).waitFor();
+  await page.locator('#state[data-state="closed"]').waitFor();
+  assert.equal(await page.isDisabled('#send'), true, 'no sending on a closed stream');
+
+  await page.click('#reconnect');
+  await page.locator('#state[data-state="open"]').waitFor();
+  await page.fill('#message', 'after reconnect');
+  await page.press('#message', 'Enter');
+  await page.locator('#log li.received', { hasText: 'processed: after reconnect' }).waitFor();
+
+  await page.fill('#demo-count', '2000');
+  await page.click('#demo-run');
+  await page.locator('#demo-result', { hasText: '2,000 messages' }).waitFor();
+  assert.match(await page.textContent('#demo-result'), /status 0/);
+  const rate = Number((await page.textContent('#demo-rate')).replaceAll(',', ''));
+  assert.ok(rate > 0, `a messages/s figure is shown (${rate})`);
+
+  if (process.env.STREAMBRIDGE_SCREENSHOT) {
+    await page.screenshot({ path: process.env.STREAMBRIDGE_SCREENSHOT, fullPage: true });
+  }
+  assert.deepEqual(problems, [], 'no console errors');
+  await page.close();
+});
+
+test('plain JavaScript in the page uses the package with the documented API', async () => {
+  const { page, problems } = await openPage();
+  const outcome = await page.evaluate(async (url) => {
+    const { default: init, DataClient } = await import('/pkg/streambridge_client.js');
+    await init();
+    const client = await DataClient.connect(url);
+
+    const stream = client.bidirectionalStream();
+    stream.send('a');
+    stream.send('b');
+    stream.closeSend();
+    const first = await stream.next();
+    const rest = [];
+    for await (const message of stream) rest.push(message.result);
+    const status = await stream.finished();
+    let thrown = null;
+    try {
+      stream.send('c');
+    } catch (error) {
+      thrown = { isError: error instanceof Error, name: error.name, code: error.code };
+    }
+
+    const failing = client.bidirectionalStream();
+    failing.send('x'.repeat(5 * 1024 * 1024));
+    let rejected = null;
+    try {
+      await failing.next();
+    } catch (error) {
+      rejected = { isError: error instanceof Error, code: error.code };
+    }
+    const failedStatus = await failing.finished();
+
+    let connectError = null;
+    try {
+      await DataClient.connect('ws://127.0.0.1:9/ws');
+    } catch (error) {
+      connectError = { isError: error instanceof Error, code: error.code };
+    }
+    client.close();
+    return { first, rest, status, thrown, rejected, failedStatus: failedStatus.code, connectError };
+  }, wsUrl);
+  assert.deepEqual(outcome.first, { result: 'processed: a' });
+  assert.deepEqual(outcome.rest, ['processed: b']);
+  assert.deepEqual(outcome.status, { code: 0, message: '' });
+  assert.deepEqual(outcome.thrown, { isError: true, name: 'StreamError', code: 9 });
+  assert.deepEqual(outcome.rejected, { isError: true, code: 8 });
+  assert.equal(outcome.failedStatus, 8);
+  assert.deepEqual(outcome.connectError, { isError: true, code: 14 });
+  // The failed connect is expected to log a WebSocket error in the console; nothing else may.
+  const unexpected = problems.filter((p) => !p.includes('127.0.0.1:9'));
+  assert.deepEqual(unexpected, []);
+  await page.close();
+});
+
+test('the page and the package are served with fitting types and caching', async () => {
+  const responses = await Promise.all(
+    ['/', '/app.js', '/pkg/streambridge_client.js', '/pkg/streambridge_client_bg.wasm'].map((path) => fetch(base + path)),
+  );
+  const [html, app, glue, wasm] = responses;
+  for (const response of responses) assert.equal(response.status, 200, response.url);
+  assert.match(html.headers.get('content-type'), /^text\/html/);
+  assert.match(app.headers.get('content-type'), /javascript/);
+  assert.match(glue.headers.get('content-type'), /javascript/);
+  assert.equal(wasm.headers.get('content-type'), 'application/wasm');
+  assert.match(html.headers.get('cache-control') ?? '', /no-cache/);
+  assert.match(wasm.headers.get('cache-control') ?? '', /no-cache/);
+});
