@@ -84,11 +84,17 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
         |response: Response<tonic::body::Body>| response.map(Body::new),
     ));
     let grpc_web = grpc_web::service(grpc_routes, state.origins.clone());
+    let files = static_files::service(&config.static_dir);
     let web = HttpService::new(
         axum::Router::new()
             .route("/ws", any(websocket::upgrade))
-            .route("/{service}/{method}", post(grpc_without_grpc_content_type))
-            .fallback(static_files::service(&config.static_dir))
+            // POST to a gRPC-shaped path without a gRPC content type: say why
+            // it fails; every other method there is a plain file request.
+            .route(
+                "/{service}/{method}",
+                post(grpc_without_grpc_content_type).fallback(files.clone()),
+            )
+            .fallback(files)
             .with_state(state),
     );
     // The order matches `classify`.

@@ -103,3 +103,17 @@ async fn a_post_to_a_page_is_405_with_a_body() {
     assert_eq!(reply.status, 405);
     assert!(!reply.body.is_empty(), "an HTTP error has a body");
 }
+
+#[tokio::test]
+async fn a_get_of_a_two_segment_path_is_a_file_request() {
+    let server = TestServer::start().await;
+    let reply = send(
+        &http1_client(),
+        Request::get(server.http_url("/pkg/missing.js"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(reply.text().contains("/pkg/missing.js"));
+}

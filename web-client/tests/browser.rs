@@ -9,17 +9,18 @@
 
 use js_sys::{Promise, Reflect};
 use streambridge_client::{BidiStream, DataClient};
-use wasm_bindgen::JsValue;
 use wasm_bindgen::convert::TryFromJsValue;
+use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 
 wasm_bindgen_test_configure!(run_in_browser);
 
 fn server_url() -> String {
-    option_env!("STREAMBRIDGE_TEST_WS_URL")
-        .expect("build with STREAMBRIDGE_TEST_WS_URL=ws://host:port/ws (cargo xtask test does)")
-        .to_string()
+    match option_env!("STREAMBRIDGE_TEST_WS_URL") {
+        Some(url) => url.to_string(),
+        None => panic!("build with STREAMBRIDGE_TEST_WS_URL=ws://host:port/ws (cargo xtask test does)"),
+    }
 }
 
 async fn settle(promise: Promise) -> Result<JsValue, JsValue> {
