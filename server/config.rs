@@ -69,6 +69,53 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_HTTP1_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http1_header_read_timeout: Duration,
 
+    /// Open connections at most; past this, new connections are closed right
+    /// after accept while existing ones keep working.
+    #[arg(long, env = "STREAMBRIDGE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Interval of HTTP/2 keepalive PINGs; a connection that does not answer
+    /// within --http2-keepalive-timeout is closed.
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long an HTTP/2 keepalive PING may go unanswered.
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Largest HTTP/2 header list accepted, in bytes.
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024)]
+    pub http2_max_header_list_size: u32,
+
+    /// Interval of WebSocket pings; a socket whose peer has not answered the
+    /// previous ping when the next one is due is closed and its call cancelled.
+    #[arg(long, env = "STREAMBRIDGE_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// Require `Authorization: Bearer <token>` (gRPC metadata, gRPC-Web
+    /// header) or, for browsers' WebSockets, the subprotocol
+    /// `streambridge.bearer.<token>`. Unset: no authentication.
+    #[arg(
+        long,
+        env = "STREAMBRIDGE_AUTH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "auth_token_file"
+    )]
+    pub auth_token: Option<String>,
+
+    /// Read the bearer token from this file (trailing whitespace ignored).
+    #[arg(long, env = "STREAMBRIDGE_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain; with --tls-key, serves TLS (ALPN h2 and
+    /// http/1.1) on the one port instead of cleartext.
+    #[arg(long, env = "STREAMBRIDGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "STREAMBRIDGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// On SIGTERM/SIGINT, how long live calls get to finish before the server
     /// exits anyway.
     #[arg(long, env = "STREAMBRIDGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -76,6 +123,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// The bearer token clients must present, if authentication is on.
+    pub fn bearer_token(&self) -> std::io::Result<Option<String>> {
+        match (&self.auth_token, &self.auth_token_file) {
+            (Some(token), _) => Ok(Some(token.clone())),
+            (None, Some(path)) => {
+                let token = std::fs::read_to_string(path)?.trim_end().to_string();
+                if token.is_empty() {
+                    return Err(std::io::Error::other(format!(
+                        "{}: the token file is empty",
+                        path.display()
+                    )));
+                }
+                Ok(Some(token))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         let mut config = Config::parse_from(["streambridge"]);

@@ -3,13 +3,16 @@
 //! the translation layer in [`grpc_web`](crate::grpc_web).
 
 use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use futures_util::{Stream, StreamExt, future, stream};
 use streambridge_protocol::{StreamRequest, StreamResponse};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::calls::{ActiveCalls, Transport};
+use crate::auth::Auth;
+use crate::calls::{ActiveCalls, CallGuard, Transport};
 use crate::error::{Error, grpc_inbound_status};
 use crate::processor;
 
@@ -30,12 +33,17 @@ pub struct GrpcDataService {
 impl GrpcDataService {
     /// The tonic server for `DataService`, with the message size limit applied
     /// to what clients send.
+    /// Calls without the bearer token (when one is configured) are refused
+    /// with UNAUTHENTICATED before the stream starts.
     pub fn server(
         calls: ActiveCalls,
         shutdown: CancellationToken,
         max_message_size: usize,
-    ) -> DataServiceServer<GrpcDataService> {
-        DataServiceServer::new(GrpcDataService { calls, shutdown }).max_decoding_message_size(max_message_size)
+        auth: Auth,
+    ) -> InterceptedService<DataServiceServer<GrpcDataService>, Auth> {
+        let server =
+            DataServiceServer::new(GrpcDataService { calls, shutdown }).max_decoding_message_size(max_message_size);
+        InterceptedService::new(server, auth)
     }
 }
 
@@ -55,15 +63,36 @@ impl DataService for GrpcDataService {
             .copied()
             .unwrap_or(Transport::Grpc);
         let guard = self.calls.enter(transport);
-        let requests = request.into_inner().map(|item| item.map_err(grpc_inbound_status));
-        let requests = until_shutdown(requests, self.shutdown.clone());
-        // The closure owns the guard, so the call stays counted until tonic
-        // drops the reply stream: at its end, on error, or on cancellation.
-        let replies = processor::process(requests).map(move |reply| {
-            let _counted = &guard;
-            reply
+        let counters = guard.metrics().clone();
+        let requests = request.into_inner().map(move |item| {
+            counters.message_received();
+            item.map_err(grpc_inbound_status)
         });
-        Ok(Response::new(Box::pin(replies)))
+        let requests = until_shutdown(requests, self.shutdown.clone());
+        let replies = Box::pin(processor::process(requests));
+        Ok(Response::new(Box::pin(CountedReplies { replies, guard })))
+    }
+}
+
+/// The reply stream, counted: each reply, and the status the call ends with.
+/// The guard lives as long as tonic holds the stream, so a call stays counted
+/// until its end, its error, or its cancellation (the stream dropped early).
+struct CountedReplies {
+    replies: ReplyStream,
+    guard: CallGuard,
+}
+
+impl Stream for CountedReplies {
+    type Item = Result<StreamResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = ready!(self.replies.as_mut().poll_next(cx));
+        match &item {
+            Some(Ok(_)) => self.guard.metrics().message_sent(),
+            Some(Err(status)) => self.guard.set_code(status.code() as i32),
+            None => self.guard.set_code(Code::Ok as i32),
+        }
+        Poll::Ready(item)
     }
 }
 

@@ -24,16 +24,20 @@
 //! reverse. The wire types and the WebSocket envelope codec live in the
 //! `streambridge-protocol` crate, which the WASM client compiles too.
 
+mod auth;
 pub mod calls;
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod grpc_web;
 mod listener;
+pub mod metrics;
+mod operations;
 pub mod origin;
 pub mod processor;
 mod shutdown;
 mod static_files;
+mod tls;
 mod websocket;
 
 use std::convert::Infallible;
@@ -42,7 +46,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use http::{Method, Request, Response, header};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +71,7 @@ pub struct AppState {
     calls: ActiveCalls,
     origins: origin::OriginPolicy,
     websocket: Arc<websocket::CallSettings>,
+    auth: auth::Auth,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -74,11 +79,15 @@ pub struct AppState {
 /// The whole HTTP surface of the server: classifies each request by its
 /// content type (and path) and hands it to exactly one transport.
 pub fn router(config: &Config, state: AppState) -> TransportRouter {
-    let grpc_routes = tonic::service::Routes::new(grpc::GrpcDataService::server(
+    let data_service = grpc::GrpcDataService::server(
         state.calls.clone(),
         state.shutdown.clone(),
         config.max_message_size,
-    ));
+        state.auth.clone(),
+    );
+    let grpc_routes = tonic::service::Routes::new(data_service)
+        .add_service(operations::health_service(state.shutdown.clone()))
+        .add_service(operations::reflection_service());
     let grpc = HttpService::new(tower::ServiceExt::<Request<Body>>::map_response(
         grpc_routes.clone(),
         |response: Response<tonic::body::Body>| response.map(Body::new),
@@ -88,6 +97,7 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
     let web = HttpService::new(
         axum::Router::new()
             .route("/ws", any(websocket::upgrade))
+            .route("/metrics", get(operations::metrics))
             // POST to a gRPC-shaped path without a gRPC content type: say why
             // it fails; every other method there is a plain file request.
             .route(
@@ -148,11 +158,19 @@ pub struct Server {
     listener: TcpListener,
     config: Config,
     state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Server {
     /// Binds `config.listen`; use port 0 for an ephemeral port.
+    /// Fails if the address cannot be bound, or the TLS files or the token
+    /// file cannot be read.
     pub async fn bind(config: Config) -> io::Result<Server> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let auth = auth::Auth::new(config.bearer_token()?);
         let listener = TcpListener::bind(config.listen).await?;
         let state = AppState {
             calls: ActiveCalls::default(),
@@ -163,7 +181,9 @@ impl Server {
                 write_buffer_size: config.ws_write_buffer_size,
                 request_queue: config.ws_request_queue,
                 close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
             }),
+            auth,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -171,6 +191,7 @@ impl Server {
             listener,
             config,
             state,
+            tls,
         })
     }
 
@@ -196,9 +217,16 @@ impl Server {
             listener,
             config,
             state,
+            tls,
         } = self;
         let service = router(&config, state.clone());
-        listener::accept_loop(listener, service, &config, state.tasks.clone(), state.shutdown.clone()).await;
+        let settings = listener::ListenerSettings {
+            tls,
+            metrics: state.calls.metrics().clone(),
+            tasks: state.tasks.clone(),
+            shutdown: state.shutdown.clone(),
+        };
+        listener::accept_loop(listener, service, &config, settings).await;
         let drained = shutdown::drain(&state.tasks, config.drain_timeout).await;
         if !drained {
             tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with calls still open");

@@ -1,30 +1,43 @@
-//! The accept loop: one TCP port, HTTP/1.1 and HTTP/2 (prior knowledge) by
-//! hyper-util's auto builder, with the connection settings `axum::serve` does
-//! not expose: `TCP_NODELAY`, an HTTP/1 header-read timeout against slowloris
-//! clients, and a raised limit of concurrent HTTP/2 streams (hyper's default
-//! of 200 would make the 201st gRPC call on a connection wait forever).
+//! The accept loop: one TCP port, HTTP/1.1 and HTTP/2 (prior knowledge, or
+//! ALPN under TLS) by hyper-util's auto builder, with the connection settings
+//! `axum::serve` does not expose:
 //!
-//! Each connection is a task on the server's [`TaskTracker`]; when the
-//! shutdown token fires the loop stops accepting and every connection is
-//! asked to finish gracefully (HTTP/2 GOAWAY, HTTP/1 close after the response).
+//! - `TCP_NODELAY` on every socket (replies are small and latency matters);
+//! - an HTTP/1 header-read timeout, which also bounds the TLS handshake, so a
+//!   slowloris client is cut off;
+//! - HTTP/2: a limit of concurrent streams per connection (hyper's default of
+//!   200 would make the 201st gRPC call wait forever), a cap on pending resets
+//!   (the "rapid reset" attack), keepalive PINGs with a timeout, a maximum
+//!   header list size;
+//! - a cap on open connections: past it, a new connection is closed right
+//!   after accept, and the ones already open keep working.
+//!
+//! Each connection is a task on the server's `TaskTracker`; when the shutdown
+//! token fires the loop stops accepting and every connection is asked to
+//! finish gracefully (HTTP/2 GOAWAY, HTTP/1 close after the response).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// The client's address, put in every request's extensions for logging.
 #[derive(Clone, Copy, Debug)]
@@ -34,18 +47,29 @@ pub struct PeerAddr(pub SocketAddr);
 /// (the HTTP/2 "rapid reset" attack, CVE-2023-44487).
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 50;
 
-/// Serves `service` on `listener` until `shutdown` fires.
-pub async fn accept_loop<S>(
-    listener: TcpListener,
-    service: S,
-    config: &Config,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-) where
+/// What the accept loop needs besides the service.
+pub struct ListenerSettings {
+    pub tls: Option<TlsAcceptor>,
+    pub metrics: Arc<Metrics>,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves `service` on `listener` until the shutdown token fires.
+pub async fn accept_loop<S>(listener: TcpListener, service: S, config: &Config, settings: ListenerSettings)
+where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     let builder = connection_builder(config);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let handshake_timeout = config.http1_header_read_timeout;
+    let ListenerSettings {
+        tls,
+        metrics,
+        tasks,
+        shutdown,
+    } = settings;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -59,6 +83,11 @@ pub async fn accept_loop<S>(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
@@ -67,27 +96,45 @@ pub async fn accept_loop<S>(
             request.extensions_mut().insert(PeerAddr(peer));
             request
         });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let shutdown = shutdown.clone();
+        let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
+        let open = metrics.connection_opened();
         let span = tracing::debug_span!("connection", %peer);
         tasks.spawn(
             async move {
-                let mut connection = std::pin::pin!(connection);
-                let result = tokio::select! {
-                    result = connection.as_mut() => result,
-                    () = shutdown.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                };
-                if let Err(error) = result {
-                    tracing::debug!(%error, "connection ended with an error");
+                let _held = (slot, open);
+                match tls {
+                    None => serve_connection(&builder, TokioIo::new(stream), service, shutdown).await,
+                    Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(&builder, TokioIo::new(stream), service, shutdown).await,
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    },
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// Serves one connection until it ends, winding it down gracefully when the
+/// shutdown token fires first.
+async fn serve_connection<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, service: S, shutdown: CancellationToken)
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
     }
 }
 
@@ -101,6 +148,9 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(config.http2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS);
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .keep_alive_interval(config.http2_keepalive_interval)
+        .keep_alive_timeout(config.http2_keepalive_timeout)
+        .max_header_list_size(config.http2_max_header_list_size);
     builder
 }

@@ -20,6 +20,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::{Status, StreamResponse, Subprotocol, client_frame, json, proto, server_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -32,7 +34,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
+use crate::calls::CallGuard;
 use crate::error::Error;
+use crate::metrics::StreamMetrics;
 use crate::processor;
 
 /// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
@@ -48,6 +52,10 @@ pub struct CallSettings {
     pub request_queue: usize,
     /// How long to wait for the peer's Close frame, and to deliver the last frames.
     pub close_timeout: Duration,
+    /// How often to ping the peer. A peer that has sent nothing (not even the
+    /// pong) by the next ping is gone: the call is cancelled. A peer that
+    /// takes longer than two intervals to accept our writes is gone too.
+    pub ping_interval: Duration,
 }
 
 /// Where the client's request stream stands.
@@ -78,10 +86,11 @@ pub async fn run<S>(
     subprotocol: Subprotocol,
     settings: &CallSettings,
     shutdown: CancellationToken,
+    guard: &mut CallGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match exchange(&mut socket, subprotocol, settings, &shutdown).await {
+    match exchange(&mut socket, subprotocol, settings, &shutdown, guard.metrics()).await {
         Ending::Cancelled => tracing::debug!("client left without closeSend; call cancelled"),
         Ending::Finish {
             failure,
@@ -90,6 +99,7 @@ pub async fn run<S>(
             if let Some(error) = &failure {
                 tracing::debug!(%error, code = ?error.code(), "call failed");
             }
+            guard.set_code(failure.as_ref().map_or(0, |error| error.code() as i32));
             let closing = finish(
                 &mut socket,
                 subprotocol,
@@ -110,6 +120,7 @@ async fn exchange<S>(
     subprotocol: Subprotocol,
     settings: &CallSettings,
     shutdown: &CancellationToken,
+    counters: &StreamMetrics,
 ) -> Ending
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -120,6 +131,8 @@ where
     let mut input = Input::Open(request_tx);
     let mut failure = None;
     let mut framing_intact = true;
+    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    let mut heard_since_ping = true;
 
     loop {
         let may_read = match &input {
@@ -134,9 +147,20 @@ where
                 failure = Some(Error::ShuttingDown);
                 input = Input::Stopped;
             }
+            _ = ping.tick() => {
+                if !heard_since_ping {
+                    tracing::debug!("peer did not answer the last ping; cancelling the call");
+                    return Ending::Cancelled;
+                }
+                heard_since_ping = false;
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return Ending::Cancelled;
+                }
+            }
             frame = socket.next(), if may_read => {
+                heard_since_ping = true;
                 let outcome = match frame {
-                    Some(Ok(message)) => on_message(message, subprotocol, &mut input),
+                    Some(Ok(message)) => on_message(message, subprotocol, &mut input, counters),
                     Some(Err(error)) => on_read_error(error, settings.max_message_size, &mut framing_intact),
                     None => return Ending::Cancelled,
                 };
@@ -165,8 +189,14 @@ where
                 let Some(Ok(reply)) = reply else {
                     return Ending::Finish { failure, framing_intact };
                 };
-                if send_replies(socket, subprotocol, reply, &mut replies).await.is_err() {
-                    return Ending::Cancelled;
+                let sending = send_replies(socket, subprotocol, reply, &mut replies, counters);
+                match tokio::time::timeout(settings.ping_interval * 2, sending).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Ending::Cancelled,
+                    Err(_) => {
+                        tracing::debug!("peer stopped reading its replies; cancelling the call");
+                        return Ending::Cancelled;
+                    }
                 }
             }
         }
@@ -184,7 +214,7 @@ enum Read {
     Gone,
 }
 
-fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input) -> Read {
+fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input, counters: &StreamMetrics) -> Read {
     let decoded = match (message, subprotocol) {
         (Message::Text(text), Subprotocol::Json) => json::decode_client_frame(&text),
         (Message::Binary(bytes), Subprotocol::Proto) => proto::decode_client_frame(&bytes),
@@ -200,7 +230,10 @@ fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input) -> 
             // The loop reads only while the queue has room, and this task is
             // the only sender, so the queue cannot be full here.
             match sender.try_send(request) {
-                Ok(()) => Read::Continue,
+                Ok(()) => {
+                    counters.message_received();
+                    Read::Continue
+                }
                 Err(error) => Read::Failed(Error::Internal(format!("request queue: {error}"))),
             }
         }
@@ -254,6 +287,7 @@ async fn send_replies<S, R>(
     subprotocol: Subprotocol,
     first: StreamResponse,
     replies: &mut R,
+    counters: &StreamMetrics,
 ) -> Result<(), WsError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -262,10 +296,12 @@ where
     socket
         .feed(encode(subprotocol, server_frame::Frame::Response(first)))
         .await?;
+    counters.message_sent();
     while let Some(Some(Ok(reply))) = replies.next().now_or_never() {
         socket
             .feed(encode(subprotocol, server_frame::Frame::Response(reply)))
             .await?;
+        counters.message_sent();
     }
     socket.flush().await
 }

@@ -15,7 +15,8 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{
-    CONNECTION, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    CONNECTION, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    UPGRADE, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -26,6 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::AppState;
+use crate::auth::BEARER_SUBPROTOCOL_PREFIX;
 use crate::listener::PeerAddr;
 
 pub use call::CallSettings;
@@ -45,8 +47,13 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
         let message = format!("origin {origin} may not open WebSockets here; see --allowed-origin\n");
         return (StatusCode::FORBIDDEN, message).into_response();
     }
-    let offered = parts.headers.get_all(SEC_WEBSOCKET_PROTOCOL);
-    let (subprotocol, echoed) = match choose_subprotocol(offered.iter()) {
+    let offered = offered_subprotocols(&parts.headers);
+    if !state.auth.allows_upgrade(&parts.headers, offered.iter().copied()) {
+        let message = "missing or invalid bearer token: send `Authorization: Bearer <token>` or offer the \
+                       subprotocol `streambridge.bearer.<token>` beside the real one\n";
+        return (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response();
+    }
+    let (subprotocol, echoed) = match choose_subprotocol(&offered) {
         Ok(choice) => choice,
         Err(refusal) => return refusal,
     };
@@ -70,8 +77,8 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
                 .max_message_size(Some(settings.max_message_size))
                 .max_frame_size(Some(settings.max_message_size));
             let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            let _call = calls.enter(crate::calls::Transport::WebSocket);
-            call::run(socket, subprotocol, &settings, shutdown).await;
+            let mut guard = calls.enter(crate::calls::Transport::WebSocket);
+            call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
         }
         .instrument(span),
     );
@@ -127,32 +134,43 @@ fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, 
     Ok(HeaderValue::from_str(&accept).expect("base64 is a valid header value"))
 }
 
-/// Picks the first subprotocol the client offers that the server speaks. A
-/// client that offers none gets json (and no `Sec-WebSocket-Protocol` in the
-/// answer, as RFC 6455 requires); one that offers only unknown ones gets 400.
-#[allow(clippy::result_large_err)] // the refusal is the response itself
-fn choose_subprotocol<'a>(
-    offered: impl Iterator<Item = &'a HeaderValue>,
-) -> Result<(Subprotocol, Option<Subprotocol>), Response> {
-    let mut names = offered
+/// Every name in the `Sec-WebSocket-Protocol` headers, in the client's order.
+fn offered_subprotocols(headers: &HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
         .flat_map(|value| value.to_str().unwrap_or("").split(','))
         .map(str::trim)
         .filter(|name| !name.is_empty())
-        .peekable();
-    if names.peek().is_none() {
+        .collect()
+}
+
+/// Picks the first subprotocol the client offers that the server speaks. A
+/// client that offers none gets json (and no `Sec-WebSocket-Protocol` in the
+/// answer, as RFC 6455 requires); one that offers only unknown ones gets 400.
+/// Token entries (`streambridge.bearer.…`) are credentials, not choices: they
+/// are skipped, and never repeated in an error.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+fn choose_subprotocol(offered: &[&str]) -> Result<(Subprotocol, Option<Subprotocol>), Response> {
+    let names: Vec<&str> = offered
+        .iter()
+        .copied()
+        .filter(|name| !name.starts_with(BEARER_SUBPROTOCOL_PREFIX))
+        .collect();
+    if offered.is_empty() {
         return Ok((Subprotocol::Json, None));
     }
-    let mut unknown = Vec::new();
-    for name in names {
-        match Subprotocol::from_name(name) {
-            Some(chosen) => return Ok((chosen, Some(chosen))),
-            None => unknown.push(name.to_string()),
-        }
+    if let Some(chosen) = names.iter().find_map(|name| Subprotocol::from_name(name)) {
+        return Ok((chosen, Some(chosen)));
     }
     let supported: Vec<_> = Subprotocol::ALL.iter().map(|p| p.name()).collect();
     let message = format!(
         "none of the offered WebSocket subprotocols ({}) is supported; supported: {}\n",
-        unknown.join(", "),
+        if names.is_empty() {
+            "only a token".to_string()
+        } else {
+            names.join(", ")
+        },
         supported.join(", ")
     );
     Err((StatusCode::BAD_REQUEST, message).into_response())
@@ -162,28 +180,41 @@ fn choose_subprotocol<'a>(
 mod tests {
     use super::*;
 
-    fn offer(values: &[&str]) -> Vec<HeaderValue> {
-        values.iter().map(|v| HeaderValue::from_str(v).unwrap()).collect()
+    fn offer(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(value).unwrap());
+        }
+        headers
     }
 
     #[test]
     fn the_first_supported_offer_of_the_client_wins() {
         let offers = offer(&["chat, streambridge.v1.proto", "streambridge.v1.json"]);
-        let (chosen, echoed) = choose_subprotocol(offers.iter()).unwrap();
+        let (chosen, echoed) = choose_subprotocol(&offered_subprotocols(&offers)).unwrap();
         assert_eq!(chosen, Subprotocol::Proto);
         assert_eq!(echoed, Some(Subprotocol::Proto));
     }
 
     #[test]
     fn no_offer_means_json_without_echo() {
-        let (chosen, echoed) = choose_subprotocol(std::iter::empty()).unwrap();
+        let (chosen, echoed) = choose_subprotocol(&[]).unwrap();
         assert_eq!((chosen, echoed), (Subprotocol::Json, None));
+    }
+
+    #[test]
+    fn token_entries_are_skipped_and_never_echoed_in_errors() {
+        let offers = offer(&["streambridge.bearer.secret, streambridge.v1.proto"]);
+        let (chosen, _) = choose_subprotocol(&offered_subprotocols(&offers)).unwrap();
+        assert_eq!(chosen, Subprotocol::Proto);
+        let only_token = offer(&["streambridge.bearer.secret"]);
+        assert!(choose_subprotocol(&offered_subprotocols(&only_token)).is_err());
     }
 
     #[test]
     fn only_unknown_offers_are_refused_with_400() {
         let offers = offer(&["chat, mqtt"]);
-        let refusal = choose_subprotocol(offers.iter()).unwrap_err();
+        let refusal = choose_subprotocol(&offered_subprotocols(&offers)).unwrap_err();
         assert_eq!(refusal.status(), StatusCode::BAD_REQUEST);
     }
 }

@@ -1,0 +1,361 @@
+//! `streambridge-bench`: the harness behind `cargo xtask bench`.
+//!
+//! It starts each server under test in turn on a loopback port (a child
+//! process: streambridge, plain tonic, grpc-go, the naive tokio-tungstenite
+//! bridge, Node `ws`), runs the scenarios of issue 5 against it from this
+//! process (the load generator), and reports throughput, latency (p50, p99,
+//! p99.9 from hdrhistogram) and the server's CPU time per message read from
+//! `/proc/PID/stat`: the one figure the load generator, sharing the cores,
+//! cannot distort. Numbers are reported, never asserted.
+//!
+//! Output: a table on stdout, and in `--out` (default `target/bench/`)
+//! `results.json`, `results.md` and `chart.svg`.
+//!
+//! # Layout
+//!
+//! - [`servers`]: the five servers and how each is started and stopped.
+//! - [`scenarios`]: the scenarios and the warm-up / measure / drain of one run.
+//! - [`grpc_load`], [`ws_load`], [`grpc_web_load`]: the load of each transport.
+//! - [`measure`]: phases, histograms, `/proc` readings.
+//! - [`report`]: table, JSON, chart, and the targets as measured ratios.
+
+mod grpc_load;
+mod grpc_web_load;
+mod measure;
+mod report;
+mod scenarios;
+mod servers;
+mod ws_load;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use report::{Machine, Outcome};
+use scenarios::{Load, Timing, WsPacing};
+use servers::{RunningServer, ServerKind, ServerPrograms};
+use ws_load::Codec;
+
+/// The fixed-rate scenario offers this share of the server's measured maximum.
+const FIXED_RATE_SHARE: f64 = 0.7;
+
+#[derive(Debug, Parser)]
+#[command(name = "streambridge-bench", about = "Benchmarks streambridge against its peers (issue 5)")]
+struct Args {
+    /// A short run (CI): tiny durations, 16 B payloads only, 200 idle calls.
+    #[arg(long)]
+    quick: bool,
+    /// Servers to run, comma-separated (default: every one whose program is available).
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
+    /// Seconds of measurement per scenario (default 5, quick 1).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Idle calls of the memory scenarios (default 10000, quick 200).
+    #[arg(long)]
+    idle_calls: Option<usize>,
+    /// The streambridge release binary.
+    #[arg(long)]
+    streambridge: PathBuf,
+    /// The grpc-go server binary (built by `cargo xtask bench`).
+    #[arg(long)]
+    grpc_go: Option<PathBuf>,
+    /// `bench/node` with its `node_modules` installed.
+    #[arg(long)]
+    node_dir: Option<PathBuf>,
+    /// Where results go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The command line to record in the report.
+    #[arg(long, default_value = "cargo xtask bench")]
+    command: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("streambridge-bench: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let fd_limit = measure::raise_fd_limit();
+    let timing = Timing {
+        warmup: Duration::from_secs_f64(if args.quick { 0.3 } else { 1.5 }),
+        measure: Duration::from_secs_f64(args.seconds.unwrap_or(if args.quick { 1.0 } else { 5.0 })),
+        idle_calls: args.idle_calls.unwrap_or(if args.quick { 200 } else { 10_000 }),
+    };
+    if timing.idle_calls * 2 + 100 > fd_limit as usize {
+        return Err(format!(
+            "{} idle calls need more open files than the limit of {fd_limit}",
+            timing.idle_calls
+        ));
+    }
+    let payloads: &[usize] = if args.quick { &[16] } else { &[16, 1024] };
+    let own_dir = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .ok_or("no directory for the bench binary")?
+        .to_path_buf();
+    let programs = ServerPrograms {
+        streambridge: args.streambridge.clone(),
+        plain_tonic: own_dir.join("bench-plain-tonic"),
+        naive_ws: own_dir.join("bench-naive-ws"),
+        grpc_go: args.grpc_go.clone(),
+        node_dir: args.node_dir.clone(),
+        logs: args.out.join("logs"),
+    };
+    let servers = selected_servers(args, &programs)?;
+    println!(
+        "servers: {}; {:?} warm-up + {:?} measured per scenario; payloads {payloads:?} B; {} idle calls",
+        servers.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+        timing.warmup,
+        timing.measure,
+        timing.idle_calls
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut outcomes = Vec::new();
+    for &server in &servers {
+        runtime.block_on(bench_server(server, &programs, payloads, &timing, &mut outcomes))?;
+    }
+    write_report(args, &timing, &outcomes)
+}
+
+fn selected_servers(args: &Args, programs: &ServerPrograms) -> Result<Vec<ServerKind>, String> {
+    if args.servers.is_empty() {
+        return Ok(ServerKind::ALL
+            .into_iter()
+            .filter(|k| match k {
+                ServerKind::GrpcGo => programs.grpc_go.is_some(),
+                ServerKind::NodeWs => programs.node_dir.is_some(),
+                _ => true,
+            })
+            .collect());
+    }
+    args.servers
+        .iter()
+        .map(|name| ServerKind::from_name(name).ok_or_else(|| format!("unknown server `{name}`")))
+        .collect()
+}
+
+/// The load scenarios of `server`'s transports, then its memory scenarios,
+/// each memory scenario on a freshly started server.
+async fn bench_server(
+    server: ServerKind,
+    programs: &ServerPrograms,
+    payloads: &[usize],
+    timing: &Timing,
+    outcomes: &mut Vec<Outcome>,
+) -> Result<(), String> {
+    let running = programs.start(server)?;
+    println!("\n== {server} (pid {}, {})", running.pid(), running.addr);
+    for &payload in payloads {
+        if server.speaks_grpc() {
+            for (connections, streams, window) in [(1, 1, 1), (1, 1, 64), (4, 50, 8)] {
+                let load = Load::Grpc {
+                    connections,
+                    streams,
+                    window,
+                };
+                outcomes.push(measure_load(&running, load, payload, timing, None).await);
+            }
+        }
+        if server.speaks_websocket() {
+            let codecs: &[Codec] = if server == ServerKind::Streambridge {
+                &[Codec::Json, Codec::Proto]
+            } else {
+                &[Codec::Json]
+            };
+            for &codec in codecs {
+                for (sockets, window) in [(1, 1), (1, 64), (200, 8)] {
+                    let pacing = WsPacing::Window(window);
+                    let load = Load::Ws { codec, sockets, pacing };
+                    outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                }
+                let maximum = outcomes.last().and_then(|o| o.msgs_per_sec).unwrap_or(0.0);
+                if maximum > 0.0 {
+                    let rate = maximum * FIXED_RATE_SHARE;
+                    let load = Load::Ws {
+                        codec,
+                        sockets: 200,
+                        pacing: WsPacing::Rate(rate),
+                    };
+                    outcomes.push(measure_load(&running, load, payload, timing, Some(rate)).await);
+                }
+            }
+        }
+        if server == ServerKind::Streambridge {
+            let load = Load::GrpcWeb { connections: 16 };
+            outcomes.push(measure_load(&running, load, payload, timing, None).await);
+        }
+    }
+    drop(running);
+    if server.speaks_websocket() {
+        let fresh = programs.start(server)?;
+        let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
+        outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
+    }
+    if server.speaks_grpc() {
+        let fresh = programs.start(server)?;
+        let memory = scenarios::idle_grpc_streams(&fresh, timing.idle_calls).await;
+        outcomes.push(memory_outcome(&fresh, "idle grpc streams", memory));
+    }
+    Ok(())
+}
+
+async fn measure_load(
+    server: &RunningServer,
+    load: Load,
+    payload: usize,
+    timing: &Timing,
+    offered: Option<f64>,
+) -> Outcome {
+    let mut outcome = Outcome {
+        scenario: load.name(),
+        server: Some(server.kind),
+        payload_bytes: payload,
+        offered_msgs_per_sec: offered,
+        ..Outcome::default()
+    };
+    match scenarios::run_load(server, load, payload, timing).await {
+        Ok(measured) => {
+            let per_reply = match load {
+                Load::GrpcWeb { .. } => grpc_web_load::MESSAGES_PER_CALL as u64,
+                _ => 1,
+            };
+            let seconds = measured.elapsed.as_secs_f64();
+            let messages = measured.stats.replies * per_reply;
+            outcome.messages = Some(messages);
+            outcome.seconds = Some(seconds);
+            outcome.msgs_per_sec = Some(messages as f64 / seconds);
+            if per_reply > 1 {
+                outcome.calls_per_sec = Some(measured.stats.replies as f64 / seconds);
+            }
+            if measured.stats.replies > 0 {
+                outcome.p50_us = Some(measured.stats.quantile_us(0.50));
+                outcome.p99_us = Some(measured.stats.quantile_us(0.99));
+                outcome.p999_us = Some(measured.stats.quantile_us(0.999));
+                outcome.max_us = Some(measured.stats.latency.max() as f64 / 1000.0);
+            }
+            if messages > 0 {
+                outcome.server_cpu_us_per_msg = Some(measured.server_cpu.as_secs_f64() * 1e6 / messages as f64);
+            }
+        }
+        Err(error) => outcome.error = Some(error),
+    }
+    print_row(&outcome);
+    outcome
+}
+
+fn memory_outcome(
+    server: &RunningServer,
+    scenario: &str,
+    measured: Result<scenarios::IdleMemory, String>,
+) -> Outcome {
+    let mut outcome = Outcome {
+        scenario: scenario.into(),
+        server: Some(server.kind),
+        payload_bytes: 16,
+        ..Outcome::default()
+    };
+    match measured {
+        Ok(memory) => {
+            outcome.idle_calls = Some(memory.calls);
+            outcome.rss_before_kib = Some(memory.rss_before_kib);
+            outcome.rss_after_kib = Some(memory.rss_after_kib);
+            outcome.kib_per_idle_call = Some(memory.kib_per_call());
+        }
+        Err(error) => {
+            outcome.idle_calls = Some(0);
+            outcome.error = Some(error);
+        }
+    }
+    print_row(&outcome);
+    outcome
+}
+
+fn print_row(o: &Outcome) {
+    let server = o.server.map_or("?", ServerKind::name);
+    if let Some(error) = &o.error {
+        println!("{:<34} {:>5} B  {:<13} FAILED: {error}", o.scenario, o.payload_bytes, server);
+    } else if let Some(kib) = o.kib_per_idle_call {
+        println!(
+            "{:<34} {:>5} B  {:<13} {:>7} idle calls: {:.1} KiB each",
+            o.scenario,
+            o.payload_bytes,
+            server,
+            o.idle_calls.unwrap_or(0),
+            kib
+        );
+    } else {
+        println!(
+            "{:<34} {:>5} B  {:<13} {:>10.0} msg/s  p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  CPU {:>6.2} µs/msg",
+            o.scenario,
+            o.payload_bytes,
+            server,
+            o.msgs_per_sec.unwrap_or(0.0),
+            o.p50_us.unwrap_or(0.0),
+            o.p99_us.unwrap_or(0.0),
+            o.p999_us.unwrap_or(0.0),
+            o.server_cpu_us_per_msg.unwrap_or(0.0),
+        );
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    command: &'a str,
+    quick: bool,
+    machine: Machine,
+    timing: &'a Timing,
+    outcomes: &'a [Outcome],
+    targets: Vec<report::Check>,
+}
+
+fn write_report(args: &Args, timing: &Timing, outcomes: &[Outcome]) -> Result<(), String> {
+    let machine = Machine::this();
+    let checks = report::checks(outcomes);
+    let tables = report::markdown(outcomes);
+    let targets = report::checks_markdown(&checks);
+    println!("\n{tables}\n{targets}");
+    let title = format!(
+        "streambridge vs peers · {} × {} · {}",
+        machine.nproc,
+        machine.cpu_model,
+        if args.quick { "quick run" } else { "full run" }
+    );
+    let out = &args.out;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let write = |name: &str, contents: String| {
+        let path = out.join(name);
+        std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok::<(), String>(())
+    };
+    write("results.md", format!("{tables}\n{targets}"))?;
+    write("chart.svg", report::svg(outcomes, &title))?;
+    let report = Report {
+        command: &args.command,
+        quick: args.quick,
+        machine,
+        timing,
+        outcomes,
+        targets: checks,
+    };
+    write(
+        "results.json",
+        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
+    )?;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    println!("{} scenarios, {failed} failed", outcomes.len());
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Prometheus metrics, served at `GET /metrics` (OpenMetrics text):
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `streambridge_open_connections` | gauge | |
+//! | `streambridge_active_streams` | gauge | `transport` |
+//! | `streambridge_messages_received_total` | counter | `transport` |
+//! | `streambridge_messages_sent_total` | counter | `transport` |
+//! | `streambridge_stream_errors_total` | counter | `transport`, `code` (gRPC status code) |
+//! | `streambridge_stream_duration_seconds` | histogram | `transport` |
+//!
+//! Per-message counters are atomics handed to each call once (no lookup per
+//! message); everything else changes once per connection or call.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::calls::Transport;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    transport: String,
+    code: i32,
+}
+
+/// Every metric of the server, and the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    open_connections: Gauge,
+    active_streams: Family<TransportLabel, Gauge>,
+    received: Family<TransportLabel, Counter>,
+    sent: Family<TransportLabel, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    durations: Family<TransportLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("streambridge");
+        let open_connections = Gauge::default();
+        registry.register("open_connections", "Open TCP connections", open_connections.clone());
+        let active_streams = Family::<TransportLabel, Gauge>::default();
+        registry.register("active_streams", "Live calls per transport", active_streams.clone());
+        let received = Family::<TransportLabel, Counter>::default();
+        registry.register("messages_received", "Request messages received", received.clone());
+        let sent = Family::<TransportLabel, Counter>::default();
+        registry.register("messages_sent", "Reply messages sent", sent.clone());
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "stream_errors",
+            "Calls that ended with a non-OK status, by gRPC code",
+            errors.clone(),
+        );
+        let durations: Family<TransportLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 12)));
+        registry.register("stream_duration_seconds", "How long calls lasted", durations.clone());
+        Metrics {
+            registry,
+            open_connections,
+            active_streams,
+            received,
+            sent,
+            errors,
+            durations,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Counts an open connection until the returned guard is dropped.
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGauge {
+        self.open_connections.inc();
+        ConnectionGauge(self.clone())
+    }
+
+    pub(crate) fn stream_started(&self, transport: Transport) -> StreamMetrics {
+        let label = TransportLabel {
+            transport: transport.to_string(),
+        };
+        self.active_streams.get_or_create(&label).inc();
+        StreamMetrics {
+            transport,
+            received: self.received.get_or_create(&label).clone(),
+            sent: self.sent.get_or_create(&label).clone(),
+        }
+    }
+
+    pub(crate) fn stream_ended(&self, transport: Transport, seconds: f64, code: i32) {
+        let label = TransportLabel {
+            transport: transport.to_string(),
+        };
+        self.active_streams.get_or_create(&label).dec();
+        self.durations.get_or_create(&label).observe(seconds);
+        if code != 0 {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    transport: label.transport,
+                    code,
+                })
+                .inc();
+        }
+    }
+}
+
+/// One open connection, counted until dropped.
+pub struct ConnectionGauge(Arc<Metrics>);
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}
+
+/// A call's message counters.
+#[derive(Clone)]
+pub struct StreamMetrics {
+    pub(crate) transport: Transport,
+    received: Counter,
+    sent: Counter,
+}
+
+impl StreamMetrics {
+    pub fn message_received(&self) {
+        self.received.inc();
+    }
+
+    pub fn message_sent(&self) {
+        self.sent.inc();
+    }
+}
