@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,11 +37,17 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionGauge, Metrics};
 
 /// The client's address, put in every request's extensions for logging.
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
+
+/// A connection's place under the connection cap and in the open-connections
+/// gauge. Every request carries a clone, so a connection that leaves hyper
+/// (a WebSocket upgrade) keeps its place until its socket closes too.
+#[derive(Clone)]
+pub struct ConnectionLease(#[allow(dead_code)] Arc<(OwnedSemaphorePermit, ConnectionGauge)>);
 
 /// A connection that received RST streams faster than this is reset itself
 /// (the HTTP/2 "rapid reset" attack, CVE-2023-44487).
@@ -91,17 +97,17 @@ where
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
+        let lease = ConnectionLease(Arc::new((slot, metrics.connection_opened())));
         let service = service.clone().map_request(move |request: Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
+            request.extensions_mut().insert(lease.clone());
             request
         });
         let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
-        let open = metrics.connection_opened();
         let span = tracing::debug_span!("connection", %peer);
         tasks.spawn(
             async move {
-                let _held = (slot, open);
                 match tls {
                     None => serve_connection(&builder, TokioIo::new(stream), service, shutdown).await,
                     Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {

@@ -5,6 +5,7 @@ mod support;
 use futures_util::StreamExt;
 use streambridge::Transport;
 use streambridge_protocol::{StreamRequest, StreamResponse};
+use support::ServerAddr;
 use support::{TestServer, within};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

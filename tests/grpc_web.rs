@@ -8,6 +8,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
+use support::ServerAddr;
 use support::TestServer;
 use support::http::{
     HttpClient, decode_grpc_web, decode_grpc_web_text, grpc_web_body, http1_client, http2_client, send,

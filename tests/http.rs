@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use streambridge_protocol::StreamRequest;
+use support::ServerAddr;
 use support::http::{http1_client, send};
 use support::{TestServer, within};
 use tonic::Code;

@@ -5,6 +5,7 @@
 mod support;
 
 use streambridge::Transport;
+use support::ServerAddr;
 use support::ws::{
     Received, Sub, close_send_frame, connect, connect_with, next_response, read_to_close, request_frame, send_all,
 };

@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::auth::BEARER_SUBPROTOCOL_PREFIX;
-use crate::listener::PeerAddr;
+use crate::listener::{ConnectionLease, PeerAddr};
 
 pub use call::CallSettings;
 
@@ -58,6 +58,8 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
         Err(refusal) => return refusal,
     };
     let peer = parts.extensions.get::<PeerAddr>().copied();
+    // The upgraded socket outlives hyper's connection: it keeps the lease.
+    let lease = parts.extensions.get::<ConnectionLease>().cloned();
     request = Request::from_parts(parts, body);
     let on_upgrade = hyper::upgrade::on(&mut request);
 
@@ -77,6 +79,7 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
                 .max_message_size(Some(settings.max_message_size))
                 .max_frame_size(Some(settings.max_message_size));
             let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+            let _lease = lease;
             let mut guard = calls.enter(crate::calls::Transport::WebSocket);
             call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
         }

@@ -19,6 +19,45 @@ use tonic::transport::Channel;
 /// events, this only turns a hang into a failure.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The address of a server started some other way (another process).
+pub struct TestAddr(pub SocketAddr);
+
+/// Where the clients of `support` connect.
+pub trait ServerAddr {
+    fn addr(&self) -> SocketAddr;
+
+    fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr())
+    }
+
+    fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr())
+    }
+
+    /// A tonic client on a fresh HTTP/2 connection.
+    #[allow(async_fn_in_trait)]
+    async fn grpc_client(&self) -> DataServiceClient<Channel> {
+        let channel = Channel::from_shared(self.http_url(""))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect gRPC");
+        DataServiceClient::new(channel)
+    }
+}
+
+impl ServerAddr for TestAddr {
+    fn addr(&self) -> SocketAddr {
+        self.0
+    }
+}
+
+impl ServerAddr for TestServer {
+    fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// A server running in this test's runtime; shut down when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -44,24 +83,6 @@ impl TestServer {
         tokio::spawn(server.run());
         TestServer { addr, calls, shutdown }
     }
-
-    pub fn http_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
-    }
-
-    /// A tonic client on a fresh HTTP/2 connection.
-    pub async fn grpc_client(&self) -> DataServiceClient<Channel> {
-        let channel = Channel::from_shared(self.http_url(""))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect gRPC");
-        DataServiceClient::new(channel)
-    }
 }
 
 impl Drop for TestServer {
@@ -75,4 +96,21 @@ pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output 
     tokio::time::timeout(STEP_TIMEOUT, future)
         .await
         .unwrap_or_else(|_| panic!("timed out after {STEP_TIMEOUT:?}: {what}"))
+}
+
+/// The server's `/metrics` text, fetched over a fresh connection.
+pub async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    let request = ::http::Request::get(format!("http://{addr}/metrics"))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let reply = http::send(&http::http1_client(), request).await;
+    assert_eq!(reply.status, 200);
+    reply.text()
+}
+
+/// The value of one sample (`name{labels}`) in a metrics text; 0 if absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{TestServer, within};
+use super::{ServerAddr, within};
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -70,7 +70,7 @@ impl Transcript {
 }
 
 /// Opens `/ws` offering `offers` (none: no `Sec-WebSocket-Protocol` header).
-pub async fn connect(server: &TestServer, offers: &[&str]) -> Socket {
+pub async fn connect(server: &impl ServerAddr, offers: &[&str]) -> Socket {
     let mut request = server.ws_url().into_client_request().unwrap();
     if !offers.is_empty() {
         request.headers_mut().insert(
@@ -84,7 +84,7 @@ pub async fn connect(server: &TestServer, offers: &[&str]) -> Socket {
     socket
 }
 
-pub async fn connect_with(server: &TestServer, sub: Sub) -> Socket {
+pub async fn connect_with(server: &impl ServerAddr, sub: Sub) -> Socket {
     connect(server, &[sub.name()]).await
 }
 

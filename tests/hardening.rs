@@ -1,0 +1,566 @@
+//! Production behaviour, each with a real client on a real socket: metrics,
+//! health and reflection, bearer-token auth and TLS on every transport,
+//! slowloris, the connection cap, WebSocket liveness pings, backpressure
+//! against a client that never reads, a ping flood, malformed native gRPC.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::Request;
+use http_body_util::Full;
+use streambridge::Transport;
+use streambridge_protocol::StreamRequest;
+use support::ServerAddr;
+use support::http::{decode_grpc_web, grpc_web_body, http1_client, send};
+use support::ws::{Sub, close_send_frame, connect_with, next_response, read_to_close, request_frame, send_all};
+use support::{TestServer, metric, metrics_text, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+#[tokio::test]
+async fn metrics_count_streams_and_messages_and_return_to_zero() {
+    let server = TestServer::start().await;
+    let mut socket = connect_with(&server, Sub::Json).await;
+    send_all(&mut socket, (0..3).map(|i| request_frame(Sub::Json, &format!("m{i}")))).await;
+    for i in 0..3 {
+        assert_eq!(next_response(&mut socket, Sub::Json).await, format!("processed: m{i}"));
+    }
+    let live = metrics_text(server.addr).await;
+    assert_eq!(
+        metric(&live, r#"streambridge_active_streams{transport="websocket"}"#),
+        1.0,
+        "{live}"
+    );
+    assert_eq!(
+        metric(&live, r#"streambridge_messages_received_total{transport="websocket"}"#),
+        3.0
+    );
+    assert_eq!(
+        metric(&live, r#"streambridge_messages_sent_total{transport="websocket"}"#),
+        3.0
+    );
+    assert!(
+        metric(&live, "streambridge_open_connections") >= 2.0,
+        "the socket and the scrape"
+    );
+
+    send_all(&mut socket, [request_frame(Sub::Json, "{broken")]).await; // valid frame
+    send_all(&mut socket, [Message::text("{broken")]).await; // invalid frame: status 3
+    let transcript = read_to_close(&mut socket, Sub::Json).await;
+    assert_eq!(transcript.status().0, 3);
+    drop(socket);
+    within("released", server.calls.wait_for(Transport::WebSocket, 0)).await;
+    let after = metrics_text(server.addr).await;
+    assert_eq!(
+        metric(&after, r#"streambridge_active_streams{transport="websocket"}"#),
+        0.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            r#"streambridge_stream_errors_total{transport="websocket",code="3"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            r#"streambridge_stream_duration_seconds_count{transport="websocket"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn health_reports_serving_and_reflection_lists_the_services() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Channel::from_shared(server.http_url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "DataService"] {
+        let reply = within(
+            "health",
+            health.check(HealthCheckRequest {
+                service: service.into(),
+            }),
+        )
+        .await;
+        assert_eq!(reply.unwrap().into_inner().status, 1, "SERVING for {service:?}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = within(
+        "reflection",
+        reflection.server_reflection_info(tokio_stream::iter([request])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let reply = within("reflection reply", replies.next()).await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("{reply:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"DataService".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+}
+
+const TOKEN: &str = "t0ken-for-tests";
+
+#[tokio::test]
+async fn a_bad_or_missing_token_is_refused_on_every_transport() {
+    let server = TestServer::start_with(|c| c.auth_token = Some(TOKEN.into())).await;
+
+    // Native gRPC.
+    let mut client = server.grpc_client().await;
+    let outbound = tokio_stream::iter([StreamRequest { data: "x".into() }]);
+    let status = within("no token", client.bidirectional_stream(outbound))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut request = tonic::Request::new(tokio_stream::iter([StreamRequest { data: "x".into() }]));
+    request
+        .metadata_mut()
+        .insert("authorization", MetadataValue::from_static("Bearer wrong"));
+    let status = within("bad token", client.bidirectional_stream(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut request = tonic::Request::new(tokio_stream::iter([StreamRequest { data: "x".into() }]));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let mut replies = within("good token", client.bidirectional_stream(request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        within("reply", replies.next()).await.unwrap().unwrap().result,
+        "processed: x"
+    );
+
+    // gRPC-Web.
+    let grpc_web = |token: Option<&str>| {
+        let mut request = Request::post(server.http_url("/DataService/BidirectionalStream"))
+            .header("content-type", "application/grpc-web")
+            .body(Full::new(grpc_web_body(&["w"])))
+            .unwrap();
+        if let Some(token) = token {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        request
+    };
+    let refused = send(&http1_client(), grpc_web(Some("wrong"))).await;
+    let status = refused
+        .headers
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    let status = status.or_else(|| {
+        decode_grpc_web(refused.body.clone())
+            .trailer("grpc-status")
+            .map(str::to_string)
+    });
+    assert_eq!(status.as_deref(), Some("16"));
+    let allowed = send(&http1_client(), grpc_web(Some(TOKEN))).await;
+    assert_eq!(decode_grpc_web(allowed.body).replies, vec!["processed: w".to_string()]);
+
+    // WebSocket: refused before the upgrade; the token as a subprotocol entry or header works.
+    for offers in [
+        vec!["streambridge.v1.json"],
+        vec!["streambridge.v1.json", "streambridge.bearer.wrong"],
+    ] {
+        let mut request = server.ws_url().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", offers.join(", ").parse().unwrap());
+        let error = tokio_tungstenite::connect_async(request).await.unwrap_err();
+        let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
+            panic!("{error}")
+        };
+        assert_eq!(response.status(), 401);
+    }
+    let mut socket = support::ws::connect(
+        &server,
+        &["streambridge.bearer.t0ken-for-tests", "streambridge.v1.proto"],
+    )
+    .await;
+    send_all(
+        &mut socket,
+        [request_frame(Sub::Proto, "p"), close_send_frame(Sub::Proto)],
+    )
+    .await;
+    assert_eq!(
+        read_to_close(&mut socket, Sub::Proto).await.responses(),
+        vec!["processed: p".to_string()]
+    );
+    let mut request = server.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the header works for non-browser clients");
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_disconnected_after_the_header_timeout() {
+    let server = TestServer::start_with(|c| c.http1_header_read_timeout = Duration::from_millis(300)).await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: example\r\nX-Slow: 1\r\n")
+        .await
+        .unwrap(); // never finished
+    let mut rest = Vec::new();
+    // Ends with EOF or a reset; `within` fails the test if the server keeps it open.
+    let _ = within("the server closes the connection", slow.read_to_end(&mut rest)).await;
+    assert!(
+        rest.is_empty(),
+        "no answer to an unfinished request: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    // A well-behaved client is served meanwhile.
+    let reply = send(
+        &http1_client(),
+        Request::get(server.http_url("/")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_closed_and_old_ones_keep_working() {
+    let server = TestServer::start_with(|c| c.max_connections = 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut socket = connect_with(&server, Sub::Json).await;
+        send_all(&mut socket, [request_frame(Sub::Json, "held")]).await;
+        assert_eq!(next_response(&mut socket, Sub::Json).await, "processed: held");
+        held.push(socket);
+    }
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = within("the third connection is closed", third.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty(),
+        "no HTTP answer past the cap: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    for socket in &mut held {
+        send_all(socket, [request_frame(Sub::Json, "still"), close_send_frame(Sub::Json)]).await;
+        assert_eq!(
+            read_to_close(socket, Sub::Json).await.responses(),
+            vec!["processed: still".to_string()]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_peer_that_stops_answering_pings_is_cancelled() {
+    let server = TestServer::start_with(|c| c.ws_ping_interval = Duration::from_millis(200)).await;
+    let mut silent = connect_with(&server, Sub::Json).await;
+    send_all(&mut silent, [request_frame(Sub::Json, "hello")]).await;
+    assert_eq!(next_response(&mut silent, Sub::Json).await, "processed: hello");
+    // From here the client never reads, so it never answers a ping.
+    within("the call is cancelled", server.calls.wait_for(Transport::WebSocket, 0)).await;
+    drop(silent);
+}
+
+#[tokio::test]
+async fn a_websocket_peer_that_answers_pings_stays_connected() {
+    let server = TestServer::start_with(|c| c.ws_ping_interval = Duration::from_millis(100)).await;
+    let mut socket = connect_with(&server, Sub::Json).await;
+    let mut pings = 0;
+    while pings < 5 {
+        match within("ping", socket.next()).await.unwrap().unwrap() {
+            Message::Ping(_) => pings += 1, // tungstenite answers with a pong
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(server.calls.get(Transport::WebSocket), 1, "alive after five pings");
+    send_all(
+        &mut socket,
+        [request_frame(Sub::Json, "late"), close_send_frame(Sub::Json)],
+    )
+    .await;
+    assert_eq!(
+        read_to_close(&mut socket, Sub::Json).await.responses(),
+        vec!["processed: late".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_throttled_and_a_healthy_one_is_unaffected() {
+    let server = TestServer::start().await;
+    let mut flooder = connect_with(&server, Sub::Proto).await;
+    // Send until the socket stops accepting (the server stopped reading), at
+    // most 64 MiB: a server that buffered everything would accept it all.
+    let payload = "f".repeat(16 * 1024);
+    let mut sent_bytes = 0usize;
+    let mut throttled = false;
+    while sent_bytes < 64 * 1024 * 1024 {
+        flooder.feed(request_frame(Sub::Proto, &payload)).await.unwrap();
+        sent_bytes += payload.len();
+        if futures_util::FutureExt::now_or_never(flooder.flush()).is_none() {
+            throttled = true;
+            break;
+        }
+    }
+    assert!(
+        throttled,
+        "the server kept reading {sent_bytes} bytes from a client that reads nothing"
+    );
+
+    let mut healthy = connect_with(&server, Sub::Json).await;
+    for i in 0..20 {
+        send_all(&mut healthy, [request_frame(Sub::Json, &format!("ok {i}"))]).await;
+        assert_eq!(
+            next_response(&mut healthy, Sub::Json).await,
+            format!("processed: ok {i}")
+        );
+    }
+    send_all(&mut healthy, [close_send_frame(Sub::Json)]).await;
+    assert_eq!(read_to_close(&mut healthy, Sub::Json).await.status().0, 0);
+}
+
+#[tokio::test]
+async fn a_ping_flood_does_not_disturb_the_call() {
+    let server = TestServer::start().await;
+    let mut socket = connect_with(&server, Sub::Json).await;
+    for _ in 0..10_000 {
+        socket.feed(Message::Ping(Bytes::from_static(b"flood"))).await.unwrap();
+    }
+    send_all(
+        &mut socket,
+        [request_frame(Sub::Json, "after the flood"), close_send_frame(Sub::Json)],
+    )
+    .await;
+    let transcript = read_to_close(&mut socket, Sub::Json).await;
+    assert_eq!(transcript.responses(), vec!["processed: after the flood".to_string()]);
+    assert_eq!(transcript.status().0, 0);
+}
+
+/// A message with StreamRequest's field number but raw bytes: invalid UTF-8
+/// in a `string` field, which the server must reject, not accept or crash on.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    data: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_malformed_native_grpc_message_fails_its_call_with_a_message_and_others_go_on() {
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Channel::from_shared(server.http_url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    within("ready", grpc.ready()).await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawRequest, streambridge_protocol::StreamResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/DataService/BidirectionalStream");
+    let requests = tokio_stream::iter([
+        RawRequest { data: b"fine".to_vec() },
+        RawRequest { data: vec![0xff, 0xfe] },
+    ]);
+    let mut replies = within("call", grpc.streaming(tonic::Request::new(requests), path, codec))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        within("first", replies.next()).await.unwrap().unwrap().result,
+        "processed: fine"
+    );
+    let status = within("second", replies.next()).await.unwrap().unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    assert!(!status.message().is_empty(), "{status:?}");
+
+    let mut client = server.grpc_client().await;
+    let mut replies = client
+        .bidirectional_stream(tokio_stream::iter([StreamRequest { data: "next".into() }]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        within("other call", replies.next()).await.unwrap().unwrap().result,
+        "processed: next"
+    );
+}
+
+mod tls {
+    use super::*;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::rustls;
+
+    /// A self-signed certificate for `localhost`, written where the server reads it.
+    struct TestCert {
+        pem: String,
+        dir: std::path::PathBuf,
+    }
+
+    fn test_cert() -> TestCert {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "streambridge-tls-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        TestCert {
+            pem: cert.cert.pem(),
+            dir,
+        }
+    }
+
+    fn connector(cert: &TestCert, alpn: &[&[u8]]) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        let der = CertificateDer::from_pem_slice(cert.pem.as_bytes()).unwrap();
+        roots.add(der).unwrap();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        TlsConnector::from(Arc::new(config))
+    }
+
+    async fn tls_stream(
+        server: &TestServer,
+        cert: &TestCert,
+        alpn: &[&[u8]],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        within("TLS handshake", connector(cert, alpn).connect(name, tcp))
+            .await
+            .expect("TLS handshake")
+    }
+
+    use rustls::pki_types::pem::PemObject;
+
+    async fn tls_server(cert: &TestCert) -> TestServer {
+        let dir = cert.dir.clone();
+        TestServer::start_with(move |c| {
+            c.tls_cert = Some(dir.join("cert.pem"));
+            c.tls_key = Some(dir.join("key.pem"));
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn native_grpc_works_over_tls_with_alpn_h2() {
+        let cert = test_cert();
+        let server = tls_server(&cert).await;
+        let stream = tls_stream(&server, &cert, &[b"h2"]).await;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let slot = std::sync::Mutex::new(Some(stream));
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let stream = slot.lock().unwrap().take().expect("one connection");
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream)) }
+            }))
+            .await
+            .unwrap();
+        let mut client = streambridge::grpc::DataServiceClient::new(channel);
+        let requests = tokio_stream::iter([StreamRequest { data: "secure".into() }]);
+        let mut replies = client.bidirectional_stream(requests).await.unwrap().into_inner();
+        assert_eq!(
+            within("reply", replies.next()).await.unwrap().unwrap().result,
+            "processed: secure"
+        );
+    }
+
+    #[tokio::test]
+    async fn grpc_web_works_over_https() {
+        let cert = test_cert();
+        let server = tls_server(&cert).await;
+        let stream = tls_stream(&server, &cert, &[b"http/1.1"]).await;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = Request::post("/DataService/BidirectionalStream")
+            .header("host", "localhost")
+            .header("content-type", "application/grpc-web")
+            .body(Full::new(grpc_web_body(&["over https"])))
+            .unwrap();
+        let response = within("response", sender.send_request(request)).await.unwrap();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let result = decode_grpc_web(body);
+        assert_eq!(result.replies, vec!["processed: over https".to_string()]);
+        assert_eq!(result.trailer("grpc-status"), Some("0"));
+    }
+
+    #[tokio::test]
+    async fn wss_works() {
+        let cert = test_cert();
+        let server = tls_server(&cert).await;
+        let stream = tls_stream(&server, &cert, &[b"http/1.1"]).await;
+        let mut request = "wss://localhost/ws".into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "streambridge.v1.json".parse().unwrap());
+        let (mut socket, _) = within("wss", tokio_tungstenite::client_async(request, stream))
+            .await
+            .unwrap();
+        for frame in [request_frame(Sub::Json, "wss"), close_send_frame(Sub::Json)] {
+            socket.feed(frame).await.unwrap();
+        }
+        socket.flush().await.unwrap();
+        let mut texts = Vec::new();
+        while let Some(Ok(Message::Text(text))) = within("frame", socket.next()).await {
+            texts.push(text.to_string());
+        }
+        assert_eq!(
+            texts,
+            vec![
+                r#"{"response":{"result":"processed: wss"}}"#,
+                r#"{"status":{"code":0}}"#
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cleartext_client_gets_nothing_from_a_tls_port() {
+        let cert = test_cert();
+        let server = tls_server(&cert).await;
+        let mut plain = TcpStream::connect(server.addr).await.unwrap();
+        plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = within("closed", plain.read_to_end(&mut answer)).await;
+        assert!(!answer.starts_with(b"HTTP/1.1 200"), "no cleartext page on a TLS port");
+    }
+}

@@ -1,0 +1,180 @@
+//! The `streambridge` binary as a separate process: a real SIGTERM with calls
+//! in flight, and 10 000 WebSockets (the server in its own process, as the
+//! per-process descriptor limit of 20 000 requires).
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use streambridge_protocol::StreamRequest;
+use support::ServerAddr;
+use support::ws::{Received, Sub, request_frame, send_all};
+use support::{STEP_TIMEOUT, metric, metrics_text, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
+
+/// The binary on an ephemeral port; killed if the test ends first.
+struct ServerProcess {
+    child: Child,
+    server: support::TestAddr,
+}
+
+impl ServerProcess {
+    async fn start(args: &[&str]) -> ServerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streambridge"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--static-dir",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
+            ])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start streambridge");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = within("the server logs its address", async {
+            loop {
+                let line = lines.next_line().await.unwrap().expect("the server exited early");
+                if let Some(at) = line.find("listening on ") {
+                    let token = line[at + "listening on ".len()..].split_whitespace().next().unwrap();
+                    break token.trim_end_matches(':').parse().unwrap();
+                }
+            }
+        })
+        .await;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess {
+            child,
+            server: support::TestAddr(addr),
+        }
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Waits until `/metrics` satisfies `condition`, re-reading it every 20 ms
+/// (the server is another process: there is nothing to subscribe to).
+async fn eventually(addr: std::net::SocketAddr, what: &str, condition: impl Fn(&str) -> bool) -> String {
+    within(what, async {
+        loop {
+            let text = metrics_text(addr).await;
+            if condition(&text) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_delivers_every_due_reply_then_unavailable_and_exits_in_time() {
+    let process = ServerProcess::start(&["--drain-timeout", "10s"]).await;
+    let server = &process.server;
+
+    // A gRPC stream and a WebSocket, each with 5 requests received and not yet read back.
+    let mut client = server.grpc_client().await;
+    let (grpc_tx, grpc_rx) = mpsc::channel(16);
+    for i in 0..5 {
+        grpc_tx.send(StreamRequest { data: format!("g{i}") }).await.unwrap();
+    }
+    let mut grpc_replies = client
+        .bidirectional_stream(ReceiverStream::new(grpc_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut socket = support::ws::connect(server, &[Sub::Json.name()]).await;
+    send_all(&mut socket, (0..5).map(|i| request_frame(Sub::Json, &format!("w{i}")))).await;
+    eventually(server.0, "the server has received all 10 requests", |text| {
+        metric(text, r#"streambridge_messages_received_total{transport="grpc"}"#) == 5.0
+            && metric(text, r#"streambridge_messages_received_total{transport="websocket"}"#) == 5.0
+    })
+    .await;
+
+    process.terminate();
+
+    for i in 0..5 {
+        let reply = within("gRPC reply", grpc_replies.next()).await.unwrap().unwrap();
+        assert_eq!(reply.result, format!("processed: g{i}"));
+    }
+    let status = within("gRPC status", grpc_replies.next()).await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    let transcript = support::ws::read_to_close(&mut socket, Sub::Json).await;
+    let expected: Vec<String> = (0..5).map(|i| format!("processed: w{i}")).collect();
+    assert_eq!(transcript.responses(), expected);
+    assert!(
+        matches!(transcript.frames.last(), Some(Received::Status { code: 14, .. })),
+        "{transcript:?}"
+    );
+    assert_eq!(transcript.close_code(), 1001);
+    drop(grpc_tx);
+    drop(socket);
+
+    let mut child = process.child;
+    let exit = within("the server exits", child.wait()).await.unwrap();
+    assert!(exit.success(), "drained within the deadline: {exit}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_websockets_open_and_close_and_nothing_leaks() {
+    const SOCKETS: usize = 10_000;
+    // Room for the scrapes beside the sockets: the default cap is exactly 10 000.
+    let process = ServerProcess::start(&["--max-connections", "10100"]).await;
+    let server = &process.server;
+    let opened = futures_util::stream::iter(0..SOCKETS)
+        .map(|n| async move {
+            let mut socket = support::ws::connect(server, &[Sub::Proto.name()]).await;
+            send_all(&mut socket, [request_frame(Sub::Proto, &format!("s{n}"))]).await;
+            assert_eq!(
+                support::ws::next_response(&mut socket, Sub::Proto).await,
+                format!("processed: s{n}")
+            );
+            socket
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>();
+    let mut sockets = tokio::time::timeout(STEP_TIMEOUT * 6, opened)
+        .await
+        .expect("10 000 sockets open");
+    let live = metrics_text(server.0).await;
+    assert_eq!(
+        metric(&live, r#"streambridge_active_streams{transport="websocket"}"#),
+        SOCKETS as f64
+    );
+
+    // Half close politely, half just vanish.
+    let closing = sockets.drain(..).enumerate().map(|(n, mut socket)| async move {
+        if n % 2 == 0 {
+            let _ = futures_util::SinkExt::send(&mut socket, Message::Close(None)).await;
+        }
+        drop(socket);
+    });
+    futures_util::future::join_all(closing).await;
+    let after = eventually(server.0, "every socket released", |text| {
+        metric(text, r#"streambridge_active_streams{transport="websocket"}"#) == 0.0
+            && metric(text, "streambridge_open_connections") == 1.0 // this scrape
+    })
+    .await;
+    assert_eq!(
+        metric(&after, r#"streambridge_messages_sent_total{transport="websocket"}"#),
+        SOCKETS as f64
+    );
+}
