@@ -4,6 +4,8 @@
 import init, { DataClient } from './pkg/streambridge_client.js';
 
 const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+// A server started with --auth-token needs it: open the page as /?token=...
+const token = new URLSearchParams(location.search).get('token') ?? undefined;
 const $ = (id) => document.getElementById(id);
 
 let client = null;
@@ -56,7 +58,7 @@ async function connect() {
   client = null;
   setState('connecting', 'connecting…');
   try {
-    client = await DataClient.connect(wsUrl);
+    client = await DataClient.connect(wsUrl, { token });
     openStream();
   } catch (error) {
     setState('error', `cannot connect (code ${error.code})`);

@@ -38,7 +38,12 @@ fn check(reply: &StreamResponse, data: &str) -> Result<(), String> {
 
 /// Drives one call with `window` requests in flight until the control says
 /// stop and every reply is in, then half-closes and waits for status OK.
-pub async fn drive(channel: Channel, payload_size: usize, window: usize, control: Control) -> Result<TaskStats, String> {
+pub async fn drive(
+    channel: Channel,
+    payload_size: usize,
+    window: usize,
+    control: Control,
+) -> Result<TaskStats, String> {
     let data = payload(payload_size);
     let mut stats = TaskStats::new();
     let (sender, receiver) = mpsc::channel(window.max(1));

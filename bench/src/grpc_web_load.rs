@@ -58,7 +58,9 @@ fn parse_response(mut body: &[u8]) -> Result<usize, String> {
 
 /// One connection making calls back to back until the control says stop.
 pub async fn drive(addr: SocketAddr, payload_size: usize, control: Control) -> Result<TaskStats, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await

@@ -42,7 +42,10 @@ use ws_load::Codec;
 const FIXED_RATE_SHARE: f64 = 0.7;
 
 #[derive(Debug, Parser)]
-#[command(name = "streambridge-bench", about = "Benchmarks streambridge against its peers (issue 5)")]
+#[command(
+    name = "streambridge-bench",
+    about = "Benchmarks streambridge against its peers (issue 5)"
+)]
 struct Args {
     /// A short run (CI): tiny durations, 16 B payloads only, 200 idle calls.
     #[arg(long)]
@@ -256,11 +259,7 @@ async fn measure_load(
     outcome
 }
 
-fn memory_outcome(
-    server: &RunningServer,
-    scenario: &str,
-    measured: Result<scenarios::IdleMemory, String>,
-) -> Outcome {
+fn memory_outcome(server: &RunningServer, scenario: &str, measured: Result<scenarios::IdleMemory, String>) -> Outcome {
     let mut outcome = Outcome {
         scenario: scenario.into(),
         server: Some(server.kind),
@@ -286,7 +285,10 @@ fn memory_outcome(
 fn print_row(o: &Outcome) {
     let server = o.server.map_or("?", ServerKind::name);
     if let Some(error) = &o.error {
-        println!("{:<34} {:>5} B  {:<13} FAILED: {error}", o.scenario, o.payload_bytes, server);
+        println!(
+            "{:<34} {:>5} B  {:<13} FAILED: {error}",
+            o.scenario, o.payload_bytes, server
+        );
     } else if let Some(kib) = o.kib_per_idle_call {
         println!(
             "{:<34} {:>5} B  {:<13} {:>7} idle calls: {:.1} KiB each",

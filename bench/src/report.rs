@@ -203,13 +203,16 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             .filter(|o| o.scenario.starts_with("grpc ") && !o.is_memory())
             .map(|o| o.scenario.clone())
             .collect();
+        s.sort();
         s.dedup();
         s
     };
     for &p in &payloads {
         for scenario in &grpc_scenarios {
-            let (Some(sb), Some(tonic)) = (find(outcomes, scenario, p, Streambridge), find(outcomes, scenario, p, PlainTonic))
-            else {
+            let (Some(sb), Some(tonic)) = (
+                find(outcomes, scenario, p, Streambridge),
+                find(outcomes, scenario, p, PlainTonic),
+            ) else {
                 continue;
             };
             push(
@@ -226,7 +229,10 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             );
         }
         let grpc_wide = "grpc 4x50x8";
-        if let (Some(sb), Some(go)) = (find(outcomes, grpc_wide, p, Streambridge), find(outcomes, grpc_wide, p, GrpcGo)) {
+        if let (Some(sb), Some(go)) = (
+            find(outcomes, grpc_wide, p, Streambridge),
+            find(outcomes, grpc_wide, p, GrpcGo),
+        ) {
             push(
                 format!("{grpc_wide} {p} B: throughput ≥ 1.5x grpc-go"),
                 ratio(sb.msgs_per_sec, go.msgs_per_sec),
@@ -269,7 +275,10 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
                 );
             }
             let ping = format!("ws-{codec} ping-pong");
-            if let (Some(sb), Some(naive)) = (find(outcomes, &ping, p, Streambridge), find(outcomes, "ws-json ping-pong", p, NaiveWs)) {
+            if let (Some(sb), Some(naive)) = (
+                find(outcomes, &ping, p, Streambridge),
+                find(outcomes, "ws-json ping-pong", p, NaiveWs),
+            ) {
                 push(
                     format!("{ping} {p} B: p99 ≤ 1.2x naive bridge"),
                     ratio(sb.p99_us, naive.p99_us),
@@ -279,13 +288,18 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             }
         }
     }
-    for o in outcomes.iter().filter(|o| o.is_memory() && o.server == Some(Streambridge)) {
+    for o in outcomes
+        .iter()
+        .filter(|o| o.is_memory() && o.server == Some(Streambridge))
+    {
         let (limit, what) = if o.scenario.starts_with("idle ws") {
             (4.0, "≤ 4 KiB per idle WebSocket")
         } else {
             (6.0, "≤ 6 KiB per idle gRPC stream")
         };
-        push(format!("{}: {what}", o.scenario), o.kib_per_idle_call, " KiB", &|k| k <= limit);
+        push(format!("{}: {what}", o.scenario), o.kib_per_idle_call, " KiB", &|k| {
+            k <= limit
+        });
     }
     checks
 }
@@ -294,7 +308,13 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
 pub fn checks_markdown(checks: &[Check]) -> String {
     let mut out = String::from("| target | measured | met |\n|---|---:|---|\n");
     for c in checks {
-        let _ = writeln!(out, "| {} | {} | {} |", c.target, c.measured, if c.met { "yes" } else { "**no**" });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            c.target,
+            c.measured,
+            if c.met { "yes" } else { "**no**" }
+        );
     }
     out
 }
@@ -339,14 +359,23 @@ pub fn svg(outcomes: &[Outcome], title: &str) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#, escape(title));
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
+        escape(title)
+    );
     let _ = writeln!(
         s,
         r#"<text x="{LABEL}" y="45" font-weight="bold">throughput, msg/s (longer is better)</text><text x="{right}" y="45" font-weight="bold">p99 latency (shorter is better)</text>"#
     );
     let mut y = 70.0;
     for (key, members) in &groups {
-        let _ = writeln!(s, r#"<text x="10" y="{}" font-weight="bold">{}</text>"#, y + 11.0, escape(key));
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="{}" font-weight="bold">{}</text>"#,
+            y + 11.0,
+            escape(key)
+        );
         y += ROW;
         let max_rate = members.iter().filter_map(|o| o.msgs_per_sec).fold(0.0, f64::max);
         let max_p99 = members.iter().filter_map(|o| o.p99_us).fold(0.0, f64::max);
@@ -354,7 +383,11 @@ pub fn svg(outcomes: &[Outcome], title: &str) -> String {
             let fill = color(o.server);
             let _ = writeln!(s, r#"<text x="24" y="{}">{}</text>"#, y + 11.0, o.server_name());
             let rate_value = o.msgs_per_sec.unwrap_or(0.0);
-            let w = if max_rate > 0.0 { rate_value / max_rate * PANEL } else { 0.0 };
+            let w = if max_rate > 0.0 {
+                rate_value / max_rate * PANEL
+            } else {
+                0.0
+            };
             let _ = writeln!(
                 s,
                 r#"<rect x="{LABEL}" y="{}" width="{w:.1}" height="{}" fill="{fill}"/><text x="{}" y="{}">{}</text>"#,

@@ -37,7 +37,11 @@ pub enum Load {
         window: usize,
     },
     /// WebSocket: `sockets` calls, each paced by `pacing`.
-    Ws { codec: Codec, sockets: usize, pacing: WsPacing },
+    Ws {
+        codec: Codec,
+        sockets: usize,
+        pacing: WsPacing,
+    },
     /// gRPC-Web over HTTP/1.1: `connections` clients making 10-message calls.
     GrpcWeb { connections: usize },
 }
@@ -164,7 +168,12 @@ async fn start_tasks(
                         Pacing::Rate { interval, offset }
                     }
                 };
-                tasks.push(tokio::spawn(ws_load::drive(socket, frames.clone(), pacing, control.clone())));
+                tasks.push(tokio::spawn(ws_load::drive(
+                    socket,
+                    frames.clone(),
+                    pacing,
+                    control.clone(),
+                )));
             }
         }
         Load::GrpcWeb { connections } => {

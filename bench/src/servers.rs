@@ -51,11 +51,17 @@ impl ServerKind {
     }
 
     pub fn speaks_grpc(self) -> bool {
-        matches!(self, ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::GrpcGo)
+        matches!(
+            self,
+            ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::GrpcGo
+        )
     }
 
     pub fn speaks_websocket(self) -> bool {
-        matches!(self, ServerKind::Streambridge | ServerKind::NaiveWs | ServerKind::NodeWs)
+        matches!(
+            self,
+            ServerKind::Streambridge | ServerKind::NaiveWs | ServerKind::NodeWs
+        )
     }
 }
 
@@ -92,7 +98,10 @@ impl ServerPrograms {
                 let program = self.grpc_go.as_ref().ok_or("grpc-go server not built")?;
                 let mut c = Command::new(program);
                 // The same two cores as the tokio servers use.
-                c.env("GOMAXPROCS", std::thread::available_parallelism().map_or(2, |n| n.get()).to_string());
+                c.env(
+                    "GOMAXPROCS",
+                    std::thread::available_parallelism().map_or(2, |n| n.get()).to_string(),
+                );
                 c
             }
             ServerKind::NodeWs => {
@@ -145,13 +154,19 @@ impl RunningServer {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("{} exited at start ({status}); see target/bench/logs/", self.kind));
+                return Err(format!(
+                    "{} exited at start ({status}); see target/bench/logs/",
+                    self.kind
+                ));
             }
             if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("{} did not listen on {} within {timeout:?}", self.kind, self.addr));
+                return Err(format!(
+                    "{} did not listen on {} within {timeout:?}",
+                    self.kind, self.addr
+                ));
             }
             std::thread::sleep(Duration::from_millis(25));
         }

@@ -141,9 +141,13 @@ type Socket = WebSocketStream<TcpStream>;
 
 /// Opens a socket to `/ws` offering `codec`'s subprotocol.
 pub async fn connect(addr: SocketAddr, codec: Codec, read_buffer_size: usize) -> Result<Socket, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut request = format!("ws://{addr}/ws").into_client_request().map_err(|e| e.to_string())?;
+    let mut request = format!("ws://{addr}/ws")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
     request
         .headers_mut()
         .insert("sec-websocket-protocol", HeaderValue::from_static(codec.subprotocol()));
@@ -156,7 +160,12 @@ pub async fn connect(addr: SocketAddr, codec: Codec, read_buffer_size: usize) ->
 
 /// Drives one socket until the control says stop and every reply is in,
 /// then ends the call with `closeSend` and waits for the OK status.
-pub async fn drive(mut socket: Socket, frames: Arc<Frames>, pacing: Pacing, control: Control) -> Result<TaskStats, String> {
+pub async fn drive(
+    mut socket: Socket,
+    frames: Arc<Frames>,
+    pacing: Pacing,
+    control: Control,
+) -> Result<TaskStats, String> {
     let mut stats = TaskStats::new();
     let mut in_flight = VecDeque::new();
     let mut verified = false;

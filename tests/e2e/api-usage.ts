@@ -18,5 +18,9 @@ export async function usage(url: string): Promise<string[]> {
   // @ts-expect-error: next() may resolve to null at the end
   const notNull: StreamMessage = await stream.next();
   client.close();
+  const withToken: DataClient = await DataClient.connect(url, { token: 'secret' });
+  // @ts-expect-error: the token is a string
+  await DataClient.connect(url, { token: 5 });
+  withToken.close();
   return [...results, String(code), String(wrong), String(notNull)];
 }

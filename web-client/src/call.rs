@@ -46,8 +46,10 @@ pub struct Call {
 }
 
 impl Call {
-    /// Opens a socket to `url` and returns the call that runs on it.
-    pub fn start(url: &str) -> Result<CallRef, JsValue> {
+    /// Opens a socket to `url` and returns the call that runs on it. A
+    /// `token` travels as the subprotocol entry `streambridge.bearer.<token>`
+    /// (browsers cannot set an `Authorization` header on a WebSocket).
+    pub fn start(url: &str, token: Option<&str>) -> Result<CallRef, JsValue> {
         let call = Rc::new(RefCell::new(Call {
             url: url.to_string(),
             socket: None,
@@ -61,7 +63,9 @@ impl Call {
             status: None,
         }));
         let weak = Rc::downgrade(&call);
-        let socket = Socket::open(url, Subprotocol::Proto.name(), move |event| on_event(&weak, event))
+        let mut offers = vec![Subprotocol::Proto.name().to_string()];
+        offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
+        let socket = Socket::open(url, &offers, move |event| on_event(&weak, event))
             .map_err(|error| stream_error(code::UNAVAILABLE, &format!("cannot open {url}: {error:?}")))?;
         call.borrow_mut().socket = Some(socket);
         Ok(call)

@@ -60,6 +60,16 @@ export interface StreamError extends Error {
 }
 
 export interface BidiStream extends AsyncIterable<StreamMessage> {}
+
+/** Options of `DataClient.connect`. */
+export interface ConnectOptions {
+  /**
+   * Bearer token for a server started with `--auth-token`. Sent as the
+   * WebSocket subprotocol entry `streambridge.bearer.<token>`, so it must use
+   * only token characters (letters, digits, `-._~+` ...).
+   */
+  token?: string;
+}
 "#;
 
 #[wasm_bindgen(inline_js = r#"
@@ -94,6 +104,7 @@ extern "C" {
 #[wasm_bindgen]
 pub struct DataClient {
     url: String,
+    token: Option<String>,
     /// The socket `connect` opened, kept for the first stream.
     ready: RefCell<Option<CallRef>>,
     calls: RefCell<Vec<Weak<RefCell<Call>>>>,
@@ -102,15 +113,21 @@ pub struct DataClient {
 #[wasm_bindgen]
 impl DataClient {
     /// Connects to `url` (`ws://host:port/ws` or `wss://…`). Resolves once a
-    /// socket is open; rejects with a `StreamError` (code 14) if it cannot be.
+    /// socket is open; rejects with a `StreamError` (code 14) if it cannot be
+    /// (browsers do not tell why: a refused token looks like no server).
     #[wasm_bindgen(unchecked_return_type = "Promise<DataClient>")]
-    pub fn connect(url: String) -> Promise {
-        let call = match Call::start(&url) {
+    pub fn connect(
+        url: String,
+        #[wasm_bindgen(unchecked_optional_param_type = "ConnectOptions")] options: Option<JsValue>,
+    ) -> Promise {
+        let token = options.and_then(|options| option_string(&options, "token"));
+        let call = match Call::start(&url, token.as_deref()) {
             Ok(call) => call,
             Err(error) => return Promise::reject(&error),
         };
         let client = DataClient {
             url,
+            token,
             ready: RefCell::new(Some(call.clone())),
             calls: RefCell::new(vec![Rc::downgrade(&call)]),
         };
@@ -137,7 +154,7 @@ impl DataClient {
         let ready = self.ready.borrow_mut().take().filter(|call| call.borrow().is_fresh());
         let call = match ready {
             Some(call) => call,
-            None => Call::start(&self.url)?,
+            None => Call::start(&self.url, self.token.as_deref())?,
         };
         let mut calls = self.calls.borrow_mut();
         calls.retain(|call| call.strong_count() > 0);
@@ -156,6 +173,16 @@ impl DataClient {
             }
         }
     }
+}
+
+/// `options[name]` if it is a string.
+fn option_string(options: &JsValue, name: &str) -> Option<String> {
+    if !options.is_object() {
+        return None;
+    }
+    js_sys::Reflect::get(options, &JsValue::from_str(name))
+        .ok()?
+        .as_string()
 }
 
 /// One bidirectional call: `send` and `closeSend` one way, `next` (or

@@ -29,9 +29,15 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Starts connecting to `url` with `subprotocol`; `on_event` hears everything after.
-    pub fn open(url: &str, subprotocol: &str, on_event: impl FnMut(SocketEvent) + 'static) -> Result<Socket, JsValue> {
-        let socket = WebSocket::new_with_str(url, subprotocol)?;
+    /// Starts connecting to `url`, offering `subprotocols` in order;
+    /// `on_event` hears everything after.
+    pub fn open(
+        url: &str,
+        subprotocols: &[String],
+        on_event: impl FnMut(SocketEvent) + 'static,
+    ) -> Result<Socket, JsValue> {
+        let offers: js_sys::Array = subprotocols.iter().map(|name| JsValue::from_str(name)).collect();
+        let socket = WebSocket::new_with_str_sequence(url, &offers)?;
         socket.set_binary_type(BinaryType::Arraybuffer);
         let on_event = std::rc::Rc::new(std::cell::RefCell::new(on_event));
 

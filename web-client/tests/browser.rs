@@ -27,8 +27,24 @@ async fn settle(promise: Promise) -> Result<JsValue, JsValue> {
     JsFuture::from(promise).await
 }
 
+/// The server's bearer token: the test server runs with `--auth-token`.
+fn token() -> &'static str {
+    match option_env!("STREAMBRIDGE_TEST_TOKEN") {
+        Some(token) => token,
+        None => panic!("build with STREAMBRIDGE_TEST_TOKEN (cargo xtask test does)"),
+    }
+}
+
+fn options_with_token(token: &str) -> JsValue {
+    let options = js_sys::Object::new();
+    Reflect::set(&options, &JsValue::from_str("token"), &JsValue::from_str(token)).unwrap();
+    options.into()
+}
+
 async fn connect() -> DataClient {
-    let client = settle(DataClient::connect(server_url())).await.expect("connect");
+    let client = settle(DataClient::connect(server_url(), Some(options_with_token(token()))))
+        .await
+        .expect("connect");
     DataClient::try_from_js_value(client).expect("a DataClient")
 }
 
@@ -139,9 +155,20 @@ async fn send_after_close_send_throws() {
 
 #[wasm_bindgen_test]
 async fn connecting_to_a_closed_port_rejects_with_unavailable() {
-    let error = settle(DataClient::connect("ws://127.0.0.1:9/ws".to_string()))
+    let error = settle(DataClient::connect("ws://127.0.0.1:9/ws".to_string(), None))
         .await
         .expect_err("no server there");
     assert_eq!(field(&error, "code").as_f64().unwrap(), 14.0);
     assert!(error.is_instance_of::<js_sys::Error>());
+}
+
+#[wasm_bindgen_test]
+async fn a_wrong_token_is_refused_and_no_token_too() {
+    for options in [Some(options_with_token("not-the-token")), None] {
+        let error = settle(DataClient::connect(server_url(), options))
+            .await
+            .expect_err("refused");
+        // Browsers hide the HTTP 401 of a refused upgrade: it surfaces as UNAVAILABLE.
+        assert_eq!(field(&error, "code").as_f64().unwrap(), 14.0);
+    }
 }

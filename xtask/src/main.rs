@@ -17,6 +17,7 @@
 //! packages of `tests/e2e/package-lock.json`. Chromium and chromedriver come
 //! from the system (Debian packages `chromium`, `chromium-driver`).
 
+mod bench;
 mod process;
 mod web;
 
@@ -34,7 +35,8 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("build-web") => web::build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
-        _ => Err("usage: cargo xtask <test | build-web | serve [streambridge args]>".to_string()),
+        Some("bench") => bench::run(&args[1..]),
+        _ => Err("usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick]>".to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,6 +86,9 @@ fn test() -> Result {
     outcome
 }
 
+/// The bearer token of the server the wasm-bindgen tests talk to.
+const WASM_TEST_TOKEN: &str = "wasm-test-token";
+
 /// The WASM client's tests and the page's, each against its own live server.
 fn browser_tests(counts: &mut TestCounts) -> Result {
     let chromedriver = Path::new("/usr/bin/chromedriver");
@@ -93,7 +98,8 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
     {
         // wasm-bindgen-test serves its test page from its own origin, which
         // a default server would refuse (403): allow any origin here.
-        let server = ServerProcess::start(&["--allowed-origin", "*"])?;
+        // With a token, so the client's token option is exercised too.
+        let server = ServerProcess::start(&["--allowed-origin", "*", "--auth-token", WASM_TEST_TOKEN])?;
         let runner = web::cargo_bin("wasm-bindgen-test-runner");
         run_counted(
             cargo()
@@ -112,7 +118,8 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
                     root().join("web-client/webdriver.json"),
                 )
                 .env("WASM_BINDGEN_TEST_TIMEOUT", "120")
-                .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", server.addr)),
+                .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", server.addr))
+                .env("STREAMBRIDGE_TEST_TOKEN", WASM_TEST_TOKEN),
             counts,
         )?;
     }

@@ -37,6 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 async fn serve_socket(stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    #[allow(clippy::result_large_err)] // the signature tungstenite's `Callback` requires
     let choose_subprotocol = |request: &Request, mut response: Response| {
         let offered = request
             .headers()
@@ -58,7 +59,9 @@ async fn serve_socket(stream: TcpStream) {
             continue;
         };
         let Ok(frame) = serde_json::from_str::<Value>(&text) else {
-            let _ = socket.send(Message::text(json!({"status": {"code": 3}}).to_string())).await;
+            let _ = socket
+                .send(Message::text(json!({"status": {"code": 3}}).to_string()))
+                .await;
             break;
         };
         if let Some(data) = frame.pointer("/request/data") {
@@ -68,7 +71,9 @@ async fn serve_socket(stream: TcpStream) {
                 return;
             }
         } else if frame.get("closeSend").is_some() {
-            let _ = socket.send(Message::text(json!({"status": {"code": 0}}).to_string())).await;
+            let _ = socket
+                .send(Message::text(json!({"status": {"code": 0}}).to_string()))
+                .await;
             break;
         }
     }
