@@ -76,6 +76,27 @@ pub struct AppState {
     tasks: TaskTracker,
 }
 
+impl AppState {
+    /// The state for `config`; fails if the token file cannot be read.
+    pub fn new(config: &Config) -> io::Result<AppState> {
+        Ok(AppState {
+            calls: ActiveCalls::default(),
+            origins: origin::OriginPolicy::new(&config.allowed_origins),
+            websocket: Arc::new(websocket::CallSettings {
+                max_message_size: config.max_message_size,
+                read_buffer_size: config.ws_read_buffer_size,
+                write_buffer_size: config.ws_write_buffer_size,
+                request_queue: config.ws_request_queue,
+                close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
+            }),
+            auth: auth::Auth::new(config.bearer_token()?),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+}
+
 /// The whole HTTP surface of the server: classifies each request by its
 /// content type (and path) and hands it to exactly one transport.
 pub fn router(config: &Config, state: AppState) -> TransportRouter {
@@ -170,23 +191,8 @@ impl Server {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        let auth = auth::Auth::new(config.bearer_token()?);
+        let state = AppState::new(&config)?;
         let listener = TcpListener::bind(config.listen).await?;
-        let state = AppState {
-            calls: ActiveCalls::default(),
-            origins: origin::OriginPolicy::new(&config.allowed_origins),
-            websocket: Arc::new(websocket::CallSettings {
-                max_message_size: config.max_message_size,
-                read_buffer_size: config.ws_read_buffer_size,
-                write_buffer_size: config.ws_write_buffer_size,
-                request_queue: config.ws_request_queue,
-                close_timeout: config.ws_close_timeout,
-                ping_interval: config.ws_ping_interval,
-            }),
-            auth,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-        };
         Ok(Server {
             listener,
             config,

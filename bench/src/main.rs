@@ -71,6 +71,10 @@ struct Args {
     /// Where results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Run only the scenarios whose name contains this text (e.g. `ws-json 200x8`,
+    /// `idle`): for profiling one scenario.
+    #[arg(long)]
+    only: Option<String>,
     /// The command line to record in the report.
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -93,8 +97,10 @@ fn run(args: &Args) -> Result<(), String> {
         warmup: Duration::from_secs_f64(if args.quick { 0.3 } else { 1.5 }),
         measure: Duration::from_secs_f64(args.seconds.unwrap_or(if args.quick { 1.0 } else { 5.0 })),
         idle_calls: args.idle_calls.unwrap_or(if args.quick { 200 } else { 10_000 }),
+        only: args.only.clone(),
     };
-    if timing.idle_calls * 2 + 100 > fd_limit as usize {
+    // The clients' ends are here, the servers' in their own processes.
+    if timing.idle_calls + 100 > fd_limit as usize {
         return Err(format!(
             "{} idle calls need more open files than the limit of {fd_limit}",
             timing.idle_calls
@@ -169,7 +175,9 @@ async fn bench_server(
                     streams,
                     window,
                 };
-                outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                if timing.selects(&load.name()) {
+                    outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                }
             }
         }
         if server.speaks_websocket() {
@@ -182,10 +190,12 @@ async fn bench_server(
                 for (sockets, window) in [(1, 1), (1, 64), (200, 8)] {
                     let pacing = WsPacing::Window(window);
                     let load = Load::Ws { codec, sockets, pacing };
-                    outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                    if timing.selects(&load.name()) {
+                        outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                    }
                 }
                 let maximum = outcomes.last().and_then(|o| o.msgs_per_sec).unwrap_or(0.0);
-                if maximum > 0.0 {
+                if maximum > 0.0 && timing.selects(&format!("ws-{} 200 fixed-rate", codec.name())) {
                     let rate = maximum * FIXED_RATE_SHARE;
                     let load = Load::Ws {
                         codec,
@@ -196,18 +206,18 @@ async fn bench_server(
                 }
             }
         }
-        if server == ServerKind::Streambridge {
-            let load = Load::GrpcWeb { connections: 16 };
+        let load = Load::GrpcWeb { connections: 16 };
+        if server == ServerKind::Streambridge && timing.selects(&load.name()) {
             outcomes.push(measure_load(&running, load, payload, timing, None).await);
         }
     }
     drop(running);
-    if server.speaks_websocket() {
+    if server.speaks_websocket() && timing.selects("idle ws-json sockets") {
         let fresh = programs.start(server)?;
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
     }
-    if server.speaks_grpc() {
+    if server.speaks_grpc() && timing.selects("idle grpc streams") {
         let fresh = programs.start(server)?;
         let memory = scenarios::idle_grpc_streams(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle grpc streams", memory));

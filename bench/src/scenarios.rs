@@ -25,6 +25,15 @@ pub struct Timing {
     pub warmup: Duration,
     pub measure: Duration,
     pub idle_calls: usize,
+    /// Only scenarios whose name contains this text run (profiling).
+    pub only: Option<String>,
+}
+
+impl Timing {
+    /// Whether the scenario called `name` is to run.
+    pub fn selects(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| name.contains(only))
+    }
 }
 
 /// The traffic of one scenario.
