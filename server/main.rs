@@ -24,8 +24,13 @@ async fn main() -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.listen.to_string());
+    let (scheme, ws) = if config.tls_cert.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     tracing::info!(
-        "streambridge listening on {address}: page http://{address}/, WebSocket ws://{address}/ws, gRPC and gRPC-Web on the same port"
+        "streambridge listening on {address}: page {scheme}://{address}/, WebSocket {ws}://{address}/ws, gRPC and gRPC-Web on the same port"
     );
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {
