@@ -16,7 +16,9 @@ use streambridge::Transport;
 use streambridge_protocol::StreamRequest;
 use support::ServerAddr;
 use support::http::{decode_grpc_web, grpc_web_body, http1_client, send};
-use support::ws::{Sub, close_send_frame, connect_with, next_response, read_to_close, request_frame, send_all};
+use support::ws::{
+    Sub, assert_one_round_trip, close_send_frame, connect_with, next_response, read_to_close, request_frame, send_all,
+};
 use support::{TestServer, metric, metrics_text, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -90,11 +92,7 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let server = TestServer::start().await;
-    let channel = tonic::transport::Channel::from_shared(server.http_url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.grpc_channel().await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "DataService"] {
         let reply = within(
@@ -209,15 +207,7 @@ async fn a_bad_or_missing_token_is_refused_on_every_transport() {
         &["streambridge.bearer.t0ken-for-tests", "streambridge.v1.proto"],
     )
     .await;
-    send_all(
-        &mut socket,
-        [request_frame(Sub::Proto, "p"), close_send_frame(Sub::Proto)],
-    )
-    .await;
-    assert_eq!(
-        read_to_close(&mut socket, Sub::Proto).await.responses(),
-        vec!["processed: p".to_string()]
-    );
+    assert_one_round_trip(&mut socket, Sub::Proto, "p").await;
     let mut request = server.ws_url().into_client_request().unwrap();
     request
         .headers_mut()
@@ -302,15 +292,7 @@ async fn a_websocket_peer_that_answers_pings_stays_connected() {
         }
     }
     assert_eq!(server.calls.get(Transport::WebSocket), 1, "alive after five pings");
-    send_all(
-        &mut socket,
-        [request_frame(Sub::Json, "late"), close_send_frame(Sub::Json)],
-    )
-    .await;
-    assert_eq!(
-        read_to_close(&mut socket, Sub::Json).await.responses(),
-        vec!["processed: late".to_string()]
-    );
+    assert_one_round_trip(&mut socket, Sub::Json, "late").await;
 }
 
 #[tokio::test]
@@ -375,11 +357,7 @@ struct RawRequest {
 #[tokio::test]
 async fn a_malformed_native_grpc_message_fails_its_call_with_a_message_and_others_go_on() {
     let server = TestServer::start().await;
-    let channel = tonic::transport::Channel::from_shared(server.http_url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.grpc_channel().await;
     let mut grpc = tonic::client::Grpc::new(channel);
     within("ready", grpc.ready()).await.unwrap();
     let codec = tonic_prost::ProstCodec::<RawRequest, streambridge_protocol::StreamResponse>::default();

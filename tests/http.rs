@@ -54,11 +54,7 @@ async fn a_plain_get_of_the_websocket_path_says_an_upgrade_is_needed() {
 #[tokio::test]
 async fn an_unknown_grpc_method_is_unimplemented() {
     let server = TestServer::start().await;
-    let channel = tonic::transport::Channel::from_shared(server.http_url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.grpc_channel().await;
     let mut grpc = tonic::client::Grpc::new(channel);
     within("ready", grpc.ready()).await.unwrap();
     let codec = tonic_prost::ProstCodec::<StreamRequest, StreamRequest>::default();

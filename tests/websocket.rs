@@ -7,7 +7,8 @@ mod support;
 use streambridge::Transport;
 use support::ServerAddr;
 use support::ws::{
-    Received, Sub, close_send_frame, connect, connect_with, next_response, read_to_close, request_frame, send_all,
+    Received, Sub, assert_one_round_trip, close_send_frame, connect, connect_with, next_response, read_to_close,
+    request_frame, send_all,
 };
 use support::{TestServer, within};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -261,30 +262,14 @@ async fn the_first_offered_supported_subprotocol_is_selected() {
     );
     let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "streambridge.v1.proto");
-    send_all(
-        &mut socket,
-        [request_frame(Sub::Proto, "p"), close_send_frame(Sub::Proto)],
-    )
-    .await;
-    assert_eq!(
-        read_to_close(&mut socket, Sub::Proto).await.responses(),
-        vec!["processed: p".to_string()]
-    );
+    assert_one_round_trip(&mut socket, Sub::Proto, "p").await;
 }
 
 #[tokio::test]
 async fn a_client_offering_no_subprotocol_speaks_json() {
     let server = TestServer::start().await;
     let mut socket = connect(&server, &[]).await;
-    send_all(
-        &mut socket,
-        [request_frame(Sub::Json, "j"), close_send_frame(Sub::Json)],
-    )
-    .await;
-    assert_eq!(
-        read_to_close(&mut socket, Sub::Json).await.responses(),
-        vec!["processed: j".to_string()]
-    );
+    assert_one_round_trip(&mut socket, Sub::Json, "j").await;
 }
 
 #[tokio::test]

@@ -34,15 +34,20 @@ pub trait ServerAddr {
         format!("ws://{}/ws", self.addr())
     }
 
-    /// A tonic client on a fresh HTTP/2 connection.
+    /// A fresh HTTP/2 connection.
     #[allow(async_fn_in_trait)]
-    async fn grpc_client(&self) -> DataServiceClient<Channel> {
-        let channel = Channel::from_shared(self.http_url(""))
+    async fn grpc_channel(&self) -> Channel {
+        Channel::from_shared(self.http_url(""))
             .unwrap()
             .connect()
             .await
-            .expect("connect gRPC");
-        DataServiceClient::new(channel)
+            .expect("connect gRPC")
+    }
+
+    /// A tonic client on a fresh HTTP/2 connection.
+    #[allow(async_fn_in_trait)]
+    async fn grpc_client(&self) -> DataServiceClient<Channel> {
+        DataServiceClient::new(self.grpc_channel().await)
     }
 }
 

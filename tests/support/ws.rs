@@ -185,3 +185,12 @@ pub async fn read_to_close(socket: &mut Socket, sub: Sub) -> Transcript {
         }
     }
 }
+
+/// Sends one request and `closeSend`; asserts its reply, status 0 and close 1000.
+pub async fn assert_one_round_trip(socket: &mut Socket, sub: Sub, data: &str) {
+    send_all(socket, [request_frame(sub, data), close_send_frame(sub)]).await;
+    let transcript = read_to_close(socket, sub).await;
+    assert_eq!(transcript.responses(), vec![format!("processed: {data}")]);
+    assert_eq!(transcript.status(), (0, String::new()));
+    assert_eq!(transcript.close_code(), 1000);
+}
