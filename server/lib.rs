@@ -11,6 +11,7 @@
 //! - [`processor`]: the call's logic, `Stream` of requests to `Stream` of
 //!   replies; knows no transport.
 //! - [`grpc`]: native gRPC, the tonic service adapting tonic's types to the processor.
+//! - `grpc_codec`: tonic-prost with small per-stream buffers.
 //! - [`grpc_web`]: tonic-web and CORS around the same service, for browsers.
 //! - `websocket`: the `/ws` upgrade and the bridged call (protocol v1).
 //! - `static_files`: the page and the WASM package.
@@ -29,6 +30,7 @@ pub mod calls;
 pub mod config;
 pub mod error;
 pub mod grpc;
+mod grpc_codec;
 pub mod grpc_web;
 mod listener;
 pub mod metrics;
