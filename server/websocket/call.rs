@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::{Status, StreamResponse, Subprotocol, client_frame, json, proto, server_frame};
@@ -53,8 +53,9 @@ pub struct CallSettings {
     /// How long to wait for the peer's Close frame, and to deliver the last frames.
     pub close_timeout: Duration,
     /// How often to ping the peer. A peer that has sent nothing (not even the
-    /// pong) by the next ping is gone: the call is cancelled. A peer that
-    /// takes longer than two intervals to accept our writes is gone too.
+    /// pong) and accepted none of our replies by the next ping is gone: the
+    /// call is cancelled. So is a peer that takes longer than two intervals
+    /// to accept a batch of replies.
     pub ping_interval: Duration,
 }
 
@@ -132,6 +133,11 @@ where
     let mut failure = None;
     let mut framing_intact = true;
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    // Delay, not burst: after a long blocked write the next ping waits a full
+    // interval, so a slow but live peer is not judged on ticks it could not see.
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Whether the peer showed life (a frame read, or replies it accepted)
+    // since the last ping.
     let mut heard_since_ping = true;
 
     loop {
@@ -191,7 +197,7 @@ where
                 };
                 let sending = send_replies(socket, subprotocol, reply, &mut replies, counters);
                 match tokio::time::timeout(settings.ping_interval * 2, sending).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => heard_since_ping = true,
                     Ok(Err(_)) => return Ending::Cancelled,
                     Err(_) => {
                         tracing::debug!("peer stopped reading its replies; cancelling the call");
