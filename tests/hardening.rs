@@ -242,6 +242,24 @@ async fn a_slowloris_client_is_disconnected_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn an_idle_http1_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let server = TestServer::start_with(|c| c.http1_header_read_timeout = Duration::from_millis(300)).await;
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /nope HTTP/1.1\r\nHost: example\r\n\r\n")
+        .await
+        .unwrap();
+    // The response comes, then the connection sits idle (keep-alive) until the server closes it;
+    // `within` fails the test if it never does.
+    let mut everything = Vec::new();
+    let _ = within("the idle connection is closed", idle.read_to_end(&mut everything)).await;
+    assert!(
+        everything.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&everything)
+    );
+}
+
+#[tokio::test]
 async fn past_the_connection_cap_new_connections_are_closed_and_old_ones_keep_working() {
     let server = TestServer::start_with(|c| c.max_connections = 2).await;
     let mut held = Vec::new();
