@@ -90,7 +90,9 @@ where
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+            // Per connection at debug only: a flood must not flood the log too.
+            tracing::debug!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+            metrics.connection_refused();
             drop(stream);
             continue;
         };

@@ -3,6 +3,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `streambridge_open_connections` | gauge | |
+//! | `streambridge_connections_refused_total` | counter | |
 //! | `streambridge_active_streams` | gauge | `transport` |
 //! | `streambridge_messages_received_total` | counter | `transport` |
 //! | `streambridge_messages_sent_total` | counter | `transport` |
@@ -39,6 +40,7 @@ struct ErrorLabels {
 pub struct Metrics {
     registry: Registry,
     open_connections: Gauge,
+    refused_connections: Counter,
     active_streams: Family<TransportLabel, Gauge>,
     received: Family<TransportLabel, Counter>,
     sent: Family<TransportLabel, Counter>,
@@ -51,6 +53,12 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("streambridge");
         let open_connections = Gauge::default();
         registry.register("open_connections", "Open TCP connections", open_connections.clone());
+        let refused_connections = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because --max-connections were open",
+            refused_connections.clone(),
+        );
         let active_streams = Family::<TransportLabel, Gauge>::default();
         registry.register("active_streams", "Live calls per transport", active_streams.clone());
         let received = Family::<TransportLabel, Counter>::default();
@@ -69,6 +77,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             open_connections,
+            refused_connections,
             active_streams,
             received,
             sent,
@@ -90,6 +99,11 @@ impl Metrics {
     pub fn connection_opened(self: &Arc<Self>) -> ConnectionGauge {
         self.open_connections.inc();
         ConnectionGauge(self.clone())
+    }
+
+    /// Counts a connection refused at the cap.
+    pub fn connection_refused(&self) {
+        self.refused_connections.inc();
     }
 
     pub(crate) fn stream_started(&self, transport: Transport) -> StreamMetrics {

@@ -285,6 +285,10 @@ async fn past_the_connection_cap_new_connections_are_closed_and_old_ones_keep_wo
             vec!["processed: still".to_string()]
         );
     }
+    drop(held);
+    within("slots freed", server.calls.wait_for(Transport::WebSocket, 0)).await;
+    let text = metrics_text(server.addr).await;
+    assert_eq!(metric(&text, "streambridge_connections_refused_total"), 1.0, "{text}");
 }
 
 #[tokio::test]

@@ -159,7 +159,7 @@ where
                     return Ending::Cancelled;
                 }
                 heard_since_ping = false;
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                if !written(settings, socket.send(Message::Ping(Bytes::new()))).await {
                     return Ending::Cancelled;
                 }
             }
@@ -174,7 +174,7 @@ where
                     Read::Continue => {}
                     Read::Pong => {
                         // tungstenite queued a pong; send it now, not with the next reply.
-                        if socket.flush().await.is_err() {
+                        if !written(settings, socket.flush()).await {
                             return Ending::Cancelled;
                         }
                     }
@@ -196,15 +196,25 @@ where
                     return Ending::Finish { failure, framing_intact };
                 };
                 let sending = send_replies(socket, subprotocol, reply, &mut replies, counters);
-                match tokio::time::timeout(settings.ping_interval * 2, sending).await {
-                    Ok(Ok(())) => heard_since_ping = true,
-                    Ok(Err(_)) => return Ending::Cancelled,
-                    Err(_) => {
-                        tracing::debug!("peer stopped reading its replies; cancelling the call");
-                        return Ending::Cancelled;
-                    }
+                if !written(settings, sending).await {
+                    return Ending::Cancelled;
                 }
+                heard_since_ping = true;
             }
+        }
+    }
+}
+
+/// Awaits a write to the socket, at most two ping intervals: a peer that
+/// accepts nothing for that long is gone, even if TCP keeps the connection
+/// (a zero window is answered forever). Returns whether the write completed.
+async fn written(settings: &CallSettings, write: impl Future<Output = Result<(), WsError>>) -> bool {
+    match tokio::time::timeout(settings.ping_interval * 2, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::debug!("peer accepted nothing for two ping intervals; cancelling the call");
+            false
         }
     }
 }

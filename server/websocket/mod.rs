@@ -79,8 +79,10 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
                 .max_message_size(Some(settings.max_message_size))
                 .max_frame_size(Some(settings.max_message_size));
             let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            let _lease = lease;
             let mut guard = calls.enter(crate::calls::Transport::WebSocket);
+            // Declared after the guard, so dropped before it: when the call
+            // count drops, the connection's slot is already free.
+            let _lease = lease;
             call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
         }
         .instrument(span),
