@@ -259,6 +259,7 @@ async fn measure_load(
                 outcome.p999_us = Some(measured.stats.quantile_us(0.999));
                 outcome.max_us = Some(measured.stats.latency.max() as f64 / 1000.0);
             }
+            outcome.foreign_cpu_percent = Some(measured.foreign_cpu.as_secs_f64() * 100.0 / seconds);
             if messages > 0 {
                 outcome.server_cpu_us_per_msg = Some(measured.server_cpu.as_secs_f64() * 1e6 / messages as f64);
             }
@@ -310,7 +311,7 @@ fn print_row(o: &Outcome) {
         );
     } else {
         println!(
-            "{:<34} {:>5} B  {:<13} {:>10.0} msg/s  p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  CPU {:>6.2} µs/msg",
+            "{:<34} {:>5} B  {:<13} {:>10.0} msg/s  p50 {:>9.1} µs  p99 {:>9.1} µs  p99.9 {:>9.1} µs  CPU {:>6.2} µs/msg  other {:>3.0}%",
             o.scenario,
             o.payload_bytes,
             server,
@@ -319,6 +320,7 @@ fn print_row(o: &Outcome) {
             o.p99_us.unwrap_or(0.0),
             o.p999_us.unwrap_or(0.0),
             o.server_cpu_us_per_msg.unwrap_or(0.0),
+            o.foreign_cpu_percent.unwrap_or(0.0),
         );
     }
 }

@@ -28,6 +28,9 @@ pub struct Outcome {
     pub max_us: Option<f64>,
     /// Server user + system CPU time over the window, per echoed message.
     pub server_cpu_us_per_msg: Option<f64>,
+    /// CPU used by other processes during the window, in % of one core: a
+    /// run with much of it was disturbed and its throughput is not comparable.
+    pub foreign_cpu_percent: Option<f64>,
     pub idle_calls: Option<usize>,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
@@ -108,13 +111,13 @@ fn rate(value: Option<f64>) -> String {
 /// The Markdown tables: load scenarios, then memory.
 pub fn markdown(outcomes: &[Outcome]) -> String {
     let mut out = String::new();
-    out.push_str("| scenario | payload | server | msg/s | p50 | p99 | p99.9 | server CPU / msg |\n");
-    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|\n");
+    out.push_str("| scenario | payload | server | msg/s | p50 | p99 | p99.9 | server CPU / msg | other load |\n");
+    out.push_str("|---|---:|---|---:|---:|---:|---:|---:|---:|\n");
     for o in outcomes.iter().filter(|o| !o.is_memory()) {
         if let Some(error) = &o.error {
             let _ = writeln!(
                 out,
-                "| {} | {} B | {} | failed: {} | | | | |",
+                "| {} | {} B | {} | failed: {} | | | | | |",
                 o.scenario,
                 o.payload_bytes,
                 o.server_name(),
@@ -131,7 +134,7 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
         }
         let _ = writeln!(
             out,
-            "| {} | {} B | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} B | {} | {} | {} | {} | {} | {} | {} |",
             o.scenario,
             o.payload_bytes,
             o.server_name(),
@@ -140,6 +143,7 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
             latency(o.p99_us),
             latency(o.p999_us),
             o.server_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.2} µs")),
+            o.foreign_cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
         );
     }
     out.push('\n');

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tokio::task::JoinHandle;
 
-use crate::measure::{Control, Phase, TaskStats, cpu_time, resident_kib};
+use crate::measure::{Control, Phase, TaskStats, cpu_time, machine_busy_time, resident_kib};
 use crate::servers::RunningServer;
 use crate::ws_load::{Codec, Frames, Pacing};
 use crate::{grpc_load, grpc_web_load, ws_load};
@@ -113,6 +113,9 @@ pub struct Measured {
     pub elapsed: Duration,
     /// Server CPU time (user + system) over the measured window.
     pub server_cpu: Duration,
+    /// CPU time of everything else on the machine (neither the server nor
+    /// this load generator) over the window: other work disturbing the run.
+    pub foreign_cpu: Duration,
 }
 
 /// Runs `load` with `payload`-byte messages against `server`.
@@ -122,17 +125,25 @@ pub async fn run_load(server: &RunningServer, load: Load, payload: usize, timing
     let tasks = start_tasks(server.addr, load, payload, &control).await?;
     tokio::time::sleep(timing.warmup).await;
     let cpu_before = cpu_time(server.pid()).ok_or("server process gone")?;
+    let own_before = cpu_time(std::process::id()).unwrap_or_default();
+    let machine_before = machine_busy_time().unwrap_or_default();
     let started = Instant::now();
     control.set(Phase::Measure);
     tokio::time::sleep(timing.measure).await;
     control.set(Phase::Stop);
     let elapsed = started.elapsed();
     let cpu_after = cpu_time(server.pid()).ok_or("server process gone")?;
+    let own = cpu_time(std::process::id())
+        .unwrap_or_default()
+        .saturating_sub(own_before);
+    let machine = machine_busy_time().unwrap_or_default().saturating_sub(machine_before);
+    let server_cpu = cpu_after.saturating_sub(cpu_before);
     let stats = join_all(tasks).await?;
     Ok(Measured {
         stats,
         elapsed,
-        server_cpu: cpu_after.saturating_sub(cpu_before),
+        server_cpu,
+        foreign_cpu: machine.saturating_sub(server_cpu + own),
     })
 }
 
