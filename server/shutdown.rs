@@ -8,8 +8,12 @@
 //! - the server waits for all of it on its `TaskTracker`, at most
 //!   `--drain-timeout`, then exits.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -33,4 +37,46 @@ pub async fn termination_signal() {
 pub async fn drain(tasks: &TaskTracker, deadline: Duration) -> bool {
     tasks.close();
     tokio::time::timeout(deadline, tasks.wait()).await.is_ok()
+}
+
+/// The shutdown token, checked cheaply from a hot loop.
+///
+/// `CancellationToken::is_cancelled` takes a mutex that the whole server
+/// shares; checking it for every message would make every call contend on
+/// it. A busy call checks every [`DrainCheck::BUSY_INTERVAL`] messages; an
+/// idle one is woken by the token's future.
+pub struct DrainCheck {
+    token: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    countdown: u32,
+}
+
+impl DrainCheck {
+    /// Messages between two looks at the token while a call is busy.
+    const BUSY_INTERVAL: u32 = 64;
+
+    pub fn new(token: CancellationToken) -> Self {
+        let cancelled = Box::pin(token.clone().cancelled_owned());
+        DrainCheck {
+            token,
+            cancelled,
+            countdown: Self::BUSY_INTERVAL,
+        }
+    }
+
+    /// Whether draining has started, looking at the token only every
+    /// [`Self::BUSY_INTERVAL`] calls.
+    pub fn busy_check(&mut self) -> bool {
+        self.countdown -= 1;
+        if self.countdown > 0 {
+            return false;
+        }
+        self.countdown = Self::BUSY_INTERVAL;
+        self.token.is_cancelled()
+    }
+
+    /// Ready once draining has started; registers the waker otherwise.
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.cancelled.as_mut().poll(cx)
+    }
 }

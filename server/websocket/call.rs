@@ -38,6 +38,7 @@ use crate::calls::CallGuard;
 use crate::error::Error;
 use crate::metrics::StreamMetrics;
 use crate::processor;
+use crate::shutdown::DrainCheck;
 
 /// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
 #[derive(Clone, Debug)]
@@ -132,6 +133,7 @@ where
     let mut input = Input::Open(request_tx);
     let mut failure = None;
     let mut framing_intact = true;
+    let mut drain = DrainCheck::new(shutdown.clone());
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     // Delay, not burst: after a long blocked write the next ping waits a full
     // interval, so a slow but live peer is not judged on ticks it could not see.
@@ -146,13 +148,17 @@ where
             Input::HalfClosed => true,
             Input::Stopped => false,
         };
+        // Draining stops the reading of a call still open (a half-closed one
+        // just finishes). A busy call notices within a few loops, an idle one
+        // through the last branch below.
         let draining_allowed = matches!(input, Input::Open(_));
+        if draining_allowed && drain.busy_check() {
+            failure = Some(Error::ShuttingDown);
+            input = Input::Stopped;
+            continue;
+        }
         tokio::select! {
             biased;
-            () = shutdown.cancelled(), if draining_allowed => {
-                failure = Some(Error::ShuttingDown);
-                input = Input::Stopped;
-            }
             _ = ping.tick() => {
                 if !heard_since_ping {
                     tracing::debug!("peer did not answer the last ping; cancelling the call");
@@ -200,6 +206,10 @@ where
                     return Ending::Cancelled;
                 }
                 heard_since_ping = true;
+            }
+            () = std::future::poll_fn(|cx| drain.poll_idle(cx)), if draining_allowed => {
+                failure = Some(Error::ShuttingDown);
+                input = Input::Stopped;
             }
         }
     }
@@ -319,6 +329,8 @@ where
             .await?;
         counters.message_sent();
     }
+    // Before the flush: once the client sees these replies, /metrics does too.
+    counters.publish();
     socket.flush().await
 }
 
