@@ -41,7 +41,7 @@ pub struct Config {
     /// Bytes each WebSocket reads from the kernel at a time. Allocated for every
     /// open socket, so it sets most of an idle socket's memory; larger frames
     /// are still accepted (up to --max-message-size).
-    #[arg(long, env = "STREAMBRIDGE_WS_READ_BUFFER_SIZE", default_value_t = 4096)]
+    #[arg(long, env = "STREAMBRIDGE_WS_READ_BUFFER_SIZE", default_value_t = 1024)]
     pub ws_read_buffer_size: usize,
 
     /// Bytes of outgoing WebSocket frames gathered before a write to the kernel.

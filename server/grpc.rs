@@ -70,7 +70,7 @@ impl DataService for GrpcDataService {
             item.map_err(grpc_inbound_status)
         });
         let requests = until_shutdown(requests, self.shutdown.clone());
-        let replies = Box::pin(processor::process(requests));
+        let replies = processor::process(requests);
         Ok(Response::new(Box::pin(CountedReplies { replies, guard })))
     }
 }
@@ -78,16 +78,19 @@ impl DataService for GrpcDataService {
 /// The reply stream, counted: each reply, and the status the call ends with.
 /// The guard lives as long as tonic holds the stream, so a call stays counted
 /// until its end, its error, or its cancellation (the stream dropped early).
-struct CountedReplies {
-    replies: ReplyStream,
+struct CountedReplies<S> {
+    replies: S,
     guard: CallGuard,
 }
 
-impl Stream for CountedReplies {
+impl<S> Stream for CountedReplies<S>
+where
+    S: Stream<Item = Result<StreamResponse, Status>> + Unpin,
+{
     type Item = Result<StreamResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Poll::Ready(item) = self.replies.as_mut().poll_next(cx) else {
+        let Poll::Ready(item) = self.replies.poll_next_unpin(cx) else {
             // Idle until the client sends more: a good moment to publish the counts.
             self.guard.metrics().publish();
             return Poll::Pending;
@@ -107,7 +110,7 @@ impl Stream for CountedReplies {
 fn until_shutdown<S>(requests: S, shutdown: CancellationToken) -> UntilShutdown<S> {
     UntilShutdown {
         requests,
-        drain: DrainCheck::new(shutdown),
+        drain: DrainCheck::new(&shutdown),
         state: Drain::Running,
     }
 }

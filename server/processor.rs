@@ -18,7 +18,10 @@
 //! drives the input, so a slow reader slows the reading of requests
 //! (backpressure) and a dropped output frees everything.
 
-use futures_util::{Stream, StreamExt, future};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures_util::{Stream, StreamExt};
 use streambridge_protocol::{StreamRequest, StreamResponse};
 
 /// What every reply's `result` starts with.
@@ -34,16 +37,42 @@ pub fn reply(request: StreamRequest) -> StreamResponse {
 
 /// Runs one bidirectional call: the replies to `requests`, in order, ending
 /// with the input's end or right after its first error.
-pub fn process<E>(
-    requests: impl Stream<Item = Result<StreamRequest, E>>,
-) -> impl Stream<Item = Result<StreamResponse, E>> {
-    requests.scan(false, |failed, item| {
-        if *failed {
-            return future::ready(None);
+pub fn process<S, E>(requests: S) -> Replies<S>
+where
+    S: Stream<Item = Result<StreamRequest, E>> + Unpin,
+{
+    Replies {
+        requests,
+        failed: false,
+    }
+}
+
+/// The reply stream of [`process`]: a plain loop over the requests, one reply
+/// per request, no allocation besides the reply itself.
+pub struct Replies<S> {
+    requests: S,
+    failed: bool,
+}
+
+impl<S, E> Stream for Replies<S>
+where
+    S: Stream<Item = Result<StreamRequest, E>> + Unpin,
+{
+    type Item = Result<StreamResponse, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
         }
-        *failed = item.is_err();
-        future::ready(Some(item.map(reply)))
-    })
+        match ready!(self.requests.poll_next_unpin(cx)) {
+            Some(Ok(request)) => Poll::Ready(Some(Ok(reply(request)))),
+            Some(Err(error)) => {
+                self.failed = true;
+                Poll::Ready(Some(Err(error)))
+            }
+            None => Poll::Ready(None),
+        }
+    }
 }
 
 #[cfg(test)]

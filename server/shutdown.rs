@@ -41,10 +41,11 @@ pub async fn drain(tasks: &TaskTracker, deadline: Duration) -> bool {
 
 /// The shutdown token, checked cheaply from a hot loop.
 ///
-/// `CancellationToken::is_cancelled` takes a mutex that the whole server
-/// shares; checking it for every message would make every call contend on
-/// it. A busy call checks every [`DrainCheck::BUSY_INTERVAL`] messages; an
-/// idle one is woken by the token's future.
+/// `CancellationToken::is_cancelled` and polling its future take the token's
+/// mutex; on the server's own token every call would contend on it for every
+/// message. So each call watches a child token (its own mutex), looks at it
+/// only every [`DrainCheck::BUSY_INTERVAL`] messages while busy, and is woken
+/// by its future when idle.
 pub struct DrainCheck {
     token: CancellationToken,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -55,7 +56,10 @@ impl DrainCheck {
     /// Messages between two looks at the token while a call is busy.
     const BUSY_INTERVAL: u32 = 64;
 
-    pub fn new(token: CancellationToken) -> Self {
+    pub fn new(token: &CancellationToken) -> Self {
+        // A child of its own: polling the server's token itself would lock the
+        // one mutex every idle call polls; a child's lock is this call's alone.
+        let token = token.child_token();
         let cancelled = Box::pin(token.clone().cancelled_owned());
         DrainCheck {
             token,

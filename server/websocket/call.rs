@@ -25,8 +25,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::{Status, StreamResponse, Subprotocol, client_frame, json, proto, server_frame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -34,6 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
+use super::queue::{RequestQueue, request_queue};
 use crate::calls::CallGuard;
 use crate::error::Error;
 use crate::metrics::StreamMetrics;
@@ -63,7 +62,7 @@ pub struct CallSettings {
 /// Where the client's request stream stands.
 enum Input {
     /// Requests may come; the sender feeds the processor.
-    Open(mpsc::Sender<streambridge_protocol::StreamRequest>),
+    Open(RequestQueue),
     /// The client sent `closeSend`. The socket is still read, to catch a
     /// client that breaks the protocol by sending on.
     HalfClosed,
@@ -109,7 +108,12 @@ pub async fn run<S>(
                 framing_intact,
                 settings.close_timeout,
             );
-            if tokio::time::timeout(settings.close_timeout * 2, closing).await.is_err() {
+            // Boxed: the close handshake is the largest state of a call and runs
+            // once at its end; inline it would weigh on every idle socket.
+            if tokio::time::timeout(settings.close_timeout * 2, Box::pin(closing))
+                .await
+                .is_err()
+            {
                 tracing::debug!("peer did not complete the close handshake in time");
             }
         }
@@ -127,13 +131,12 @@ async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (request_tx, request_rx) = mpsc::channel(settings.request_queue.max(1));
-    let requests = ReceiverStream::new(request_rx).map(Ok::<_, std::convert::Infallible>);
+    let (queue, requests) = request_queue(settings.request_queue);
     let mut replies = std::pin::pin!(processor::process(requests).fuse());
-    let mut input = Input::Open(request_tx);
+    let mut input = Input::Open(queue);
     let mut failure = None;
     let mut framing_intact = true;
-    let mut drain = DrainCheck::new(shutdown.clone());
+    let mut drain = DrainCheck::new(shutdown);
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     // Delay, not burst: after a long blocked write the next ping waits a full
     // interval, so a slow but live peer is not judged on ticks it could not see.
@@ -144,7 +147,7 @@ where
 
     loop {
         let may_read = match &input {
-            Input::Open(sender) => sender.capacity() > 0,
+            Input::Open(queue) => queue.has_room(),
             Input::HalfClosed => true,
             Input::Stopped => false,
         };
@@ -252,16 +255,11 @@ fn on_message(message: Message, subprotocol: Subprotocol, input: &mut Input, cou
     };
     match (decoded, &*input) {
         (Err(error), _) => Read::Failed(error.into()),
-        (Ok(client_frame::Frame::Request(request)), Input::Open(sender)) => {
-            // The loop reads only while the queue has room, and this task is
-            // the only sender, so the queue cannot be full here.
-            match sender.try_send(request) {
-                Ok(()) => {
-                    counters.message_received();
-                    Read::Continue
-                }
-                Err(error) => Read::Failed(Error::Internal(format!("request queue: {error}"))),
-            }
+        (Ok(client_frame::Frame::Request(request)), Input::Open(queue)) => {
+            // The loop reads only while the queue has room.
+            queue.push(request);
+            counters.message_received();
+            Read::Continue
         }
         (Ok(client_frame::Frame::CloseSend(_)), Input::Open(_)) => {
             *input = Input::HalfClosed;

@@ -10,6 +10,7 @@
 //! that destroys the status frame the client has not read yet).
 
 mod call;
+mod queue;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -63,7 +64,8 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
     request = Request::from_parts(parts, body);
     let on_upgrade = hyper::upgrade::on(&mut request);
 
-    let span = tracing::info_span!("websocket", peer = ?peer.map(|p| p.0), %subprotocol);
+    // Debug level: a span enabled at info would cost every open socket memory.
+    let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), %subprotocol);
     let settings = state.websocket.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
