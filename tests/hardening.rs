@@ -17,7 +17,8 @@ use streambridge_protocol::StreamRequest;
 use support::ServerAddr;
 use support::http::{decode_grpc_web, grpc_web_body, http1_client, send};
 use support::ws::{
-    Sub, assert_one_round_trip, close_send_frame, connect_with, next_response, read_to_close, request_frame, send_all,
+    Sub, assert_one_round_trip, close_send_frame, connect_with, next_response, read_to_close, refused_upgrade,
+    request_frame, send_all,
 };
 use support::{TestServer, metric, metrics_text, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,11 +197,8 @@ async fn a_bad_or_missing_token_is_refused_on_every_transport() {
         request
             .headers_mut()
             .insert("sec-websocket-protocol", offers.join(", ").parse().unwrap());
-        let error = tokio_tungstenite::connect_async(request).await.unwrap_err();
-        let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
-            panic!("{error}")
-        };
-        assert_eq!(response.status(), 401);
+        let (status, body) = refused_upgrade(request).await;
+        assert_eq!(status, 401, "{body}");
     }
     let mut socket = support::ws::connect(
         &server,

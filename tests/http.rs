@@ -8,18 +8,14 @@ use http::Request;
 use http_body_util::Full;
 use streambridge_protocol::StreamRequest;
 use support::ServerAddr;
-use support::http::{http1_client, send};
+use support::http::{get, http1_client, send};
 use support::{TestServer, within};
 use tonic::Code;
 
 #[tokio::test]
 async fn the_index_page_is_served_at_the_root() {
     let server = TestServer::start().await;
-    let reply = send(
-        &http1_client(),
-        Request::get(server.http_url("/")).body(Full::default()).unwrap(),
-    )
-    .await;
+    let reply = get(server.http_url("/")).await;
     assert_eq!(reply.status, 200);
     assert!(reply.headers["content-type"].to_str().unwrap().starts_with("text/html"));
     assert!(reply.text().contains("streambridge"), "{}", reply.text());
@@ -28,13 +24,7 @@ async fn the_index_page_is_served_at_the_root() {
 #[tokio::test]
 async fn an_unknown_path_is_404_with_a_body_naming_it() {
     let server = TestServer::start().await;
-    let reply = send(
-        &http1_client(),
-        Request::get(server.http_url("/nope.txt"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let reply = get(server.http_url("/nope.txt")).await;
     assert_eq!(reply.status, 404);
     assert!(reply.text().contains("/nope.txt"), "{}", reply.text());
 }
@@ -42,11 +32,7 @@ async fn an_unknown_path_is_404_with_a_body_naming_it() {
 #[tokio::test]
 async fn a_plain_get_of_the_websocket_path_says_an_upgrade_is_needed() {
     let server = TestServer::start().await;
-    let reply = send(
-        &http1_client(),
-        Request::get(server.http_url("/ws")).body(Full::default()).unwrap(),
-    )
-    .await;
+    let reply = get(server.http_url("/ws")).await;
     assert_eq!(reply.status, 426);
     assert!(reply.text().contains("WebSocket"), "{}", reply.text());
 }
@@ -104,13 +90,7 @@ async fn a_post_to_a_page_is_405_with_a_body() {
 #[tokio::test]
 async fn a_get_of_a_two_segment_path_is_a_file_request() {
     let server = TestServer::start().await;
-    let reply = send(
-        &http1_client(),
-        Request::get(server.http_url("/pkg/missing.js"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let reply = get(server.http_url("/pkg/missing.js")).await;
     assert_eq!(reply.status, 404, "{}", reply.text());
     assert!(reply.text().contains("/pkg/missing.js"));
 }

@@ -8,7 +8,7 @@ use streambridge::Transport;
 use support::ServerAddr;
 use support::ws::{
     Received, Sub, assert_one_round_trip, close_send_frame, connect, connect_with, next_response, read_to_close,
-    request_frame, send_all,
+    refused_upgrade, request_frame, send_all,
 };
 use support::{TestServer, within};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -279,12 +279,8 @@ async fn only_unknown_subprotocols_get_400_naming_the_supported_ones() {
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "chat, mqtt".parse().unwrap());
-    let error = tokio_tungstenite::connect_async(request).await.unwrap_err();
-    let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
-        panic!("expected an HTTP refusal: {error}")
-    };
-    assert_eq!(response.status(), 400);
-    let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+    let (status, body) = refused_upgrade(request).await;
+    assert_eq!(status, 400, "{body}");
     assert!(
         body.contains("streambridge.v1.json") && body.contains("streambridge.v1.proto"),
         "{body}"
@@ -298,11 +294,8 @@ async fn an_upgrade_from_a_foreign_origin_is_refused_with_403() {
     request
         .headers_mut()
         .insert("origin", "http://evil.example".parse().unwrap());
-    let error = tokio_tungstenite::connect_async(request).await.unwrap_err();
-    let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
-        panic!("expected an HTTP refusal: {error}")
-    };
-    assert_eq!(response.status(), 403);
+    let (status, body) = refused_upgrade(request).await;
+    assert_eq!(status, 403, "{body}");
 
     let mut same_origin = server.ws_url().into_client_request().unwrap();
     same_origin

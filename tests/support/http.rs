@@ -50,6 +50,11 @@ pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Reply {
     }
 }
 
+/// `GET url` over a fresh HTTP/1.1 client.
+pub async fn get(url: String) -> Reply {
+    send(&http1_client(), Request::get(url).body(Full::default()).unwrap()).await
+}
+
 /// Length-prefixed gRPC-Web data frames, one per request.
 pub fn grpc_web_body(requests: &[&str]) -> Bytes {
     let mut body = BytesMut::new();

@@ -194,3 +194,15 @@ pub async fn assert_one_round_trip(socket: &mut Socket, sub: Sub, data: &str) {
     assert_eq!(transcript.status(), (0, String::new()));
     assert_eq!(transcript.close_code(), 1000);
 }
+
+/// Attempts an upgrade that the server must refuse; returns the HTTP status and body.
+pub async fn refused_upgrade(request: tokio_tungstenite::tungstenite::handshake::client::Request) -> (u16, String) {
+    let error = within("refused upgrade", tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(response) = error else {
+        panic!("expected an HTTP refusal: {error}")
+    };
+    let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap_or_default();
+    (response.status().as_u16(), body)
+}
