@@ -7,8 +7,8 @@ mod support;
 use streambridge::Transport;
 use support::ServerAddr;
 use support::ws::{
-    Received, Sub, assert_one_round_trip, close_send_frame, connect, connect_with, next_response, read_to_close,
-    refused_upgrade, request_frame, send_all,
+    Received, Sub, assert_one_round_trip, call_with, close_send_frame, connect, connect_with, next_response,
+    read_to_close, refused_upgrade, request_frame, send_all,
 };
 use support::{TestServer, within};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -22,15 +22,7 @@ async fn thousand_messages_in_order_then_status_0_and_close_1000(sub: Sub) {
     let server = TestServer::start().await;
     let mut socket = connect_with(&server, sub).await;
     let inputs: Vec<String> = (0..1000).map(|i| format!("{sub:?} message {i}")).collect();
-    send_all(
-        &mut socket,
-        inputs
-            .iter()
-            .map(|d| request_frame(sub, d))
-            .chain([close_send_frame(sub)]),
-    )
-    .await;
-    let transcript = read_to_close(&mut socket, sub).await;
+    let transcript = call_with(&mut socket, sub, &inputs).await;
     assert_eq!(transcript.responses(), expected(&inputs));
     assert_eq!(transcript.status(), (0, String::new()));
     assert_eq!(transcript.close_code(), 1000);
@@ -215,15 +207,7 @@ async fn a_hundred_concurrent_sockets_each_get_their_own_replies() {
             let sub = if n % 2 == 0 { Sub::Json } else { Sub::Proto };
             let mut socket = connect_with(server, sub).await;
             let inputs: Vec<String> = (0..20).map(|i| format!("socket {n} message {i}")).collect();
-            send_all(
-                &mut socket,
-                inputs
-                    .iter()
-                    .map(|d| request_frame(sub, d))
-                    .chain([close_send_frame(sub)]),
-            )
-            .await;
-            let transcript = read_to_close(&mut socket, sub).await;
+            let transcript = call_with(&mut socket, sub, &inputs).await;
             assert_eq!(transcript.responses(), expected(&inputs), "socket {n}");
             assert_eq!(transcript.close_code(), 1000);
         }

@@ -206,3 +206,14 @@ pub async fn refused_upgrade(request: tokio_tungstenite::tungstenite::handshake:
     let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap_or_default();
     (response.status().as_u16(), body)
 }
+
+/// Sends `inputs` as requests and then `closeSend`, in one write, and reads
+/// the rest of the call up to the server's close.
+pub async fn call_with(socket: &mut Socket, sub: Sub, inputs: &[String]) -> Transcript {
+    let frames = inputs
+        .iter()
+        .map(|data| request_frame(sub, data))
+        .chain([close_send_frame(sub)]);
+    send_all(socket, frames).await;
+    read_to_close(socket, sub).await
+}
