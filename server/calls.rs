@@ -87,11 +87,6 @@ impl ActiveCalls {
         self.counts.borrow()[transport.index()]
     }
 
-    /// Live calls on every transport.
-    pub fn total(&self) -> usize {
-        self.counts.borrow().iter().sum()
-    }
-
     /// Resolves once `transport` has exactly `count` live calls.
     pub async fn wait_for(&self, transport: Transport, count: usize) {
         let mut changes = self.counts.subscribe();

@@ -317,15 +317,16 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     R: futures_util::Stream<Item = Result<StreamResponse, std::convert::Infallible>> + Unpin,
 {
-    socket
-        .feed(encode(subprotocol, server_frame::Frame::Response(first)))
-        .await?;
-    counters.message_sent();
-    while let Some(Some(Ok(reply))) = replies.next().now_or_never() {
+    let mut next = Some(first);
+    while let Some(reply) = next {
         socket
             .feed(encode(subprotocol, server_frame::Frame::Response(reply)))
             .await?;
         counters.message_sent();
+        next = match replies.next().now_or_never() {
+            Some(Some(Ok(reply))) => Some(reply),
+            _ => None,
+        };
     }
     // Before the flush: once the client sees these replies, /metrics does too.
     counters.publish();
