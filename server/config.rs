@@ -9,9 +9,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::RangedU64ValueParser;
 
 /// 4 MiB: gRPC's customary default for the largest message a peer may send.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+/// A count or size that must be at least 1: zero would make the server
+/// useless (no connection, no stream) or panic (a zero-sized buffer).
+fn at_least_one() -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::new().range(1..)
+}
 
 /// Settings of a streambridge server.
 #[derive(Clone, Debug, Parser)]
@@ -28,7 +35,7 @@ pub struct Config {
 
     /// Largest message accepted on any transport, in bytes: a gRPC message, a
     /// gRPC-Web message or a WebSocket frame.
-    #[arg(long, env = "STREAMBRIDGE_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
+    #[arg(long, env = "STREAMBRIDGE_MAX_MESSAGE_SIZE", default_value_t = DEFAULT_MAX_MESSAGE_SIZE, value_parser = at_least_one())]
     pub max_message_size: usize,
 
     /// An origin (`https://app.example.com`) allowed to open WebSockets and make
@@ -41,55 +48,79 @@ pub struct Config {
     /// Bytes each WebSocket reads from the kernel at a time. Allocated for every
     /// open socket, so it sets most of an idle socket's memory; larger frames
     /// are still accepted (up to --max-message-size).
-    #[arg(long, env = "STREAMBRIDGE_WS_READ_BUFFER_SIZE", default_value_t = 1024)]
+    #[arg(long, env = "STREAMBRIDGE_WS_READ_BUFFER_SIZE", default_value_t = 1024, value_parser = at_least_one())]
     pub ws_read_buffer_size: usize,
 
     /// Bytes of outgoing WebSocket frames gathered before a write to the kernel.
     /// Replies are also written whenever no further reply is ready.
-    #[arg(long, env = "STREAMBRIDGE_WS_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    #[arg(long, env = "STREAMBRIDGE_WS_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024, value_parser = at_least_one())]
     pub ws_write_buffer_size: usize,
 
     /// Requests of one WebSocket call read ahead of their replies. When they are
     /// all waiting for the client to read replies, the server stops reading
     /// from that socket (backpressure).
-    #[arg(long, env = "STREAMBRIDGE_WS_REQUEST_QUEUE", default_value_t = 32)]
+    #[arg(long, env = "STREAMBRIDGE_WS_REQUEST_QUEUE", default_value_t = 32, value_parser = at_least_one())]
     pub ws_request_queue: usize,
 
     /// How long to wait for the peer's Close frame after the server sent its
     /// own, before dropping the connection.
-    #[arg(long, env = "STREAMBRIDGE_WS_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "STREAMBRIDGE_WS_CLOSE_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub ws_close_timeout: Duration,
 
     /// Concurrent HTTP/2 streams (gRPC calls) allowed per connection.
-    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 1000)]
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_concurrent_streams: u32,
 
-    /// Time a client has to send a complete HTTP/1 request head; a slower one
-    /// (slowloris) is disconnected.
-    #[arg(long, env = "STREAMBRIDGE_HTTP1_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// Time a client has, from the moment its connection is accepted, to
+    /// finish the TLS handshake (if any) and send a complete request head or
+    /// the HTTP/2 preface and SETTINGS; also the longest an HTTP/1 keep-alive
+    /// connection waits for its next request. A slower client (slowloris, or
+    /// one that sends nothing) is disconnected.
+    #[arg(long, env = "STREAMBRIDGE_HTTP1_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub http1_header_read_timeout: Duration,
+
+    /// An HTTP/2 connection with no call in progress for this long is sent
+    /// GOAWAY and closed (clients reconnect when they next need it). Long
+    /// calls are never cut: only a connection without any request counts as
+    /// idle.
+    #[arg(long, env = "STREAMBRIDGE_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Bytes of unfinished gRPC messages (a message whose length prefix has
+    /// arrived but not all of its bytes) one connection may hold across all
+    /// its calls. Past it, the call whose data would exceed it fails with
+    /// RESOURCE_EXHAUSTED instead of the server's memory growing. At least
+    /// --max-message-size.
+    #[arg(long, env = "STREAMBRIDGE_CONNECTION_MESSAGE_BUFFER", default_value_t = 16 * 1024 * 1024, value_parser = at_least_one())]
+    pub connection_message_buffer: usize,
+
+    /// Longest pause between two pieces of a gRPC-Web request body (the whole
+    /// request arrives at once from a browser). A request that stalls this
+    /// long fails with DEADLINE_EXCEEDED and frees its connection.
+    #[arg(long, env = "STREAMBRIDGE_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_body_timeout: Duration,
 
     /// Open connections at most; past this, new connections are closed right
     /// after accept while existing ones keep working.
-    #[arg(long, env = "STREAMBRIDGE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "STREAMBRIDGE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = at_least_one())]
     pub max_connections: usize,
 
     /// Interval of HTTP/2 keepalive PINGs; a connection that does not answer
     /// within --http2-keepalive-timeout is closed.
-    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     pub http2_keepalive_interval: Duration,
 
     /// How long an HTTP/2 keepalive PING may go unanswered.
-    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
     pub http2_keepalive_timeout: Duration,
 
     /// Largest HTTP/2 header list accepted, in bytes.
-    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024)]
+    #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_header_list_size: u32,
 
     /// Interval of WebSocket pings; a socket whose peer has not answered the
     /// previous ping when the next one is due is closed and its call cancelled.
-    #[arg(long, env = "STREAMBRIDGE_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "STREAMBRIDGE_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     pub ws_ping_interval: Duration,
 
     /// Require `Authorization: Bearer <token>` (gRPC metadata, gRPC-Web
@@ -99,7 +130,8 @@ pub struct Config {
         long,
         env = "STREAMBRIDGE_AUTH_TOKEN",
         hide_env_values = true,
-        conflicts_with = "auth_token_file"
+        conflicts_with = "auth_token_file",
+        value_parser = parse_token
     )]
     pub auth_token: Option<String>,
 
@@ -118,27 +150,74 @@ pub struct Config {
 
     /// On SIGTERM/SIGINT, how long live calls get to finish before the server
     /// exits anyway.
-    #[arg(long, env = "STREAMBRIDGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "STREAMBRIDGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub drain_timeout: Duration,
 }
 
 impl Config {
     /// The bearer token clients must present, if authentication is on.
-    pub fn bearer_token(&self) -> std::io::Result<Option<String>> {
+    /// An empty token is refused: it would turn authentication on while
+    /// letting in anyone who sends `Bearer ` with nothing after it.
+    pub fn bearer_token(&self) -> Result<Option<String>, ConfigError> {
         match (&self.auth_token, &self.auth_token_file) {
-            (Some(token), _) => Ok(Some(token.clone())),
+            (Some(token), _) => parse_token(token)
+                .map(Some)
+                .map_err(|why| ConfigError::Invalid(format!("--auth-token: {why}"))),
             (None, Some(path)) => {
-                let token = std::fs::read_to_string(path)?.trim_end().to_string();
-                if token.is_empty() {
-                    return Err(std::io::Error::other(format!(
-                        "{}: the token file is empty",
-                        path.display()
-                    )));
-                }
-                Ok(Some(token))
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+                    flag: "--auth-token-file",
+                    path: path.clone(),
+                    source,
+                })?;
+                parse_token(text.trim_end())
+                    .map(Some)
+                    .map_err(|why| ConfigError::Invalid(format!("--auth-token-file {}: {why}", path.display())))
             }
             (None, None) => Ok(None),
         }
+    }
+
+    /// Checks what clap cannot check flag by flag (embedders who build a
+    /// `Config` by hand get the same checks from `Server::bind`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("--max-message-size", self.max_message_size),
+            ("--ws-read-buffer-size", self.ws_read_buffer_size),
+            ("--ws-write-buffer-size", self.ws_write_buffer_size),
+            ("--ws-request-queue", self.ws_request_queue),
+            ("--max-connections", self.max_connections),
+            ("--connection-message-buffer", self.connection_message_buffer),
+            (
+                "--http2-max-concurrent-streams",
+                self.http2_max_concurrent_streams as usize,
+            ),
+            ("--http2-max-header-list-size", self.http2_max_header_list_size as usize),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::Invalid(format!("{flag} must be at least 1")));
+        }
+        let durations = [
+            ("--ws-close-timeout", self.ws_close_timeout),
+            ("--ws-ping-interval", self.ws_ping_interval),
+            ("--http1-header-read-timeout", self.http1_header_read_timeout),
+            ("--connection-idle-timeout", self.connection_idle_timeout),
+            ("--request-body-timeout", self.request_body_timeout),
+            ("--http2-keepalive-interval", self.http2_keepalive_interval),
+            ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
+            ("--drain-timeout", self.drain_timeout),
+        ];
+        if let Some((flag, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
+            return Err(ConfigError::Invalid(format!("{flag} must be longer than 0")));
+        }
+        // A message is its bytes plus the 5-byte gRPC length prefix.
+        if self.connection_message_buffer < self.max_message_size.saturating_add(5) {
+            return Err(ConfigError::Invalid(format!(
+                "--connection-message-buffer ({}) must be at least --max-message-size ({}) + 5, \
+                 or a message of the largest size could never arrive",
+                self.connection_message_buffer, self.max_message_size
+            )));
+        }
+        self.bearer_token().map(drop)
     }
 
     /// The defaults, listening on `listen`: what tests and embedders start from.
@@ -147,6 +226,44 @@ impl Config {
         config.listen = listen;
         config
     }
+}
+
+/// Why a configuration cannot start a server, naming the flag or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that is out of range or inconsistent with another one.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file named by a flag could not be read.
+    #[error("{flag} {}: {source}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A bearer token: not empty, and made of the characters that fit both an
+/// `Authorization` header and a WebSocket subprotocol name.
+fn parse_token(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("the token is empty; give a non-empty token or leave authentication off".into());
+    }
+    if let Some(bad) = text.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token contains {bad:?}; use visible ASCII characters only (no spaces)"
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// A duration longer than zero (a zero interval would spin or panic).
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("`{text}` is zero; give a duration longer than 0"));
+    }
+    Ok(duration)
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.

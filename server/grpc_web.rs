@@ -9,20 +9,98 @@
 //!
 //! A browser cannot stream a request body, so a gRPC-Web call to the bidi
 //! method is half-duplex: every request message in one body, replies streamed
-//! back, trailers last.
+//! back, trailers last. Since the whole body is on its way at once, a body
+//! that stalls for `--request-body-timeout` fails the call (otherwise a
+//! request that announces a length and sends nothing would hold its
+//! connection forever).
+//!
+//! Content types are parsed as media types (case-insensitive, parameters
+//! allowed) and handed to tonic-web in the exact spelling it knows.
 
 use std::time::Duration;
 
+use axum::body::Body;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
-use http::{Method, Request};
+use http::{HeaderValue, Method, Request};
+use http_body_util::BodyExt;
 use tonic::service::Routes;
 use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use crate::HttpService;
 use crate::calls::Transport;
+use crate::grpc_framing::FollowFraming;
 use crate::origin::OriginPolicy;
+
+/// The gRPC media types the server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcMediaType {
+    /// `application/grpc`, `application/grpc+<codec>`.
+    Grpc,
+    /// A gRPC-Web type, in the canonical spelling tonic-web matches.
+    GrpcWeb(&'static str),
+}
+
+impl GrpcMediaType {
+    const GRPC_WEB: [&'static str; 4] = [
+        "application/grpc-web",
+        "application/grpc-web+proto",
+        "application/grpc-web-text",
+        "application/grpc-web-text+proto",
+    ];
+
+    /// The media type of a `Content-Type` value (RFC 9110 8.3.1: type and
+    /// subtype are case-insensitive, parameters follow `;`), if it is one of
+    /// ours. gRPC-Web with another codec than proto is not ours.
+    pub fn of(content_type: &[u8]) -> Option<GrpcMediaType> {
+        let essence = content_type
+            .split(|b| *b == b';')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        if let Some(canonical) = Self::GRPC_WEB
+            .iter()
+            .find(|name| essence.eq_ignore_ascii_case(name.as_bytes()))
+        {
+            return Some(GrpcMediaType::GrpcWeb(canonical));
+        }
+        let grpc = b"application/grpc";
+        let is_grpc = essence.len() >= grpc.len()
+            && essence[..grpc.len()].eq_ignore_ascii_case(grpc)
+            && matches!(essence.get(grpc.len()), None | Some(b'+'));
+        is_grpc.then_some(GrpcMediaType::Grpc)
+    }
+}
+
+/// Rewrites a gRPC-Web content type to the spelling tonic-web matches
+/// exactly.
+fn canonical_content_type(mut request: Request<Body>) -> Request<Body> {
+    let content_type = request.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+    if let Some(GrpcMediaType::GrpcWeb(canonical)) = content_type.and_then(GrpcMediaType::of)
+        && content_type != Some(canonical.as_bytes())
+    {
+        request
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(canonical));
+    }
+    request
+}
+
+/// The translated body, failing with DEADLINE_EXCEEDED when it stalls.
+/// Applied inside tonic-web, which would turn any error of the body it reads
+/// into INTERNAL.
+fn stall_limited(body: tonic::body::Body, timeout: Duration) -> tonic::body::Body {
+    tonic::body::Body::new(TimeoutBody::new(timeout, body).map_err(move |error| {
+        if error.is::<TimeoutError>() {
+            let message = format!("request body stalled: no data for {timeout:?} (--request-body-timeout)");
+            Box::new(tonic::Status::deadline_exceeded(message)) as Box<dyn std::error::Error + Send + Sync>
+        } else {
+            error
+        }
+    }))
+}
 
 /// How long a browser may cache a preflight's answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
@@ -30,14 +108,15 @@ const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
 /// `routes` (the gRPC services) as gRPC-Web, outermost first: CORS, the
 /// gRPC-Web translation, and a marker telling the service which transport a
 /// call came by.
-pub fn service(routes: Routes, origins: OriginPolicy) -> HttpService {
+pub fn service(routes: FollowFraming<Routes>, origins: OriginPolicy, body_timeout: Duration) -> HttpService {
     let service = ServiceBuilder::new()
-        .map_response(|response: http::Response<tonic::body::Body>| response.map(axum::body::Body::new))
+        .map_response(|response: http::Response<tonic::body::Body>| response.map(Body::new))
         .layer(cors(origins))
+        .map_request(canonical_content_type)
         .layer(GrpcWebLayer::new())
-        .map_request(|mut request: Request<tonic::body::Body>| {
+        .map_request(move |mut request: Request<tonic::body::Body>| {
             request.extensions_mut().insert(Transport::GrpcWeb);
-            request
+            request.map(|body| stall_limited(body, body_timeout))
         })
         .service(routes);
     HttpService::new(service)

@@ -17,6 +17,10 @@
 //! - `static_files`: the page and the WASM package.
 //! - [`router`]: which transport a request belongs to (content type, path).
 //! - `listener`: the accept loop and per-connection HTTP settings.
+//! - `connection`: what each connection owes: a first request in time, a
+//!   request now and then.
+//! - `grpc_framing`: truncated messages and the per-connection bound on
+//!   unfinished ones, for native gRPC and gRPC-Web.
 //! - `shutdown`: signal handling and the drain deadline.
 //! - [`error`]: how calls fail, and the one mapping to gRPC status and close code.
 //! - [`calls`]: live calls per transport.
@@ -28,9 +32,11 @@
 mod auth;
 pub mod calls;
 pub mod config;
+mod connection;
 pub mod error;
 pub mod grpc;
 mod grpc_codec;
+mod grpc_framing;
 pub mod grpc_web;
 mod listener;
 pub mod metrics;
@@ -57,7 +63,7 @@ use tower::steer::Steer;
 use tower::util::BoxCloneSyncService;
 
 pub use calls::{ActiveCalls, Transport};
-pub use config::Config;
+pub use config::{Config, ConfigError};
 pub use shutdown::termination_signal;
 
 /// Any of the server's HTTP services, type-erased so the router can pick one.
@@ -80,7 +86,7 @@ pub struct AppState {
 
 impl AppState {
     /// The state for `config`; fails if the token file cannot be read.
-    pub fn new(config: &Config) -> io::Result<AppState> {
+    pub fn new(config: &Config) -> Result<AppState, ConfigError> {
         Ok(AppState {
             calls: ActiveCalls::default(),
             origins: origin::OriginPolicy::new(&config.allowed_origins),
@@ -111,11 +117,13 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
     let grpc_routes = tonic::service::Routes::new(data_service)
         .add_service(operations::health_service(state.shutdown.clone()))
         .add_service(operations::reflection_service());
+    // Both gRPC transports reach the services through the framing check.
+    let grpc_routes = grpc_framing::FollowFraming(grpc_routes);
     let grpc = HttpService::new(tower::ServiceExt::<Request<Body>>::map_response(
         grpc_routes.clone(),
         |response: Response<tonic::body::Body>| response.map(Body::new),
     ));
-    let grpc_web = grpc_web::service(grpc_routes, state.origins.clone());
+    let grpc_web = grpc_web::service(grpc_routes, state.origins.clone(), config.request_body_timeout);
     let files = static_files::service(&config.static_dir);
     let web = HttpService::new(
         axum::Router::new()
@@ -130,9 +138,15 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
             .fallback(files)
             .with_state(state),
     );
-    // The order matches `classify`.
+    let bad_request = HttpService::new(tower::service_fn(|_: Request<Body>| async {
+        let body = "400 bad request: an HTTP/1.1 request needs exactly one Host header (RFC 9112, section 3.2)\n";
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = http::StatusCode::BAD_REQUEST;
+        Ok::<_, Infallible>(response)
+    }));
+    // The order matches `Route`.
     Steer::new(
-        vec![grpc, grpc_web, web],
+        vec![grpc, grpc_web, web, bad_request],
         |request: &Request<Body>, _: &[HttpService]| classify(request) as usize,
     )
 }
@@ -147,25 +161,35 @@ enum Route {
     GrpcWeb = 1,
     /// Everything else: `/ws`, the page, 404s.
     Web = 2,
+    /// Not a valid HTTP request at all: answered 400.
+    BadRequest = 3,
 }
 
 fn classify(request: &Request<Body>) -> Route {
+    if request.version() == http::Version::HTTP_11 && !has_one_host(request.headers()) {
+        return Route::BadRequest;
+    }
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if content_type.starts_with(b"application/grpc-web") {
-        Route::GrpcWeb
-    } else if content_type.starts_with(b"application/grpc") {
-        Route::Grpc
-    } else if request.method() == Method::OPTIONS
-        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        Route::GrpcWeb
-    } else {
-        Route::Web
+    match grpc_web::GrpcMediaType::of(content_type) {
+        Some(grpc_web::GrpcMediaType::GrpcWeb(_)) => Route::GrpcWeb,
+        Some(grpc_web::GrpcMediaType::Grpc) => Route::Grpc,
+        None if request.method() == Method::OPTIONS
+            && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) =>
+        {
+            Route::GrpcWeb
+        }
+        None => Route::Web,
     }
+}
+
+/// RFC 9112: an HTTP/1.1 request carries exactly one `Host`.
+fn has_one_host(headers: &http::HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
 }
 
 /// A POST to a gRPC-shaped path that is not gRPC: the caller probably forgot
@@ -174,6 +198,20 @@ async fn grpc_without_grpc_content_type() -> (http::StatusCode, &'static str) {
     let message = "415 unsupported media type: gRPC methods take content-type application/grpc (native gRPC) \
                    or application/grpc-web, application/grpc-web-text (gRPC-Web)\n";
     (http::StatusCode::UNSUPPORTED_MEDIA_TYPE, message)
+}
+
+/// Why a server could not start; each names the flag or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag's value, or a file a flag names (the token file).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS certificate or key.
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(io::Error),
+    /// The listening address.
+    #[error("--listen {addr}: cannot listen: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
 }
 
 /// A bound, not yet running server.
@@ -186,15 +224,21 @@ pub struct Server {
 
 impl Server {
     /// Binds `config.listen`; use port 0 for an ephemeral port.
-    /// Fails if the address cannot be bound, or the TLS files or the token
-    /// file cannot be read.
-    pub async fn bind(config: Config) -> io::Result<Server> {
+    /// Fails if the configuration is inconsistent, the TLS files or the
+    /// token file cannot be read, or the address cannot be bound.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        config.validate()?;
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
         let state = AppState::new(&config)?;
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
         Ok(Server {
             listener,
             config,
@@ -250,7 +294,8 @@ mod tests {
     fn request(method: Method, content_type: Option<&str>, preflight: bool) -> Request<Body> {
         let mut builder = Request::builder()
             .method(method)
-            .uri("/DataService/BidirectionalStream");
+            .uri("/DataService/BidirectionalStream")
+            .header(header::HOST, "example");
         if let Some(content_type) = content_type {
             builder = builder.header(header::CONTENT_TYPE, content_type);
         }
@@ -281,5 +326,39 @@ mod tests {
         assert_eq!(classify(&request(Method::OPTIONS, None, true)), Route::GrpcWeb);
         assert_eq!(classify(&request(Method::GET, None, false)), Route::Web);
         assert_eq!(classify(&request(Method::POST, Some("text/plain"), false)), Route::Web);
+    }
+
+    #[test]
+    fn media_types_are_parsed_not_prefix_matched() {
+        for (content_type, route) in [
+            ("application/grpc-web; charset=utf-8", Route::GrpcWeb),
+            ("APPLICATION/GRPC-WEB-TEXT", Route::GrpcWeb),
+            ("Application/Grpc-Web+Proto ; x=y", Route::GrpcWeb),
+            ("APPLICATION/GRPC", Route::Grpc),
+            ("application/grpc+proto;charset=x", Route::Grpc),
+            ("application/grpcx", Route::Web),
+            ("application/grpc-webby", Route::Web),
+            ("application/grpc-web+json", Route::Web),
+        ] {
+            assert_eq!(
+                classify(&request(Method::POST, Some(content_type), false)),
+                route,
+                "{content_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_http11_request_without_exactly_one_host_is_a_bad_request() {
+        let mut none = request(Method::GET, None, false);
+        none.headers_mut().remove(header::HOST);
+        assert_eq!(classify(&none), Route::BadRequest);
+        let mut two = request(Method::GET, None, false);
+        two.headers_mut().append(header::HOST, "other".parse().unwrap());
+        assert_eq!(classify(&two), Route::BadRequest);
+        let mut http10 = request(Method::GET, None, false);
+        http10.headers_mut().remove(header::HOST);
+        *http10.version_mut() = http::Version::HTTP_10;
+        assert_eq!(classify(&http10), Route::Web, "HTTP/1.0 needs no Host");
     }
 }

@@ -10,7 +10,12 @@
 //!   (the "rapid reset" attack), keepalive PINGs with a timeout, a maximum
 //!   header list size;
 //! - a cap on open connections: past it, a new connection is closed right
-//!   after accept, and the ones already open keep working.
+//!   after accept, and the ones already open keep working;
+//! - a first request within the header-read timeout of accept, and a request
+//!   now and then after that ([`crate::connection`]), so a connection that
+//!   sends nothing cannot keep its place under the cap;
+//! - a per-connection bound on the bytes of unfinished gRPC messages
+//!   ([`crate::grpc_framing`]), handed to the calls in the request extensions.
 //!
 //! Each connection is a task on the server's `TaskTracker`; when the shutdown
 //! token fires the loop stops accepting and every connection is asked to
@@ -24,7 +29,6 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -37,6 +41,8 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::connection::{Activity, Expiry, TrackRequests, WatchedIo};
+use crate::grpc_framing::MessageBuffer;
 use crate::metrics::{ConnectionGauge, Metrics};
 
 /// The client's address, put in every request's extensions for logging.
@@ -65,11 +71,15 @@ pub struct ListenerSettings {
 pub async fn accept_loop<S>(listener: TcpListener, service: S, config: &Config, settings: ListenerSettings)
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     let builder = connection_builder(config);
     let slots = Arc::new(Semaphore::new(config.max_connections));
-    let handshake_timeout = config.http1_header_read_timeout;
+    let deadlines = Deadlines {
+        first_request: config.http1_header_read_timeout,
+        idle: config.connection_idle_timeout,
+    };
+    let message_buffer_limit = config.connection_message_buffer;
     let ListenerSettings {
         tls,
         metrics,
@@ -100,23 +110,36 @@ where
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
         let lease = ConnectionLease(Arc::new((slot, metrics.connection_opened())));
+        let message_buffer = MessageBuffer::new(message_buffer_limit);
         let service = service.clone().map_request(move |request: Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(PeerAddr(peer));
             request.extensions_mut().insert(lease.clone());
+            request.extensions_mut().insert(message_buffer.clone());
             request
         });
         let (builder, tls, shutdown) = (builder.clone(), tls.clone(), shutdown.clone());
         let span = tracing::debug_span!("connection", %peer);
         tasks.spawn(
             async move {
+                let activity = Activity::new();
+                let connection = Connection {
+                    builder: &builder,
+                    activity: activity.clone(),
+                    deadlines,
+                    shutdown,
+                };
                 match tls {
-                    None => serve_connection(&builder, TokioIo::new(stream), service, shutdown).await,
-                    Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => serve_connection(&builder, TokioIo::new(stream), service, shutdown).await,
-                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    },
+                    None => connection.serve(stream, service).await,
+                    Some(tls) => {
+                        let handshake =
+                            tokio::time::timeout_at(activity.deadline(deadlines.first_request), tls.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(stream)) => connection.serve(stream, service).await,
+                            Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
+                    }
                 }
             }
             .instrument(span),
@@ -124,25 +147,61 @@ where
     }
 }
 
-/// Serves one connection until it ends, winding it down gracefully when the
-/// shutdown token fires first.
-async fn serve_connection<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, service: S, shutdown: CancellationToken)
-where
-    I: Read + Write + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
-    let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+/// The timeouts every connection is held to (see [`crate::connection`]).
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// From accept to a complete request head or HTTP/2 handshake.
+    first_request: Duration,
+    /// With no request in progress.
+    idle: Duration,
+}
+
+/// One accepted connection, ready to be served.
+struct Connection<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    activity: Arc<Activity>,
+    deadlines: Deadlines,
+    shutdown: CancellationToken,
+}
+
+impl Connection<'_> {
+    /// Serves the connection until it ends. It is wound down gracefully when
+    /// the server shuts down or the connection idles, and dropped outright if
+    /// no request came in time (there is nothing to wind down).
+    async fn serve<I, S>(self, io: I, service: S)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+        S::Future: Send + Unpin + 'static,
+    {
+        let io = TokioIo::new(WatchedIo::new(io, self.activity.clone()));
+        let service = TrackRequests::new(service, self.activity.clone());
+        let connection = self
+            .builder
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(service));
+        let mut connection = std::pin::pin!(connection);
+        let expired = self.activity.expired(self.deadlines.first_request, self.deadlines.idle);
+        let result = tokio::select! {
+            result = connection.as_mut() => result,
+            () = self.shutdown.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+            expiry = expired => match expiry {
+                Expiry::NoRequest => {
+                    tracing::debug!(timeout = ?self.deadlines.first_request, "no request in time; closing");
+                    return;
+                }
+                Expiry::Idle => {
+                    tracing::debug!(timeout = ?self.deadlines.idle, "connection idle; winding it down");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            },
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "connection ended with an error");
         }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "connection ended with an error");
     }
 }
 

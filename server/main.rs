@@ -23,7 +23,7 @@ async fn main() -> ExitCode {
     let server = match Server::bind(config.clone()).await {
         Ok(server) => server,
         Err(error) => {
-            eprintln!("streambridge: cannot listen on {}: {error}", config.listen);
+            eprintln!("streambridge: {error}");
             return ExitCode::FAILURE;
         }
     };

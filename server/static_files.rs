@@ -7,10 +7,23 @@
 //!
 //! Unknown paths get a plain-text 404 that names the path, other methods than
 //! GET and HEAD a 405 that says which ones work: never an empty error body.
+//! Paths no file can have (a component over 255 bytes, a path over 1 KiB, an
+//! empty component as in `//pkg`) are 404 before the file system is asked:
+//! the file system would answer them with an error (a 500), and `//pkg`
+//! would be redirected to `//pkg/`, which a browser reads as the host `pkg`.
+//!
+//! Symbolic links inside `--static-dir` are followed, as nginx and most file
+//! servers do by default: the directory is the operator's, and a link in it
+//! is a decision to publish its target. Do not link out of it what you do
+//! not want served.
 
+use std::convert::Infallible;
 use std::path::Path;
 
+use axum::extract::Request;
 use axum::handler::HandlerWithoutStateExt;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get_service};
 use http::HeaderValue;
 use http::header::{ALLOW, CACHE_CONTROL, HeaderName};
@@ -24,7 +37,27 @@ use crate::AppState;
 pub fn service(dir: &Path) -> MethodRouter<AppState> {
     let files = ServeDir::new(dir).not_found_service(not_found.into_service());
     let revalidate = SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    get_service(files).fallback(method_not_allowed).layer(revalidate)
+    get_service(files)
+        .fallback(method_not_allowed)
+        .layer::<_, Infallible>(middleware::from_fn(refuse_impossible_paths))
+        .layer(revalidate)
+}
+
+/// Longest path component most file systems allow (`NAME_MAX`).
+const MAX_COMPONENT: usize = 255;
+/// Longest request path looked up at all; the page's own paths are short.
+const MAX_PATH: usize = 1024;
+
+/// 404 for a path that names no file (see the module docs).
+async fn refuse_impossible_paths(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let impossible = path.len() > MAX_PATH
+        || path.contains("//")
+        || path.split('/').any(|component| component.len() > MAX_COMPONENT);
+    if impossible {
+        return not_found(request.uri().clone()).await.into_response();
+    }
+    next.run(request).await
 }
 
 async fn not_found(uri: Uri) -> (StatusCode, String) {

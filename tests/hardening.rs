@@ -552,6 +552,26 @@ mod tls {
     }
 
     #[tokio::test]
+    async fn after_the_tls_handshake_a_connection_that_sends_nothing_is_closed() {
+        let cert = test_cert();
+        let dir = cert.dir.clone();
+        let server = TestServer::start_with(move |c| {
+            c.tls_cert = Some(dir.join("cert.pem"));
+            c.tls_key = Some(dir.join("key.pem"));
+            c.http1_header_read_timeout = Duration::from_secs(1);
+        })
+        .await;
+        for alpn in [&[&b"h2"[..]][..], &[b"http/1.1"], &[]] {
+            let mut silent = tls_stream(&server, &cert, alpn).await;
+            let mut answer = Vec::new();
+            // EOF or an error (no close_notify) both mean closed; `within`
+            // fails the test if the server keeps the connection.
+            let _ = within("the server closes it", silent.read_to_end(&mut answer)).await;
+            assert!(answer.is_empty(), "ALPN {alpn:?}: {}", String::from_utf8_lossy(&answer));
+        }
+    }
+
+    #[tokio::test]
     async fn a_cleartext_client_gets_nothing_from_a_tls_port() {
         let cert = test_cert();
         let server = tls_server(&cert).await;

@@ -178,3 +178,86 @@ async fn ten_thousand_websockets_open_and_close_and_nothing_leaks() {
         SOCKETS as f64
     );
 }
+
+/// Starts the binary with `args` and `env`, expecting it to refuse to start;
+/// returns its exit code and what it printed on stderr.
+async fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_streambridge"))
+        .env("STREAMBRIDGE_LISTEN", "127.0.0.1:0") // a flag overrides it
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start streambridge");
+    let output = within("the server refuses to start", child.wait_with_output())
+        .await
+        .unwrap();
+    let code = output.status.code().expect("exited, not killed");
+    (code, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_flags_and_files_are_refused_at_start_with_a_message_naming_them() {
+    let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let occupied = occupied.local_addr().unwrap().to_string();
+    let empty_file = std::env::temp_dir().join(format!("streambridge-empty-token-{}", std::process::id()));
+    std::fs::write(&empty_file, "\n").unwrap();
+    let empty_file = empty_file.to_str().unwrap().to_string();
+    /// Arguments, environment, and the words stderr must contain.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (vec!["--auth-token", ""], vec![], vec!["--auth-token", "empty"]),
+        (
+            vec![],
+            vec![("STREAMBRIDGE_AUTH_TOKEN", "")],
+            vec!["--auth-token", "empty"],
+        ),
+        (vec!["--auth-token", "two words"], vec![], vec!["--auth-token", "' '"]),
+        (
+            vec!["--auth-token-file", &empty_file],
+            vec![],
+            vec!["--auth-token-file", "empty"],
+        ),
+        (
+            vec!["--auth-token-file", "/nonexistent/token"],
+            vec![],
+            vec!["--auth-token-file /nonexistent/token"],
+        ),
+        (vec!["--ws-ping-interval", "0"], vec![], vec!["--ws-ping-interval"]),
+        (vec!["--ws-ping-interval", "0ms"], vec![], vec!["--ws-ping-interval"]),
+        (vec!["--drain-timeout", "0s"], vec![], vec!["--drain-timeout"]),
+        (vec!["--max-connections", "0"], vec![], vec!["--max-connections"]),
+        (
+            vec!["--http2-max-concurrent-streams", "0"],
+            vec![],
+            vec!["--http2-max-concurrent-streams"],
+        ),
+        (vec!["--ws-request-queue", "0"], vec![], vec!["--ws-request-queue"]),
+        (vec!["--max-message-size", "0"], vec![], vec!["--max-message-size"]),
+        (
+            vec!["--connection-message-buffer", "1000"],
+            vec![],
+            vec!["--connection-message-buffer", "--max-message-size"],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+                "--tls-key",
+                "/nonexistent/key.pem",
+            ],
+            vec![],
+            vec!["--tls-cert", "/nonexistent/cert.pem"],
+        ),
+        (vec!["--listen", &occupied], vec![], vec!["--listen", "cannot listen"]),
+    ];
+    for (args, env, expected) in cases {
+        let (code, stderr) = refused_start(&args, &env).await;
+        assert_ne!(code, 0, "{args:?} {env:?} must not start");
+        for words in expected {
+            assert!(stderr.contains(words), "{args:?} {env:?}: {words:?} not in: {stderr}");
+        }
+    }
+}

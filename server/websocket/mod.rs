@@ -15,11 +15,12 @@ mod queue;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use http::header::{
     CONNECTION, ORIGIN, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
     UPGRADE, WWW_AUTHENTICATE,
 };
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use streambridge_protocol::Subprotocol;
 use tokio_tungstenite::WebSocketStream;
@@ -36,7 +37,7 @@ pub use call::CallSettings;
 /// Answers `GET /ws`: refuses what cannot become a call with a plain HTTP
 /// error that says why, and otherwise switches protocols and starts the call.
 pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
-    let key = match check_handshake(request.method(), request.headers()) {
+    let key = match check_handshake(request.version(), request.method(), request.headers()) {
         Ok(key) => key,
         Err(refusal) => return refusal,
     };
@@ -105,8 +106,15 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
 /// Checks that a request is a WebSocket (version 13) upgrade; returns the
 /// `Sec-WebSocket-Accept` value for it.
 #[allow(clippy::result_large_err)] // the refusal is the response itself
-fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, Response> {
+fn check_handshake(version: Version, method: &Method, headers: &HeaderMap) -> Result<HeaderValue, Response> {
     let refuse = |status: StatusCode, why: &str| (status, format!("{why}\n")).into_response();
+    if version < Version::HTTP_11 {
+        // RFC 6455 4.1: the opening handshake is an HTTP/1.1 request.
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs HTTP/1.1; this request is HTTP/1.0",
+        ));
+    }
     if method != Method::GET {
         return Err(refuse(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -137,6 +145,14 @@ fn check_handshake(method: &Method, headers: &HeaderMap) -> Result<HeaderValue, 
     let Some(key) = headers.get(SEC_WEBSOCKET_KEY) else {
         return Err(refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
+    // RFC 6455 4.1: the key is 16 random bytes, base64-encoded.
+    let decoded = base64::engine::general_purpose::STANDARD.decode(key.as_bytes());
+    if !matches!(decoded, Ok(bytes) if bytes.len() == 16) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes, base64-encoded (RFC 6455, section 4.1)",
+        ));
+    }
     let accept = derive_accept_key(key.as_bytes());
     Ok(HeaderValue::from_str(&accept).expect("base64 is a valid header value"))
 }
