@@ -5,84 +5,18 @@
 mod support;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use streambridge_protocol::StreamRequest;
 use support::ServerAddr;
+use support::process::{ServerProcess, eventually};
 use support::ws::{Received, Sub, request_frame, send_all};
 use support::{STEP_TIMEOUT, metric, metrics_text, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
 use tonic::Code;
-
-/// The binary on an ephemeral port; killed if the test ends first.
-struct ServerProcess {
-    child: Child,
-    server: support::TestAddr,
-}
-
-impl ServerProcess {
-    async fn start(args: &[&str]) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_streambridge"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--static-dir",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
-            ])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start streambridge");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = within("the server logs its address", async {
-            loop {
-                let line = lines.next_line().await.unwrap().expect("the server exited early");
-                if let Some(at) = line.find("listening on ") {
-                    let token = line[at + "listening on ".len()..].split_whitespace().next().unwrap();
-                    break token.trim_end_matches(':').parse().unwrap();
-                }
-            }
-        })
-        .await;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServerProcess {
-            child,
-            server: support::TestAddr(addr),
-        }
-    }
-
-    fn terminate(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-/// Waits until `/metrics` satisfies `condition`, re-reading it every 20 ms
-/// (the server is another process: there is nothing to subscribe to).
-async fn eventually(addr: std::net::SocketAddr, what: &str, condition: impl Fn(&str) -> bool) -> String {
-    within(what, async {
-        loop {
-            let text = metrics_text(addr).await;
-            if condition(&text) {
-                return text;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_delivers_every_due_reply_then_unavailable_and_exits_in_time() {

@@ -57,3 +57,41 @@ async fn python_grpcio_with_stubs_from_the_seed_proto_streams_through_the_server
     assert_eq!(summary["interleaved"], 20);
     within("calls released", server.calls.wait_for(Transport::Grpc, 0)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcio_streams_still_sending_at_sigterm_read_the_drain_status_not_a_reset() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let process = support::process::ServerProcess::start(&[]).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
+    let mut child = tokio::process::Command::new(python())
+        .arg(script)
+        .arg(process.server.0.to_string())
+        .arg("sending-at-shutdown")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the Python client");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = within("every stream has replies", lines.next_line()).await.unwrap();
+    assert_eq!(first.as_deref(), Some("READY"));
+
+    process.terminate();
+
+    let report = within("every stream ends", lines.next_line())
+        .await
+        .unwrap()
+        .expect("a JSON report");
+    let outcomes: Vec<serde_json::Value> = serde_json::from_str(&report).expect("JSON report");
+    assert_eq!(outcomes.len(), 8, "{report}");
+    for outcome in &outcomes {
+        assert_eq!(outcome["code"], "UNAVAILABLE", "{report}");
+        assert_eq!(
+            outcome["details"], "server is shutting down; reconnect and retry",
+            "{report}"
+        );
+    }
+    let mut server = process.child;
+    assert!(within("the server exits", server.wait()).await.unwrap().success());
+}

@@ -4,6 +4,9 @@ Generates stubs from the seed's proto (tests/python/seed/data_service.proto, the
 contract exactly as the seed states it) with grpcio-tools, then streams through
 the server given as argv[1] (host:port) and checks every reply. Exits non-zero
 with a message on the first mismatch; prints one JSON summary line on success.
+
+With `sending-at-shutdown` as argv[2] it instead keeps 8 streams sending
+until the server ends them (the test sends SIGTERM) and reports each status.
 """
 
 import importlib
@@ -74,10 +77,57 @@ def interleaved(stub, pb2, turns):
     return seen
 
 
+def sending_at_shutdown(target, pb2, pb2_grpc, channels, streams_per_channel):
+    """Streams that never stop sending; prints READY once each has replies,
+    then waits for the server (being shut down by the test) to end them all,
+    and prints each stream's final status as JSON."""
+    import threading
+
+    ready = threading.Barrier(channels * streams_per_channel + 1)
+    outcomes = []
+    lock = threading.Lock()
+
+    def endless():
+        i = 0
+        while True:
+            yield pb2.StreamRequest(data=f"drain {i}")
+            i += 1
+
+    def stream(stub):
+        replies = 0
+        try:
+            for _ in stub.BidirectionalStream(endless(), timeout=TIMEOUT_S):
+                replies += 1
+                if replies == 50:
+                    ready.wait(timeout=TIMEOUT_S)
+            outcome = {"code": "OK", "details": "", "replies": replies}
+        except grpc.RpcError as error:
+            outcome = {"code": error.code().name, "details": error.details(), "replies": replies}
+        with lock:
+            outcomes.append(outcome)
+
+    opened = [grpc.insecure_channel(target) for _ in range(channels)]
+    threads = [
+        threading.Thread(target=stream, args=(pb2_grpc.DataServiceStub(channel),))
+        for channel in opened
+        for _ in range(streams_per_channel)
+    ]
+    for thread in threads:
+        thread.start()
+    ready.wait(timeout=TIMEOUT_S)
+    print("READY", flush=True)
+    for thread in threads:
+        thread.join(timeout=TIMEOUT_S)
+    print(json.dumps(outcomes), flush=True)
+
+
 def main():
     target = sys.argv[1]
     with tempfile.TemporaryDirectory() as out_dir:
         pb2, pb2_grpc = generate_stubs(out_dir)
+        if sys.argv[2:3] == ["sending-at-shutdown"]:
+            sending_at_shutdown(target, pb2, pb2_grpc, channels=4, streams_per_channel=2)
+            return
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
             stub = pb2_grpc.DataServiceStub(channel)

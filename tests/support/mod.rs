@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of this module
 
 pub mod http;
+pub mod process;
 pub mod ws;
 
 use std::net::SocketAddr;
