@@ -306,5 +306,50 @@ mod tests {
         assert_eq!(config.max_message_size, 4 * 1024 * 1024);
         assert_eq!(config.http2_max_concurrent_streams, 1000);
         assert!(config.allowed_origins.is_empty());
+        assert_eq!(config.connection_idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.connection_message_buffer, 16 * 1024 * 1024);
+        assert_eq!(config.request_body_timeout, Duration::from_secs(30));
+        config.validate().expect("the defaults are valid");
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_the_parser_naming_the_flag() {
+        for flag in [
+            "--max-connections",
+            "--http2-max-concurrent-streams",
+            "--ws-request-queue",
+            "--ws-ping-interval",
+            "--drain-timeout",
+            "--connection-idle-timeout",
+        ] {
+            let error = Config::try_parse_from(["streambridge", flag, "0"]).unwrap_err();
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
+        }
+    }
+
+    #[test]
+    fn an_embedder_config_with_an_empty_token_or_a_zero_limit_is_refused() {
+        let mut config = Config::parse_from(["streambridge"]);
+        config.auth_token = Some(String::new());
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--auth-token") && error.contains("empty"), "{error}");
+        let mut config = Config::parse_from(["streambridge"]);
+        config.ws_ping_interval = Duration::ZERO;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--ws-ping-interval")
+        );
+        let mut config = Config::parse_from(["streambridge"]);
+        config.connection_message_buffer = config.max_message_size;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--connection-message-buffer")
+        );
     }
 }
