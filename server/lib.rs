@@ -193,11 +193,29 @@ fn has_one_host(headers: &http::HeaderMap) -> bool {
 }
 
 /// A POST to a gRPC-shaped path that is not gRPC: the caller probably forgot
-/// the content type, so say which ones are understood.
-async fn grpc_without_grpc_content_type() -> (http::StatusCode, &'static str) {
+/// the content type, so say which ones are understood. A POST to any other
+/// two-segment path (`/pkg/app.js`) is a page request, answered 405.
+async fn grpc_without_grpc_content_type(method: Method, uri: http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !is_grpc_method_path(uri.path()) {
+        return static_files::method_not_allowed(method, uri).await.into_response();
+    }
     let message = "415 unsupported media type: gRPC methods take content-type application/grpc (native gRPC) \
                    or application/grpc-web, application/grpc-web-text (gRPC-Web)\n";
-    (http::StatusCode::UNSUPPORTED_MEDIA_TYPE, message)
+    (http::StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response()
+}
+
+/// `/package.Service/Method`: a dotted service name and a method identifier,
+/// as protobuf names them (a file name has a dot in its last segment).
+fn is_grpc_method_path(path: &str) -> bool {
+    let identifier = |name: &str| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match path.strip_prefix('/').and_then(|rest| rest.split_once('/')) {
+        Some((service, method)) => service.split('.').all(identifier) && identifier(method),
+        None => false,
+    }
 }
 
 /// Why a server could not start; each names the flag or file at fault.
@@ -346,6 +364,16 @@ mod tests {
                 "{content_type}"
             );
         }
+    }
+
+    #[test]
+    fn grpc_method_paths_are_told_from_file_paths() {
+        assert!(is_grpc_method_path("/DataService/BidirectionalStream"));
+        assert!(is_grpc_method_path("/grpc.health.v1.Health/Check"));
+        assert!(!is_grpc_method_path("/pkg/streambridge_client.js"));
+        assert!(!is_grpc_method_path("/docs/a-b"));
+        assert!(!is_grpc_method_path("/a..b/C"));
+        assert!(!is_grpc_method_path("/index.html"));
     }
 
     #[test]

@@ -60,11 +60,13 @@ async fn refuse_impossible_paths(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-async fn not_found(uri: Uri) -> (StatusCode, String) {
+/// 404 with a body that names the path.
+pub async fn not_found(uri: Uri) -> (StatusCode, String) {
     (StatusCode::NOT_FOUND, format!("404 not found: {}\n", uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
+/// 405 with a body that says which methods a page takes.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> (StatusCode, [(HeaderName, &'static str); 1], String) {
     let body = format!(
         "405 method not allowed: {method} {}; pages take GET or HEAD\n",
         uri.path()

@@ -84,7 +84,33 @@ async fn a_post_to_a_page_is_405_with_a_body() {
         .unwrap();
     let reply = send(&http1_client(), request).await;
     assert_eq!(reply.status, 405);
-    assert!(!reply.body.is_empty(), "an HTTP error has a body");
+    assert_eq!(reply.headers["allow"], "GET, HEAD");
+    assert!(
+        reply.text().starts_with("405 method not allowed: POST /index.html"),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
+async fn a_post_to_a_two_segment_page_path_is_405_not_a_grpc_refusal() {
+    let server = TestServer::start().await;
+    for path in [
+        "/pkg/streambridge_client.js",
+        "/pkg/streambridge_client_bg.wasm",
+        "/docs/a-b",
+    ] {
+        let request = Request::post(server.http_url(path))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let reply = send(&http1_client(), request).await;
+        assert_eq!(reply.status, 405, "{path}: {}", reply.text());
+        assert!(
+            reply.text().contains("pages take GET or HEAD"),
+            "{path}: {}",
+            reply.text()
+        );
+    }
 }
 
 #[tokio::test]

@@ -113,6 +113,24 @@ async fn ten_thousand_websockets_open_and_close_and_nothing_leaks() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_still_open_at_the_drain_deadline_makes_the_exit_code_1() {
+    let process = ServerProcess::start(&["--drain-timeout", "300ms", "--ws-close-timeout", "60s"]).await;
+    // A client that sends and then never reads nor answers: after SIGTERM the
+    // server waits for its Close (up to --ws-close-timeout) past the deadline.
+    let mut socket = support::ws::connect(&process.server, &[Sub::Json.name()]).await;
+    send_all(&mut socket, [request_frame(Sub::Json, "stuck")]).await;
+    eventually(process.server.0, "the request arrived", |text| {
+        metric(text, r#"streambridge_messages_received_total{transport="websocket"}"#) == 1.0
+    })
+    .await;
+    process.terminate();
+    let mut child = process.child;
+    let exit = within("the server exits at the deadline", child.wait()).await.unwrap();
+    assert_eq!(exit.code(), Some(1), "a drain cut short exits 1: {exit}");
+    drop(socket);
+}
+
 /// Starts the binary with `args` and `env`, expecting it to refuse to start;
 /// returns its exit code and what it printed on stderr.
 async fn refused_start(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
