@@ -45,8 +45,8 @@ impl fmt::Display for Transport {
 
 type Counts = [usize; Transport::ALL.len()];
 
-/// gRPC's CANCELLED: the status of a call that ended without recording one.
-const CANCELLED: i32 = 1;
+/// The status of a call that ended without recording one.
+const CANCELLED: i32 = streambridge_protocol::code::CANCELLED;
 
 /// Live calls per transport; cheap to clone, shared by the whole server.
 #[derive(Clone)]

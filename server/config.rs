@@ -237,8 +237,11 @@ pub enum ConfigError {
     /// A file named by a flag could not be read.
     #[error("{flag} {}: {source}", path.display())]
     File {
+        /// The flag that named the file.
         flag: &'static str,
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
 }

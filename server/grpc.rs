@@ -1,6 +1,6 @@
 //! Native gRPC: the tonic service for `DataService`, adapting tonic's types to
-//! the [processor](crate::processor). gRPC-Web reaches the same service through
-//! the translation layer in [`grpc_web`](crate::grpc_web).
+//! the processor (`processor.rs`). gRPC-Web reaches the same service through
+//! the translation layer in `grpc_web`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

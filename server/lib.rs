@@ -3,46 +3,56 @@
 //! A client reaches `DataService.BidirectionalStream` by native gRPC (HTTP/2),
 //! by gRPC-Web (browsers, HTTP/1.1 or HTTP/2), or by WebSocket frames bridged
 //! into the same call; the same port serves the web page and its WASM client.
-//! Whatever the way in, the replies come from the one [`processor`].
+//! Whatever the way in, the replies come from the one processor.
+//!
+//! The public API is small: [`Config`] (every flag), [`Server`] (bind, run,
+//! shut down), [`ActiveCalls`] (live calls, for tests and embedders), the
+//! generated [`grpc`] client and server types, and [`router`] (the whole
+//! HTTP surface as one tower service, for your own accept loop or a fuzzer).
 //!
 //! # Layout
 //!
-//! - [`config`]: every flag and limit, with its environment variable and default.
-//! - [`processor`]: the call's logic, `Stream` of requests to `Stream` of
+//! - `config`: every flag and limit, with its environment variable and default.
+//! - `processor`: the call's logic, `Stream` of requests to `Stream` of
 //!   replies; knows no transport.
 //! - [`grpc`]: native gRPC, the tonic service adapting tonic's types to the processor.
 //! - `grpc_codec`: tonic-prost with small per-stream buffers.
-//! - [`grpc_web`]: tonic-web and CORS around the same service, for browsers.
+//! - `grpc_framing`: truncated messages and the per-connection bound on
+//!   unfinished ones, for native gRPC and gRPC-Web.
+//! - `grpc_web`: tonic-web and CORS around the same service, for browsers.
 //! - `websocket`: the `/ws` upgrade and the bridged call (protocol v1).
 //! - `static_files`: the page and the WASM package.
-//! - [`router`]: which transport a request belongs to (content type, path).
+//! - [`router`]: which transport a request belongs to (content type, path, Host).
 //! - `listener`: the accept loop and per-connection HTTP settings.
 //! - `connection`: what each connection owes: a first request in time, a
 //!   request now and then.
-//! - `grpc_framing`: truncated messages and the per-connection bound on
-//!   unfinished ones, for native gRPC and gRPC-Web.
+//! - `tls`: the rustls acceptor.
+//! - `auth`, `origin`: the bearer token and the origin policy.
+//! - `operations`, `metrics`: health, reflection and `/metrics`.
 //! - `shutdown`: signal handling and the drain deadline.
-//! - [`error`]: how calls fail, and the one mapping to gRPC status and close code.
-//! - [`calls`]: live calls per transport.
+//! - `error`: how calls fail, and the one mapping to gRPC status and close code.
+//! - `calls`: live calls per transport.
 //!
 //! Dependencies point inwards: transports depend on the processor, never the
 //! reverse. The wire types and the WebSocket envelope codec live in the
 //! `streambridge-protocol` crate, which the WASM client compiles too.
 
+#![warn(missing_docs)]
+
 mod auth;
-pub mod calls;
-pub mod config;
+mod calls;
+mod config;
 mod connection;
-pub mod error;
+mod error;
 pub mod grpc;
 mod grpc_codec;
 mod grpc_framing;
-pub mod grpc_web;
+mod grpc_web;
 mod listener;
-pub mod metrics;
+mod metrics;
 mod operations;
-pub mod origin;
-pub mod processor;
+mod origin;
+mod processor;
 mod shutdown;
 mod static_files;
 mod tls;
@@ -229,7 +239,12 @@ pub enum StartError {
     Tls(io::Error),
     /// The listening address.
     #[error("--listen {addr}: cannot listen: {source}")]
-    Listen { addr: SocketAddr, source: io::Error },
+    Listen {
+        /// The address that could not be bound.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
 }
 
 /// A bound, not yet running server.

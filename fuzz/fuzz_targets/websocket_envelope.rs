@@ -1,6 +1,6 @@
 //! The WebSocket envelope decoders take any bytes a client sends: they must
 //! never panic, and whatever they accept must survive an encode/decode round
-//! trip unchanged (proto) or decode to the same frame twice (json).
+//! trip unchanged, in both encodings, and mean the same in both.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,6 +14,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data)
         && let Ok(frame) = json::decode_client_frame(text)
     {
-        assert_eq!(json::decode_client_frame(text), Ok(frame));
+        let again = json::decode_client_frame(&json::encode_client_frame(&frame));
+        assert_eq!(again.as_ref(), Ok(&frame), "json round trip of {text:?}");
+        // The binary encoding must carry the same frame.
+        let binary = proto::decode_client_frame(&proto::encode_client_frame(frame.clone()));
+        assert_eq!(binary, Ok(frame), "json and proto disagree on {text:?}");
     }
 });

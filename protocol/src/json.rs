@@ -1,6 +1,7 @@
 //! The `streambridge.v1.json` encoding: the proto3 JSON mapping of the
-//! envelope, one object per text WebSocket frame. Only the server's half lives
-//! here (decode client frames, encode server frames).
+//! envelope, one object per text WebSocket frame: the server's half (decode
+//! client frames, encode server frames), and the client's encoder for tests,
+//! fuzzing and Rust clients.
 //!
 //! The mapping is written out with small serde mirror types instead of deriving
 //! serde on the generated structs: a `oneof` maps to "exactly one of these
@@ -60,6 +61,23 @@ pub fn decode_client_frame(text: &str) -> Result<client_frame::Frame, DecodeErro
         )),
         (None, None) => Err(empty_client_frame()),
     }
+}
+
+#[derive(Serialize)]
+enum JsonClientFrameOut<'a> {
+    #[serde(rename = "request")]
+    Request { data: &'a str },
+    #[serde(rename = "closeSend")]
+    CloseSend {},
+}
+
+/// Encodes a frame a client sends, as `decode_client_frame` reads it.
+pub fn encode_client_frame(frame: &client_frame::Frame) -> String {
+    let mirror = match frame {
+        client_frame::Frame::Request(request) => JsonClientFrameOut::Request { data: &request.data },
+        client_frame::Frame::CloseSend(_) => JsonClientFrameOut::CloseSend {},
+    };
+    serde_json::to_string(&mirror).expect("serialising plain strings cannot fail")
 }
 
 /// Encodes a frame the server sends. The status code is always written, also
@@ -122,6 +140,16 @@ mod tests {
         assert!(err.0.contains("line 1"), "{err}");
         let wrong_type = decode_client_frame(r#"{"request":{"data":5}}"#).unwrap_err();
         assert!(wrong_type.0.contains("invalid type"), "{wrong_type}");
+    }
+
+    #[test]
+    fn client_frames_encode_as_documented_and_round_trip() {
+        assert_eq!(encode_client_frame(&request("hi")), r#"{"request":{"data":"hi"}}"#);
+        let close = client_frame::Frame::CloseSend(CloseSend {});
+        assert_eq!(encode_client_frame(&close), r#"{"closeSend":{}}"#);
+        for frame in [request("\u{0}\"é"), close] {
+            assert_eq!(decode_client_frame(&encode_client_frame(&frame)), Ok(frame));
+        }
     }
 
     #[test]

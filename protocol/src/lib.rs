@@ -10,6 +10,8 @@
 //!   contract, `proto/data_service.proto`) and the envelope [`ClientFrame`] /
 //!   [`ServerFrame`] / [`Status`] (`proto/bridge.proto`).
 //! - [`Subprotocol`]: the two WebSocket subprotocols and their names.
+//! - [`code`]: the gRPC status codes, as every transport and the WASM client
+//!   report them.
 //! - [`proto`]: the binary encoding (`streambridge.v1.proto`), both directions.
 //! - `json` (feature `json`): the proto3 JSON encoding (`streambridge.v1.json`),
 //!   the server's half only (decode client frames, encode server frames).
@@ -24,6 +26,29 @@ pub mod json;
 pub mod proto;
 
 use std::fmt;
+
+/// The gRPC status codes (`google.rpc.Code`), as numbers: what a WebSocket
+/// `status` frame carries and what the WASM client's `StreamError.code` is.
+/// The server maps its errors to these in one place (`server/error.rs`).
+pub mod code {
+    pub const OK: i32 = 0;
+    pub const CANCELLED: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const DEADLINE_EXCEEDED: i32 = 4;
+    pub const NOT_FOUND: i32 = 5;
+    pub const ALREADY_EXISTS: i32 = 6;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const FAILED_PRECONDITION: i32 = 9;
+    pub const ABORTED: i32 = 10;
+    pub const OUT_OF_RANGE: i32 = 11;
+    pub const UNIMPLEMENTED: i32 = 12;
+    pub const INTERNAL: i32 = 13;
+    pub const UNAVAILABLE: i32 = 14;
+    pub const DATA_LOSS: i32 = 15;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
 
 /// A WebSocket subprotocol of protocol v1: how envelope frames are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -100,7 +100,11 @@ pub async fn run<S>(
             if let Some(error) = &failure {
                 tracing::debug!(%error, code = ?error.code(), "call failed");
             }
-            guard.set_code(failure.as_ref().map_or(0, |error| error.code() as i32));
+            guard.set_code(
+                failure
+                    .as_ref()
+                    .map_or(streambridge_protocol::code::OK, |error| error.code() as i32),
+            );
             let closing = finish(
                 &mut socket,
                 subprotocol,
@@ -354,7 +358,7 @@ async fn finish<S>(
     let (status, close_code) = match &failure {
         None => (
             Status {
-                code: 0,
+                code: streambridge_protocol::code::OK,
                 message: String::new(),
             },
             1000,

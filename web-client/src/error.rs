@@ -4,14 +4,8 @@
 use js_sys::{Object, Reflect};
 use wasm_bindgen::prelude::*;
 
-/// gRPC status codes the client itself produces.
-pub mod code {
-    pub const OK: i32 = 0;
-    pub const CANCELLED: i32 = 1;
-    pub const INTERNAL: i32 = 13;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const FAILED_PRECONDITION: i32 = 9;
-}
+/// gRPC status codes, shared with the server.
+pub use streambridge_protocol::code;
 
 /// How a call ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
