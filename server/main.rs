@@ -6,7 +6,7 @@ use std::process::ExitCode;
 /// jemalloc rather than glibc's malloc: measured at 10 000 idle WebSockets it
 /// keeps 4.3 KiB resident per socket where glibc keeps 7.1 KiB (its per-thread
 /// arenas fragment under many small, long-lived allocations), and gRPC streams
-/// stay at 4.4 KiB (mimalloc, also tried, doubled those). See docs/benchmarks.md.
+/// stay at 4.3 KiB (mimalloc, also tried, doubled those). See docs/benchmarks.md.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

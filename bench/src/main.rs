@@ -1,12 +1,19 @@
 //! `streambridge-bench`: the harness behind `cargo xtask bench`.
 //!
 //! It starts each server under test in turn on a loopback port (a child
-//! process: streambridge, plain tonic, grpc-go, the naive tokio-tungstenite
-//! bridge, Node `ws`), runs the scenarios of issue 5 against it from this
-//! process (the load generator), and reports throughput, latency (p50, p99,
-//! p99.9 from hdrhistogram) and the server's CPU time per message read from
-//! `/proc/PID/stat`: the one figure the load generator, sharing the cores,
-//! cannot distort. Numbers are reported, never asserted.
+//! process: streambridge, plain tonic (tuned and stock), grpc-go, the naive
+//! tokio-tungstenite bridge, Node `ws`), runs the scenarios of issue 5 against
+//! it from this process (the load generator), and reports throughput, latency
+//! (p50, p99, p99.9 from hdrhistogram) and the server's CPU time per message
+//! read from `/proc/PID/stat`. Numbers are reported, never asserted.
+//!
+//! Fairness: by default the load generator runs on CPU 0 and every server on
+//! CPU 1 (`sched_setaffinity`), so a cheaper server cannot hand its spare CPU
+//! to the load generator and inflate its own throughput; `--no-pin` lets the
+//! scheduler place both. Every scenario runs `--rounds` times (default 3),
+//! the servers in alternating order, and the report gives the median and the
+//! min–max of each figure; a target counts as met only when every round
+//! meets it.
 //!
 //! Output: a table on stdout, and in `--out` (default `target/bench/`)
 //! `results.json`, `results.md` and `chart.svg`.
@@ -75,6 +82,14 @@ struct Args {
     /// `idle`): for profiling one scenario.
     #[arg(long)]
     only: Option<String>,
+    /// Rounds of every scenario (default 3, quick 1); the servers alternate
+    /// their order from round to round.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Let the scheduler place the servers and the load generator, instead
+    /// of pinning the load generator to CPU 0 and the server to CPU 1.
+    #[arg(long)]
+    no_pin: bool,
     /// The command line to record in the report.
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -107,6 +122,9 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let payloads: &[usize] = if args.quick { &[16] } else { &[16, 1024] };
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    // Before the runtime starts: its threads inherit the harness's CPU.
+    let pinning = pin_load_generator(args.no_pin)?;
     let own_dir = std::env::current_exe()
         .map_err(|e| e.to_string())?
         .parent()
@@ -115,28 +133,75 @@ fn run(args: &Args) -> Result<(), String> {
     let programs = ServerPrograms {
         streambridge: args.streambridge.clone(),
         plain_tonic: own_dir.join("bench-plain-tonic"),
+        stock_tonic: own_dir.join("bench-stock-tonic"),
         naive_ws: own_dir.join("bench-naive-ws"),
         grpc_go: args.grpc_go.clone(),
         node_dir: args.node_dir.clone(),
         logs: args.out.join("logs"),
+        server_cpu: pinning.server_cpu,
     };
     let servers = selected_servers(args, &programs)?;
     println!(
-        "servers: {}; {:?} warm-up + {:?} measured per scenario; payloads {payloads:?} B; {} idle calls",
+        "servers: {}; {:?} warm-up + {:?} measured per scenario; payloads {payloads:?} B; {} idle calls; \
+         {rounds} round(s); {}",
         servers.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
         timing.warmup,
         timing.measure,
-        timing.idle_calls
+        timing.idle_calls,
+        pinning.describe(),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let mut outcomes = Vec::new();
-    for &server in &servers {
-        runtime.block_on(bench_server(server, &programs, payloads, &timing, &mut outcomes))?;
+    let mut all_rounds = Vec::new();
+    for round in 0..rounds {
+        let mut order = servers.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        println!("\n#### round {} of {rounds}", round + 1);
+        let mut outcomes = Vec::new();
+        for &server in &order {
+            runtime.block_on(bench_server(server, &programs, payloads, &timing, &mut outcomes))?;
+        }
+        all_rounds.push(outcomes);
     }
-    write_report(args, &timing, &outcomes)
+    write_report(args, &timing, &pinning, &all_rounds)
+}
+
+/// Where the load generator and the servers run.
+struct Pinning {
+    /// The CPU the load generator was pinned to, if pinned.
+    load_cpu: Option<usize>,
+    /// The CPU every server is pinned to, if pinned.
+    server_cpu: Option<usize>,
+}
+
+impl Pinning {
+    fn describe(&self) -> String {
+        match (self.load_cpu, self.server_cpu) {
+            (Some(load), Some(server)) => format!("load generator pinned to CPU {load}, servers to CPU {server}"),
+            _ => "unpinned (the scheduler places servers and load generator)".into(),
+        }
+    }
+}
+
+/// Pins this process (the load generator) to CPU 0 and chooses CPU 1 for
+/// the servers, unless `unpinned` or the machine has a single CPU.
+fn pin_load_generator(unpinned: bool) -> Result<Pinning, String> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if unpinned || cpus < 2 {
+        return Ok(Pinning {
+            load_cpu: None,
+            server_cpu: None,
+        });
+    }
+    servers::pin_to_cpu(0).map_err(|e| format!("pinning the load generator to CPU 0: {e}"))?;
+    Ok(Pinning {
+        load_cpu: Some(0),
+        server_cpu: Some(1),
+    })
 }
 
 fn selected_servers(args: &Args, programs: &ServerPrograms) -> Result<Vec<ServerKind>, String> {
@@ -237,6 +302,7 @@ async fn measure_load(
         server: Some(server.kind),
         payload_bytes: payload,
         offered_msgs_per_sec: offered,
+        rounds: 1,
         ..Outcome::default()
     };
     match scenarios::run_load(server, load, payload, timing).await {
@@ -275,6 +341,7 @@ fn memory_outcome(server: &RunningServer, scenario: &str, measured: Result<scena
         scenario: scenario.into(),
         server: Some(server.kind),
         payload_bytes: 16,
+        rounds: 1,
         ..Outcome::default()
     };
     match measured {
@@ -331,21 +398,29 @@ struct Report<'a> {
     quick: bool,
     machine: Machine,
     timing: &'a Timing,
+    pinning: String,
+    /// Medians over the rounds, with their spread.
     outcomes: &'a [Outcome],
+    /// Every round as measured.
+    rounds: &'a [Vec<Outcome>],
     targets: Vec<report::Check>,
 }
 
-fn write_report(args: &Args, timing: &Timing, outcomes: &[Outcome]) -> Result<(), String> {
+fn write_report(args: &Args, timing: &Timing, pinning: &Pinning, rounds: &[Vec<Outcome>]) -> Result<(), String> {
     let machine = Machine::this();
-    let checks = report::checks(outcomes);
+    let aggregated = report::aggregate(rounds);
+    let outcomes = aggregated.as_slice();
+    let checks = report::checks_over_rounds(rounds);
     let tables = report::markdown(outcomes);
     let targets = report::checks_markdown(&checks);
     println!("\n{tables}\n{targets}");
     let title = format!(
-        "streambridge vs peers · {} × {} · {}",
+        "streambridge vs peers · {} × {} · {} · medians of {} round(s) · {}",
         machine.nproc,
         machine.cpu_model,
-        if args.quick { "quick run" } else { "full run" }
+        if args.quick { "quick run" } else { "full run" },
+        rounds.len(),
+        if pinning.server_cpu.is_some() { "pinned" } else { "unpinned" },
     );
     let out = &args.out;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -355,14 +430,21 @@ fn write_report(args: &Args, timing: &Timing, outcomes: &[Outcome]) -> Result<()
         println!("wrote {}", path.display());
         Ok::<(), String>(())
     };
-    write("results.md", format!("{tables}\n{targets}"))?;
+    let header = format!(
+        "Medians of {} round(s), (min–max) beside them; {}.\n\n",
+        rounds.len(),
+        pinning.describe()
+    );
+    write("results.md", format!("{header}{tables}\n{targets}"))?;
     write("chart.svg", report::svg(outcomes, &title))?;
     let report = Report {
         command: &args.command,
         quick: args.quick,
         machine,
         timing,
+        pinning: pinning.describe(),
         outcomes,
+        rounds,
         targets: checks,
     };
     write(

@@ -36,6 +36,105 @@ pub struct Outcome {
     pub rss_after_kib: Option<u64>,
     pub kib_per_idle_call: Option<f64>,
     pub error: Option<String>,
+    /// Rounds this row aggregates (its values are their medians); 1 for a
+    /// single measurement.
+    pub rounds: usize,
+    /// Smallest and largest value over the rounds, when there were several.
+    pub spread: Option<Spread>,
+}
+
+/// The (min, max) of the headline figures over the rounds of a row.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Spread {
+    pub msgs_per_sec: Option<(f64, f64)>,
+    pub p99_us: Option<(f64, f64)>,
+    pub server_cpu_us_per_msg: Option<(f64, f64)>,
+    pub kib_per_idle_call: Option<(f64, f64)>,
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+fn min_max(values: &[f64]) -> Option<(f64, f64)> {
+    let min = values.iter().copied().reduce(f64::min)?;
+    let max = values.iter().copied().reduce(f64::max)?;
+    Some((min, max))
+}
+
+/// One row per (scenario, payload, server) over all rounds, in the order of
+/// the first round: every figure the median of the rounds that measured it
+/// without error, the headline figures' min and max beside it. A row that
+/// failed in every round keeps its first error.
+pub fn aggregate(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
+    let Some(first) = rounds.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|row| {
+            let same: Vec<&Outcome> = rounds
+                .iter()
+                .flatten()
+                .filter(|o| {
+                    o.scenario == row.scenario
+                        && o.payload_bytes == row.payload_bytes
+                        && o.server == row.server
+                        && o.error.is_none()
+                })
+                .collect();
+            if same.is_empty() {
+                return row.clone();
+            }
+            let values = |field: fn(&Outcome) -> Option<f64>| -> Vec<f64> { same.iter().filter_map(|o| field(o)).collect() };
+            let med = |field: fn(&Outcome) -> Option<f64>| median(&mut values(field));
+            let spread = (same.len() > 1).then(|| Spread {
+                msgs_per_sec: min_max(&values(|o| o.msgs_per_sec)),
+                p99_us: min_max(&values(|o| o.p99_us)),
+                server_cpu_us_per_msg: min_max(&values(|o| o.server_cpu_us_per_msg)),
+                kib_per_idle_call: min_max(&values(|o| o.kib_per_idle_call)),
+            });
+            Outcome {
+                scenario: row.scenario.clone(),
+                server: row.server,
+                payload_bytes: row.payload_bytes,
+                messages: med(|o| o.messages.map(|m| m as f64)).map(|m| m as u64),
+                seconds: med(|o| o.seconds),
+                msgs_per_sec: med(|o| o.msgs_per_sec),
+                calls_per_sec: med(|o| o.calls_per_sec),
+                offered_msgs_per_sec: med(|o| o.offered_msgs_per_sec),
+                p50_us: med(|o| o.p50_us),
+                p99_us: med(|o| o.p99_us),
+                p999_us: med(|o| o.p999_us),
+                max_us: med(|o| o.max_us),
+                server_cpu_us_per_msg: med(|o| o.server_cpu_us_per_msg),
+                foreign_cpu_percent: med(|o| o.foreign_cpu_percent),
+                idle_calls: row.idle_calls.map(|_| med(|o| o.idle_calls.map(|c| c as f64)).unwrap_or(0.0) as usize),
+                rss_before_kib: med(|o| o.rss_before_kib.map(|k| k as f64)).map(|k| k as u64),
+                rss_after_kib: med(|o| o.rss_after_kib.map(|k| k as f64)).map(|k| k as u64),
+                kib_per_idle_call: med(|o| o.kib_per_idle_call),
+                error: None,
+                rounds: same.len(),
+                spread,
+            }
+        })
+        .collect()
+}
+
+/// `value`, followed by ` (min–max)` when the row has a spread for it.
+fn with_spread(value: String, spread: Option<(f64, f64)>, show: impl Fn(Option<f64>) -> String) -> String {
+    match spread {
+        Some((min, max)) => format!("{value} ({}–{})", show(Some(min)), show(Some(max))),
+        None => value,
+    }
 }
 
 impl Outcome {
@@ -89,6 +188,8 @@ impl Machine {
 pub struct Check {
     pub target: String,
     pub measured: String,
+    /// The ratio (or value) itself; over rounds, the median.
+    pub value: f64,
     pub met: bool,
 }
 
@@ -125,7 +226,8 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
             );
             continue;
         }
-        let mut throughput = rate(o.msgs_per_sec);
+        let spread = o.spread.clone().unwrap_or_default();
+        let mut throughput = with_spread(rate(o.msgs_per_sec), spread.msgs_per_sec, rate);
         if let Some(offered) = o.offered_msgs_per_sec {
             let _ = write!(throughput, " (offered {})", rate(Some(offered)));
         }
@@ -140,9 +242,13 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
             o.server_name(),
             throughput,
             latency(o.p50_us),
-            latency(o.p99_us),
+            with_spread(latency(o.p99_us), spread.p99_us, latency),
             latency(o.p999_us),
-            o.server_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.2} µs")),
+            with_spread(
+                o.server_cpu_us_per_msg.map_or("-".into(), |c| format!("{c:.2} µs")),
+                spread.server_cpu_us_per_msg,
+                |c| c.map_or("-".into(), |c| format!("{c:.2}")),
+            ),
             o.foreign_cpu_percent.map_or("-".into(), |c| format!("{c:.0}%")),
         );
     }
@@ -155,15 +261,20 @@ pub fn markdown(outcomes: &[Outcome]) -> String {
                 let _ = writeln!(out, "| {} | {} | failed: {} | | |", o.scenario, o.server_name(), error);
             }
             None => {
+                let per_call = with_spread(
+                    format!("{:.1} KiB", o.kib_per_idle_call.unwrap_or(0.0)),
+                    o.spread.as_ref().and_then(|s| s.kib_per_idle_call),
+                    |k| format!("{:.1}", k.unwrap_or(0.0)),
+                );
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} → {} KiB | {:.1} KiB |",
+                    "| {} | {} | {} | {} → {} KiB | {} |",
                     o.scenario,
                     o.server_name(),
                     o.idle_calls.unwrap_or(0),
                     o.rss_before_kib.unwrap_or(0),
                     o.rss_after_kib.unwrap_or(0),
-                    o.kib_per_idle_call.unwrap_or(0.0)
+                    per_call
                 );
             }
         }
@@ -191,6 +302,7 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             checks.push(Check {
                 target,
                 measured: format!("{v:.2}{unit}"),
+                value: v,
                 met: met(v),
             });
         }
@@ -308,6 +420,36 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
     checks
 }
 
+/// The targets over several rounds: each ratio is measured within a round
+/// (the two servers of a ratio ran minutes apart at most, never in another
+/// round's conditions), and a target is met only when every round meets it.
+/// `measured` shows the median and, over two rounds or more, the min–max.
+pub fn checks_over_rounds(rounds: &[Vec<Outcome>]) -> Vec<Check> {
+    let per_round: Vec<Vec<Check>> = rounds.iter().map(|round| checks(round)).collect();
+    let Some(first) = per_round.first() else { return Vec::new() };
+    first
+        .iter()
+        .map(|check| {
+            let same: Vec<&Check> = per_round.iter().flatten().filter(|c| c.target == check.target).collect();
+            let mut values: Vec<f64> = same.iter().map(|c| c.value).collect();
+            let (min, max) = min_max(&values).unwrap_or((check.value, check.value));
+            let middle = median(&mut values).unwrap_or(check.value);
+            let unit = check.measured.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
+            let measured = if same.len() > 1 {
+                format!("{middle:.2}{unit} ({min:.2}–{max:.2}, {} rounds)", same.len())
+            } else {
+                format!("{middle:.2}{unit}")
+            };
+            Check {
+                target: check.target.clone(),
+                measured,
+                value: middle,
+                met: same.iter().all(|c| c.met),
+            }
+        })
+        .collect()
+}
+
 /// The targets as a Markdown list.
 pub fn checks_markdown(checks: &[Check]) -> String {
     let mut out = String::from("| target | measured | met |\n|---|---:|---|\n");
@@ -327,6 +469,7 @@ fn color(server: Option<ServerKind>) -> &'static str {
     match server {
         Some(ServerKind::Streambridge) => "#2b6cb0",
         Some(ServerKind::PlainTonic) => "#38a169",
+        Some(ServerKind::StockTonic) => "#68d391",
         Some(ServerKind::GrpcGo) => "#00add8",
         Some(ServerKind::NaiveWs) => "#dd6b20",
         Some(ServerKind::NodeWs) => "#805ad5",

@@ -17,8 +17,12 @@ use std::time::{Duration, Instant};
 pub enum ServerKind {
     /// This project's server, release build, default flags.
     Streambridge,
-    /// `bench-plain-tonic`: the same DataService in plain tonic.
+    /// `bench-plain-tonic`: the same DataService in plain tonic, with
+    /// streambridge's small codec buffers.
     PlainTonic,
+    /// `bench-stock-tonic`: the same in tonic exactly as its code generator
+    /// makes it (default 8 KiB codec buffers).
+    StockTonic,
     /// The seed's Go server on Debian's grpc-go 1.33.
     GrpcGo,
     /// `bench-naive-ws`: tokio-tungstenite defaults, a flush per reply.
@@ -28,9 +32,10 @@ pub enum ServerKind {
 }
 
 impl ServerKind {
-    pub const ALL: [ServerKind; 5] = [
+    pub const ALL: [ServerKind; 6] = [
         ServerKind::Streambridge,
         ServerKind::PlainTonic,
+        ServerKind::StockTonic,
         ServerKind::GrpcGo,
         ServerKind::NaiveWs,
         ServerKind::NodeWs,
@@ -40,6 +45,7 @@ impl ServerKind {
         match self {
             ServerKind::Streambridge => "streambridge",
             ServerKind::PlainTonic => "plain-tonic",
+            ServerKind::StockTonic => "stock-tonic",
             ServerKind::GrpcGo => "grpc-go",
             ServerKind::NaiveWs => "naive-ws",
             ServerKind::NodeWs => "node-ws",
@@ -53,7 +59,7 @@ impl ServerKind {
     pub fn speaks_grpc(self) -> bool {
         matches!(
             self,
-            ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::GrpcGo
+            ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::StockTonic | ServerKind::GrpcGo
         )
     }
 
@@ -76,11 +82,28 @@ impl fmt::Display for ServerKind {
 pub struct ServerPrograms {
     pub streambridge: PathBuf,
     pub plain_tonic: PathBuf,
+    pub stock_tonic: PathBuf,
     pub naive_ws: PathBuf,
     pub grpc_go: Option<PathBuf>,
     /// `bench/node`, with its `node_modules` installed.
     pub node_dir: Option<PathBuf>,
     pub logs: PathBuf,
+    /// The CPU every server is pinned to, if any.
+    pub server_cpu: Option<usize>,
+}
+
+/// Pins the calling process (and the threads it starts later) to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it,
+    // and sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl ServerPrograms {
@@ -93,15 +116,17 @@ impl ServerPrograms {
                 c
             }
             ServerKind::PlainTonic => Command::new(&self.plain_tonic),
+            ServerKind::StockTonic => Command::new(&self.stock_tonic),
             ServerKind::NaiveWs => Command::new(&self.naive_ws),
             ServerKind::GrpcGo => {
                 let program = self.grpc_go.as_ref().ok_or("grpc-go server not built")?;
                 let mut c = Command::new(program);
-                // The same two cores as the tokio servers use.
-                c.env(
-                    "GOMAXPROCS",
-                    std::thread::available_parallelism().map_or(2, |n| n.get()).to_string(),
-                );
+                // As many threads as the tokio servers get: the cores it may use.
+                let cores = match self.server_cpu {
+                    Some(_) => 1,
+                    None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                };
+                c.env("GOMAXPROCS", cores.to_string());
                 c
             }
             ServerKind::NodeWs => {
@@ -124,6 +149,13 @@ impl ServerPrograms {
         let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         command.stdin(Stdio::null()).stdout(log).stderr(log_err);
+        if let Some(cpu) = self.server_cpu {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec only the affinity syscall runs.
+            unsafe {
+                command.pre_exec(move || pin_to_cpu(cpu));
+            }
+        }
         let child = command.spawn().map_err(|e| format!("starting {kind}: {e}"))?;
         let mut server = RunningServer { kind, addr, child };
         server.wait_ready(Duration::from_secs(20))?;

@@ -23,7 +23,7 @@ use crate::process::run as run_command;
 use crate::web::npm_ci;
 use crate::{Result, cargo, root, target_dir};
 
-/// Debian packages grpc-go is built from (GOPATH mode, see FIELD-NOTES).
+/// Debian packages grpc-go is built from (GOPATH mode, see docs/benchmarks.md).
 const GO_PACKAGES: [&str; 6] = [
     "golang-go",
     "golang-google-grpc-dev",

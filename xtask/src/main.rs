@@ -10,6 +10,11 @@
 //! - `cargo xtask build-web`: the WASM package into `static/pkg/`.
 //! - `cargo xtask serve [ARGS]`: `build-web`, then the server (release) on
 //!   127.0.0.1:8080 with its page; ARGS go to `streambridge`.
+//! - `cargo xtask bench [--quick] [ARGS]`: the benchmarks (`bench/`), servers
+//!   and load generator pinned to different CPUs, three rounds, medians and
+//!   spread; see `docs/benchmarks.md`.
+//! - `cargo xtask mutants [ARGS]`: mutation testing of the safety-critical
+//!   files with cargo-mutants; see `docs/testing.md`.
 //!
 //! Tools are installed when missing, at pinned versions: the
 //! `wasm32-unknown-unknown` target, `wasm-bindgen-cli` at exactly the
@@ -18,6 +23,7 @@
 //! from the system (Debian packages `chromium`, `chromium-driver`).
 
 mod bench;
+mod mutants;
 mod process;
 mod web;
 
@@ -36,7 +42,11 @@ fn main() -> ExitCode {
         Some("build-web") => web::build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
-        _ => Err("usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick]>".to_string()),
+        Some("mutants") => mutants::run_mutants(&args[1..]),
+        _ => Err(
+            "usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick] | mutants [args]>"
+                .to_string(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,7 +140,9 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
         Command::new("node")
             .args(["--test", "--test-reporter=tap"])
             .current_dir(&e2e)
-            .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr)),
+            .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr))
+            // origin.test.mjs starts its own server, with an allowed origin it chooses.
+            .env("STREAMBRIDGE_BIN", target_dir().join("debug/streambridge")),
         counts,
     )
 }

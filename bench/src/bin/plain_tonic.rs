@@ -6,6 +6,10 @@
 //!
 //! Usage: `bench-plain-tonic --listen 127.0.0.1:PORT`.
 
+/// The same allocator as streambridge's binary and the other Rust peers.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::pin::Pin;
 
