@@ -118,8 +118,10 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub http2_max_header_list_size: u32,
 
-    /// Interval of WebSocket pings; a socket whose peer has not answered the
-    /// previous ping when the next one is due is closed and its call cancelled.
+    /// Interval of WebSocket pings. A peer that has sent nothing (not even
+    /// the pong) and accepted none of its replies by the next ping is gone,
+    /// and its call cancelled; so is a peer that takes longer than two
+    /// intervals to accept a batch of replies.
     #[arg(long, env = "STREAMBRIDGE_WS_PING_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
     pub ws_ping_interval: Duration,
 

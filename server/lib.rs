@@ -5,10 +5,13 @@
 //! into the same call; the same port serves the web page and its WASM client.
 //! Whatever the way in, the replies come from the one processor.
 //!
-//! The public API is small: [`Config`] (every flag), [`Server`] (bind, run,
-//! shut down), [`ActiveCalls`] (live calls, for tests and embedders), the
-//! generated [`grpc`] client and server types, and [`router`] (the whole
-//! HTTP surface as one tower service, for your own accept loop or a fuzzer).
+//! The public API is small: [`Config`] and [`ConfigError`] (every flag and
+//! its checks), [`Server`] and [`StartError`] (bind, run, shut down),
+//! [`ActiveCalls`] and [`Transport`] (live calls, for tests and embedders),
+//! [`termination_signal`], the generated [`grpc`] client and server types,
+//! and [`router`] with [`AppState`], [`TransportRouter`] and [`HttpService`]
+//! (the whole HTTP surface as one tower service, for your own accept loop or
+//! a fuzzer).
 //!
 //! # Layout
 //!
