@@ -70,6 +70,8 @@ pub async fn drive(addr: SocketAddr, payload_size: usize, control: Control) -> R
     let mut stats = TaskStats::new();
     while !control.stopped() {
         let request = Request::post(format!("http://{addr}/DataService/BidirectionalStream"))
+            // As a browser sends it; HTTP/1.1 requires it (hyper's connection API leaves it out).
+            .header("host", addr.to_string())
             .header("content-type", "application/grpc-web+proto")
             .header("accept", "application/grpc-web+proto")
             .header("x-grpc-web", "1")
