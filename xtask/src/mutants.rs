@@ -57,7 +57,7 @@ pub fn run_mutants(args: &[String]) -> Result {
     install()?;
     let mut command = cargo();
     command
-        .args(["mutants", "--package", "streambridge", "--no-shuffle", "--jobs", "1"])
+        .args(["mutants", "--package", "streambridge", "--no-shuffle"])
         .arg("--output")
         .arg(target_dir().join("mutants"));
     // With --file in ARGS the caller narrows the run; otherwise every safety-critical file.
