@@ -90,13 +90,14 @@ pub struct Config {
     /// arrived but not all of its bytes) one connection may hold across all
     /// its calls. Past it, the call whose data would exceed it fails with
     /// RESOURCE_EXHAUSTED instead of the server's memory growing. At least
-    /// --max-message-size.
+    /// --max-message-size + 5 (a message and its prefix).
     #[arg(long, env = "STREAMBRIDGE_CONNECTION_MESSAGE_BUFFER", default_value_t = 16 * 1024 * 1024, value_parser = at_least_one())]
     pub connection_message_buffer: usize,
 
-    /// Longest pause between two pieces of a gRPC-Web request body (the whole
-    /// request arrives at once from a browser). A request that stalls this
-    /// long fails with DEADLINE_EXCEEDED and frees its connection.
+    /// Longest pause in a request body: anywhere in a gRPC-Web body (a
+    /// browser sends it whole), inside a message of a native gRPC stream
+    /// (between messages a stream may be quiet for as long as it likes). A
+    /// stalled request fails with DEADLINE_EXCEEDED and frees its connection.
     #[arg(long, env = "STREAMBRIDGE_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub request_body_timeout: Duration,
 
@@ -211,6 +212,20 @@ impl Config {
         if let Some((flag, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err(ConfigError::Invalid(format!("{flag} must be longer than 0")));
         }
+        if let Some((flag, _)) = durations.iter().find(|(_, value)| *value > MAX_DURATION) {
+            return Err(ConfigError::Invalid(format!("{flag} must be at most a year")));
+        }
+        // What clap enforces between flags, for configurations built by hand.
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "--tls-cert and --tls-key go together: give both for TLS, or neither".into(),
+            ));
+        }
+        if self.auth_token.is_some() && self.auth_token_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "--auth-token and --auth-token-file exclude each other: give one".into(),
+            ));
+        }
         // A message is its bytes plus the 5-byte gRPC length prefix.
         if self.connection_message_buffer < self.max_message_size.saturating_add(5) {
             return Err(ConfigError::Invalid(format!(
@@ -249,24 +264,35 @@ pub enum ConfigError {
 }
 
 /// A bearer token: not empty, and made of the characters that fit both an
-/// `Authorization` header and a WebSocket subprotocol name.
+/// `Authorization` header and a WebSocket subprotocol name (an RFC 9110
+/// token: a browser refuses to offer a subprotocol with `/`, `=` or `,`).
 fn parse_token(text: &str) -> Result<String, String> {
     if text.trim().is_empty() {
         return Err("the token is empty; give a non-empty token or leave authentication off".into());
     }
-    if let Some(bad) = text.chars().find(|c| !c.is_ascii_graphic()) {
+    let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if let Some(bad) = text.chars().find(|c| !token_char(*c)) {
         return Err(format!(
-            "the token contains {bad:?}; use visible ASCII characters only (no spaces)"
+            "the token contains {bad:?}; use letters, digits and !#$%&'*+-.^_`|~ only, so that \
+             browsers can send it as a WebSocket subprotocol (base64: use the URL-safe alphabet without padding)"
         ));
     }
     Ok(text.to_string())
 }
 
-/// A duration longer than zero (a zero interval would spin or panic).
+/// The longest duration any setting takes: deadlines are computed by adding
+/// durations to the clock, which must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// A duration longer than zero (a zero interval would spin or panic) and at
+/// most a year.
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     let duration = parse_duration(text)?;
     if duration.is_zero() {
         return Err(format!("`{text}` is zero; give a duration longer than 0"));
+    }
+    if duration > MAX_DURATION {
+        return Err(format!("`{text}` is longer than a year"));
     }
     Ok(duration)
 }
@@ -356,5 +382,20 @@ mod tests {
                 .to_string()
                 .contains("--connection-message-buffer")
         );
+        let refused = |adjust: fn(&mut Config)| {
+            let mut config = Config::parse_from(["streambridge"]);
+            adjust(&mut config);
+            config.validate().unwrap_err().to_string()
+        };
+        assert!(refused(|c| c.tls_cert = Some("cert.pem".into())).contains("--tls-key"));
+        assert!(refused(|c| c.drain_timeout = Duration::from_secs(u64::MAX)).contains("--drain-timeout"));
+    }
+
+    #[test]
+    fn tokens_are_http_tokens_that_fit_a_subprotocol_name() {
+        assert!(parse_token("s3cret-Token_1.x~").is_ok());
+        for bad in ["", "  ", "two words", "base64/with=", "a,b"] {
+            assert!(parse_token(bad).is_err(), "{bad:?}");
+        }
     }
 }

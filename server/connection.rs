@@ -71,6 +71,9 @@ impl Activity {
     }
 
     fn establish(&self) {
+        // Idleness counts from here, not from accept: the handshake may have
+        // taken most of the header timeout.
+        self.touch();
         if !self.established.swap(true, Ordering::AcqRel) {
             self.changed.notify_waiters();
         }
@@ -78,8 +81,10 @@ impl Activity {
 
     fn touch(&self) {
         let elapsed = self.accepted.elapsed().as_millis();
+        // fetch_max: a thread preempted between reading the clock and storing
+        // must not move the last change back in time.
         self.last_change_ms
-            .store(u64::try_from(elapsed).unwrap_or(u64::MAX), Ordering::Release);
+            .fetch_max(u64::try_from(elapsed).unwrap_or(u64::MAX), Ordering::AcqRel);
     }
 
     fn request_started(self: &Arc<Self>) -> InFlight {
@@ -400,6 +405,18 @@ mod tests {
         assert!(!handshake.advance(&H2_PREFACE[..10]));
         assert!(!handshake.advance(&H2_PREFACE[10..]));
         assert!(!handshake.advance(&settings_frame(6)[..9]), "header without payload");
+        let mut empty_settings = H2Handshake::default();
+        assert!(!empty_settings.advance(H2_PREFACE));
+        assert!(
+            empty_settings.advance(&settings_frame(0)),
+            "a SETTINGS frame without settings counts"
+        );
+        let mut not_settings = H2Handshake::default();
+        assert!(!not_settings.advance(H2_PREFACE));
+        let mut ping = settings_frame(8);
+        ping[3] = 0x6;
+        assert!(!not_settings.advance(&ping), "another first frame does not establish");
+        assert!(matches!(not_settings, H2Handshake::Over));
         let mut http1 = H2Handshake::default();
         assert!(!http1.advance(b"GET / HTTP/1.1\r\n"));
         assert!(matches!(http1, H2Handshake::Over));
@@ -412,6 +429,22 @@ mod tests {
         let expiry = activity.expired(Duration::from_secs(2), Duration::from_secs(60)).await;
         assert_eq!(expiry, Expiry::NoRequest);
         assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_during_the_idle_wait_restarts_it_from_its_end() {
+        let activity = Activity::new();
+        drop(activity.request_started());
+        let watch = activity.expired(Duration::from_secs(1), Duration::from_secs(10));
+        let mut watch = std::pin::pin!(watch);
+        tokio::select! {
+            expiry = &mut watch => panic!("expired early: {expiry:?}"),
+            () = tokio::time::sleep(Duration::from_secs(6)) => {}
+        }
+        drop(activity.request_started());
+        let ended = Instant::now();
+        assert_eq!(watch.await, Expiry::Idle);
+        assert_eq!(ended.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,29 +1,44 @@
 //! The gRPC length-prefixed framing of a request body, followed as it passes
 //! to tonic (native gRPC, and gRPC-Web after tonic-web's translation), for
-//! two things tonic does not do:
+//! what tonic does not do:
 //!
-//! - **a truncated last message is an error**: a body that ends inside a
-//!   message (its 5-byte prefix declared bytes that never came) fails the
-//!   call with INTERNAL; tonic would end the stream as if it were complete
-//!   and the call with OK;
-//! - **unfinished messages are bounded per connection**: tonic buffers a
-//!   message until all of it has arrived (up to `--max-message-size`), and a
-//!   connection may carry up to `--http2-max-concurrent-streams` calls, each
-//!   with one unfinished message. [`MessageBuffer`] counts those bytes for
-//!   the whole connection; a call whose data would take it past
-//!   `--connection-message-buffer` fails with RESOURCE_EXHAUSTED.
+//! - **a truncated last message is an error with a clear message**: a body
+//!   that ends inside a message fails the call with INTERNAL and says how
+//!   much of the message came. (tonic itself says "Unexpected EOF" when bytes
+//!   of the message are buffered, and ends the call with OK when the body
+//!   ends right after a complete 5-byte prefix.)
+//! - **unfinished messages are bounded per connection**: as soon as a
+//!   message's prefix has arrived tonic reserves its whole declared length
+//!   (up to `--max-message-size`), and a connection may carry up to
+//!   `--http2-max-concurrent-streams` calls. [`MessageBuffer`] reserves the
+//!   same for the whole connection, from the prefix until the message is
+//!   complete; a call whose message would take it past
+//!   `--connection-message-buffer` fails with RESOURCE_EXHAUSTED before any
+//!   of its bytes are held.
+//! - **a body does not stall**: gRPC-Web sends its body whole, so any pause
+//!   longer than `--request-body-timeout` fails the call; a native gRPC
+//!   stream may be quiet between messages for as long as it likes, but a
+//!   message that has started must keep arriving. Both fail with
+//!   DEADLINE_EXCEEDED. The timer is looked at only after the body itself
+//!   had nothing: a consumer that stopped reading (its replies are blocked)
+//!   never makes a body look stalled.
 //!
 //! The work per chunk is a walk over its message prefixes; the shared counter
-//! is touched only when the chunk leaves a message unfinished.
+//! is touched once per message that spans chunks, never for one that
+//! arrives whole.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Frame, SizeHint};
+use tokio::time::Sleep;
 use tonic::Status;
+
+use crate::calls::Transport;
 
 /// Boxed, as tonic's body errors are; tonic takes a [`Status`] found in it as
 /// the call's status.
@@ -41,6 +56,7 @@ struct MessageBufferInner {
 }
 
 impl MessageBuffer {
+    /// An empty buffer allowing `limit` bytes (`--connection-message-buffer`).
     pub fn new(limit: usize) -> Self {
         MessageBuffer(Arc::new(MessageBufferInner {
             held: AtomicUsize::new(0),
@@ -69,10 +85,30 @@ impl MessageBuffer {
     }
 }
 
+/// What the framing check needs from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct FramingSettings {
+    /// `--max-message-size`: larger messages are tonic's to refuse (with
+    /// RESOURCE_EXHAUSTED and its own message), never reserved here.
+    pub max_message_size: usize,
+    /// `--request-body-timeout`.
+    pub stall_timeout: Duration,
+}
+
 /// The gRPC services behind a [`FramedBody`] each: what both gRPC
 /// transports call.
 #[derive(Clone, Debug)]
-pub struct FollowFraming<S>(pub S);
+pub struct FollowFraming<S> {
+    inner: S,
+    settings: FramingSettings,
+}
+
+impl<S> FollowFraming<S> {
+    /// `inner` (the gRPC routes), its request bodies followed with `settings`.
+    pub fn new(inner: S, settings: FramingSettings) -> Self {
+        FollowFraming { inner, settings }
+    }
+}
 
 impl<S, B> tower::Service<http::Request<B>> for FollowFraming<S>
 where
@@ -83,13 +119,29 @@ where
     type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> S::Future {
         let buffer = request.extensions().get::<MessageBuffer>().cloned();
-        self.0.call(request.map(|body| FramedBody::new(body, buffer)))
+        // gRPC-Web's marker is set by its layer before the routes are called.
+        let stall = match request.extensions().get::<Transport>() {
+            Some(Transport::GrpcWeb) => Stall::AnyPause,
+            _ => Stall::InsideMessage,
+        };
+        let settings = self.settings;
+        self.inner
+            .call(request.map(|body| FramedBody::new(body, buffer, settings, stall)))
     }
+}
+
+/// Which pauses in a body count as a stall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stall {
+    /// Every pause (gRPC-Web: the body is sent whole).
+    AnyPause,
+    /// Only inside a message (native gRPC: streams may idle between messages).
+    InsideMessage,
 }
 
 /// Where a body stands in its sequence of length-prefixed messages.
@@ -102,8 +154,6 @@ struct MessageCursor {
     declared: usize,
     /// Bytes of the current message's body still to come.
     remaining: usize,
-    /// Bytes of the current, unfinished message (prefix included) seen so far.
-    unfinished: usize,
 }
 
 impl MessageCursor {
@@ -113,27 +163,35 @@ impl MessageCursor {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
                 self.remaining -= n;
-                self.unfinished += n;
                 data = &data[n..];
-                if self.remaining == 0 {
-                    self.unfinished = 0;
-                }
                 continue;
             }
             let n = (5 - self.prefix_len).min(data.len());
             self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
             self.prefix_len += n;
-            self.unfinished += n;
             data = &data[n..];
             if self.prefix_len == 5 {
                 self.prefix_len = 0;
                 let length = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
                 self.declared = length as usize;
                 self.remaining = self.declared;
-                if self.remaining == 0 {
-                    self.unfinished = 0;
-                }
             }
+        }
+    }
+
+    /// Whether the body is inside a message (its prefix, or its bytes).
+    fn inside_message(&self) -> bool {
+        self.prefix_len > 0 || self.remaining > 0
+    }
+
+    /// What the current unfinished message reserves: its whole length once
+    /// the prefix is known (tonic reserves as much), the prefix bytes before
+    /// that, nothing for a message over `max` (tonic refuses it at once).
+    fn reserved(&self, max: usize) -> usize {
+        if self.remaining > 0 {
+            if self.declared > max { 0 } else { 5 + self.declared }
+        } else {
+            self.prefix_len
         }
     }
 
@@ -163,29 +221,36 @@ pub struct FramedBody<B> {
     buffer: Option<MessageBuffer>,
     /// Bytes of `buffer` this body holds now.
     held: usize,
+    settings: FramingSettings,
+    stall: Stall,
+    /// Armed while the body has nothing and a pause counts.
+    stall_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> FramedBody<B> {
-    /// `body`, its unfinished message counted in `buffer` if there is one.
-    pub fn new(body: B, buffer: Option<MessageBuffer>) -> Self {
+    fn new(body: B, buffer: Option<MessageBuffer>, settings: FramingSettings, stall: Stall) -> Self {
         FramedBody {
             body,
             cursor: MessageCursor::default(),
             buffer,
             held: 0,
+            settings,
+            stall,
+            stall_timer: None,
         }
     }
 
     /// Brings the connection's count in line with the cursor.
     fn account(&mut self) -> Result<(), Status> {
         let Some(buffer) = &self.buffer else { return Ok(()) };
-        let now = self.cursor.unfinished;
+        let now = self.cursor.reserved(self.settings.max_message_size);
         if now > self.held {
             if buffer.take(now - self.held).is_err() {
                 return Err(Status::resource_exhausted(format!(
-                    "this connection already holds {} bytes of unfinished messages, the limit \
-                     (--connection-message-buffer) is {}; send large messages one at a time",
+                    "this connection already holds {} bytes of unfinished messages and this one needs {}; \
+                     the limit (--connection-message-buffer) is {}: send large messages one at a time",
                     buffer.held(),
+                    now,
                     buffer.0.limit
                 )));
             }
@@ -194,6 +259,24 @@ impl<B> FramedBody<B> {
         }
         self.held = now;
         Ok(())
+    }
+
+    /// Called when the body has nothing: whether the pause has now lasted
+    /// too long (arming the timer on the first call of a pause).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let counts = match self.stall {
+            Stall::AnyPause => true,
+            Stall::InsideMessage => self.cursor.inside_message(),
+        };
+        if !counts {
+            self.stall_timer = None;
+            return false;
+        }
+        let timeout = self.settings.stall_timeout;
+        let timer = self
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -217,7 +300,19 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+        // The body first: bytes that are there never count as a stall.
+        let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) else {
+            if this.stalled(cx) {
+                let message = format!(
+                    "request body stalled: no data for {:?} (--request-body-timeout)",
+                    this.settings.stall_timeout
+                );
+                return Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(message)))));
+            }
+            return Poll::Pending;
+        };
+        this.stall_timer = None;
+        match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     this.cursor.advance(data.chunk());
@@ -249,11 +344,20 @@ where
 mod tests {
     use super::*;
 
+    const SETTINGS: FramingSettings = FramingSettings {
+        max_message_size: 1000,
+        stall_timeout: Duration::from_secs(1),
+    };
+
     fn message(len: usize) -> Vec<u8> {
         let mut bytes = vec![0];
         bytes.extend((len as u32).to_be_bytes());
         bytes.resize(5 + len, b'x');
         bytes
+    }
+
+    fn framed(buffer: &MessageBuffer) -> FramedBody<()> {
+        FramedBody::new((), Some(buffer.clone()), SETTINGS, Stall::InsideMessage)
     }
 
     #[test]
@@ -264,7 +368,7 @@ mod tests {
             cursor.advance(&body[..split]);
             cursor.advance(&body[split..]);
             assert_eq!(cursor.truncation(), None, "split at {split}");
-            assert_eq!(cursor.unfinished, 0);
+            assert_eq!(cursor.reserved(1000), 0);
         }
     }
 
@@ -273,7 +377,8 @@ mod tests {
         let mut cursor = MessageCursor::default();
         cursor.advance(&message(3));
         cursor.advance(&message(1000)[..5]);
-        assert_eq!(cursor.unfinished, 5);
+        assert_eq!(cursor.reserved(1000), 1005, "the whole message from its prefix on");
+        assert_eq!(cursor.reserved(999), 0, "over the limit: tonic's to refuse");
         let why = cursor.truncation().unwrap();
         assert!(why.contains("declared 1000 bytes") && why.contains("after 0"), "{why}");
         let mut in_prefix = MessageCursor::default();
@@ -284,25 +389,30 @@ mod tests {
                 .unwrap()
                 .contains("2 of a message's 5 prefix bytes")
         );
+        assert_eq!(in_prefix.reserved(1000), 2);
     }
 
     #[test]
-    fn the_connection_buffer_refuses_past_its_limit_and_takes_back_on_completion() {
-        let buffer = MessageBuffer::new(100);
-        let mut first = FramedBody::new((), Some(buffer.clone()));
-        first.cursor.advance(&message(200)[..80]);
+    fn the_connection_buffer_reserves_from_the_prefix_and_gives_back_on_completion() {
+        let buffer = MessageBuffer::new(1500);
+        let mut first = framed(&buffer);
+        first.cursor.advance(&message(800)[..5]);
         first.account().unwrap();
-        assert_eq!(buffer.held(), 80);
-        let mut second = FramedBody::new((), Some(buffer.clone()));
-        second.cursor.advance(&message(200)[..30]);
+        assert_eq!(
+            buffer.held(),
+            805,
+            "reserved at the prefix, before any byte of the message"
+        );
+        let mut second = framed(&buffer);
+        second.cursor.advance(&message(800)[..5]);
         let status = second.account().unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert_eq!(buffer.held(), 80, "a refused take leaves the count alone");
-        first.cursor.advance(&message(200)[80..]);
+        assert_eq!(buffer.held(), 805, "a refused take leaves the count alone");
+        first.cursor.advance(&message(800)[5..]);
         first.account().unwrap();
         assert_eq!(buffer.held(), 0, "a finished message gives its bytes back");
         second.account().unwrap();
-        assert_eq!(buffer.held(), 30);
+        assert_eq!(buffer.held(), 805);
         drop(second);
         assert_eq!(buffer.held(), 0, "a dropped body gives its bytes back");
     }

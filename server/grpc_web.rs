@@ -10,9 +10,9 @@
 //! A browser cannot stream a request body, so a gRPC-Web call to the bidi
 //! method is half-duplex: every request message in one body, replies streamed
 //! back, trailers last. Since the whole body is on its way at once, a body
-//! that stalls for `--request-body-timeout` fails the call (otherwise a
-//! request that announces a length and sends nothing would hold its
-//! connection forever).
+//! that stalls for `--request-body-timeout` fails the call (see
+//! [`crate::grpc_framing`]; otherwise a request that announces a length and
+//! sends nothing would hold its connection forever).
 //!
 //! Content types are parsed as media types (case-insensitive, parameters
 //! allowed) and handed to tonic-web in the exact spelling it knows.
@@ -22,12 +22,10 @@ use std::time::Duration;
 use axum::body::Body;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method, Request};
-use http_body_util::BodyExt;
 use tonic::service::Routes;
 use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use crate::HttpService;
 use crate::calls::Transport;
@@ -88,35 +86,22 @@ fn canonical_content_type(mut request: Request<Body>) -> Request<Body> {
     request
 }
 
-/// The translated body, failing with DEADLINE_EXCEEDED when it stalls.
-/// Applied inside tonic-web, which would turn any error of the body it reads
-/// into INTERNAL.
-fn stall_limited(body: tonic::body::Body, timeout: Duration) -> tonic::body::Body {
-    tonic::body::Body::new(TimeoutBody::new(timeout, body).map_err(move |error| {
-        if error.is::<TimeoutError>() {
-            let message = format!("request body stalled: no data for {timeout:?} (--request-body-timeout)");
-            Box::new(tonic::Status::deadline_exceeded(message)) as Box<dyn std::error::Error + Send + Sync>
-        } else {
-            error
-        }
-    }))
-}
-
 /// How long a browser may cache a preflight's answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// `routes` (the gRPC services) as gRPC-Web, outermost first: CORS, the
 /// gRPC-Web translation, and a marker telling the service which transport a
 /// call came by.
-pub fn service(routes: FollowFraming<Routes>, origins: OriginPolicy, body_timeout: Duration) -> HttpService {
+pub fn service(routes: FollowFraming<Routes>, origins: OriginPolicy) -> HttpService {
     let service = ServiceBuilder::new()
         .map_response(|response: http::Response<tonic::body::Body>| response.map(Body::new))
         .layer(cors(origins))
         .map_request(canonical_content_type)
         .layer(GrpcWebLayer::new())
-        .map_request(move |mut request: Request<tonic::body::Body>| {
+        .map_request(|mut request: Request<tonic::body::Body>| {
+            // Also tells the framing check that every pause of this body counts.
             request.extensions_mut().insert(Transport::GrpcWeb);
-            request.map(|body| stall_limited(body, body_timeout))
+            request
         })
         .service(routes);
     HttpService::new(service)

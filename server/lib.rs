@@ -131,12 +131,16 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
         .add_service(operations::health_service(state.shutdown.clone()))
         .add_service(operations::reflection_service());
     // Both gRPC transports reach the services through the framing check.
-    let grpc_routes = grpc_framing::FollowFraming(grpc_routes);
+    let framing = grpc_framing::FramingSettings {
+        max_message_size: config.max_message_size,
+        stall_timeout: config.request_body_timeout,
+    };
+    let grpc_routes = grpc_framing::FollowFraming::new(grpc_routes, framing);
     let grpc = HttpService::new(tower::ServiceExt::<Request<Body>>::map_response(
         grpc_routes.clone(),
         |response: Response<tonic::body::Body>| response.map(Body::new),
     ));
-    let grpc_web = grpc_web::service(grpc_routes, state.origins.clone(), config.request_body_timeout);
+    let grpc_web = grpc_web::service(grpc_routes, state.origins.clone());
     let files = static_files::service(&config.static_dir);
     let web = HttpService::new(
         axum::Router::new()

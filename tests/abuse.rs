@@ -140,7 +140,8 @@ async fn grpc_outcome(response: http::Response<hyper::body::Incoming>) -> (Vec<S
 
 #[tokio::test]
 async fn an_idle_http2_connection_gets_goaway_but_one_with_a_quiet_call_does_not() {
-    let server = TestServer::start_with(|c| c.connection_idle_timeout = SHORT).await;
+    // Long enough for the client's first request on a loaded machine.
+    let server = TestServer::start_with(|c| c.connection_idle_timeout = Duration::from_secs(1)).await;
     // A: a call that stays open and quiet.
     let (mut busy, _busy_task) = h2_connection::<PushedBody>(&server).await;
     let (request, pieces) = pushed_request("application/grpc", None);
@@ -242,11 +243,12 @@ async fn a_grpc_web_body_that_ends_inside_a_message_fails_over_http1_and_http2()
 async fn unfinished_messages_on_one_connection_are_bounded_and_the_others_complete() {
     let server = TestServer::start_with(|c| {
         c.max_message_size = 64 * 1024;
-        c.connection_message_buffer = 100 * 1024;
+        c.connection_message_buffer = 130 * 1024;
     })
     .await;
     let (sender, _task) = h2_connection::<PushedBody>(&server).await;
-    // Three calls, each 40 KB into a 60 KB message: 120 KB on one connection.
+    // Three calls, each 40 KB into a 60 KB message: each reserves its 60 KB
+    // from its prefix on, 180 KB on one connection.
     let data = "x".repeat(60_000);
     let message = grpc_web_body(&[&data]);
     let mut calls = Vec::new();
@@ -273,6 +275,33 @@ async fn unfinished_messages_on_one_connection_are_bounded_and_the_others_comple
         assert_eq!(code, "0", "{why}");
         assert_eq!(replies, [format!("processed: {data}")]);
     }
+}
+
+#[tokio::test]
+async fn a_native_grpc_message_that_stalls_midway_fails_but_a_quiet_stream_does_not() {
+    let server = TestServer::start_with(|c| c.request_body_timeout = SHORT).await;
+    let (mut sender, _task) = h2_connection::<PushedBody>(&server).await;
+    // Quiet between messages: one message, then nothing (the call stays open).
+    let (quiet_request, quiet_pieces) = pushed_request("application/grpc", None);
+    push(&quiet_pieces, grpc_web_body(&["one"])).await;
+    let quiet = within("quiet call", sender.send_request(quiet_request)).await.unwrap();
+    let mut quiet_replies = quiet.into_body();
+    let first = within("reply", quiet_replies.frame()).await.unwrap().unwrap();
+    assert_eq!(decode_grpc_web(first.into_data().unwrap()).replies, ["processed: one"]);
+    // Stalled inside a message: a whole message, then half of the next.
+    let (request, pieces) = pushed_request("application/grpc", None);
+    let next = grpc_web_body(&["next"]);
+    push(&pieces, grpc_web_body(&["before"])).await;
+    push(&pieces, next.slice(..4)).await;
+    let response = within("stalled call", sender.send_request(request)).await.unwrap();
+    let (replies, code, message) = grpc_outcome(response).await;
+    assert_eq!(replies, ["processed: before"]);
+    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
+    assert!(message.contains("stalled"), "{message}");
+    // The quiet call was idle far longer than the stall timeout and goes on.
+    push(&quiet_pieces, grpc_web_body(&["two"])).await;
+    let second = within("reply", quiet_replies.frame()).await.unwrap().unwrap();
+    assert_eq!(decode_grpc_web(second.into_data().unwrap()).replies, ["processed: two"]);
 }
 
 #[tokio::test]

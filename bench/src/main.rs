@@ -420,7 +420,11 @@ fn write_report(args: &Args, timing: &Timing, pinning: &Pinning, rounds: &[Vec<O
         machine.cpu_model,
         if args.quick { "quick run" } else { "full run" },
         rounds.len(),
-        if pinning.server_cpu.is_some() { "pinned" } else { "unpinned" },
+        if pinning.server_cpu.is_some() {
+            "pinned"
+        } else {
+            "unpinned"
+        },
     );
     let out = &args.out;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;

@@ -94,7 +94,8 @@ pub fn aggregate(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
             if same.is_empty() {
                 return row.clone();
             }
-            let values = |field: fn(&Outcome) -> Option<f64>| -> Vec<f64> { same.iter().filter_map(|o| field(o)).collect() };
+            let values =
+                |field: fn(&Outcome) -> Option<f64>| -> Vec<f64> { same.iter().filter_map(|o| field(o)).collect() };
             let med = |field: fn(&Outcome) -> Option<f64>| median(&mut values(field));
             let spread = (same.len() > 1).then(|| Spread {
                 msgs_per_sec: min_max(&values(|o| o.msgs_per_sec)),
@@ -117,7 +118,9 @@ pub fn aggregate(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
                 max_us: med(|o| o.max_us),
                 server_cpu_us_per_msg: med(|o| o.server_cpu_us_per_msg),
                 foreign_cpu_percent: med(|o| o.foreign_cpu_percent),
-                idle_calls: row.idle_calls.map(|_| med(|o| o.idle_calls.map(|c| c as f64)).unwrap_or(0.0) as usize),
+                idle_calls: row
+                    .idle_calls
+                    .map(|_| med(|o| o.idle_calls.map(|c| c as f64)).unwrap_or(0.0) as usize),
                 rss_before_kib: med(|o| o.rss_before_kib.map(|k| k as f64)).map(|k| k as u64),
                 rss_after_kib: med(|o| o.rss_after_kib.map(|k| k as f64)).map(|k| k as u64),
                 kib_per_idle_call: med(|o| o.kib_per_idle_call),
@@ -426,15 +429,23 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
 /// `measured` shows the median and, over two rounds or more, the min–max.
 pub fn checks_over_rounds(rounds: &[Vec<Outcome>]) -> Vec<Check> {
     let per_round: Vec<Vec<Check>> = rounds.iter().map(|round| checks(round)).collect();
-    let Some(first) = per_round.first() else { return Vec::new() };
+    let Some(first) = per_round.first() else {
+        return Vec::new();
+    };
     first
         .iter()
         .map(|check| {
-            let same: Vec<&Check> = per_round.iter().flatten().filter(|c| c.target == check.target).collect();
+            let same: Vec<&Check> = per_round
+                .iter()
+                .flatten()
+                .filter(|c| c.target == check.target)
+                .collect();
             let mut values: Vec<f64> = same.iter().map(|c| c.value).collect();
             let (min, max) = min_max(&values).unwrap_or((check.value, check.value));
             let middle = median(&mut values).unwrap_or(check.value);
-            let unit = check.measured.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
+            let unit = check
+                .measured
+                .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
             let measured = if same.len() > 1 {
                 format!("{middle:.2}{unit} ({min:.2}–{max:.2}, {} rounds)", same.len())
             } else {

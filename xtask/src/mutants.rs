@@ -38,8 +38,10 @@ const FILES: [&str; 10] = [
 
 /// The tests run against each mutant: the server's own, without the ones
 /// that need Python or a browser (the Rust suites cover the same code).
-const TEST_ARGS: [&str; 12] = [
+const TEST_ARGS: [&str; 14] = [
     "--lib",
+    "--test",
+    "grpc",
     "--test",
     "abuse",
     "--test",
@@ -78,5 +80,11 @@ fn install() -> Result {
     if installed {
         return Ok(());
     }
-    run(Command::new("cargo").args(["install", "--locked", "cargo-mutants", "--version", CARGO_MUTANTS_VERSION]))
+    run(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-mutants",
+        "--version",
+        CARGO_MUTANTS_VERSION,
+    ]))
 }
