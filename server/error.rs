@@ -112,6 +112,15 @@ mod tests {
             grpc_inbound_status(tonic::Status::cancelled("x")).code(),
             Code::Cancelled
         );
+        // Only tonic's size refusal is corrected: both conditions matter.
+        assert_eq!(
+            grpc_inbound_status(tonic::Status::out_of_range("index 9 of 3")).code(),
+            Code::OutOfRange
+        );
+        assert_eq!(
+            grpc_inbound_status(tonic::Status::internal("frame too large")).code(),
+            Code::Internal
+        );
     }
 
     #[test]

@@ -410,4 +410,5 @@ async fn paths_no_file_can_have_get_404_with_a_body_and_no_redirect() {
         assert!(reply.headers.get("location").is_none(), "{shown}: no redirect");
         assert!(reply.text().starts_with("404 not found"), "{shown}: {}", reply.text());
     }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -139,8 +139,9 @@ async fn a_bad_or_missing_token_is_refused_on_every_transport() {
 async fn a_token_read_from_a_file_guards_every_transport_without_its_newline() {
     let file = std::env::temp_dir().join(format!("streambridge-token-{}", std::process::id()));
     std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
-    let server = TestServer::start_with(|c| c.auth_token_file = Some(file)).await;
+    let server = TestServer::start_with(|c| c.auth_token_file = Some(file.clone())).await;
     token_guards_every_transport(&server).await;
+    std::fs::remove_file(file).unwrap();
 }
 
 /// Without the token, or with a wrong one, every transport refuses; with it,

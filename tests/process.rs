@@ -212,4 +212,5 @@ async fn bad_flags_and_files_are_refused_at_start_with_a_message_naming_them() {
             assert!(stderr.contains(words), "{args:?} {env:?}: {words:?} not in: {stderr}");
         }
     }
+    std::fs::remove_file(&empty_file).unwrap();
 }

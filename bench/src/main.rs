@@ -187,20 +187,26 @@ impl Pinning {
     }
 }
 
-/// Pins this process (the load generator) to CPU 0 and chooses CPU 1 for
-/// the servers, unless `unpinned` or the machine has a single CPU.
+/// Pins this process (the load generator) to the first CPU it may use and
+/// chooses the second for the servers, unless `unpinned` or fewer than two
+/// CPUs are allowed (then it says so and runs unpinned).
 fn pin_load_generator(unpinned: bool) -> Result<Pinning, String> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if unpinned || cpus < 2 {
-        return Ok(Pinning {
-            load_cpu: None,
-            server_cpu: None,
-        });
+    let unpinned_run = Pinning {
+        load_cpu: None,
+        server_cpu: None,
+    };
+    if unpinned {
+        return Ok(unpinned_run);
     }
-    servers::pin_to_cpu(0).map_err(|e| format!("pinning the load generator to CPU 0: {e}"))?;
+    let allowed = servers::allowed_cpus().map_err(|e| format!("reading the CPUs this process may use: {e}"))?;
+    let [load, server, ..] = allowed[..] else {
+        println!("only {} CPU allowed: running unpinned", allowed.len());
+        return Ok(unpinned_run);
+    };
+    servers::pin_to_cpu(load).map_err(|e| format!("pinning the load generator to CPU {load}: {e}"))?;
     Ok(Pinning {
-        load_cpu: Some(0),
-        server_cpu: Some(1),
+        load_cpu: Some(load),
+        server_cpu: Some(server),
     })
 }
 
@@ -259,7 +265,14 @@ async fn bench_server(
                         outcomes.push(measure_load(&running, load, payload, timing, None).await);
                     }
                 }
-                let maximum = outcomes.last().and_then(|o| o.msgs_per_sec).unwrap_or(0.0);
+                // This server's own 200x8 maximum of this round (absent with --only: no fixed-rate run).
+                let wide = format!("ws-{} 200x8", codec.name());
+                let maximum = outcomes
+                    .iter()
+                    .rev()
+                    .find(|o| o.server == Some(server) && o.payload_bytes == payload && o.scenario == wide)
+                    .and_then(|o| o.msgs_per_sec)
+                    .unwrap_or(0.0);
                 if maximum > 0.0 && timing.selects(&format!("ws-{} 200 fixed-rate", codec.name())) {
                     let rate = maximum * FIXED_RATE_SHARE;
                     let load = Load::Ws {

@@ -193,6 +193,8 @@ pub struct Check {
     pub measured: String,
     /// The ratio (or value) itself; over rounds, the median.
     pub value: f64,
+    /// What `value` is in: `x` for a ratio, ` ms`, ` KiB`.
+    pub unit: String,
     pub met: bool,
 }
 
@@ -306,6 +308,7 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
                 target,
                 measured: format!("{v:.2}{unit}"),
                 value: v,
+                unit: unit.to_string(),
                 met: met(v),
             });
         }
@@ -424,16 +427,20 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
 }
 
 /// The targets over several rounds: each ratio is measured within a round
-/// (the two servers of a ratio ran minutes apart at most, never in another
-/// round's conditions), and a target is met only when every round meets it.
-/// `measured` shows the median and, over two rounds or more, the min–max.
+/// (the two servers of a ratio measured minutes apart, never across rounds),
+/// and a target is met only when every round measured it and met it.
+/// `measured` shows the median and the min–max, and in how many rounds.
 pub fn checks_over_rounds(rounds: &[Vec<Outcome>]) -> Vec<Check> {
     let per_round: Vec<Vec<Check>> = rounds.iter().map(|round| checks(round)).collect();
-    let Some(first) = per_round.first() else {
-        return Vec::new();
-    };
-    first
-        .iter()
+    // Every target any round measured, in the order they first appear.
+    let mut targets: Vec<&Check> = Vec::new();
+    for check in per_round.iter().flatten() {
+        if !targets.iter().any(|t| t.target == check.target) {
+            targets.push(check);
+        }
+    }
+    targets
+        .into_iter()
         .map(|check| {
             let same: Vec<&Check> = per_round
                 .iter()
@@ -443,11 +450,13 @@ pub fn checks_over_rounds(rounds: &[Vec<Outcome>]) -> Vec<Check> {
             let mut values: Vec<f64> = same.iter().map(|c| c.value).collect();
             let (min, max) = min_max(&values).unwrap_or((check.value, check.value));
             let middle = median(&mut values).unwrap_or(check.value);
-            let unit = check
-                .measured
-                .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
-            let measured = if same.len() > 1 {
-                format!("{middle:.2}{unit} ({min:.2}–{max:.2}, {} rounds)", same.len())
+            let unit = &check.unit;
+            let measured = if rounds.len() > 1 {
+                format!(
+                    "{middle:.2}{unit} ({min:.2}–{max:.2}, {} of {} rounds)",
+                    same.len(),
+                    rounds.len()
+                )
             } else {
                 format!("{middle:.2}{unit}")
             };
@@ -455,7 +464,8 @@ pub fn checks_over_rounds(rounds: &[Vec<Outcome>]) -> Vec<Check> {
                 target: check.target.clone(),
                 measured,
                 value: middle,
-                met: same.iter().all(|c| c.met),
+                unit: unit.clone(),
+                met: same.len() == rounds.len() && same.iter().all(|c| c.met),
             }
         })
         .collect()
