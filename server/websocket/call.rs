@@ -426,6 +426,67 @@ fn close_reason(message: &str) -> String {
 mod tests {
     use super::*;
 
+    use crate::calls::{ActiveCalls, Transport};
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    const PING: Duration = Duration::from_secs(30);
+
+    /// A call over an in-memory pipe: no real socket, so the paused clock
+    /// can run the liveness rules to the millisecond.
+    async fn pipe() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        (
+            WebSocketStream::from_raw_socket(server, Role::Server, None).await,
+            WebSocketStream::from_raw_socket(client, Role::Client, None).await,
+        )
+    }
+
+    async fn run_call(server: WebSocketStream<DuplexStream>) {
+        let settings = CallSettings {
+            max_message_size: 1024,
+            read_buffer_size: 1024,
+            write_buffer_size: 1024,
+            request_queue: 4,
+            close_timeout: Duration::from_secs(5),
+            ping_interval: PING,
+        };
+        let calls = ActiveCalls::default();
+        let mut guard = calls.enter(Transport::WebSocket);
+        run(
+            server,
+            Subprotocol::Json,
+            &settings,
+            CancellationToken::new(),
+            &mut guard,
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_no_ping_is_cancelled_at_the_second_ping() {
+        let (server, _silent_client) = pipe().await;
+        let started = Instant::now();
+        tokio::time::timeout(PING * 10, run_call(server))
+            .await
+            .expect("a silent peer is cancelled");
+        assert_eq!(
+            started.elapsed(),
+            PING * 2,
+            "the first ping goes unanswered, the second ends it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_pings_stays_however_long_it_says_nothing_else() {
+        let (server, mut client) = pipe().await;
+        // Reading answers each ping (tungstenite queues the pong and sends it).
+        let reader = tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+        let still_running = tokio::time::timeout(PING * 20, run_call(server)).await.is_err();
+        assert!(still_running, "a live peer was cancelled");
+        reader.abort();
+    }
+
     #[test]
     fn close_reasons_fit_a_control_frame_and_stay_utf8() {
         let long = "é".repeat(100);
