@@ -84,3 +84,34 @@ impl DrainCheck {
         self.cancelled.as_mut().poll(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_call_notices_the_drain_within_one_interval_and_not_before() {
+        let token = CancellationToken::new();
+        let mut check = DrainCheck::new(&token);
+        for _ in 0..3 * DrainCheck::BUSY_INTERVAL {
+            assert!(!check.busy_check(), "no drain yet");
+        }
+        token.cancel();
+        let looks = (1..=DrainCheck::BUSY_INTERVAL).find(|_| check.busy_check());
+        assert!(
+            looks.is_some(),
+            "a busy call must notice within {} messages",
+            DrainCheck::BUSY_INTERVAL
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_reports_whether_every_task_finished_in_time() {
+        let tasks = TaskTracker::new();
+        tasks.spawn(tokio::time::sleep(Duration::from_secs(1)));
+        assert!(drain(&tasks, Duration::from_secs(2)).await, "finished in time");
+        let late = TaskTracker::new();
+        late.spawn(tokio::time::sleep(Duration::from_secs(5)));
+        assert!(!drain(&late, Duration::from_secs(2)).await, "cut at the deadline");
+    }
+}
