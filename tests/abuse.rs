@@ -373,7 +373,7 @@ async fn http11_requests_without_exactly_one_host_get_400_with_a_reason() {
 }
 
 #[tokio::test]
-async fn websocket_handshakes_with_a_bad_key_or_http10_are_refused_with_400() {
+async fn websocket_handshakes_with_a_bad_key_http10_or_half_an_upgrade_are_refused() {
     let server = TestServer::start().await;
     for key in ["", "not base64!", "AAAAAAAAAAA=", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
         let mut request = server.ws_url().into_client_request().unwrap();
@@ -389,7 +389,18 @@ async fn websocket_handshakes_with_a_bad_key_or_http10_are_refused_with_400() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
-    assert!(answer.contains("needs HTTP/1.1"), "{answer}");
+    assert!(answer.contains("needs HTTP/1.1"), "{answer}"); // Both headers are needed: either alone is not an upgrade.
+    for half in ["Connection: upgrade", "Connection: keep-alive\r\nUpgrade: websocket"] {
+        let answer = raw_exchange(
+            &server,
+            &format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\n{half}\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 426"), "{half}: {answer}");
+    }
 }
 
 #[tokio::test]
