@@ -487,6 +487,23 @@ mod tests {
         reader.abort();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_close_handshake_waits_one_close_timeout_for_the_peers_close() {
+        let (server, mut client) = pipe().await;
+        client.send(Message::text(r#"{"closeSend":{}}"#)).await.unwrap();
+        // From here the client reads raw bytes: it sees the status and the
+        // server's Close but never answers it.
+        let reader = tokio::spawn(async move { discard_until_eof(client.get_mut()).await });
+        let started = Instant::now();
+        run_call(server).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "--ws-close-timeout, no more, no less"
+        );
+        reader.abort();
+    }
+
     #[test]
     fn close_reasons_fit_a_control_frame_and_stay_utf8() {
         let long = "é".repeat(100);
