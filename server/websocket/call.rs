@@ -488,6 +488,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_peer_that_accepts_no_reply_for_two_intervals_is_cancelled() {
+        let (server, mut client) = pipe().await;
+        // Requests until the pipe is full, and no read: the server's replies
+        // stop being accepted once the pipe's buffer is full.
+        let sender = tokio::spawn(async move {
+            let request = format!(r#"{{"request":{{"data":"{}"}}}}"#, "x".repeat(1000));
+            while client.send(Message::text(request.clone())).await.is_ok() {}
+        });
+        let started = Instant::now();
+        run_call(server).await;
+        assert_eq!(started.elapsed(), PING * 2, "a blocked write gets two ping intervals");
+        sender.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_close_handshake_waits_one_close_timeout_for_the_peers_close() {
         let (server, mut client) = pipe().await;
         client.send(Message::text(r#"{"closeSend":{}}"#)).await.unwrap();
