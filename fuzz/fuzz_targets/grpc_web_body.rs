@@ -39,6 +39,8 @@ fuzz_target!(|data: &[u8]| {
         "application/grpc-web-text"
     };
     let request = Request::post("/DataService/BidirectionalStream")
+        // HTTP/1.1 requires it (the server answers 400 without one), as every client sends it.
+        .header("host", "localhost")
         .header("content-type", content_type)
         .header("accept", content_type)
         .body(Body::from(body.to_vec()))
