@@ -416,4 +416,20 @@ mod tests {
         drop(second);
         assert_eq!(buffer.held(), 0, "a dropped body gives its bytes back");
     }
+
+    #[test]
+    fn a_prefix_in_pieces_is_reserved_step_by_step_and_all_given_back() {
+        let buffer = MessageBuffer::new(1500);
+        let mut body = framed(&buffer);
+        let whole = message(800);
+        body.cursor.advance(&whole[..2]);
+        body.account().unwrap();
+        assert_eq!(buffer.held(), 2, "two prefix bytes");
+        body.cursor.advance(&whole[2..10]);
+        body.account().unwrap();
+        assert_eq!(buffer.held(), 805, "the whole message once its length is known");
+        body.cursor.advance(&whole[10..]);
+        body.account().unwrap();
+        assert_eq!(buffer.held(), 0, "nothing left behind");
+    }
 }

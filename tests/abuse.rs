@@ -288,16 +288,19 @@ async fn a_native_grpc_message_that_stalls_midway_fails_but_a_quiet_stream_does_
     let mut quiet_replies = quiet.into_body();
     let first = within("reply", quiet_replies.frame()).await.unwrap().unwrap();
     assert_eq!(decode_grpc_web(first.into_data().unwrap()).replies, ["processed: one"]);
-    // Stalled inside a message: a whole message, then half of the next.
-    let (request, pieces) = pushed_request("application/grpc", None);
+    // Stalled inside a message: a whole message, then part of the next,
+    // cut inside its prefix and inside its bytes.
     let next = grpc_web_body(&["next"]);
-    push(&pieces, grpc_web_body(&["before"])).await;
-    push(&pieces, next.slice(..4)).await;
-    let response = within("stalled call", sender.send_request(request)).await.unwrap();
-    let (replies, code, message) = grpc_outcome(response).await;
-    assert_eq!(replies, ["processed: before"]);
-    assert_eq!(code, "4", "DEADLINE_EXCEEDED: {message}");
-    assert!(message.contains("stalled"), "{message}");
+    for cut in [4, 7] {
+        let (request, pieces) = pushed_request("application/grpc", None);
+        push(&pieces, grpc_web_body(&["before"])).await;
+        push(&pieces, next.slice(..cut)).await;
+        let response = within("stalled call", sender.send_request(request)).await.unwrap();
+        let (replies, code, message) = grpc_outcome(response).await;
+        assert_eq!(replies, ["processed: before"], "cut at {cut}");
+        assert_eq!(code, "4", "DEADLINE_EXCEEDED when cut at {cut}: {message}");
+        assert!(message.contains("stalled"), "{message}");
+    }
     // The quiet call was idle far longer than the stall timeout and goes on.
     push(&quiet_pieces, grpc_web_body(&["two"])).await;
     let second = within("reply", quiet_replies.frame()).await.unwrap().unwrap();
