@@ -181,7 +181,8 @@ impl Config {
     }
 
     /// Checks what clap cannot check flag by flag (embedders who build a
-    /// `Config` by hand get the same checks from `Server::bind`).
+    /// `Config` by hand get the same checks from `Server::bind`, which also
+    /// reads and checks the token file).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
             ("--max-message-size", self.max_message_size),
@@ -234,7 +235,12 @@ impl Config {
                 self.connection_message_buffer, self.max_message_size
             )));
         }
-        self.bearer_token().map(drop)
+        // An inline token is checked here; a token file is read and checked
+        // once, when the server's state is built (`Server::bind`).
+        match self.auth_token {
+            Some(_) => self.bearer_token().map(drop),
+            None => Ok(()),
+        }
     }
 
     /// The defaults, listening on `listen`: what tests and embedders start from.

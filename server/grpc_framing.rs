@@ -332,7 +332,7 @@ where
 
     fn is_end_stream(&self) -> bool {
         // Never claim the end early: the end is where truncation is noticed.
-        self.body.is_end_stream() && self.cursor.truncation().is_none()
+        self.body.is_end_stream() && !self.cursor.inside_message()
     }
 
     fn size_hint(&self) -> SizeHint {
