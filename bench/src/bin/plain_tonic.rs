@@ -10,17 +10,15 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-use std::net::SocketAddr;
-use std::pin::Pin;
+#[path = "../peer/tonic_echo.rs"]
+mod tonic_echo;
 
-use futures_util::{Stream, StreamExt};
 use streambridge::grpc::{DataService, DataServiceServer};
-use streambridge_protocol::{StreamRequest, StreamResponse};
+use streambridge_protocol::StreamRequest;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_echo::ReplyStream;
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<StreamResponse, Status>> + Send>>;
-
-/// The seed's semantics: one `"processed: " + data` per request, in order.
+/// streambridge's generated `DataService` (1 KiB codec buffers).
 struct PlainDataService;
 
 #[tonic::async_trait]
@@ -31,27 +29,11 @@ impl DataService for PlainDataService {
         &self,
         request: Request<Streaming<StreamRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let replies = request.into_inner().map(|item| {
-            item.map(|request| StreamResponse {
-                result: format!("processed: {}", request.data),
-            })
-        });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(tonic_echo::echo(request))
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let listen: SocketAddr = match std::env::args().skip_while(|a| a != "--listen").nth(1) {
-        Some(addr) => addr.parse()?,
-        None => "127.0.0.1:50051".parse()?,
-    };
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("plain tonic listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(DataServiceServer::new(PlainDataService))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await?;
-    Ok(())
+    tonic_echo::serve("plain tonic", DataServiceServer::new(PlainDataService)).await
 }

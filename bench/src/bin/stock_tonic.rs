@@ -7,26 +7,23 @@
 //!
 //! Usage: `bench-stock-tonic --listen 127.0.0.1:PORT`.
 
-use std::net::SocketAddr;
-use std::pin::Pin;
-
-use futures_util::{Stream, StreamExt};
-use streambridge_protocol::{StreamRequest, StreamResponse};
-use tonic::{Request, Response, Status, Streaming};
-
 /// The same allocator as streambridge and the other Rust peers.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[path = "../peer/tonic_echo.rs"]
+mod tonic_echo;
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
 
 use generated::data_service_server::{DataService, DataServiceServer};
+use streambridge_protocol::StreamRequest;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_echo::ReplyStream;
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<StreamResponse, Status>> + Send>>;
-
-/// The seed's semantics: one `"processed: " + data` per request, in order.
+/// The `DataService` tonic's code generator makes by default.
 struct StockDataService;
 
 #[tonic::async_trait]
@@ -37,27 +34,11 @@ impl DataService for StockDataService {
         &self,
         request: Request<Streaming<StreamRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
-        let replies = request.into_inner().map(|item| {
-            item.map(|request| StreamResponse {
-                result: format!("processed: {}", request.data),
-            })
-        });
-        Ok(Response::new(Box::pin(replies)))
+        Ok(tonic_echo::echo(request))
     }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let listen: SocketAddr = match std::env::args().skip_while(|a| a != "--listen").nth(1) {
-        Some(addr) => addr.parse()?,
-        None => "127.0.0.1:50051".parse()?,
-    };
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("stock tonic listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(DataServiceServer::new(StockDataService))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-        .await?;
-    Ok(())
+    tonic_echo::serve("stock tonic", DataServiceServer::new(StockDataService)).await
 }
