@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const binary = process.env.STREAMBRIDGE_BIN;
 assert.ok(binary, 'set STREAMBRIDGE_BIN to the streambridge binary (cargo xtask test does)');
@@ -46,11 +46,7 @@ let browser, allowed, refused, bridge;
 before(async () => {
   [allowed, refused] = await Promise.all([pageServer(), pageServer()]);
   bridge = await startStreambridge(['--allowed-origin', allowed.origin]);
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

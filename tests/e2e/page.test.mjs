@@ -6,7 +6,7 @@
 // STREAMBRIDGE_SCREENSHOT: if set, where to save a screenshot of the page.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const base = process.env.STREAMBRIDGE_BASE_URL;
 assert.ok(base, 'set STREAMBRIDGE_BASE_URL to a running server (cargo xtask test does)');
@@ -15,11 +15,7 @@ const wsUrl = base.replace(/^http/, 'ws') + '/ws';
 let browser;
 
 before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser = await launchChromium();
 });
 
 after(async () => {

@@ -1,0 +1,12 @@
+// Debian's Chromium, headless, as every browser test here launches it: as
+// root it needs --no-sandbox, and the background-networking flags keep it
+// from dialling Google's hosts, which this machine's closed network refuses.
+import { chromium } from 'playwright-core';
+
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+}
