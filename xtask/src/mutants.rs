@@ -38,7 +38,7 @@ const FILES: [&str; 10] = [
 
 /// The tests run against each mutant: the server's own, without the ones
 /// that need Python or a browser (the Rust suites cover the same code).
-const TEST_ARGS: [&str; 14] = [
+const TEST_ARGS: [&str; 15] = [
     "--lib",
     "--test",
     "grpc",
@@ -52,7 +52,8 @@ const TEST_ARGS: [&str; 14] = [
     "grpc_web",
     "--test",
     "http",
-    "--test=process",
+    "--test",
+    "process",
 ];
 
 pub fn run_mutants(args: &[String]) -> Result {
