@@ -20,8 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".StreamResponse", "::streambridge_protocol::StreamResponse")
         // The library enables only tonic's server half; tests connect their own channel.
         .build_transport(false)
-        // Small per-stream buffers: see server/grpc_codec.rs.
-        .codec_path("crate::grpc_codec::LeanCodec")
+        // Small per-stream buffers: see server/backend/codec.rs.
+        .codec_path("crate::backend::codec::LeanCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -155,6 +155,31 @@ pub struct Config {
     /// exits anyway.
     #[arg(long, env = "STREAMBRIDGE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub drain_timeout: Duration,
+
+    /// Forward every gRPC call to this server (`http://HOST:PORT` for h2c,
+    /// `https://HOST:PORT` for TLS) instead of serving the built-in
+    /// `DataService`. The bridge still answers health itself.
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM", value_parser = parse_upstream)]
+    pub upstream: Option<http::Uri>,
+
+    /// PEM CA certificates that sign an `https://` upstream's certificate
+    /// (default: the system's roots).
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CA", requires = "upstream")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS with the upstream; with
+    /// --upstream-client-key.
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CLIENT_CERT", requires_all = ["upstream", "upstream_client_key"])]
+    pub upstream_client_cert: Option<PathBuf>,
+
+    /// PEM private key for --upstream-client-cert.
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CLIENT_KEY", requires_all = ["upstream", "upstream_client_cert"])]
+    pub upstream_client_key: Option<PathBuf>,
+
+    /// How long connecting to the upstream may take before the calls
+    /// waiting for it fail with UNAVAILABLE.
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
+    pub upstream_connect_timeout: Duration,
 }
 
 impl Config {
@@ -209,6 +234,7 @@ impl Config {
             ("--http2-keepalive-interval", self.http2_keepalive_interval),
             ("--http2-keepalive-timeout", self.http2_keepalive_timeout),
             ("--drain-timeout", self.drain_timeout),
+            ("--upstream-connect-timeout", self.upstream_connect_timeout),
         ];
         if let Some((flag, _)) = durations.iter().find(|(_, value)| value.is_zero()) {
             return Err(ConfigError::Invalid(format!("{flag} must be longer than 0")));
@@ -220,6 +246,25 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid(
                 "--tls-cert and --tls-key go together: give both for TLS, or neither".into(),
+            ));
+        }
+        if let Some(upstream) = &self.upstream {
+            parse_upstream(&upstream.to_string()).map_err(|why| ConfigError::Invalid(format!("--upstream: {why}")))?;
+        }
+        let upstream_tls = [
+            ("--upstream-ca", self.upstream_ca.is_some()),
+            ("--upstream-client-cert", self.upstream_client_cert.is_some()),
+        ];
+        if let Some((flag, _)) = upstream_tls.iter().find(|(_, set)| *set)
+            && self.upstream.as_ref().and_then(http::Uri::scheme_str) != Some("https")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "{flag} needs an https:// --upstream"
+            )));
+        }
+        if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "--upstream-client-cert and --upstream-client-key go together".into(),
             ));
         }
         if self.auth_token.is_some() && self.auth_token_file.is_some() {
@@ -267,6 +312,31 @@ pub enum ConfigError {
         /// Why it could not be read.
         source: std::io::Error,
     },
+}
+
+/// An upstream address: `http://` or `https://`, a host, a port or the
+/// scheme's default, and nothing after the authority (gRPC paths are the
+/// method's own).
+fn parse_upstream(text: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = text
+        .parse()
+        .map_err(|error| format!("{text:?} is not a URL ({error}); write it as http://HOST:PORT or https://HOST:PORT"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => {
+            return Err(format!(
+                "{text:?}: unknown scheme {other:?}; use http:// (h2c) or https:// (TLS)"
+            ));
+        }
+        None => return Err(format!("{text:?} has no scheme; write http://{text} or https://{text}")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} has no host"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+        return Err(format!("{text:?}: give only scheme, host and port, no path"));
+    }
+    Ok(uri)
 }
 
 /// A bearer token: not empty, and made of the characters that fit both an

@@ -25,7 +25,11 @@ static HARNESS: LazyLock<Mutex<Harness>> = LazyLock::new(|| {
         .build()
         .unwrap();
     let config = Config::with_listen("127.0.0.1:0".parse().unwrap());
-    let router = runtime.block_on(async { router(&config, AppState::new(&config).unwrap()) });
+    let router = runtime.block_on(async {
+        let state = AppState::new(&config).unwrap();
+        let backend = state.builtin_backend(&config);
+        router(&config, state, backend)
+    });
     Mutex::new(Harness { runtime, router })
 });
 

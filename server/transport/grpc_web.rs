@@ -11,7 +11,7 @@
 //! method is half-duplex: every request message in one body, replies streamed
 //! back, trailers last. Since the whole body is on its way at once, a body
 //! that stalls for `--request-body-timeout` fails the call (see
-//! [`crate::grpc_framing`]; otherwise a request that announces a length and
+//! [`super::grpc_framing`]; otherwise a request that announces a length and
 //! sends nothing would hold its connection forever).
 //!
 //! Content types are parsed as media types (case-insensitive, parameters
@@ -22,15 +22,15 @@ use std::time::Duration;
 use axum::body::Body;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method, Request};
-use tonic::service::Routes;
+use crate::backend::GrpcService;
 use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::HttpService;
-use crate::calls::Transport;
-use crate::grpc_framing::FollowFraming;
-use crate::origin::OriginPolicy;
+use super::Transport;
+use super::grpc_framing::FollowFraming;
+use crate::app::HttpService;
+use crate::policy::origin::OriginPolicy;
 
 /// The gRPC media types the server speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,10 +89,10 @@ fn canonical_content_type(mut request: Request<Body>) -> Request<Body> {
 /// How long a browser may cache a preflight's answer.
 const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
 
-/// `routes` (the gRPC services) as gRPC-Web, outermost first: CORS, the
+/// `backend` (the gRPC services) as gRPC-Web, outermost first: CORS, the
 /// gRPC-Web translation, and a marker telling the service which transport a
 /// call came by.
-pub fn service(routes: FollowFraming<Routes>, origins: OriginPolicy) -> HttpService {
+pub fn service(backend: FollowFraming<GrpcService>, origins: OriginPolicy) -> HttpService {
     let service = ServiceBuilder::new()
         .map_response(|response: http::Response<tonic::body::Body>| response.map(Body::new))
         .layer(cors(origins))
@@ -103,7 +103,7 @@ pub fn service(routes: FollowFraming<Routes>, origins: OriginPolicy) -> HttpServ
             request.extensions_mut().insert(Transport::GrpcWeb);
             request
         })
-        .service(routes);
+        .service(backend);
     HttpService::new(service)
 }
 

@@ -12,6 +12,8 @@
 mod call;
 mod queue;
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -26,17 +28,37 @@ use streambridge_protocol::Subprotocol;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::AppState;
-use crate::auth::BEARER_SUBPROTOCOL_PREFIX;
-use crate::listener::{ConnectionLease, PeerAddr};
+use crate::net::listener::{ConnectionLease, PeerAddr};
+use crate::ops::calls::ActiveCalls;
+use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX};
+use crate::policy::origin::OriginPolicy;
 
 pub use call::CallSettings;
 
+/// What the WebSocket transport needs from the server; cheap to clone.
+#[derive(Clone)]
+pub struct WebSocketState {
+    /// Live calls, counted per transport.
+    pub calls: ActiveCalls,
+    /// Which pages may open sockets.
+    pub origins: OriginPolicy,
+    /// Limits and buffer sizes of each call.
+    pub settings: Arc<CallSettings>,
+    /// The bearer token, if any.
+    pub auth: Auth,
+    /// Fires when the server starts draining.
+    pub shutdown: CancellationToken,
+    /// Where sockets run, so the drain can wait for them.
+    pub tasks: TaskTracker,
+}
+
 /// Answers `GET /ws`: refuses what cannot become a call with a plain HTTP
 /// error that says why, and otherwise switches protocols and starts the call.
-pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Response {
+pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) -> Response {
     let key = match check_handshake(request.version(), request.method(), request.headers()) {
         Ok(key) => key,
         Err(refusal) => return refusal,
@@ -67,7 +89,7 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
 
     // Debug level: a span enabled at info would cost every open socket memory.
     let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), %subprotocol);
-    let settings = state.websocket.clone();
+    let settings = state.settings.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
     state.tasks.spawn(
@@ -82,7 +104,7 @@ pub async fn upgrade(State(state): State<AppState>, mut request: Request) -> Res
                 .max_message_size(Some(settings.max_message_size))
                 .max_frame_size(Some(settings.max_message_size));
             let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            let mut guard = calls.enter(crate::calls::Transport::WebSocket);
+            let mut guard = calls.enter(crate::transport::Transport::WebSocket);
             // Declared after the guard, so dropped before it: when the call
             // count drops, the connection's slot is already free.
             let _lease = lease;

@@ -38,7 +38,7 @@ use http_body::{Frame, SizeHint};
 use tokio::time::Sleep;
 use tonic::Status;
 
-use crate::calls::Transport;
+use super::Transport;
 
 /// Boxed, as tonic's body errors are; tonic takes a [`Status`] found in it as
 /// the call's status.
@@ -88,8 +88,9 @@ impl MessageBuffer {
 /// What the framing check needs from the configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct FramingSettings {
-    /// `--max-message-size`: larger messages are tonic's to refuse (with
-    /// RESOURCE_EXHAUSTED and its own message), never reserved here.
+    /// `--max-message-size`: a larger message fails its call with
+    /// RESOURCE_EXHAUSTED as soon as its prefix arrives, whatever serves
+    /// the call (tonic would say OUT_OF_RANGE; an upstream would get it).
     pub max_message_size: usize,
     /// `--request-body-timeout`.
     pub stall_timeout: Duration,
@@ -112,7 +113,9 @@ impl<S> FollowFraming<S> {
 
 impl<S, B> tower::Service<http::Request<B>> for FollowFraming<S>
 where
-    S: tower::Service<http::Request<FramedBody<B>>>,
+    S: tower::Service<http::Request<tonic::body::Body>>,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -131,7 +134,7 @@ where
         };
         let settings = self.settings;
         self.inner
-            .call(request.map(|body| FramedBody::new(body, buffer, settings, stall)))
+            .call(request.map(|body| tonic::body::Body::new(FramedBody::new(body, buffer, settings, stall))))
     }
 }
 
@@ -157,8 +160,10 @@ struct MessageCursor {
 }
 
 impl MessageCursor {
-    /// Follows the framing through `data`.
-    fn advance(&mut self, mut data: &[u8]) {
+    /// Follows the framing through `data`; returns the largest length a
+    /// prefix completed in `data` declared (0 if none did).
+    fn advance(&mut self, mut data: &[u8]) -> usize {
+        let mut largest = 0;
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
@@ -175,8 +180,10 @@ impl MessageCursor {
                 let length = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
                 self.declared = length as usize;
                 self.remaining = self.declared;
+                largest = largest.max(self.declared);
             }
         }
+        largest
     }
 
     /// Whether the body is inside a message (its prefix, or its bytes).
@@ -315,7 +322,14 @@ where
         match frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
-                    this.cursor.advance(data.chunk());
+                    let declared = this.cursor.advance(data.chunk());
+                    if declared > this.settings.max_message_size {
+                        return Poll::Ready(Some(Err(Box::new(Status::resource_exhausted(format!(
+                            "request message too large: {declared} bytes declared, the limit \
+                             (--max-message-size) is {}",
+                            this.settings.max_message_size
+                        ))))));
+                    }
                     if let Err(status) = this.account() {
                         return Poll::Ready(Some(Err(Box::new(status))));
                     }

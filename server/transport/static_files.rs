@@ -31,10 +31,8 @@ use http::{Method, StatusCode, Uri};
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::AppState;
-
 /// The files under `dir` for GET and HEAD; `index.html` for a directory.
-pub fn service(dir: &Path) -> MethodRouter<AppState> {
+pub fn service<S: Clone + Send + Sync + 'static>(dir: &Path) -> MethodRouter<S> {
     let files = ServeDir::new(dir).not_found_service(not_found.into_service());
     let revalidate = SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     get_service(files)

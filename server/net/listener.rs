@@ -12,10 +12,10 @@
 //! - a cap on open connections: past it, a new connection is closed right
 //!   after accept, and the ones already open keep working;
 //! - a first request within the header-read timeout of accept, and a request
-//!   now and then after that ([`crate::connection`]), so a connection that
+//!   now and then after that ([`super::connection`]), so a connection that
 //!   sends nothing cannot keep its place under the cap;
 //! - a per-connection bound on the bytes of unfinished gRPC messages
-//!   ([`crate::grpc_framing`]), handed to the calls in the request extensions.
+//!   ([`crate::transport::grpc_framing`]), handed to the calls in the request extensions.
 //!
 //! Each connection is a task on the server's `TaskTracker`; when the shutdown
 //! token fires the loop stops accepting and every connection is asked to
@@ -41,9 +41,9 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::connection::{Activity, Expiry, TrackRequests, WatchedIo};
-use crate::grpc_framing::MessageBuffer;
-use crate::metrics::{ConnectionGauge, Metrics};
+use super::connection::{Activity, Expiry, TrackRequests, WatchedIo};
+use crate::transport::grpc_framing::MessageBuffer;
+use crate::ops::metrics::{ConnectionGauge, Metrics};
 
 /// The client's address, put in every request's extensions for logging.
 #[derive(Clone, Copy, Debug)]
@@ -147,7 +147,7 @@ where
     }
 }
 
-/// The timeouts every connection is held to (see [`crate::connection`]).
+/// The timeouts every connection is held to (see [`super::connection`]).
 #[derive(Clone, Copy)]
 struct Deadlines {
     /// From accept to a complete request head or HTTP/2 handshake.

@@ -1,5 +1,5 @@
 //! One bidirectional call over one WebSocket: client frames in, through the
-//! [processor](crate::processor), server frames out, then the final `status`
+//! [processor](crate::backend::processor), server frames out, then the final `status`
 //! frame and the close.
 //!
 //! One task owns the socket and runs a `select!` loop, so there is no lock
@@ -33,11 +33,11 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::queue::{RequestQueue, request_queue};
-use crate::calls::CallGuard;
+use crate::ops::calls::CallGuard;
 use crate::error::Error;
-use crate::metrics::StreamMetrics;
-use crate::processor;
-use crate::shutdown::DrainCheck;
+use crate::ops::metrics::StreamMetrics;
+use crate::backend::processor;
+use crate::ops::shutdown::DrainCheck;
 
 /// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
 #[derive(Clone, Debug)]
@@ -426,7 +426,8 @@ fn close_reason(message: &str) -> String {
 mod tests {
     use super::*;
 
-    use crate::calls::{ActiveCalls, Transport};
+    use crate::ops::calls::ActiveCalls;
+use crate::transport::Transport;
     use tokio::io::DuplexStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
 

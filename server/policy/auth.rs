@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue, Request, Response};
 
 /// Prefix of the subprotocol entry that carries a token.
 pub const BEARER_SUBPROTOCOL_PREFIX: &str = "streambridge.bearer.";
@@ -38,8 +38,8 @@ impl Auth {
             .get_all(AUTHORIZATION)
             .iter()
             .filter_map(|value| value.to_str().ok())
-            .filter_map(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-            .any(|presented| same_token(presented.trim(), expected))
+            .filter_map(bearer)
+            .any(|presented| same_token(presented, expected))
     }
 
     /// Whether a WebSocket upgrade may proceed: the header, or a
@@ -54,19 +54,87 @@ impl Auth {
     }
 }
 
+/// The credentials of an `authorization: Bearer <token>` value.
+fn bearer(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 fn same_token(presented: &str, expected: &str) -> bool {
     constant_time_eq::constant_time_eq(presented.as_bytes(), expected.as_bytes())
 }
 
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if self.allows_headers(&request.metadata().clone().into_headers()) {
-            Ok(request)
-        } else {
-            Err(tonic::Status::unauthenticated(
-                "missing or invalid bearer token: send the metadata `authorization: Bearer <token>`",
-            ))
+impl Auth {
+    /// `inner` (the gRPC services) behind the token: a call to any method but
+    /// health and reflection must present it, else it is refused with
+    /// UNAUTHENTICATED. The token is taken out of the request either way, so
+    /// no service behind the bridge (in process or upstream) ever sees it.
+    pub fn require_token<S>(&self, inner: S) -> RequireToken<S> {
+        RequireToken {
+            auth: self.clone(),
+            inner,
         }
+    }
+
+    /// Removes the `authorization` values that carry this token.
+    fn strip_token(&self, headers: &mut HeaderMap) {
+        let Some(expected) = &self.token else { return };
+        if !headers.contains_key(AUTHORIZATION) {
+            return;
+        }
+        let others: Vec<HeaderValue> = headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter(|value| !value.to_str().ok().and_then(bearer).is_some_and(|t| same_token(t, expected)))
+            .cloned()
+            .collect();
+        headers.remove(AUTHORIZATION);
+        for value in others {
+            headers.append(AUTHORIZATION, value);
+        }
+    }
+}
+
+/// gRPC services that reveal no data and that tools call without
+/// credentials (load balancers, grpcurl).
+fn is_public_method(path: &str) -> bool {
+    ["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+}
+
+/// See [`Auth::require_token`].
+#[derive(Clone, Debug)]
+pub struct RequireToken<S> {
+    auth: Auth,
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for RequireToken<S>
+where
+    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        if !is_public_method(request.uri().path()) && !self.auth.allows_headers(request.headers()) {
+            let status = tonic::Status::unauthenticated(
+                "missing or invalid bearer token: send the metadata `authorization: Bearer <token>`",
+            );
+            return Either::Right(std::future::ready(Ok(status.into_http())));
+        }
+        self.auth.strip_token(request.headers_mut());
+        Either::Left(self.inner.call(request))
     }
 }
 

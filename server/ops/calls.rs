@@ -6,42 +6,13 @@
 //! returns to zero proves nothing was left behind. Tests wait on it instead of
 //! sleeping; `/metrics` reports it.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::metrics::{Metrics, StreamMetrics};
-
-/// The ways into the stream processor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// Native gRPC over HTTP/2.
-    Grpc,
-    /// gRPC-Web (binary or text) over HTTP/1.1 or HTTP/2.
-    GrpcWeb,
-    /// The WebSocket bridge at `/ws`.
-    WebSocket,
-}
-
-impl Transport {
-    const ALL: [Transport; 3] = [Transport::Grpc, Transport::GrpcWeb, Transport::WebSocket];
-
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Grpc => "grpc",
-            Transport::GrpcWeb => "grpc-web",
-            Transport::WebSocket => "websocket",
-        })
-    }
-}
+use super::metrics::{Metrics, StreamMetrics};
+use crate::transport::Transport;
 
 type Counts = [usize; Transport::ALL.len()];
 

@@ -1,0 +1,298 @@
+//! The one module that sees everything: the server's state, the router that
+//! sends each request to exactly one transport, and [`Server`] itself.
+
+mod server;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::FromRef;
+use axum::routing::{any, get, post};
+use http::{Method, Request, Response, header};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::steer::Steer;
+use tower::util::BoxCloneSyncService;
+
+pub use server::{Server, ServerBuilder, StartError};
+
+use crate::backend::data_service::GrpcDataService;
+use crate::backend::{GrpcService, Services};
+use crate::config::{Config, ConfigError};
+use crate::ops::calls::ActiveCalls;
+use crate::ops::health;
+use crate::policy::auth::Auth;
+use crate::policy::origin::OriginPolicy;
+use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
+use crate::transport::websocket::{CallSettings, WebSocketState};
+use crate::transport::{grpc, grpc_web, static_files, websocket};
+
+/// Any of the server's HTTP services, type-erased so the router can pick one.
+pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The server's whole HTTP surface: one service per transport, and the
+/// function that picks one for each request.
+pub type TransportRouter = Steer<HttpService, fn(&Request<Body>, &[HttpService]) -> usize, Request<Body>>;
+
+/// Everything the server's handlers share; each handler takes only its own
+/// slice of it (axum's `FromRef`). Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    calls: ActiveCalls,
+    origins: OriginPolicy,
+    websocket: Arc<CallSettings>,
+    auth: Auth,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl AppState {
+    /// The state for `config`; fails if the token file cannot be read.
+    pub fn new(config: &Config) -> Result<AppState, ConfigError> {
+        Ok(AppState {
+            calls: ActiveCalls::default(),
+            origins: OriginPolicy::new(&config.allowed_origins),
+            websocket: Arc::new(CallSettings {
+                max_message_size: config.max_message_size,
+                read_buffer_size: config.ws_read_buffer_size,
+                write_buffer_size: config.ws_write_buffer_size,
+                request_queue: config.ws_request_queue,
+                close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
+            }),
+            auth: Auth::new(config.bearer_token()?),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// The built-in backend: `DataService` alone, with health and reflection.
+    pub fn builtin_backend(&self, config: &Config) -> GrpcService {
+        let mut services = Services::default();
+        self.add_data_service(&mut services, config);
+        services
+            .into_backend(&self.auth, self.shutdown.clone())
+            .expect("the descriptors compiled by build.rs are valid")
+    }
+
+    fn add_data_service(&self, services: &mut Services, config: &Config) {
+        services.add(GrpcDataService::server(
+            self.calls.clone(),
+            self.shutdown.clone(),
+            config.max_message_size,
+        ));
+        services.register_file_descriptor_set(health::FILE_DESCRIPTOR_SET);
+    }
+}
+
+impl FromRef<AppState> for WebSocketState {
+    fn from_ref(state: &AppState) -> Self {
+        WebSocketState {
+            calls: state.calls.clone(),
+            origins: state.origins.clone(),
+            settings: state.websocket.clone(),
+            auth: state.auth.clone(),
+            shutdown: state.shutdown.clone(),
+            tasks: state.tasks.clone(),
+        }
+    }
+}
+
+impl FromRef<AppState> for ActiveCalls {
+    fn from_ref(state: &AppState) -> Self {
+        state.calls.clone()
+    }
+}
+
+/// The whole HTTP surface of the server: classifies each request by its
+/// content type (and path) and hands it to exactly one transport; both gRPC
+/// transports call `backend`.
+pub fn router(config: &Config, state: AppState, backend: GrpcService) -> TransportRouter {
+    // Both gRPC transports reach the backend through the framing check.
+    let framing = FramingSettings {
+        max_message_size: config.max_message_size,
+        stall_timeout: config.request_body_timeout,
+    };
+    let backend = FollowFraming::new(backend, framing);
+    let grpc = grpc::service(backend.clone());
+    let grpc_web = grpc_web::service(backend, state.origins.clone());
+    let files = static_files::service(&config.static_dir);
+    let web = HttpService::new(
+        axum::Router::new()
+            .route("/ws", any(websocket::upgrade))
+            .route("/metrics", get(health::metrics))
+            // POST to a gRPC-shaped path without a gRPC content type: say why
+            // it fails; every other method there is a plain file request.
+            .route(
+                "/{service}/{method}",
+                post(grpc_without_grpc_content_type).fallback(files.clone()),
+            )
+            .fallback(files)
+            .with_state(state),
+    );
+    let bad_request = HttpService::new(tower::service_fn(|_: Request<Body>| async {
+        let body = "400 bad request: an HTTP/1.1 request needs exactly one Host header (RFC 9112, section 3.2)\n";
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = http::StatusCode::BAD_REQUEST;
+        Ok::<_, Infallible>(response)
+    }));
+    // The order matches `Route`.
+    Steer::new(
+        vec![grpc, grpc_web, web, bad_request],
+        |request: &Request<Body>, _: &[HttpService]| classify(request) as usize,
+    )
+}
+
+/// Which service of [`router`] a request goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// `application/grpc[+proto]`: straight to tonic, no translation, no CORS.
+    Grpc = 0,
+    /// `application/grpc-web[-text][+proto]`, or a CORS preflight (only
+    /// gRPC-Web calls are cross-origin HTTP requests worth allowing).
+    GrpcWeb = 1,
+    /// Everything else: `/ws`, the page, 404s.
+    Web = 2,
+    /// Not a valid HTTP request at all: answered 400.
+    BadRequest = 3,
+}
+
+fn classify(request: &Request<Body>) -> Route {
+    if request.version() == http::Version::HTTP_11 && !has_one_host(request.headers()) {
+        return Route::BadRequest;
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    match grpc_web::GrpcMediaType::of(content_type) {
+        Some(grpc_web::GrpcMediaType::GrpcWeb(_)) => Route::GrpcWeb,
+        Some(grpc_web::GrpcMediaType::Grpc) => Route::Grpc,
+        None if request.method() == Method::OPTIONS
+            && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) =>
+        {
+            Route::GrpcWeb
+        }
+        None => Route::Web,
+    }
+}
+
+/// RFC 9112: an HTTP/1.1 request carries exactly one `Host`.
+fn has_one_host(headers: &http::HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_none()
+}
+
+/// A POST to a gRPC-shaped path that is not gRPC: the caller probably forgot
+/// the content type, so say which ones are understood. A POST to any other
+/// two-segment path (`/pkg/app.js`) is a page request, answered 405.
+async fn grpc_without_grpc_content_type(method: Method, uri: http::Uri) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if !is_grpc_method_path(uri.path()) {
+        return static_files::method_not_allowed(method, uri).await.into_response();
+    }
+    let message = "415 unsupported media type: gRPC methods take content-type application/grpc (native gRPC) \
+                   or application/grpc-web, application/grpc-web-text (gRPC-Web)\n";
+    (http::StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response()
+}
+
+/// `/package.Service/Method`: a dotted service name and a method identifier,
+/// as protobuf names them (a file name has a dot in its last segment).
+fn is_grpc_method_path(path: &str) -> bool {
+    let identifier = |name: &str| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match path.strip_prefix('/').and_then(|rest| rest.split_once('/')) {
+        Some((service, method)) => service.split('.').all(identifier) && identifier(method),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, content_type: Option<&str>, preflight: bool) -> Request<Body> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri("/DataService/BidirectionalStream")
+            .header(header::HOST, "example");
+        if let Some(content_type) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        if preflight {
+            builder = builder.header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST");
+        }
+        builder.body(Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn requests_go_to_the_transport_their_content_type_names() {
+        assert_eq!(
+            classify(&request(Method::POST, Some("application/grpc"), false)),
+            Route::Grpc
+        );
+        assert_eq!(
+            classify(&request(Method::POST, Some("application/grpc+proto"), false)),
+            Route::Grpc
+        );
+        assert_eq!(
+            classify(&request(Method::POST, Some("application/grpc-web"), false)),
+            Route::GrpcWeb
+        );
+        assert_eq!(
+            classify(&request(Method::POST, Some("application/grpc-web-text+proto"), false)),
+            Route::GrpcWeb
+        );
+        assert_eq!(classify(&request(Method::OPTIONS, None, true)), Route::GrpcWeb);
+        assert_eq!(classify(&request(Method::GET, None, false)), Route::Web);
+        assert_eq!(classify(&request(Method::POST, Some("text/plain"), false)), Route::Web);
+    }
+
+    #[test]
+    fn media_types_are_parsed_not_prefix_matched() {
+        for (content_type, route) in [
+            ("application/grpc-web; charset=utf-8", Route::GrpcWeb),
+            ("APPLICATION/GRPC-WEB-TEXT", Route::GrpcWeb),
+            ("Application/Grpc-Web+Proto ; x=y", Route::GrpcWeb),
+            ("APPLICATION/GRPC", Route::Grpc),
+            ("application/grpc+proto;charset=x", Route::Grpc),
+            ("application/grpcx", Route::Web),
+            ("application/grpc-webby", Route::Web),
+            ("application/grpc-web+json", Route::Web),
+        ] {
+            assert_eq!(
+                classify(&request(Method::POST, Some(content_type), false)),
+                route,
+                "{content_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_method_paths_are_told_from_file_paths() {
+        assert!(is_grpc_method_path("/DataService/BidirectionalStream"));
+        assert!(is_grpc_method_path("/grpc.health.v1.Health/Check"));
+        assert!(!is_grpc_method_path("/pkg/streambridge_client.js"));
+        assert!(!is_grpc_method_path("/docs/a-b"));
+        assert!(!is_grpc_method_path("/a..b/C"));
+        assert!(!is_grpc_method_path("/index.html"));
+    }
+
+    #[test]
+    fn an_http11_request_without_exactly_one_host_is_a_bad_request() {
+        let mut none = request(Method::GET, None, false);
+        none.headers_mut().remove(header::HOST);
+        assert_eq!(classify(&none), Route::BadRequest);
+        let mut two = request(Method::GET, None, false);
+        two.headers_mut().append(header::HOST, "other".parse().unwrap());
+        assert_eq!(classify(&two), Route::BadRequest);
+        let mut http10 = request(Method::GET, None, false);
+        http10.headers_mut().remove(header::HOST);
+        *http10.version_mut() = http::Version::HTTP_10;
+        assert_eq!(classify(&http10), Route::Web, "HTTP/1.0 needs no Host");
+    }
+}

@@ -1,0 +1,215 @@
+//! [`Server`]: bind, run, drain; and [`ServerBuilder`], which chooses what
+//! answers the calls (the built-in `DataService`, your own tonic services,
+//! or an upstream).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+
+use super::{AppState, router};
+use crate::backend::upstream::{Upstream, UpstreamError, UpstreamSettings};
+use crate::backend::{GrpcRequest, GrpcResponse, GrpcService, Services, upstream_backend};
+use crate::config::{Config, ConfigError};
+use crate::net::{listener, tls};
+use crate::ops::calls::ActiveCalls;
+use crate::ops::shutdown;
+
+/// Why a server could not start; each names the flag or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag's value, or a file a flag names (the token file).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS certificate or key.
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(io::Error),
+    /// The listening address.
+    #[error("--listen {addr}: cannot listen: {source}")]
+    Listen {
+        /// The address that could not be bound.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The upstream's settings (`--upstream*`).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Services added with [`ServerBuilder::add_service`] beside `--upstream`.
+    #[error("--upstream forwards every call: it cannot be combined with services added in process")]
+    UpstreamWithServices,
+    /// A descriptor set registered for reflection does not decode.
+    #[error("a registered file descriptor set is invalid: {0}")]
+    Descriptors(#[from] tonic_reflection::server::Error),
+}
+
+/// Chooses what answers the server's gRPC calls, then binds.
+///
+/// With no service added and no `--upstream`, the server runs the built-in
+/// `DataService`. Services added here are reachable by native gRPC,
+/// gRPC-Web and the WebSocket bridge alike:
+///
+/// ```ignore
+/// let server = streambridge::Server::builder(config)
+///     .add_service(ChatServer::new(ChatRoom::default()))
+///     .register_file_descriptor_set(CHAT_DESCRIPTORS)
+///     .bind()
+///     .await?;
+/// server.run().await;
+/// ```
+pub struct ServerBuilder {
+    config: Config,
+    services: Services,
+    with_data_service: bool,
+}
+
+impl ServerBuilder {
+    /// Adds a tonic service (what a generated `...Server::new(...)` returns).
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: tower::Service<GrpcRequest, Response = GrpcResponse, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.services.add(service);
+        self
+    }
+
+    /// Keeps the built-in `DataService` beside the added services.
+    pub fn add_data_service(mut self) -> Self {
+        self.with_data_service = true;
+        self
+    }
+
+    /// Registers an encoded `FileDescriptorSet` (what `tonic-prost-build`'s
+    /// `file_descriptor_set_path` writes) so that reflection lists the added
+    /// services' methods.
+    pub fn register_file_descriptor_set(mut self, encoded: &'static [u8]) -> Self {
+        self.services.register_file_descriptor_set(encoded);
+        self
+    }
+
+    /// Binds `config.listen` (port 0 for an ephemeral port). Fails if the
+    /// configuration is inconsistent, a file it names cannot be read, or the
+    /// address cannot be bound.
+    pub async fn bind(self) -> Result<Server, StartError> {
+        let ServerBuilder {
+            config,
+            mut services,
+            with_data_service,
+        } = self;
+        config.validate()?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(StartError::Tls)?),
+            _ => None,
+        };
+        let state = AppState::new(&config)?;
+        let backend = match &config.upstream {
+            Some(_) if with_data_service || !services.is_empty() => return Err(StartError::UpstreamWithServices),
+            Some(uri) => {
+                let upstream = Upstream::new(&UpstreamSettings {
+                    uri: uri.clone(),
+                    ca: config.upstream_ca.clone(),
+                    client_identity: config.upstream_client_cert.clone().zip(config.upstream_client_key.clone()),
+                    connect_timeout: config.upstream_connect_timeout,
+                    max_message_size: config.max_message_size,
+                })?;
+                state.tasks.spawn(upstream.clone().monitor(state.shutdown.clone()));
+                upstream_backend(upstream, &state.auth, state.shutdown.clone())
+            }
+            None if services.is_empty() => state.builtin_backend(&config),
+            None => {
+                if with_data_service {
+                    state.add_data_service(&mut services, &config);
+                }
+                services.into_backend(&state.auth, state.shutdown.clone())?
+            }
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        Ok(Server {
+            listener,
+            config,
+            state,
+            backend,
+            tls,
+        })
+    }
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    config: Config,
+    state: AppState,
+    backend: GrpcService,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Server {
+    /// A builder for a server with your own services (or an upstream).
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            services: Services::default(),
+            with_data_service: false,
+        }
+    }
+
+    /// Binds `config.listen` with what `config` says serves the calls: the
+    /// upstream if `--upstream` is set, else the built-in `DataService`.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        Server::builder(config).bind().await
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Live calls per transport, for tests and metrics.
+    pub fn active_calls(&self) -> ActiveCalls {
+        self.state.calls.clone()
+    }
+
+    /// Cancelling this token starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.state.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token fires, then drains live calls for at
+    /// most `--drain-timeout`. Returns whether the drain finished in time.
+    pub async fn run(self) -> bool {
+        let Server {
+            listener,
+            config,
+            state,
+            backend,
+            tls,
+        } = self;
+        let service = router(&config, state.clone(), backend);
+        let settings = listener::ListenerSettings {
+            tls,
+            metrics: state.calls.metrics().clone(),
+            tasks: state.tasks.clone(),
+            shutdown: state.shutdown.clone(),
+        };
+        listener::accept_loop(listener, service, &config, settings).await;
+        let drained = shutdown::drain(&state.tasks, config.drain_timeout).await;
+        if !drained {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with calls still open");
+        }
+        drained
+    }
+}

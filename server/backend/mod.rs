@@ -1,0 +1,115 @@
+//! What answers gRPC calls: one tower service taking a gRPC request and
+//! returning a gRPC response, whatever the transport it came by. Every
+//! transport ends here (native gRPC directly, gRPC-Web through tonic-web's
+//! translation), so a service added once is reachable by all of them.
+//!
+//! The backend is either
+//!
+//! - **in process**: tonic services on tonic's `Routes`, the built-in
+//!   `DataService` (the default) or the embedder's own
+//!   ([`crate::ServerBuilder::add_service`]), with health and reflection; or
+//! - **an upstream** ([`upstream`]): every call forwarded to another gRPC
+//!   server, except health, which the bridge answers itself.
+//!
+//! In both, the bearer token (if any) is checked in front of every method
+//! but health and reflection, and removed before the call goes on.
+
+pub mod codec;
+pub mod data_service;
+pub mod processor;
+pub mod upstream;
+
+use std::convert::Infallible;
+
+use http::{Request, Response};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use tower::util::BoxCloneSyncService;
+
+use crate::ops::health;
+use crate::policy::auth::Auth;
+
+/// A gRPC request, as every transport hands it to the backend.
+pub type GrpcRequest = Request<tonic::body::Body>;
+/// A gRPC response: headers, messages, trailers.
+pub type GrpcResponse = Response<tonic::body::Body>;
+/// The backend, type-erased: what every transport calls.
+pub type GrpcService = BoxCloneSyncService<GrpcRequest, GrpcResponse, Infallible>;
+
+/// In-process tonic services, gathered before the server starts.
+#[derive(Clone, Default)]
+pub struct Services {
+    routes: Routes,
+    names: Vec<String>,
+    descriptor_sets: Vec<&'static [u8]>,
+}
+
+impl Services {
+    /// Adds a tonic service (anything tonic's generated `...Server::new`
+    /// returns, layers and interceptors included).
+    pub fn add<S>(&mut self, service: S)
+    where
+        S: tower::Service<GrpcRequest, Response = GrpcResponse, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME.to_string());
+        self.routes = std::mem::take(&mut self.routes).add_service(service);
+    }
+
+    /// Registers an encoded `FileDescriptorSet` for reflection.
+    pub fn register_file_descriptor_set(&mut self, encoded: &'static [u8]) {
+        self.descriptor_sets.push(encoded);
+    }
+
+    /// Whether no service was added.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The services with health and reflection beside them, behind `auth`.
+    pub fn into_backend(
+        self,
+        auth: &Auth,
+        shutdown: CancellationToken,
+    ) -> Result<GrpcService, tonic_reflection::server::Error> {
+        let Services {
+            routes,
+            names,
+            descriptor_sets,
+        } = self;
+        let (reflection_v1, reflection_v1alpha) = health::reflection_services(&descriptor_sets)?;
+        let routes = routes
+            .add_service(health::health_service(names, shutdown, None))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare();
+        Ok(GrpcService::new(auth.require_token(routes)))
+    }
+}
+
+/// The upstream behind `auth`, with the bridge's own health service in
+/// front of it (reporting whether the upstream is reachable).
+pub fn upstream_backend(upstream: upstream::Upstream, auth: &Auth, shutdown: CancellationToken) -> GrpcService {
+    let reachable: watch::Receiver<bool> = upstream.reachable();
+    let health = health::health_service(Vec::new(), shutdown, Some(reachable));
+    let router = axum::Router::new()
+        .route_service(
+            "/grpc.health.v1.Health/{*method}",
+            tower::ServiceExt::map_request(health, |request: Request<axum::body::Body>| {
+                request.map(tonic::body::Body::new)
+            }),
+        )
+        .fallback_service(tower::ServiceExt::map_request(
+            upstream,
+            |request: Request<axum::body::Body>| request.map(tonic::body::Body::new),
+        ));
+    let routes = Routes::from(router).prepare();
+    GrpcService::new(auth.require_token(routes))
+}

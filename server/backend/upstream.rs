@@ -1,0 +1,541 @@
+//! Upstream mode (`--upstream`): every gRPC call is forwarded to another
+//! gRPC server over one HTTP/2 connection (tonic's `Channel`, h2c or TLS),
+//! as a transparent proxy of HTTP/2 streams. Messages are not decoded: the
+//! request's metadata, the response's headers, messages and trailers
+//! (`grpc-status-details-bin` included) pass as they are, so all four call
+//! types work for any method.
+//!
+//! What the bridge adds on the way:
+//!
+//! - **metadata**: hop-by-hop headers are dropped (HTTP/2 forbids them) and
+//!   the bridge's own bearer token has already been taken out by
+//!   [`crate::policy::auth`]; `grpc-timeout` is sent on shortened by the time
+//!   the call spent in the bridge, and the bridge itself fails the call with
+//!   DEADLINE_EXCEEDED if the upstream has not answered by then;
+//! - **cancellation**: a client that cancels, resets or goes away drops the
+//!   response body here, which resets the upstream stream (RST_STREAM) at once;
+//! - **errors**: an unreachable upstream fails calls with UNAVAILABLE naming
+//!   it, within `--upstream-connect-timeout`; a request the bridge refuses
+//!   (too large, truncated, stalled: see `transport::grpc_framing`) ends the
+//!   call with the bridge's status, not the upstream's reaction to the reset;
+//!   an upstream message over `--max-message-size` ends the call with
+//!   RESOURCE_EXHAUSTED after the messages before it;
+//! - **health**: [`Upstream::monitor`] probes the upstream and publishes
+//!   whether it is reachable, which the bridge's health service reports.
+//!   A failed call wakes it at once; while the upstream is down it retries
+//!   with exponential backoff (100 ms to 5 s).
+//!
+//! No timeout bounds a call's length: long streams live as long as both ends
+//! want them.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tower::ServiceExt;
+
+/// How long a healthy upstream goes between probes.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// The first retry after a failure, doubled per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Where the upstream is and how to reach it (from the `--upstream*` flags).
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub uri: http::Uri,
+    /// PEM CA certificates for an `https` upstream (else the system's roots).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// Bound on connecting (TCP and TLS).
+    pub connect_timeout: Duration,
+    /// `--max-message-size`, applied to what the upstream sends.
+    pub max_message_size: usize,
+}
+
+/// Why the upstream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// A TLS file could not be read.
+    #[error("{flag} {}: {source}", path.display())]
+    File {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// tonic refused the endpoint or its TLS settings.
+    #[error("--upstream {uri}: {source}")]
+    Endpoint {
+        /// The upstream.
+        uri: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// The upstream: a tower service forwarding each gRPC call. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    channel: Channel,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The upstream's address, for messages.
+    name: String,
+    max_message_size: usize,
+    connect_timeout: Duration,
+    reachable: watch::Sender<bool>,
+    /// Wakes the monitor when a call fails to reach the upstream.
+    call_failed: Notify,
+}
+
+impl Upstream {
+    /// Sets up the connection, lazily: the server starts whether or not the
+    /// upstream is up.
+    pub fn new(settings: &UpstreamSettings) -> Result<Upstream, UpstreamError> {
+        let name = settings.uri.to_string().trim_end_matches('/').to_string();
+        let endpoint_error = |source| UpstreamError::Endpoint {
+            uri: name.clone(),
+            source,
+        };
+        let mut endpoint = Endpoint::from(settings.uri.clone())
+            .connect_timeout(settings.connect_timeout)
+            .tcp_nodelay(true)
+            // Find a dead upstream connection even when no call is running.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if settings.uri.scheme_str() == Some("https") {
+            let read = |flag, path: &PathBuf| {
+                std::fs::read(path).map_err(|source| UpstreamError::File {
+                    flag,
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut tls = ClientTlsConfig::new();
+            tls = match &settings.ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--upstream-ca", ca)?)),
+                None => tls.with_native_roots(),
+            };
+            if let Some((cert, key)) = &settings.client_identity {
+                tls = tls.identity(Identity::from_pem(
+                    read("--upstream-client-cert", cert)?,
+                    read("--upstream-client-key", key)?,
+                ));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(endpoint_error)?;
+        }
+        Ok(Upstream {
+            channel: endpoint.connect_lazy(),
+            shared: Arc::new(Shared {
+                name,
+                max_message_size: settings.max_message_size,
+                connect_timeout: settings.connect_timeout,
+                reachable: watch::Sender::new(false),
+                call_failed: Notify::new(),
+            }),
+        })
+    }
+
+    /// Whether the upstream answered the last probe.
+    pub fn reachable(&self) -> watch::Receiver<bool> {
+        self.shared.reachable.subscribe()
+    }
+
+    /// Probes the upstream until `shutdown`: `grpc.health.v1.Health/Check`
+    /// for the whole server. Any gRPC answer but UNAVAILABLE means it is
+    /// reachable (an upstream without a health service says UNIMPLEMENTED);
+    /// an upstream that reports NOT_SERVING counts as down.
+    pub async fn monitor(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let up = self.probe().await;
+            self.shared.reachable.send_if_modified(|was| std::mem::replace(was, up) != up);
+            let wait = if up {
+                failures = 0;
+                PROBE_INTERVAL
+            } else {
+                failures = failures.saturating_add(1);
+                backoff(failures)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shared.call_failed.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn probe(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+        request.set_timeout(self.shared.connect_timeout + Duration::from_secs(1));
+        match client.check(request).await {
+            Ok(response) => response.into_inner().status() != ServingStatus::NotServing,
+            Err(status) => !matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded),
+        }
+    }
+
+    /// Forwards one call; never fails as a service: every failure is a gRPC
+    /// status for the client.
+    async fn forward(self, request: Request<tonic::body::Body>) -> Response<tonic::body::Body> {
+        let started = Instant::now();
+        let (mut parts, body) = request.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        let deadline = parts.headers.get("grpc-timeout").and_then(parse_grpc_timeout);
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_sub(started.elapsed());
+            parts.headers.insert("grpc-timeout", encode_grpc_timeout(left));
+        }
+        let refused = Arc::new(OnceLock::new());
+        let body = tonic::body::Body::new(RequestBody {
+            body,
+            refused: refused.clone(),
+        });
+        let call = self.channel.clone().oneshot(Request::from_parts(parts, body));
+        let answer = match deadline {
+            Some(deadline) => match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), call).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    return Status::deadline_exceeded("deadline exceeded before the upstream answered").into_http();
+                }
+            },
+            None => call.await,
+        };
+        match answer {
+            Ok(response) => {
+                let shared = self.shared.clone();
+                response.map(|body| tonic::body::Body::new(ResponseBody::new(body, shared, refused)))
+            }
+            Err(error) => match refused.get() {
+                Some(status) => status.clone().into_http(),
+                None => {
+                    self.shared.reachable.send_if_modified(|up| std::mem::replace(up, false));
+                    self.shared.call_failed.notify_one();
+                    Status::unavailable(format!(
+                        "upstream {} unreachable: {}",
+                        self.shared.name,
+                        error_chain(&error)
+                    ))
+                    .into_http()
+                }
+            },
+        }
+    }
+}
+
+impl tower::Service<Request<tonic::body::Body>> for Upstream {
+    type Response = Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The channel's own readiness is awaited per call, inside the future.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let upstream = self.clone();
+        Box::pin(async move { Ok(upstream.forward(request).await) })
+    }
+}
+
+/// The wait before retry number `failures` (from 1).
+fn backoff(failures: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+        .min(MAX_BACKOFF)
+}
+
+/// `error` and its sources, as one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Headers that describe one HTTP connection, not the call (RFC 9110 7.6.1;
+/// HTTP/2 forbids them), and `host` (the upstream's authority replaces it).
+/// `te: trailers` is the one `te` gRPC needs, and stays.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+        for name in connection.split(',').map(str::trim) {
+            if let Ok(name) = HeaderName::try_from(name) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [CONNECTION, TRANSFER_ENCODING, UPGRADE, HOST, CONTENT_LENGTH] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (gRPC over HTTP/2 spec).
+fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?;
+    if text.len() < 2 || text.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The finest unit that fits `left` in 8 digits (never rounding up, so a
+/// forwarded deadline is never later than the client's).
+fn encode_grpc_timeout(left: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = left.as_nanos();
+    let (amount, unit) = [(1, 'n'), (1_000, 'u'), (1_000_000, 'm'), (1_000_000_000, 'S'), (60_000_000_000, 'M')]
+        .into_iter()
+        .map(|(per, unit)| (nanos / per, unit))
+        .find(|(amount, _)| *amount <= MAX)
+        .unwrap_or(((nanos / 3_600_000_000_000).min(MAX), 'H'));
+    HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a letter are a valid header value")
+}
+
+/// The client's request body on its way up; remembers the status the
+/// bridge refused it with (see `transport::grpc_framing`), so the call ends
+/// with that status rather than with the upstream's view of the reset.
+struct RequestBody {
+    body: tonic::body::Body,
+    refused: Arc<OnceLock<Status>>,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(status))) = &frame {
+            let _ = self.refused.set(status.clone());
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The upstream's response body on its way to the client: messages pass
+/// untouched, each message's 5-byte prefix read to hold the size limit; a
+/// failure of the upstream stream becomes trailers with a status.
+struct ResponseBody {
+    /// `None` once the call has ended here.
+    body: Option<tonic::body::Body>,
+    shared: Arc<Shared>,
+    refused: Arc<OnceLock<Status>>,
+    /// Bytes of the current message still to pass.
+    remaining: usize,
+    /// A prefix split across chunks, held until it is whole.
+    partial_prefix: BytesMut,
+    /// The status to end with, once the data before it has gone.
+    ending: Option<Status>,
+}
+
+impl ResponseBody {
+    fn new(body: tonic::body::Body, shared: Arc<Shared>, refused: Arc<OnceLock<Status>>) -> Self {
+        ResponseBody {
+            body: Some(body),
+            shared,
+            refused,
+            remaining: 0,
+            partial_prefix: BytesMut::new(),
+            ending: None,
+        }
+    }
+
+    /// Scans `data` for message prefixes. Returns the bytes that may pass
+    /// now; sets `ending` if a message is over the limit (its bytes never
+    /// pass) and holds back a prefix cut by the chunk's end.
+    fn follow(&mut self, mut data: Bytes) -> Bytes {
+        if !self.partial_prefix.is_empty() {
+            let mut joined = std::mem::take(&mut self.partial_prefix);
+            joined.extend_from_slice(&data);
+            data = joined.freeze();
+        }
+        let mut pos = 0;
+        while pos < data.len() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() - pos);
+                self.remaining -= n;
+                pos += n;
+                continue;
+            }
+            if data.len() - pos < 5 {
+                self.partial_prefix.extend_from_slice(&data[pos..]);
+                return data.slice(..pos);
+            }
+            let mut prefix = &data[pos + 1..pos + 5];
+            let length = prefix.get_u32() as usize;
+            if length > self.shared.max_message_size {
+                self.ending = Some(Status::resource_exhausted(format!(
+                    "the upstream sent a message of {length} bytes; the limit (--max-message-size) is {}",
+                    self.shared.max_message_size
+                )));
+                return data.slice(..pos);
+            }
+            self.remaining = length;
+            pos += 5;
+        }
+        data
+    }
+
+    /// Ends the call with `status` as trailers; the upstream stream is
+    /// dropped (reset) at once.
+    fn end_with(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.body = None;
+        let mut trailers = HeaderMap::new();
+        match status.add_header(&mut trailers) {
+            Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Err(status) => Poll::Ready(Some(Err(status))),
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(status) = this.ending.take() {
+            return this.end_with(status);
+        }
+        loop {
+            let Some(body) = this.body.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match std::task::ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    let status = match this.refused.get() {
+                        Some(refused) => refused.clone(),
+                        None => Status::new(
+                            error.code(),
+                            format!("upstream {}: the call failed: {}", this.shared.name, error.message()),
+                        ),
+                    };
+                    return this.end_with(status);
+                }
+                None if this.remaining > 0 || !this.partial_prefix.is_empty() => {
+                    return this.end_with(Status::internal(format!(
+                        "upstream {}: the response ended inside a message",
+                        this.shared.name
+                    )));
+                }
+                None => {
+                    this.body = None;
+                    return Poll::Ready(None);
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let data = this.follow(data);
+                    if !data.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if let Some(status) = this.ending.take() {
+                        return this.end_with(status);
+                    }
+                }
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ending.is_none() && self.body.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_round_trip_without_growing() {
+        for text in ["1n", "999u", "100m", "30S", "5M", "2H", "99999999m"] {
+            let parsed = parse_grpc_timeout(&HeaderValue::from_static(text)).unwrap();
+            let again = parse_grpc_timeout(&encode_grpc_timeout(parsed)).unwrap();
+            assert_eq!(again, parsed, "{text}");
+        }
+        let odd = Duration::from_nanos(123_456_789_123);
+        assert!(parse_grpc_timeout(&encode_grpc_timeout(odd)).unwrap() <= odd);
+        for bad in ["", "5", "m", "123456789m", "5x", "-5m", "5 m"] {
+            assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(bad)), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(6), Duration::from_millis(3200));
+        assert_eq!(backoff(7), MAX_BACKOFF);
+        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_te_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(HOST, HeaderValue::from_static("bridge"));
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        headers.insert("x-user", HeaderValue::from_static("kept"));
+        remove_hop_by_hop(&mut headers);
+        let mut names: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-user"]);
+    }
+}

@@ -1,0 +1,7 @@
+//! What keeps the server observable and stoppable, whatever it serves:
+//! live calls and their metrics, health and reflection, shutdown.
+
+pub mod calls;
+pub mod health;
+pub mod metrics;
+pub mod shutdown;

@@ -1,0 +1,5 @@
+//! Who may call: the bearer token and the origin policy, applied by every
+//! transport before a call starts.
+
+pub mod auth;
+pub mod origin;
