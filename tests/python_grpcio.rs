@@ -7,33 +7,16 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 
 use streambridge::Transport;
 use support::{TestServer, within};
 
-fn python() -> PathBuf {
-    if let Some(path) = std::env::var_os("STREAMBRIDGE_PYTHON") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let venv_python = target.join("python-venv/bin/python");
-    assert!(
-        venv_python.exists(),
-        "no Python with grpcio: run `cargo xtask test` (it provisions {}) or set STREAMBRIDGE_PYTHON",
-        venv_python.display()
-    );
-    venv_python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_with_stubs_from_the_seed_proto_streams_through_the_server() {
     let server = TestServer::start().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
-    let child = tokio::process::Command::new(python())
+    let child = tokio::process::Command::new(support::python())
         .arg(script)
         .arg(server.addr.to_string())
         .stdout(Stdio::piped())
@@ -64,7 +47,7 @@ async fn grpcio_streams_still_sending_at_sigterm_read_the_drain_status_not_a_res
 
     let process = support::process::ServerProcess::start(&[]).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
-    let mut child = tokio::process::Command::new(python())
+    let mut child = tokio::process::Command::new(support::python())
         .arg(script)
         .arg(process.server.0.to_string())
         .arg("sending-at-shutdown")

@@ -216,9 +216,7 @@ impl Upstream {
         let answer = match deadline {
             Some(deadline) => match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), call).await {
                 Ok(answer) => answer,
-                Err(_) => {
-                    return Status::deadline_exceeded("deadline exceeded before the upstream answered").into_http();
-                }
+                Err(_) => return deadline_passed().into_http(),
             },
             None => call.await,
         };
@@ -229,17 +227,28 @@ impl Upstream {
             }
             Err(error) => match refused.get() {
                 Some(status) => status.clone().into_http(),
-                None => {
-                    self.shared.reachable.send_if_modified(|up| std::mem::replace(up, false));
-                    self.shared.call_failed.notify_one();
-                    Status::unavailable(format!(
-                        "upstream {} unreachable: {}",
-                        self.shared.name,
-                        error_chain(&error)
-                    ))
-                    .into_http()
-                }
+                None => self.failed(error).into_http(),
             },
+        }
+    }
+
+    /// The status for a call the upstream did not answer. A failure to
+    /// connect (UNAVAILABLE) also marks the upstream down and wakes the
+    /// monitor; a stream the upstream reset keeps the code its reason maps to.
+    fn failed(&self, error: tonic::transport::Error) -> Status {
+        // The channel holds the forwarded `grpc-timeout` too, and its timer
+        // may fire in the same instant as the bridge's.
+        if find_source::<tonic::TimeoutExpired>(&error).is_some() {
+            return deadline_passed();
+        }
+        let chain = error_chain(&error);
+        let code = Status::from_error(Box::new(error)).code();
+        if code == tonic::Code::Unavailable {
+            self.shared.reachable.send_if_modified(|up| std::mem::replace(up, false));
+            self.shared.call_failed.notify_one();
+            Status::unavailable(format!("upstream {} unreachable: {chain}", self.shared.name))
+        } else {
+            Status::new(code, format!("upstream {}: {chain}", self.shared.name))
         }
     }
 }
@@ -265,6 +274,22 @@ fn backoff(failures: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
         .min(MAX_BACKOFF)
+}
+
+fn deadline_passed() -> Status {
+    Status::deadline_exceeded("deadline exceeded before the upstream answered")
+}
+
+/// The first error of type `E` in `error`'s source chain.
+fn find_source<'a, E: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(found) = current.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = current.source();
+    }
+    None
 }
 
 /// `error` and its sources, as one line.
@@ -360,9 +385,8 @@ impl http_body::Body for RequestBody {
         self.body.is_end_stream()
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
+    // No size hint: hyper would send an exact one as `content-length`, and
+    // a body tonic-web decoded (gRPC-Web text) is shorter than it claims.
 }
 
 /// The upstream's response body on its way to the client: messages pass

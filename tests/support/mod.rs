@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod process;
+pub mod upstream;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -119,4 +120,23 @@ pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The Python with grpcio: `STREAMBRIDGE_PYTHON`, or the virtualenv that
+/// `cargo xtask test` provisions; without either the test fails and says how
+/// to get one (it never silently skips).
+pub fn python() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("STREAMBRIDGE_PYTHON") {
+        return std::path::PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let venv_python = target.join("python-venv/bin/python");
+    assert!(
+        venv_python.exists(),
+        "no Python with grpcio: run `cargo xtask test` (it provisions {}) or set STREAMBRIDGE_PYTHON",
+        venv_python.display()
+    );
+    venv_python
 }

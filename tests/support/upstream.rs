@@ -1,0 +1,264 @@
+//! A real gRPC upstream for the upstream-mode tests: a tonic server of
+//! `tests/proto/echo.proto` with every call type, reflection (v1 and
+//! v1alpha) and no health service, on 127.0.0.1. It reports what it saw:
+//! request metadata and deadlines in its replies, and every call it ended
+//! because the client went away.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+pub mod pb {
+    tonic::include_proto!("streambridge.testing");
+}
+
+#[allow(unused_imports)] // not every test file calls it
+pub use pb::echo_client::EchoClient;
+pub use pb::{EchoReply, EchoRequest};
+
+const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));
+
+/// The upstream; stops when dropped.
+pub struct EchoUpstream {
+    pub addr: SocketAddr,
+    /// One item per call whose client went away before it ended.
+    pub cancelled: mpsc::UnboundedReceiver<&'static str>,
+    stop: CancellationToken,
+    stopped: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EchoUpstream {
+    /// Starts on an ephemeral port.
+    pub async fn start() -> EchoUpstream {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on `addr` (a port a previous upstream used, to restart it).
+    pub async fn start_on(addr: SocketAddr) -> EchoUpstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the upstream");
+        let addr = listener.local_addr().unwrap();
+        let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
+        let reflection = || {
+            tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(DESCRIPTORS)
+        };
+        let stop = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .add_service(pb::echo_server::EchoServer::new(Echo { cancelled: cancelled_tx }))
+            .add_service(reflection().build_v1().unwrap())
+            .add_service(reflection().build_v1alpha().unwrap())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.clone().cancelled_owned(),
+            );
+        let stopped = tokio::spawn(async move { server.await.expect("upstream serves") });
+        EchoUpstream {
+            addr,
+            cancelled,
+            stop,
+            stopped: Some(stopped),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting and closes its connections (live calls are cut).
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(stopped) = self.stopped.take() {
+            // Graceful shutdown waits for live calls; there are none in the tests that stop it.
+            stopped.await.unwrap();
+        }
+    }
+}
+
+impl Drop for EchoUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Echo {
+    cancelled: mpsc::UnboundedSender<&'static str>,
+}
+
+/// Sends the call's name when dropped before the call finished (replied
+/// or failed): the client went away (tonic drops a call's future or stream
+/// when its stream resets).
+#[derive(Clone)]
+struct Guard {
+    name: &'static str,
+    tx: mpsc::UnboundedSender<&'static str>,
+    finished: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Guard {
+    fn new(name: &'static str, tx: &mpsc::UnboundedSender<&'static str>) -> Guard {
+        Guard {
+            name,
+            tx: tx.clone(),
+            finished: Default::default(),
+        }
+    }
+
+    fn done(&self) {
+        self.finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Only the last clone reports.
+        if std::sync::Arc::strong_count(&self.finished) == 1 && !self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+            let _ = self.tx.send(self.name);
+        }
+    }
+}
+
+fn reply(request: &EchoRequest, metadata: &tonic::metadata::MetadataMap, text: String) -> EchoReply {
+    let headers = metadata.clone().into_headers();
+    let seen = headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let timeout_ms = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_timeout(v).as_millis() as u64)
+        .unwrap_or(0);
+    EchoReply {
+        text,
+        metadata: seen,
+        timeout_ms,
+        padding: vec![b'x'; request.reply_bytes as usize],
+    }
+}
+
+fn parse_timeout(text: &str) -> Duration {
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().unwrap();
+    match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        _ => Duration::from_nanos(n),
+    }
+}
+
+/// The failure a request asks for: its code, a message, rich details and a
+/// trailer of its own.
+fn failure(request: &EchoRequest) -> Option<Status> {
+    (request.fail_with != 0).then(|| {
+        let mut status = Status::with_details(
+            tonic::Code::from_i32(request.fail_with),
+            format!("failed as asked: {}", request.text),
+            bytes::Bytes::from_static(b"\x08\x01details"),
+        );
+        status.metadata_mut().insert("x-upstream-trailer", "from-upstream".parse().unwrap());
+        status
+    })
+}
+
+type Replies = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for Echo {
+    type ServerStreamStream = Replies;
+    type BidiStream = Replies;
+
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let guard = Guard::new("unary", &self.cancelled);
+        let (metadata, _, message) = request.into_parts();
+        if let Some(status) = failure(&message) {
+            guard.done();
+            return Err(status);
+        }
+        if message.hang {
+            std::future::pending::<()>().await;
+        }
+        guard.done();
+        let mut response = Response::new(reply(&message, &metadata, message.text.clone()));
+        response.metadata_mut().insert("x-upstream-header", "from-upstream".parse().unwrap());
+        Ok(response)
+    }
+
+    async fn server_stream(&self, request: Request<EchoRequest>) -> Result<Response<Replies>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let guard = Guard::new("server_stream", &self.cancelled);
+        let replies = (0..message.repeat).map(|i| {
+            // Only the last reply is padded: the ones before it always fit.
+            let mut r = reply(&message, &metadata, format!("{} {i}", message.text));
+            if i + 1 != message.repeat {
+                r.padding.clear();
+            }
+            Some(Ok(r))
+        });
+        let end = failure(&message);
+        if end.is_some() {
+            guard.done();
+        }
+        let hang = message.hang;
+        let items: Vec<_> = replies.chain(end.map(|status| Some(Err(status)))).collect();
+        let stream = futures_util::stream::iter(items)
+            .chain(futures_util::stream::once(async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                guard.done();
+                None
+            }))
+            .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn client_stream(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<EchoReply>, Status> {
+        let (metadata, _, mut stream) = request.into_parts();
+        let guard = Guard::new("client_stream", &self.cancelled);
+        let mut texts = Vec::new();
+        let mut last = EchoRequest::default();
+        while let Some(message) = stream.next().await {
+            last = message?;
+            texts.push(last.text.clone());
+        }
+        guard.done();
+        Ok(Response::new(reply(&last, &metadata, texts.join(","))))
+    }
+
+    async fn bidi(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<Replies>, Status> {
+        let (metadata, _, stream) = request.into_parts();
+        let guard = Guard::new("bidi", &self.cancelled);
+        let on_error = guard.clone();
+        let replies = stream
+            .map(move |message| {
+                let status = match message {
+                    Err(status) => status,
+                    Ok(message) => match failure(&message) {
+                        Some(status) => status,
+                        None => {
+                            let replies: Vec<_> = (0..message.repeat.max(1))
+                                .map(|_| Some(Ok(reply(&message, &metadata, message.text.clone()))))
+                                .collect();
+                            return replies;
+                        }
+                    },
+                };
+                on_error.done();
+                vec![Some(Err(status))]
+            })
+            .flat_map(futures_util::stream::iter)
+            .chain(futures_util::stream::once(async move {
+                guard.done();
+                None
+            }))
+            .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(replies)))
+    }
+}
