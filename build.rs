@@ -37,7 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("chat.proto", "examples/chat", "chat_descriptor.bin"),
     ] {
         let descriptors = protox::compile([proto], [include])?;
-        std::fs::write(out_dir.join(descriptor_file), prost::Message::encode_to_vec(&descriptors))?;
+        std::fs::write(
+            out_dir.join(descriptor_file),
+            prost::Message::encode_to_vec(&descriptors),
+        )?;
         tonic_prost_build::configure().compile_fds(descriptors)?;
     }
     Ok(())

@@ -258,9 +258,7 @@ impl Config {
         if let Some((flag, _)) = upstream_tls.iter().find(|(_, set)| *set)
             && self.upstream.as_ref().and_then(http::Uri::scheme_str) != Some("https")
         {
-            return Err(ConfigError::Invalid(format!(
-                "{flag} needs an https:// --upstream"
-            )));
+            return Err(ConfigError::Invalid(format!("{flag} needs an https:// --upstream")));
         }
         if self.upstream_client_cert.is_some() != self.upstream_client_key.is_some() {
             return Err(ConfigError::Invalid(
@@ -318,9 +316,9 @@ pub enum ConfigError {
 /// scheme's default, and nothing after the authority (gRPC paths are the
 /// method's own).
 fn parse_upstream(text: &str) -> Result<http::Uri, String> {
-    let uri: http::Uri = text
-        .parse()
-        .map_err(|error| format!("{text:?} is not a URL ({error}); write it as http://HOST:PORT or https://HOST:PORT"))?;
+    let uri: http::Uri = text.parse().map_err(|error| {
+        format!("{text:?} is not a URL ({error}); write it as http://HOST:PORT or https://HOST:PORT")
+    })?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         Some(other) => {
@@ -333,7 +331,10 @@ fn parse_upstream(text: &str) -> Result<http::Uri, String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{text:?} has no host"));
     }
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+    if uri
+        .path_and_query()
+        .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+    {
         return Err(format!("{text:?}: give only scheme, host and port, no path"));
     }
     Ok(uri)

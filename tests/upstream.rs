@@ -7,8 +7,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use ::http::Request;
+use futures_util::StreamExt;
 use http_body_util::Full;
 use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
 use support::{ServerAddr, TestServer, http, within};
@@ -155,14 +155,26 @@ async fn metadata_is_forwarded_but_the_bridge_token_never_is() {
     let mut client = echo_client(&bridge).await;
 
     let mut call = tonic::Request::new(request("m"));
-    call.metadata_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     call.metadata_mut().insert("x-request-id", "42".parse().unwrap());
     call.metadata_mut()
         .insert_bin("x-trace-bin", tonic::metadata::MetadataValue::from_bytes(b"\x00\x01"));
-    let seen = within("unary with metadata", client.unary(call)).await.unwrap().into_inner().metadata;
+    let seen = within("unary with metadata", client.unary(call))
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata;
     assert_eq!(seen.get("x-request-id").map(String::as_str), Some("42"));
-    assert_eq!(seen.get("x-trace-bin").map(String::as_str), Some("AAE"), "binary metadata passes (base64)");
-    assert!(!seen.contains_key("authorization"), "the bridge's token leaked: {seen:?}");
+    assert_eq!(
+        seen.get("x-trace-bin").map(String::as_str),
+        Some("AAE"),
+        "binary metadata passes (base64)"
+    );
+    assert!(
+        !seen.contains_key("authorization"),
+        "the bridge's token leaked: {seen:?}"
+    );
     assert!(
         !seen.values().any(|value| value.contains(TOKEN)),
         "the bridge's token leaked: {seen:?}"
@@ -188,13 +200,15 @@ async fn the_deadline_goes_upstream_never_longer() {
     let mut client = echo_client(&bridge).await;
     let mut call = tonic::Request::new(request("d"));
     call.set_timeout(Duration::from_secs(5));
-    let seen = within("unary with deadline", client.unary(call)).await.unwrap().into_inner();
+    let seen = within("unary with deadline", client.unary(call))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(
         seen.timeout_ms > 0 && seen.timeout_ms <= 5000,
         "the upstream saw {} ms",
         seen.timeout_ms
     );
-
 }
 
 #[tokio::test]
@@ -209,7 +223,8 @@ async fn the_bridge_ends_a_call_at_its_deadline_if_the_upstream_never_answers() 
             sockets.push(socket);
         }
     });
-    let bridge = TestServer::start_with(|config| config.upstream = Some(format!("http://{addr}").parse().unwrap())).await;
+    let bridge =
+        TestServer::start_with(|config| config.upstream = Some(format!("http://{addr}").parse().unwrap())).await;
     // A raw HTTP/2 request: a tonic client would run its own timer for the
     // deadline and end the call itself.
     let message = prost::Message::encode_to_vec(&request("never"));
@@ -225,7 +240,10 @@ async fn the_bridge_ends_a_call_at_its_deadline_if_the_upstream_never_answers() 
     let reply = within("call to a silent upstream", http::send(&http::http2_client(), call)).await;
     assert_eq!(reply.headers["grpc-status"], "4", "{:?}", reply.headers);
     assert!(
-        reply.headers["grpc-message"].to_str().unwrap().contains("before%20the%20upstream%20answered"),
+        reply.headers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("before%20the%20upstream%20answered"),
         "{:?}",
         reply.headers
     );
@@ -287,10 +305,13 @@ async fn reflection_lists_the_upstreams_services() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut answers = within("reflection", reflection.server_reflection_info(futures_util::stream::iter([ask])))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut answers = within(
+        "reflection",
+        reflection.server_reflection_info(futures_util::stream::iter([ask])),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     let answer: ServerReflectionResponse = within("reflection answer", answers.next()).await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
         panic!("not a service list: {answer:?}");
@@ -340,13 +361,21 @@ async fn an_upstream_that_never_was_fails_calls_with_unavailable() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let bridge = TestServer::start_with(|config| config.upstream = Some(format!("http://{addr}").parse().unwrap())).await;
+    let bridge =
+        TestServer::start_with(|config| config.upstream = Some(format!("http://{addr}").parse().unwrap())).await;
     let mut client = echo_client(&bridge).await;
     let status = within("call", client.unary(request("x"))).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains(&format!("upstream http://{addr} unreachable")), "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("upstream http://{addr} unreachable")),
+        "{status:?}"
+    );
     let mut health = HealthClient::new(bridge.grpc_channel().await);
-    let answer = within("health", health.check(HealthCheckRequest::default())).await.unwrap();
+    let answer = within("health", health.check(HealthCheckRequest::default()))
+        .await
+        .unwrap();
     assert_eq!(answer.into_inner().status(), ServingStatus::NotServing);
 }
 

@@ -117,7 +117,10 @@ impl ServerBuilder {
                 let upstream = Upstream::new(&UpstreamSettings {
                     uri: uri.clone(),
                     ca: config.upstream_ca.clone(),
-                    client_identity: config.upstream_client_cert.clone().zip(config.upstream_client_key.clone()),
+                    client_identity: config
+                        .upstream_client_cert
+                        .clone()
+                        .zip(config.upstream_client_key.clone()),
                     connect_timeout: config.upstream_connect_timeout,
                     max_message_size: config.max_message_size,
                 })?;

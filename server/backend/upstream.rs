@@ -169,7 +169,9 @@ impl Upstream {
         let mut failures = 0u32;
         loop {
             let up = self.probe().await;
-            self.shared.reachable.send_if_modified(|was| std::mem::replace(was, up) != up);
+            self.shared
+                .reachable
+                .send_if_modified(|was| std::mem::replace(was, up) != up);
             let wait = if up {
                 failures = 0;
                 PROBE_INTERVAL
@@ -244,7 +246,9 @@ impl Upstream {
         let chain = error_chain(&error);
         let code = Status::from_error(Box::new(error)).code();
         if code == tonic::Code::Unavailable {
-            self.shared.reachable.send_if_modified(|up| std::mem::replace(up, false));
+            self.shared
+                .reachable
+                .send_if_modified(|up| std::mem::replace(up, false));
             self.shared.call_failed.notify_one();
             Status::unavailable(format!("upstream {} unreachable: {chain}", self.shared.name))
         } else {
@@ -353,11 +357,17 @@ fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
 fn encode_grpc_timeout(left: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
     let nanos = left.as_nanos();
-    let (amount, unit) = [(1, 'n'), (1_000, 'u'), (1_000_000, 'm'), (1_000_000_000, 'S'), (60_000_000_000, 'M')]
-        .into_iter()
-        .map(|(per, unit)| (nanos / per, unit))
-        .find(|(amount, _)| *amount <= MAX)
-        .unwrap_or(((nanos / 3_600_000_000_000).min(MAX), 'H'));
+    let (amount, unit) = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+    ]
+    .into_iter()
+    .map(|(per, unit)| (nanos / per, unit))
+    .find(|(amount, _)| *amount <= MAX)
+    .unwrap_or(((nanos / 3_600_000_000_000).min(MAX), 'H'));
     HeaderValue::from_str(&format!("{amount}{unit}")).expect("digits and a letter are a valid header value")
 }
 

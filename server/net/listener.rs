@@ -40,10 +40,10 @@ use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::config::Config;
 use super::connection::{Activity, Expiry, TrackRequests, WatchedIo};
-use crate::transport::grpc_framing::MessageBuffer;
+use crate::config::Config;
 use crate::ops::metrics::{ConnectionGauge, Metrics};
+use crate::transport::grpc_framing::MessageBuffer;
 
 /// The client's address, put in every request's extensions for logging.
 #[derive(Clone, Copy, Debug)]

@@ -35,7 +35,11 @@ pub fn health_service(
         let names = || std::iter::once(String::new()).chain(services.iter().cloned());
         loop {
             let serving = reachable.as_mut().is_none_or(|r| *r.borrow_and_update());
-            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             for name in names() {
                 reporter.set_service_status(name, status).await;
             }
@@ -64,7 +68,9 @@ pub fn reflection_services(
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
     ),
     tonic_reflection::server::Error,
 > {
@@ -82,7 +88,10 @@ pub fn reflection_services(
 /// `GET /metrics`: the OpenMetrics text exposition.
 pub async fn metrics(State(calls): State<ActiveCalls>) -> impl IntoResponse {
     (
-        [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         calls.metrics().render(),
     )
 }

@@ -87,7 +87,13 @@ impl Auth {
         let others: Vec<HeaderValue> = headers
             .get_all(AUTHORIZATION)
             .iter()
-            .filter(|value| !value.to_str().ok().and_then(bearer).is_some_and(|t| same_token(t, expected)))
+            .filter(|value| {
+                !value
+                    .to_str()
+                    .ok()
+                    .and_then(bearer)
+                    .is_some_and(|t| same_token(t, expected))
+            })
             .cloned()
             .collect();
         headers.remove(AUTHORIZATION);
@@ -100,9 +106,13 @@ impl Auth {
 /// gRPC services that reveal no data and that tools call without
 /// credentials (load balancers, grpcurl).
 fn is_public_method(path: &str) -> bool {
-    ["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"]
-        .iter()
-        .any(|prefix| path.starts_with(prefix))
+    [
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.v1.ServerReflection/",
+        "/grpc.reflection.v1alpha.ServerReflection/",
+    ]
+    .iter()
+    .any(|prefix| path.starts_with(prefix))
 }
 
 /// See [`Auth::require_token`].

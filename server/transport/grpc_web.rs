@@ -19,10 +19,10 @@
 
 use std::time::Duration;
 
+use crate::backend::GrpcService;
 use axum::body::Body;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method, Request};
-use crate::backend::GrpcService;
 use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};

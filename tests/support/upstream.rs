@@ -43,12 +43,13 @@ impl EchoUpstream {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the upstream");
         let addr = listener.local_addr().unwrap();
         let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
-        let reflection = || {
-            tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(DESCRIPTORS)
-        };
+        let reflection =
+            || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(DESCRIPTORS);
         let stop = CancellationToken::new();
         let server = tonic::transport::Server::builder()
-            .add_service(pb::echo_server::EchoServer::new(Echo { cancelled: cancelled_tx }))
+            .add_service(pb::echo_server::EchoServer::new(Echo {
+                cancelled: cancelled_tx,
+            }))
             .add_service(reflection().build_v1().unwrap())
             .add_service(reflection().build_v1alpha().unwrap())
             .serve_with_incoming_shutdown(
@@ -115,7 +116,8 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         // Only the last clone reports.
-        if std::sync::Arc::strong_count(&self.finished) == 1 && !self.finished.load(std::sync::atomic::Ordering::SeqCst) {
+        if std::sync::Arc::strong_count(&self.finished) == 1 && !self.finished.load(std::sync::atomic::Ordering::SeqCst)
+        {
             let _ = self.tx.send(self.name);
         }
     }
@@ -162,7 +164,9 @@ fn failure(request: &EchoRequest) -> Option<Status> {
             format!("failed as asked: {}", request.text),
             bytes::Bytes::from_static(b"\x08\x01details"),
         );
-        status.metadata_mut().insert("x-upstream-trailer", "from-upstream".parse().unwrap());
+        status
+            .metadata_mut()
+            .insert("x-upstream-trailer", "from-upstream".parse().unwrap());
         status
     })
 }
@@ -186,7 +190,9 @@ impl pb::echo_server::Echo for Echo {
         }
         guard.done();
         let mut response = Response::new(reply(&message, &metadata, message.text.clone()));
-        response.metadata_mut().insert("x-upstream-header", "from-upstream".parse().unwrap());
+        response
+            .metadata_mut()
+            .insert("x-upstream-header", "from-upstream".parse().unwrap());
         Ok(response)
     }
 

@@ -33,10 +33,10 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use tokio_util::sync::CancellationToken;
 
 use super::queue::{RequestQueue, request_queue};
-use crate::ops::calls::CallGuard;
-use crate::error::Error;
-use crate::ops::metrics::StreamMetrics;
 use crate::backend::processor;
+use crate::error::Error;
+use crate::ops::calls::CallGuard;
+use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::DrainCheck;
 
 /// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
@@ -427,7 +427,7 @@ mod tests {
     use super::*;
 
     use crate::ops::calls::ActiveCalls;
-use crate::transport::Transport;
+    use crate::transport::Transport;
     use tokio::io::DuplexStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
