@@ -204,6 +204,47 @@ async fn bad_flags_and_files_are_refused_at_start_with_a_message_naming_them() {
             vec!["--tls-cert", "/nonexistent/cert.pem"],
         ),
         (vec!["--listen", &occupied], vec![], vec!["--listen", "cannot listen"]),
+        (vec!["--upstream", "not a url"], vec![], vec!["--upstream", "not a URL"]),
+        (
+            vec!["--upstream", "ftp://127.0.0.1:9"],
+            vec![],
+            vec!["--upstream", "unknown scheme"],
+        ),
+        (
+            vec!["--upstream", "127.0.0.1:9"],
+            vec![],
+            vec!["--upstream", "no scheme"],
+        ),
+        (
+            vec!["--upstream", "http://127.0.0.1:9/api"],
+            vec![],
+            vec!["--upstream", "no path"],
+        ),
+        (
+            vec![],
+            vec![("STREAMBRIDGE_UPSTREAM", "grpc://x:1")],
+            vec!["--upstream", "unknown scheme"],
+        ),
+        (
+            vec![
+                "--upstream",
+                "http://127.0.0.1:9",
+                "--upstream-ca",
+                "/nonexistent/ca.pem",
+            ],
+            vec![],
+            vec!["--upstream-ca", "https://"],
+        ),
+        (
+            vec![
+                "--upstream",
+                "https://127.0.0.1:9",
+                "--upstream-ca",
+                "/nonexistent/ca.pem",
+            ],
+            vec![],
+            vec!["--upstream-ca /nonexistent/ca.pem"],
+        ),
     ];
     for (args, env, expected) in cases {
         let (code, stderr) = refused_start(&args, &env).await;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ::http::Request;
 use futures_util::StreamExt;
 use http_body_util::Full;
-use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
+use support::upstream::{EchoClient, EchoRequest, EchoUpstream, TestPki};
 use support::{ServerAddr, TestServer, http, within};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -289,6 +289,52 @@ async fn a_client_that_goes_away_ends_the_upstream_call() {
     let ended = within("the upstream sees the connection go", upstream.cancelled.recv()).await;
     assert_eq!(ended, Some("server_stream"));
     eprintln!("dropped connection reached the upstream after {:?}", dropped.elapsed());
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_mutual_tls() {
+    let pki = TestPki::new("mtls");
+    let upstream = EchoUpstream::start_mutual_tls(&pki).await;
+    let url = format!("https://{}", upstream.addr);
+    let with_certificate = TestServer::start_with(|config| {
+        config.upstream = Some(url.parse().unwrap());
+        config.upstream_ca = Some(pki.file("ca.pem"));
+        config.upstream_client_cert = Some(pki.file("client.pem"));
+        config.upstream_client_key = Some(pki.file("client-key.pem"));
+    })
+    .await;
+    let reply = within(
+        "call over mutual TLS",
+        echo_client(&with_certificate).await.unwrap_call("tls"),
+    )
+    .await;
+    assert_eq!(reply, "tls");
+
+    // Without its client certificate the upstream refuses the bridge.
+    let without_certificate = TestServer::start_with(|config| {
+        config.upstream = Some(url.parse().unwrap());
+        config.upstream_ca = Some(pki.file("ca.pem"));
+    })
+    .await;
+    let status = within(
+        "call without a client certificate",
+        echo_client(&without_certificate).await.unary(request("x")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&url), "{status:?}");
+}
+
+/// One unary call, its reply's text.
+trait UnaryText {
+    async fn unwrap_call(self, text: &str) -> String;
+}
+
+impl UnaryText for EchoClient<Channel> {
+    async fn unwrap_call(mut self, text: &str) -> String {
+        self.unary(request(text)).await.expect("unary call").into_inner().text
+    }
 }
 
 #[tokio::test]

@@ -244,7 +244,16 @@ impl Upstream {
             return deadline_passed();
         }
         let chain = error_chain(&error);
-        let code = Status::from_error(Box::new(error)).code();
+        // A stream the upstream reset says why in its reason; anything else
+        // (connect, TLS, a connection that died) means the upstream is not there.
+        let reset = find_source::<h2::Error>(&error)
+            .filter(|e| e.is_reset() && e.is_remote())
+            .is_some();
+        let code = if reset {
+            Status::from_error(Box::new(error)).code()
+        } else {
+            tonic::Code::Unavailable
+        };
         if code == tonic::Code::Unavailable {
             self.shared
                 .reachable

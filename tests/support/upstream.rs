@@ -40,13 +40,30 @@ impl EchoUpstream {
 
     /// Starts on `addr` (a port a previous upstream used, to restart it).
     pub async fn start_on(addr: SocketAddr) -> EchoUpstream {
+        Self::start_with(addr, None).await
+    }
+
+    /// Starts with TLS: `pki`'s server certificate, and client certificates
+    /// signed by its CA required (mutual TLS).
+    pub async fn start_mutual_tls(pki: &TestPki) -> EchoUpstream {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&pki.server_cert, &pki.server_key))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca_cert));
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(tls)).await
+    }
+
+    async fn start_with(addr: SocketAddr, tls: Option<tonic::transport::ServerTlsConfig>) -> EchoUpstream {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the upstream");
         let addr = listener.local_addr().unwrap();
         let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
         let reflection =
             || tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(DESCRIPTORS);
         let stop = CancellationToken::new();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).expect("TLS settings");
+        }
+        let server = builder
             .add_service(pb::echo_server::EchoServer::new(Echo {
                 cancelled: cancelled_tx,
             }))
@@ -82,6 +99,57 @@ impl EchoUpstream {
 impl Drop for EchoUpstream {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all
+/// PEM, also written to files for the bridge's flags.
+pub struct TestPki {
+    pub ca_cert: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |san: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![san.to_string()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf("127.0.0.1");
+        let (client_cert, client_key) = leaf("bridge.test");
+        let dir = std::env::temp_dir().join(format!("streambridge-pki-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("client.pem"), client_cert).unwrap();
+        std::fs::write(dir.join("client-key.pem"), client_key).unwrap();
+        TestPki {
+            ca_cert: ca_cert.pem(),
+            server_cert,
+            server_key,
+            dir,
+        }
+    }
+
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
