@@ -9,7 +9,7 @@
 //! test guards. The files are the ones whose failure a user would feel as a
 //! security or reliability bug: backpressure and limits, connection
 //! deadlines, the gRPC framing checks, auth, origins, shutdown, the error
-//! table. ARGS go to cargo-mutants (e.g. `--file server/auth.rs` to narrow a
+//! table. ARGS go to cargo-mutants (e.g. `--file server/policy/auth.rs` to narrow a
 //! run, `--list` to see the mutants). Results: `target/mutants/mutants.out/`
 //! (`caught.txt`, `missed.txt`, `timeout.txt`, `unviable.txt`); the report
 //! per file is kept in `docs/testing.md`.
@@ -24,16 +24,16 @@ const CARGO_MUTANTS_VERSION: &str = "27.1.0";
 
 /// The safety-critical files (see the module docs).
 const FILES: [&str; 10] = [
-    "server/websocket/*.rs",
-    "server/listener.rs",
-    "server/connection.rs",
-    "server/grpc_framing.rs",
-    "server/auth.rs",
-    "server/origin.rs",
-    "server/shutdown.rs",
+    "server/transport/websocket/*.rs",
+    "server/net/listener.rs",
+    "server/net/connection.rs",
+    "server/transport/grpc_framing.rs",
+    "server/policy/auth.rs",
+    "server/policy/origin.rs",
+    "server/ops/shutdown.rs",
     "server/error.rs",
     "server/config.rs",
-    "server/static_files.rs",
+    "server/transport/static_files.rs",
 ];
 
 /// The tests run against each mutant: the server's own, without the ones
