@@ -75,6 +75,9 @@ struct Args {
     /// `bench/node` with its `node_modules` installed.
     #[arg(long)]
     node_dir: Option<PathBuf>,
+    /// The nginx binary, for the "gRPC through a proxy" scenario.
+    #[arg(long)]
+    nginx: Option<PathBuf>,
     /// Where results go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -137,8 +140,10 @@ fn run(args: &Args) -> Result<(), String> {
         naive_ws: own_dir.join("bench-naive-ws"),
         grpc_go: args.grpc_go.clone(),
         node_dir: args.node_dir.clone(),
+        nginx: args.nginx.clone(),
         logs: args.out.join("logs"),
         server_cpu: pinning.server_cpu,
+        backend_cpu: pinning.load_cpu,
     };
     let servers = selected_servers(args, &programs)?;
     println!(
@@ -217,6 +222,7 @@ fn selected_servers(args: &Args, programs: &ServerPrograms) -> Result<Vec<Server
             .filter(|k| match k {
                 ServerKind::GrpcGo => programs.grpc_go.is_some(),
                 ServerKind::NodeWs => programs.node_dir.is_some(),
+                ServerKind::NginxProxy => programs.nginx.is_some(),
                 _ => true,
             })
             .collect());
@@ -240,7 +246,13 @@ async fn bench_server(
     println!("\n== {server} (pid {}, {})", running.pid(), running.addr);
     for &payload in payloads {
         if server.speaks_grpc() {
-            for (connections, streams, window) in [(1, 1, 1), (1, 1, 64), (4, 50, 8)] {
+            // A proxy is measured on the wide scenario only: the comparison.
+            let shapes: &[(usize, usize, usize)] = if server.is_proxy() {
+                &[(4, 50, 8)]
+            } else {
+                &[(1, 1, 1), (1, 1, 64), (4, 50, 8)]
+            };
+            for &(connections, streams, window) in shapes {
                 let load = Load::Grpc {
                     connections,
                     streams,
@@ -295,7 +307,7 @@ async fn bench_server(
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
     }
-    if server.speaks_grpc() && timing.selects("idle grpc streams") {
+    if server.speaks_grpc() && !server.is_proxy() && timing.selects("idle grpc streams") {
         let fresh = programs.start(server)?;
         let memory = scenarios::idle_grpc_streams(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle grpc streams", memory));

@@ -410,6 +410,26 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             }
         }
     }
+    for &p in &payloads {
+        let wide = "grpc 4x50x8";
+        if let (Some(sb), Some(nginx)) = (
+            find(outcomes, wide, p, StreambridgeProxy),
+            find(outcomes, wide, p, NginxProxy),
+        ) {
+            push(
+                format!("{wide} {p} B through a proxy: proxy CPU/msg ≤ 0.8x nginx grpc_pass"),
+                ratio(sb.server_cpu_us_per_msg, nginx.server_cpu_us_per_msg),
+                "x",
+                &|r| r <= 0.8,
+            );
+            push(
+                format!("{wide} {p} B through a proxy: throughput ≥ 1.2x nginx grpc_pass"),
+                ratio(sb.msgs_per_sec, nginx.msgs_per_sec),
+                "x",
+                &|r| r >= 1.2,
+            );
+        }
+    }
     for o in outcomes
         .iter()
         .filter(|o| o.is_memory() && o.server == Some(Streambridge))
@@ -493,6 +513,8 @@ fn color(server: Option<ServerKind>) -> &'static str {
         Some(ServerKind::StockTonic) => "#68d391",
         Some(ServerKind::GrpcGo) => "#00add8",
         Some(ServerKind::NaiveWs) => "#dd6b20",
+        Some(ServerKind::StreambridgeProxy) => "#805ad5",
+        Some(ServerKind::NginxProxy) => "#009639",
         Some(ServerKind::NodeWs) => "#805ad5",
         None => "#999999",
     }

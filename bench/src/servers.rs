@@ -1,4 +1,4 @@
-//! The five servers under test and how to run each on a loopback port.
+//! The servers under test and how to run each on a loopback port.
 //!
 //! Every server is a child process of the harness (never in-process: its CPU
 //! time and memory are read from `/proc/PID`), started with its defaults on a
@@ -29,16 +29,24 @@ pub enum ServerKind {
     NaiveWs,
     /// `bench/node/server.js`: Node with the `ws` package.
     NodeWs,
+    /// `streambridge --upstream` in front of `bench-plain-tonic`: the
+    /// bridge as a gRPC proxy. Its CPU is the proxy's alone.
+    StreambridgeProxy,
+    /// nginx 1.22 (`grpc_pass`, one worker, no master) in front of
+    /// `bench-plain-tonic`: the proxy people already run.
+    NginxProxy,
 }
 
 impl ServerKind {
-    pub const ALL: [ServerKind; 6] = [
+    pub const ALL: [ServerKind; 8] = [
         ServerKind::Streambridge,
         ServerKind::PlainTonic,
         ServerKind::StockTonic,
         ServerKind::GrpcGo,
         ServerKind::NaiveWs,
         ServerKind::NodeWs,
+        ServerKind::StreambridgeProxy,
+        ServerKind::NginxProxy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +57,8 @@ impl ServerKind {
             ServerKind::GrpcGo => "grpc-go",
             ServerKind::NaiveWs => "naive-ws",
             ServerKind::NodeWs => "node-ws",
+            ServerKind::StreambridgeProxy => "streambridge-proxy",
+            ServerKind::NginxProxy => "nginx-proxy",
         }
     }
 
@@ -60,7 +70,12 @@ impl ServerKind {
         matches!(
             self,
             ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::StockTonic | ServerKind::GrpcGo
-        )
+        ) || self.is_proxy()
+    }
+
+    /// A proxy in front of `bench-plain-tonic` (the "gRPC through a proxy" scenario).
+    pub fn is_proxy(self) -> bool {
+        matches!(self, ServerKind::StreambridgeProxy | ServerKind::NginxProxy)
     }
 
     pub fn speaks_websocket(self) -> bool {
@@ -87,9 +102,14 @@ pub struct ServerPrograms {
     pub grpc_go: Option<PathBuf>,
     /// `bench/node`, with its `node_modules` installed.
     pub node_dir: Option<PathBuf>,
+    /// The nginx binary (Debian's `nginx-light`).
+    pub nginx: Option<PathBuf>,
     pub logs: PathBuf,
     /// The CPU every server is pinned to, if any.
     pub server_cpu: Option<usize>,
+    /// The CPU a proxy's backend is pinned to (the load generator's), if any:
+    /// it never competes with the proxy being measured.
+    pub backend_cpu: Option<usize>,
 }
 
 /// The CPUs this process may run on, in order.
@@ -122,9 +142,28 @@ pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
 }
 
 impl ServerPrograms {
-    fn command(&self, kind: ServerKind, listen: SocketAddr) -> Result<Command, String> {
+    fn command(&self, kind: ServerKind, listen: SocketAddr, backend: Option<SocketAddr>) -> Result<Command, String> {
+        let listen_addr = listen;
         let listen = listen.to_string();
         let mut command = match kind {
+            ServerKind::StreambridgeProxy => {
+                let backend = backend.ok_or("a proxy needs its backend")?;
+                let mut c = Command::new(&self.streambridge);
+                c.env("RUST_LOG", "warn")
+                    .args(["--upstream", &format!("http://{backend}")]);
+                c
+            }
+            ServerKind::NginxProxy => {
+                let program = self
+                    .nginx
+                    .as_ref()
+                    .ok_or("nginx not installed (apt-get install nginx-light)")?;
+                let backend = backend.ok_or("a proxy needs its backend")?;
+                let conf = self.write_nginx_conf(listen_addr, backend)?;
+                let mut c = Command::new(program);
+                c.arg("-c").arg(conf).arg("-p").arg(&self.logs);
+                return Ok(c);
+            }
             ServerKind::Streambridge => {
                 let mut c = Command::new(&self.streambridge);
                 c.env("RUST_LOG", "warn");
@@ -155,16 +194,56 @@ impl ServerPrograms {
         Ok(command)
     }
 
-    /// Starts `kind` on a free loopback port and waits until it accepts connections.
+    /// nginx's configuration for the proxy scenario: one process (no
+    /// master, one worker), h2c in, `grpc_pass` out over kept-alive
+    /// connections, no access log, timeouts far past any run, and no limit
+    /// on a call's total request bytes (nginx's default of 1 MiB resets a
+    /// long stream once its messages add up to it).
+    fn write_nginx_conf(&self, listen: SocketAddr, backend: SocketAddr) -> Result<PathBuf, String> {
+        let logs = self.logs.display();
+        let conf = format!(
+            "master_process off;\ndaemon off;\nworker_processes 1;\npid {logs}/nginx.pid;\n\
+             error_log {logs}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_max_body_size 0;\n  client_body_temp_path {logs}/nginx-tmp;\n\
+               proxy_temp_path {logs}/nginx-tmp;\n  fastcgi_temp_path {logs}/nginx-tmp;\n\
+               uwsgi_temp_path {logs}/nginx-tmp;\n  scgi_temp_path {logs}/nginx-tmp;\n\
+               upstream echo {{ server {backend}; keepalive 16; }}\n\
+               server {{\n    listen {listen} http2;\n    http2_max_concurrent_streams 1000;\n\
+                 location / {{ grpc_pass grpc://echo; grpc_read_timeout 1h; grpc_send_timeout 1h; }}\n  }}\n}}\n"
+        );
+        let path = self.logs.join("nginx.conf");
+        std::fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Starts `kind` on a free loopback port and waits until it accepts
+    /// connections; a proxy's backend (`bench-plain-tonic`) first.
     pub fn start(&self, kind: ServerKind) -> Result<RunningServer, String> {
+        let backend = if kind.is_proxy() {
+            let backend = self.spawn(ServerKind::PlainTonic, None, self.backend_cpu)?;
+            Some(backend)
+        } else {
+            None
+        };
+        let mut server = self.spawn(kind, backend.as_ref().map(|b| b.addr), self.server_cpu)?;
+        server.backend = backend.map(Box::new);
+        Ok(server)
+    }
+
+    fn spawn(
+        &self,
+        kind: ServerKind,
+        backend: Option<SocketAddr>,
+        cpu: Option<usize>,
+    ) -> Result<RunningServer, String> {
         let addr = free_port()?;
-        let mut command = self.command(kind, addr)?;
+        let mut command = self.command(kind, addr, backend)?;
         std::fs::create_dir_all(&self.logs).map_err(|e| format!("{}: {e}", self.logs.display()))?;
         let log_path = self.logs.join(format!("{kind}.log"));
         let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let log_err = log.try_clone().map_err(|e| e.to_string())?;
         command.stdin(Stdio::null()).stdout(log).stderr(log_err);
-        if let Some(cpu) = self.server_cpu {
+        if let Some(cpu) = cpu {
             use std::os::unix::process::CommandExt;
             // SAFETY: between fork and exec only the affinity syscall runs.
             unsafe {
@@ -172,7 +251,12 @@ impl ServerPrograms {
             }
         }
         let child = command.spawn().map_err(|e| format!("starting {kind}: {e}"))?;
-        let mut server = RunningServer { kind, addr, child };
+        let mut server = RunningServer {
+            kind,
+            addr,
+            child,
+            backend: None,
+        };
         server.wait_ready(Duration::from_secs(20))?;
         Ok(server)
     }
@@ -185,11 +269,12 @@ fn free_port() -> Result<SocketAddr, String> {
     listener.local_addr().map_err(|e| e.to_string())
 }
 
-/// A started server; killed on drop.
+/// A started server (and a proxy's backend); killed on drop.
 pub struct RunningServer {
     pub kind: ServerKind,
     pub addr: SocketAddr,
     child: Child,
+    backend: Option<Box<RunningServer>>,
 }
 
 impl RunningServer {

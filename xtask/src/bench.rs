@@ -10,6 +10,8 @@
 //!   when missing), built in GOPATH mode under `target/bench/go/`: no module
 //!   downloads. Only for full runs, or when `--servers` names `grpc-go`.
 //! - Node `ws`: `npm ci` in `bench/node/` (pinned by its package-lock.json).
+//! - nginx: Debian's `nginx-light` (installed with apt-get when missing), the
+//!   proxy of the "gRPC through a proxy" scenario.
 //!
 //! `--quick` (CI) runs streambridge, plain tonic, the naive bridge and Node
 //! `ws` (when node is installed) for about a second per scenario, 16 B
@@ -57,6 +59,10 @@ pub fn run(args: &[String]) -> Result {
     if !quick || wants_grpc_go {
         harness.arg("--grpc-go").arg(build_grpc_go()?);
     }
+    if !Path::new(NGINX).exists() {
+        ensure_debian_packages(&["nginx-light"], "the nginx proxy peer")?;
+    }
+    harness.arg("--nginx").arg(NGINX);
     let node_dir = root().join("bench/node");
     if which("node") && which("npm") {
         npm_ci(&node_dir)?;
@@ -77,10 +83,20 @@ fn which(program: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Debian's nginx binary (package `nginx-light`), the proxy the
+/// "gRPC through a proxy" scenario compares with.
+const NGINX: &str = "/usr/sbin/nginx";
+
 /// Installs the Debian packages of grpc-go when any is missing.
 fn ensure_go_packages() -> Result {
-    let missing: Vec<&str> = GO_PACKAGES
-        .into_iter()
+    ensure_debian_packages(&GO_PACKAGES, "the grpc-go peer")
+}
+
+/// Installs whichever of `packages` is missing, with apt-get.
+fn ensure_debian_packages(packages: &[&str], what: &str) -> Result {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
         .filter(|p| {
             !Command::new("dpkg-query")
                 .args(["-W", "-f=${Status}", p])
@@ -91,7 +107,7 @@ fn ensure_go_packages() -> Result {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing {} for the grpc-go peer", missing.join(" "));
+    eprintln!("xtask: installing {} for {what}", missing.join(" "));
     run_command(Command::new("apt-get").arg("update"))?;
     run_command(
         Command::new("apt-get")
