@@ -536,3 +536,17 @@ async fn python_grpcio_streams_through_a_bridge_in_front_of_another_bridge() {
     assert_eq!(summary["pipelined"], 1000);
     assert_eq!(summary["interleaved"], 20);
 }
+
+#[tokio::test]
+async fn websocket_v1_is_refused_when_the_built_in_service_is_not_served() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let upstream = EchoUpstream::start().await;
+    let bridge = bridge_to(&upstream).await;
+    let mut request = bridge.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "streambridge.v1.json".parse().unwrap());
+    let (status, body) = support::ws::refused_upgrade(request).await;
+    assert_eq!(status, 501, "{body}");
+    assert!(body.contains("only the built-in DataService"), "{body}");
+}

@@ -45,6 +45,9 @@ pub struct AppState {
     auth: Auth,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Whether the built-in `DataService` is served in process (WebSocket
+    /// protocol v1 needs it).
+    data_service: bool,
 }
 
 impl AppState {
@@ -64,6 +67,7 @@ impl AppState {
             auth: Auth::new(config.bearer_token()?),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            data_service: true,
         })
     }
 
@@ -95,6 +99,7 @@ impl FromRef<AppState> for WebSocketState {
             auth: state.auth.clone(),
             shutdown: state.shutdown.clone(),
             tasks: state.tasks.clone(),
+            v1_available: state.data_service,
         }
     }
 }

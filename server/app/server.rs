@@ -110,7 +110,8 @@ impl ServerBuilder {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
-        let state = AppState::new(&config)?;
+        let mut state = AppState::new(&config)?;
+        state.data_service = config.upstream.is_none() && (services.is_empty() || with_data_service);
         let backend = match &config.upstream {
             Some(_) if with_data_service || !services.is_empty() => return Err(StartError::UpstreamWithServices),
             Some(uri) => {

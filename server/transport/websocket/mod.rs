@@ -54,6 +54,10 @@ pub struct WebSocketState {
     pub shutdown: CancellationToken,
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
+    /// Whether the built-in `DataService` runs in this process: protocol v1
+    /// carries only that service, so without it a v1 upgrade is refused
+    /// rather than answered by a service the server does not offer.
+    pub v1_available: bool,
 }
 
 /// Answers `GET /ws`: refuses what cannot become a call with a plain HTTP
@@ -81,6 +85,14 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         Ok(choice) => choice,
         Err(refusal) => return refusal,
     };
+    if !state.v1_available {
+        let message = format!(
+            "WebSocket protocol v1 ({}) carries only the built-in DataService, which this server does not run \
+             (it serves an upstream or its own services)\n",
+            subprotocol.name()
+        );
+        return (StatusCode::NOT_IMPLEMENTED, message).into_response();
+    }
     let peer = parts.extensions.get::<PeerAddr>().copied();
     // The upgraded socket outlives hyper's connection: it keeps the lease.
     let lease = parts.extensions.get::<ConnectionLease>().cloned();
