@@ -33,7 +33,7 @@ pub struct GrpcDataService {
 impl GrpcDataService {
     /// The tonic server for `DataService`, with the message size limit applied
     /// to what clients send. (The bearer token is checked in front of every
-    /// service: see [`crate::policy::auth`].)
+    /// service: see `policy::auth`.)
     pub fn server(
         calls: ActiveCalls,
         shutdown: CancellationToken,
