@@ -4,7 +4,10 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = "../proto";
     println!("cargo:rerun-if-changed={proto_dir}");
-    let descriptors = protox::compile(["data_service.proto", "bridge.proto"], [proto_dir])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    let descriptors = protox::compile(["data_service.proto", "bridge.proto", "bridge_v2.proto"], [proto_dir])?;
+    prost_build::Config::new()
+        // v2 messages are carried as they are: `Bytes` slices, never copied.
+        .bytes([".streambridge.v2"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -180,6 +180,23 @@ pub struct Config {
     /// waiting for it fail with UNAVAILABLE.
     #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
     pub upstream_connect_timeout: Duration,
+
+    /// WebSocket protocol v2: live calls one socket may carry; an `open`
+    /// past it fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "STREAMBRIDGE_WS_MAX_CALLS", default_value_t = 100, value_parser = at_least_one())]
+    pub ws_max_calls: usize,
+
+    /// WebSocket protocol v2: bytes of request messages one socket may hold
+    /// before its calls consume them; past it the socket is not read.
+    #[arg(long, env = "STREAMBRIDGE_WS_SOCKET_BUFFER", default_value_t = 4 * 1024 * 1024, value_parser = at_least_one())]
+    pub ws_socket_buffer: usize,
+
+    /// An encoded `FileDescriptorSet` (`protoc --descriptor_set_out
+    /// --include_imports`) describing upstream methods for the JSON encoding
+    /// of WebSocket v2; without it the upstream's reflection is asked.
+    /// Repeatable.
+    #[arg(long = "descriptor-set", env = "STREAMBRIDGE_DESCRIPTOR_SETS", value_delimiter = ',')]
+    pub descriptor_sets: Vec<PathBuf>,
 }
 
 impl Config {
@@ -215,6 +232,8 @@ impl Config {
             ("--ws-write-buffer-size", self.ws_write_buffer_size),
             ("--ws-request-queue", self.ws_request_queue),
             ("--max-connections", self.max_connections),
+            ("--ws-max-calls", self.ws_max_calls),
+            ("--ws-socket-buffer", self.ws_socket_buffer),
             ("--connection-message-buffer", self.connection_message_buffer),
             (
                 "--http2-max-concurrent-streams",

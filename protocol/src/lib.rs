@@ -15,6 +15,8 @@
 //! - [`proto`]: the binary encoding (`streambridge.v1.proto`), both directions.
 //! - `json` (feature `json`): the proto3 JSON encoding (`streambridge.v1.json`),
 //!   the server's half only (decode client frames, encode server frames).
+//! - [`v2`]: protocol v2 (`proto/bridge_v2.proto`): many calls per socket,
+//!   batched records; its types, subprotocol names and both encodings.
 //!
 //! This crate knows nothing of sockets or transports: it turns bytes into
 //! frames and back.
@@ -24,6 +26,7 @@ include!(concat!(env!("OUT_DIR"), "/_.rs"));
 #[cfg(feature = "json")]
 pub mod json;
 pub mod proto;
+pub mod v2;
 
 use std::fmt;
 

@@ -5,6 +5,7 @@ mod server;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use axum::body::Body;
 use axum::extract::FromRef;
@@ -18,14 +19,14 @@ use tower::util::BoxCloneSyncService;
 pub use server::{Server, ServerBuilder, StartError};
 
 use crate::backend::data_service::GrpcDataService;
-use crate::backend::{GrpcService, Services};
+use crate::backend::{Backend, Services};
 use crate::config::{Config, ConfigError};
 use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
 use crate::policy::auth::Auth;
 use crate::policy::origin::OriginPolicy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
-use crate::transport::websocket::{CallSettings, WebSocketState};
+use crate::transport::websocket::{CallSettings, V2Context, V2Settings, WebSocketState};
 use crate::transport::{grpc, grpc_web, static_files, websocket};
 
 /// Any of the server's HTTP services, type-erased so the router can pick one.
@@ -48,6 +49,11 @@ pub struct AppState {
     /// Whether the built-in `DataService` is served in process (WebSocket
     /// protocol v1 needs it).
     data_service: bool,
+    v2_settings: Arc<V2Settings>,
+    /// Set by `router`: the backend WebSocket v2 calls are made on.
+    v2: Option<V2Context>,
+    /// Set when the drain deadline cut a WebSocket v2 call.
+    cut: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -68,11 +74,21 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             data_service: true,
+            v2_settings: Arc::new(V2Settings {
+                max_message_size: config.max_message_size,
+                max_calls: config.ws_max_calls,
+                socket_buffer: config.ws_socket_buffer,
+                close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
+                drain_timeout: config.drain_timeout,
+            }),
+            v2: None,
+            cut: Arc::default(),
         })
     }
 
     /// The built-in backend: `DataService` alone, with health and reflection.
-    pub fn builtin_backend(&self, config: &Config) -> GrpcService {
+    pub fn builtin_backend(&self, config: &Config) -> Backend {
         let mut services = Services::default();
         self.add_data_service(&mut services, config);
         services
@@ -99,6 +115,7 @@ impl FromRef<AppState> for WebSocketState {
             auth: state.auth.clone(),
             shutdown: state.shutdown.clone(),
             tasks: state.tasks.clone(),
+            v2: state.v2.clone().expect("the router sets the backend before serving"),
             v1_available: state.data_service,
         }
     }
@@ -113,7 +130,14 @@ impl FromRef<AppState> for ActiveCalls {
 /// The whole HTTP surface of the server: classifies each request by its
 /// content type (and path) and hands it to exactly one transport; both gRPC
 /// transports call `backend`.
-pub fn router(config: &Config, state: AppState, backend: GrpcService) -> TransportRouter {
+pub fn router(config: &Config, mut state: AppState, backend: Backend) -> TransportRouter {
+    state.v2 = Some(V2Context {
+        backend: backend.service.clone(),
+        catalog: backend.catalog,
+        settings: state.v2_settings.clone(),
+        cut: state.cut.clone(),
+    });
+    let backend = backend.service;
     // Both gRPC transports reach the backend through the framing check.
     let framing = FramingSettings {
         max_message_size: config.max_message_size,

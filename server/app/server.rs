@@ -12,7 +12,7 @@ use tonic::server::NamedService;
 
 use super::{AppState, router};
 use crate::backend::upstream::{Upstream, UpstreamError, UpstreamSettings};
-use crate::backend::{GrpcRequest, GrpcResponse, GrpcService, Services, upstream_backend};
+use crate::backend::{Backend, GrpcRequest, GrpcResponse, Services, upstream_backend};
 use crate::config::{Config, ConfigError};
 use crate::net::{listener, tls};
 use crate::ops::calls::ActiveCalls;
@@ -41,9 +41,9 @@ pub enum StartError {
     /// Services added with [`ServerBuilder::add_service`] beside `--upstream`.
     #[error("--upstream forwards every call: it cannot be combined with services added in process")]
     UpstreamWithServices,
-    /// A descriptor set registered for reflection does not decode.
-    #[error("a registered file descriptor set is invalid: {0}")]
-    Descriptors(#[from] tonic_reflection::server::Error),
+    /// A descriptor set (registered, or `--descriptor-set`) does not decode.
+    #[error("a file descriptor set is invalid: {0}")]
+    Descriptors(String),
 }
 
 /// Chooses what answers the server's gRPC calls, then binds.
@@ -126,14 +126,19 @@ impl ServerBuilder {
                     max_message_size: config.max_message_size,
                 })?;
                 state.tasks.spawn(upstream.clone().monitor(state.shutdown.clone()));
-                upstream_backend(upstream, &state.auth, state.shutdown.clone())
+                let sets = read_descriptor_sets(&config)?;
+                let sets: Vec<&[u8]> = sets.iter().map(Vec::as_slice).collect();
+                upstream_backend(upstream, &state.auth, state.shutdown.clone(), &sets)
+                    .map_err(StartError::Descriptors)?
             }
             None if services.is_empty() => state.builtin_backend(&config),
             None => {
                 if with_data_service {
                     state.add_data_service(&mut services, &config);
                 }
-                services.into_backend(&state.auth, state.shutdown.clone())?
+                services
+                    .into_backend(&state.auth, state.shutdown.clone())
+                    .map_err(StartError::Descriptors)?
             }
         };
         let listener = TcpListener::bind(config.listen)
@@ -157,8 +162,25 @@ pub struct Server {
     listener: TcpListener,
     config: Config,
     state: AppState,
-    backend: GrpcService,
+    backend: Backend,
     tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// The files of `--descriptor-set`.
+fn read_descriptor_sets(config: &Config) -> Result<Vec<Vec<u8>>, StartError> {
+    config
+        .descriptor_sets
+        .iter()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| {
+                StartError::Config(ConfigError::File {
+                    flag: "--descriptor-set",
+                    path: path.clone(),
+                    source,
+                })
+            })
+        })
+        .collect()
 }
 
 impl Server {
@@ -214,6 +236,10 @@ impl Server {
         if !drained {
             tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with calls still open");
         }
-        drained
+        let cut = state.cut.load(std::sync::atomic::Ordering::Relaxed);
+        if cut {
+            tracing::warn!(timeout = ?config.drain_timeout, "the drain deadline cut WebSocket calls");
+        }
+        drained && !cut
     }
 }

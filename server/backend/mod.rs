@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod data_service;
+pub mod descriptors;
 pub mod processor;
 pub mod upstream;
 
@@ -37,6 +38,15 @@ pub type GrpcRequest = Request<tonic::body::Body>;
 pub type GrpcResponse = Response<tonic::body::Body>;
 /// The backend, type-erased: what every transport calls.
 pub type GrpcService = BoxCloneSyncService<GrpcRequest, GrpcResponse, Infallible>;
+
+/// The backend and what describes its methods (for JSON over WebSocket v2).
+#[derive(Clone)]
+pub struct Backend {
+    /// What every transport calls.
+    pub service: GrpcService,
+    /// The methods' descriptors.
+    pub catalog: descriptors::Catalog,
+}
 
 /// In-process tonic services, gathered before the server starts.
 #[derive(Clone, Default)]
@@ -74,29 +84,40 @@ impl Services {
     }
 
     /// The services with health and reflection beside them, behind `auth`.
-    pub fn into_backend(
-        self,
-        auth: &Auth,
-        shutdown: CancellationToken,
-    ) -> Result<GrpcService, tonic_reflection::server::Error> {
+    pub fn into_backend(self, auth: &Auth, shutdown: CancellationToken) -> Result<Backend, String> {
         let Services {
             routes,
             names,
             descriptor_sets,
         } = self;
-        let (reflection_v1, reflection_v1alpha) = health::reflection_services(&descriptor_sets)?;
+        let (reflection_v1, reflection_v1alpha) =
+            health::reflection_services(&descriptor_sets).map_err(|e| e.to_string())?;
+        let mut described = descriptor_sets.clone();
+        described.push(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        let catalog = descriptors::Catalog::from_sets(&described)?;
         let routes = routes
             .add_service(health::health_service(names, shutdown, None))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .prepare();
-        Ok(GrpcService::new(auth.require_token(routes)))
+        Ok(Backend {
+            service: GrpcService::new(auth.require_token(routes)),
+            catalog,
+        })
     }
 }
 
 /// The upstream behind `auth`, with the bridge's own health service in
 /// front of it (reporting whether the upstream is reachable).
-pub fn upstream_backend(upstream: upstream::Upstream, auth: &Auth, shutdown: CancellationToken) -> GrpcService {
+/// `descriptor_sets` (`--descriptor-set`) describe methods before the
+/// upstream's reflection is asked.
+pub fn upstream_backend(
+    upstream: upstream::Upstream,
+    auth: &Auth,
+    shutdown: CancellationToken,
+    descriptor_sets: &[&[u8]],
+) -> Result<Backend, String> {
+    let catalog = descriptors::Catalog::with_reflection(descriptor_sets, upstream.channel())?;
     let reachable: watch::Receiver<bool> = upstream.reachable();
     let health = health::health_service(Vec::new(), shutdown, Some(reachable));
     let router = axum::Router::new()
@@ -111,5 +132,8 @@ pub fn upstream_backend(upstream: upstream::Upstream, auth: &Auth, shutdown: Can
             |request: Request<axum::body::Body>| request.map(tonic::body::Body::new),
         ));
     let routes = Routes::from(router).prepare();
-    GrpcService::new(auth.require_token(routes))
+    Ok(Backend {
+        service: GrpcService::new(auth.require_token(routes)),
+        catalog,
+    })
 }

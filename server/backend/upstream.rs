@@ -156,6 +156,12 @@ impl Upstream {
         })
     }
 
+    /// The connection to the upstream (for the bridge's own questions, such
+    /// as reflection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Whether the upstream answered the last probe.
     pub fn reachable(&self) -> watch::Receiver<bool> {
         self.shared.reachable.subscribe()

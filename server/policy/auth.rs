@@ -103,6 +103,12 @@ impl Auth {
     }
 }
 
+/// Marks a request made by the server itself for a client it has already
+/// authenticated (a WebSocket v2 call: the socket's upgrade was checked).
+/// Only server code can put it in a request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct Authenticated;
+
 /// gRPC services that reveal no data and that tools call without
 /// credentials (load balancers, grpcurl).
 fn is_public_method(path: &str) -> bool {
@@ -137,7 +143,8 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         use futures_util::future::Either;
-        if !is_public_method(request.uri().path()) && !self.auth.allows_headers(request.headers()) {
+        let authenticated = request.extensions().get::<Authenticated>().is_some();
+        if !authenticated && !is_public_method(request.uri().path()) && !self.auth.allows_headers(request.headers()) {
             let status = tonic::Status::unauthenticated(
                 "missing or invalid bearer token: send the metadata `authorization: Bearer <token>`",
             );

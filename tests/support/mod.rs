@@ -7,6 +7,7 @@ pub mod http;
 pub mod process;
 pub mod upstream;
 pub mod ws;
+pub mod ws2;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -89,6 +90,13 @@ impl TestServer {
         let shutdown = server.shutdown_token();
         tokio::spawn(server.run());
         TestServer { addr, calls, shutdown }
+    }
+}
+
+impl TestServer {
+    /// Starts the graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod call;
 mod queue;
+mod v2;
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 use streambridge_protocol::Subprotocol;
+use streambridge_protocol::v2::Encoding;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -38,6 +40,34 @@ use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX};
 use crate::policy::origin::OriginPolicy;
 
 pub use call::CallSettings;
+pub use v2::{V2Context, V2Settings};
+
+/// The subprotocols of both protocol versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    V1(Subprotocol),
+    V2(Encoding),
+}
+
+impl Protocol {
+    const ALL: [Protocol; 4] = [
+        Protocol::V2(Encoding::Json),
+        Protocol::V2(Encoding::Proto),
+        Protocol::V1(Subprotocol::Json),
+        Protocol::V1(Subprotocol::Proto),
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::V1(subprotocol) => subprotocol.name(),
+            Protocol::V2(encoding) => encoding.name(),
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Protocol> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
 
 /// What the WebSocket transport needs from the server; cheap to clone.
 #[derive(Clone)]
@@ -54,6 +84,8 @@ pub struct WebSocketState {
     pub shutdown: CancellationToken,
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
+    /// Protocol v2: the backend its calls are made on, and its limits.
+    pub v2: V2Context,
     /// Whether the built-in `DataService` runs in this process: protocol v1
     /// carries only that service, so without it a v1 upgrade is refused
     /// rather than answered by a service the server does not offer.
@@ -81,11 +113,13 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
                        subprotocol `streambridge.bearer.<token>` beside the real one\n";
         return (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response();
     }
-    let (subprotocol, echoed) = match choose_subprotocol(&offered) {
+    let (protocol, echoed) = match choose_subprotocol(&offered) {
         Ok(choice) => choice,
         Err(refusal) => return refusal,
     };
-    if !state.v1_available {
+    if let Protocol::V1(subprotocol) = protocol
+        && !state.v1_available
+    {
         let message = format!(
             "WebSocket protocol v1 ({}) carries only the built-in DataService, which this server does not run \
              (it serves an upstream or its own services)\n",
@@ -100,27 +134,43 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     // Debug level: a span enabled at info would cost every open socket memory.
-    let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), %subprotocol);
+    let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), subprotocol = protocol.name());
     let settings = state.settings.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
+    let v2_context = state.v2.clone();
+    let tasks = state.tasks.clone();
     state.tasks.spawn(
         async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(error) => return tracing::debug!(%error, "upgrade did not complete"),
             };
+            // v2 carries records around each message: a message of the
+            // largest size fits in a WebSocket message with 64 KiB to spare.
+            let largest = match protocol {
+                Protocol::V1(_) => settings.max_message_size,
+                Protocol::V2(_) => settings.max_message_size.saturating_add(64 * 1024),
+            };
             let config = WebSocketConfig::default()
                 .read_buffer_size(settings.read_buffer_size)
                 .write_buffer_size(settings.write_buffer_size)
-                .max_message_size(Some(settings.max_message_size))
-                .max_frame_size(Some(settings.max_message_size));
+                .max_message_size(Some(largest))
+                .max_frame_size(Some(largest));
             let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            let mut guard = calls.enter(crate::transport::Transport::WebSocket);
-            // Declared after the guard, so dropped before it: when the call
-            // count drops, the connection's slot is already free.
-            let _lease = lease;
-            call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
+            match protocol {
+                Protocol::V1(subprotocol) => {
+                    let mut guard = calls.enter(crate::transport::Transport::WebSocket);
+                    // Declared after the guard, so dropped before it: when the call
+                    // count drops, the connection's slot is already free.
+                    let _lease = lease;
+                    call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
+                }
+                Protocol::V2(encoding) => {
+                    let _lease = lease;
+                    v2::run(socket, encoding, v2_context, shutdown, tasks).await;
+                }
+            }
         }
         .instrument(span),
     );
@@ -208,19 +258,19 @@ fn offered_subprotocols(headers: &HeaderMap) -> Vec<&str> {
 /// Token entries (`streambridge.bearer.…`) are credentials, not choices: they
 /// are skipped, and never repeated in an error.
 #[allow(clippy::result_large_err)] // the refusal is the response itself
-fn choose_subprotocol(offered: &[&str]) -> Result<(Subprotocol, Option<Subprotocol>), Response> {
+fn choose_subprotocol(offered: &[&str]) -> Result<(Protocol, Option<Protocol>), Response> {
     let names: Vec<&str> = offered
         .iter()
         .copied()
         .filter(|name| !name.starts_with(BEARER_SUBPROTOCOL_PREFIX))
         .collect();
     if offered.is_empty() {
-        return Ok((Subprotocol::Json, None));
+        return Ok((Protocol::V1(Subprotocol::Json), None));
     }
-    if let Some(chosen) = names.iter().find_map(|name| Subprotocol::from_name(name)) {
+    if let Some(chosen) = names.iter().find_map(|name| Protocol::from_name(name)) {
         return Ok((chosen, Some(chosen)));
     }
-    let supported: Vec<_> = Subprotocol::ALL.iter().map(|p| p.name()).collect();
+    let supported: Vec<_> = Protocol::ALL.iter().map(|p| p.name()).collect();
     let message = format!(
         "none of the offered WebSocket subprotocols ({}) is supported; supported: {}\n",
         if names.is_empty() {
@@ -249,21 +299,28 @@ mod tests {
     fn the_first_supported_offer_of_the_client_wins() {
         let offers = offer(&["chat, streambridge.v1.proto", "streambridge.v1.json"]);
         let (chosen, echoed) = choose_subprotocol(&offered_subprotocols(&offers)).unwrap();
-        assert_eq!(chosen, Subprotocol::Proto);
-        assert_eq!(echoed, Some(Subprotocol::Proto));
+        assert_eq!(chosen, Protocol::V1(Subprotocol::Proto));
+        assert_eq!(echoed, Some(Protocol::V1(Subprotocol::Proto)));
     }
 
     #[test]
     fn no_offer_means_json_without_echo() {
         let (chosen, echoed) = choose_subprotocol(&[]).unwrap();
-        assert_eq!((chosen, echoed), (Subprotocol::Json, None));
+        assert_eq!((chosen, echoed), (Protocol::V1(Subprotocol::Json), None));
     }
 
     #[test]
     fn token_entries_are_skipped_and_never_echoed_in_errors() {
         let offers = offer(&["streambridge.bearer.secret, streambridge.v1.proto"]);
         let (chosen, _) = choose_subprotocol(&offered_subprotocols(&offers)).unwrap();
-        assert_eq!(chosen, Subprotocol::Proto);
+        assert_eq!(chosen, Protocol::V1(Subprotocol::Proto));
+        let v2 = offer(&["streambridge.v2.proto, streambridge.v1.json"]);
+        let (chosen, _) = choose_subprotocol(&offered_subprotocols(&v2)).unwrap();
+        assert_eq!(
+            chosen,
+            Protocol::V2(Encoding::Proto),
+            "the first offer the server knows wins"
+        );
         let only_token = offer(&["streambridge.bearer.secret"]);
         assert!(choose_subprotocol(&offered_subprotocols(&only_token)).is_err());
     }

@@ -1,0 +1,357 @@
+//! The `streambridge.v2.json` encoding: a text WebSocket message is a JSON
+//! array of records in proto3 JSON form (lowerCamelCase names, defaults
+//! left out, `details` base64), except that a record's `message` is the
+//! method's own input or output message as proto3 JSON. This module is the
+//! envelope; turning a `message` into protobuf and back needs the method's
+//! descriptors, which the server has and this crate does not.
+//!
+//! As proto3 JSON parsers do, decoding accepts lowerCamelCase and original
+//! field names (`closeSend`, `close_send`), numbers or numeric strings for
+//! integers, `null` for a default, and ignores unknown fields. A batch may
+//! also be a single record object.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use super::{GoAway, Open, Status};
+use crate::DecodeError;
+
+/// A record from the client, its `message` still the method's JSON text.
+#[derive(Debug, PartialEq)]
+pub struct JsonClientRecord<'a> {
+    pub call: u32,
+    pub kind: JsonClientKind<'a>,
+}
+
+/// The kind of a client record.
+#[derive(Debug, PartialEq)]
+pub enum JsonClientKind<'a> {
+    Open(Open),
+    /// The request message as JSON text, to be transcoded with the method's input type.
+    Message(&'a str),
+    CloseSend,
+    Cancel,
+    Window(u32),
+}
+
+#[derive(Deserialize)]
+struct RecordMirror<'a> {
+    #[serde(default, deserialize_with = "proto_u32")]
+    call: Option<u32>,
+    #[serde(default)]
+    open: Option<OpenMirror>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(default, rename = "closeSend", alias = "close_send")]
+    close_send: Option<Empty>,
+    #[serde(default)]
+    cancel: Option<Empty>,
+    #[serde(default, deserialize_with = "proto_u32")]
+    window: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct Empty {}
+
+#[derive(Deserialize)]
+struct OpenMirror {
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    metadata: Option<HashMap<String, String>>,
+    #[serde(default, rename = "timeoutMs", alias = "timeout_ms", deserialize_with = "proto_u32")]
+    timeout_ms: Option<u32>,
+    #[serde(default, deserialize_with = "proto_u32")]
+    window: Option<u32>,
+}
+
+/// A proto3 JSON `uint32`: a number or a string of digits; `null` is unset.
+fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number<'a> {
+        Int(u64),
+        Float(f64),
+        Text(&'a str),
+    }
+    let number: Option<Number<'_>> = Option::deserialize(deserializer)?;
+    let value = match number {
+        None => return Ok(None),
+        Some(Number::Int(n)) => n,
+        Some(Number::Float(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => f as u64,
+        Some(Number::Text(text)) => text
+            .parse::<u64>()
+            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a uint32")))?,
+        Some(Number::Float(f)) => return Err(serde::de::Error::custom(format!("{f} is not a uint32"))),
+    };
+    u32::try_from(value)
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{value} is out of range for a uint32")))
+}
+
+/// Decodes one text WebSocket message from the client: an array of records,
+/// or one record object.
+pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, DecodeError> {
+    let invalid = |e: serde_json::Error| DecodeError(format!("invalid JSON batch: {e}"));
+    let records: Vec<&RawValue> = match text.trim_start().as_bytes().first() {
+        Some(b'[') => serde_json::from_str(text).map_err(invalid)?,
+        Some(b'{') => vec![serde_json::from_str(text).map_err(invalid)?],
+        _ => {
+            return Err(DecodeError(
+                "a batch is a JSON array of records (or one record object)".into(),
+            ));
+        }
+    };
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(index, raw)| decode_record(index, raw))
+        .collect()
+}
+
+fn decode_record(index: usize, raw: &RawValue) -> Result<JsonClientRecord<'_>, DecodeError> {
+    if !raw.get().starts_with('{') {
+        return Err(DecodeError(format!("record {index} is not an object")));
+    }
+    let record: RecordMirror<'_> =
+        serde_json::from_str(raw.get()).map_err(|e| DecodeError(format!("record {index}: {e}")))?;
+    let mut kinds = Vec::with_capacity(1);
+    if let Some(open) = record.open {
+        kinds.push(JsonClientKind::Open(Open {
+            method: open.method.unwrap_or_default(),
+            metadata: open.metadata.unwrap_or_default(),
+            timeout_ms: open.timeout_ms.unwrap_or_default(),
+            window: open.window.unwrap_or_default(),
+        }));
+    }
+    if let Some(message) = record.message {
+        kinds.push(JsonClientKind::Message(message.get()));
+    }
+    if record.close_send.is_some() {
+        kinds.push(JsonClientKind::CloseSend);
+    }
+    if record.cancel.is_some() {
+        kinds.push(JsonClientKind::Cancel);
+    }
+    if let Some(window) = record.window {
+        kinds.push(JsonClientKind::Window(window));
+    }
+    if kinds.len() > 1 {
+        return Err(DecodeError(format!(
+            "record {index} has {} kinds; exactly one of open, message, closeSend, cancel, window is allowed",
+            kinds.len()
+        )));
+    }
+    let kind = kinds.pop().ok_or_else(|| {
+        DecodeError(format!(
+            "record {index} has no kind; exactly one of open, message, closeSend, cancel, window is required"
+        ))
+    })?;
+    Ok(JsonClientRecord {
+        call: record.call.unwrap_or_default(),
+        kind,
+    })
+}
+
+/// A record from the server, ready to be written.
+pub enum JsonServerKind<'a> {
+    Headers(&'a HashMap<String, String>),
+    /// The response message, already proto3 JSON text.
+    Message(&'a str),
+    Status(&'a Status),
+    Window(u32),
+    GoAway(&'a GoAway),
+}
+
+#[derive(Serialize)]
+struct ServerRecordOut<'a> {
+    #[serde(skip_serializing_if = "is_zero")]
+    call: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    headers: Option<HeadersOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    goaway: Option<GoAwayOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct HeadersOut<'a> {
+    metadata: &'a HashMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    code: i32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    message: &'a str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    details: String,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    metadata: &'a HashMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct GoAwayOut<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    message: &'a str,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One server record as JSON text. The status code is always written, also
+/// when it is 0, so a status reads as such at a glance.
+pub fn encode_server_record(call: u32, kind: JsonServerKind<'_>) -> String {
+    let mut out = ServerRecordOut {
+        call,
+        headers: None,
+        status: None,
+        window: None,
+        goaway: None,
+    };
+    match kind {
+        JsonServerKind::Message(json) => {
+            // The message is JSON already: spliced in, not parsed again.
+            return if call == 0 {
+                format!(r#"{{"message":{json}}}"#)
+            } else {
+                format!(r#"{{"call":{call},"message":{json}}}"#)
+            };
+        }
+        JsonServerKind::Headers(metadata) => out.headers = Some(HeadersOut { metadata }),
+        JsonServerKind::Status(status) => {
+            out.status = Some(StatusOut {
+                code: status.code,
+                message: &status.message,
+                details: base64::engine::general_purpose::STANDARD.encode(&status.details),
+                metadata: &status.metadata,
+            })
+        }
+        JsonServerKind::Window(window) => out.window = Some(window),
+        JsonServerKind::GoAway(goaway) => {
+            out.goaway = Some(GoAwayOut {
+                message: &goaway.message,
+            })
+        }
+    }
+    serde_json::to_string(&out).expect("strings, maps of strings and integers always serialise")
+}
+
+/// Joins encoded records into one batch.
+pub fn join_batch<'a>(records: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("[");
+    for (i, record) in records.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(record);
+    }
+    out.push(']');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_arrays_single_records_and_every_kind() {
+        let batch = decode_client_batch(
+            r#"[{"call":1,"open":{"method":"/DataService/BidirectionalStream","metadata":{"k":"v"},"timeoutMs":"5000","window":10}},
+                {"call":1,"message":{"data":"hi"}},{"call":"1","closeSend":{}},{"call":1,"cancel":{}},{"call":1,"window":3}]"#,
+        )
+        .unwrap();
+        assert_eq!(batch.len(), 5);
+        let JsonClientKind::Open(open) = &batch[0].kind else {
+            panic!()
+        };
+        assert_eq!(open.method, "/DataService/BidirectionalStream");
+        assert_eq!(open.metadata["k"], "v");
+        assert_eq!((open.timeout_ms, open.window), (5000, 10));
+        assert_eq!(batch[1].kind, JsonClientKind::Message(r#"{"data":"hi"}"#));
+        assert_eq!(batch[2].kind, JsonClientKind::CloseSend);
+        assert_eq!(batch[3].kind, JsonClientKind::Cancel);
+        assert_eq!(batch[4].kind, JsonClientKind::Window(3));
+        let single = decode_client_batch(r#"{"call":2,"close_send":{},"unknown":1}"#).unwrap();
+        assert_eq!(
+            single,
+            [JsonClientRecord {
+                call: 2,
+                kind: JsonClientKind::CloseSend
+            }]
+        );
+    }
+
+    #[test]
+    fn refuses_what_is_not_exactly_one_record_kind() {
+        for (text, says) in [
+            ("5", "JSON array"),
+            ("[1]", "record 0 is not an object"),
+            (r#"[{"call":1}]"#, "record 0 has no kind"),
+            (r#"[{"call":1,"cancel":{},"window":2}]"#, "record 0 has 2 kinds"),
+            (r#"[{"call":1,"window":-1}]"#, "record 0"),
+            (r#"[{"call":4294967296,"cancel":{}}]"#, "out of range"),
+            ("[{", "invalid JSON batch"),
+        ] {
+            let error = decode_client_batch(text).unwrap_err();
+            assert!(error.0.contains(says), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn nulls_are_defaults() {
+        let batch = decode_client_batch(r#"[{"call":null,"cancel":{},"window":null,"message":null}]"#).unwrap();
+        assert_eq!(
+            batch,
+            [JsonClientRecord {
+                call: 0,
+                kind: JsonClientKind::Cancel
+            }]
+        );
+    }
+
+    #[test]
+    fn server_records_encode_in_proto3_json_form() {
+        assert_eq!(
+            encode_server_record(1, JsonServerKind::Message(r#"{"result":"processed: hi"}"#)),
+            r#"{"call":1,"message":{"result":"processed: hi"}}"#
+        );
+        let status = Status {
+            code: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_server_record(1, JsonServerKind::Status(&status)),
+            r#"{"call":1,"status":{"code":0}}"#
+        );
+        let failed = Status {
+            code: 3,
+            message: "bad".into(),
+            details: prost::bytes::Bytes::from_static(b"\x01\x02"),
+            metadata: HashMap::from([("k".to_string(), "v".to_string())]),
+        };
+        assert_eq!(
+            encode_server_record(7, JsonServerKind::Status(&failed)),
+            r#"{"call":7,"status":{"code":3,"message":"bad","details":"AQI=","metadata":{"k":"v"}}}"#
+        );
+        let goaway = GoAway {
+            message: "draining".into(),
+        };
+        assert_eq!(
+            encode_server_record(0, JsonServerKind::GoAway(&goaway)),
+            r#"{"goaway":{"message":"draining"}}"#
+        );
+        assert_eq!(
+            encode_server_record(2, JsonServerKind::Window(128)),
+            r#"{"call":2,"window":128}"#
+        );
+        assert_eq!(join_batch(["{}", "{}"]), "[{},{}]");
+    }
+}

@@ -1,0 +1,110 @@
+//! WebSocket protocol v2 (`proto/bridge_v2.proto`, specified in
+//! `docs/websocket-protocol.md`): many calls of any gRPC method on one
+//! socket, many records per WebSocket message, flow control per call.
+//!
+//! - The generated types: [`ClientBatch`] / [`ClientRecord`] from the client,
+//!   [`ServerBatch`] / [`ServerRecord`] from the server, and what they carry.
+//! - [`Encoding`]: the two subprotocols and their names.
+//! - [`encode_record`]: one record as the bytes of a `ServerBatch` entry, so a
+//!   batch is the concatenation of its records.
+//! - `json` (feature `json`): the proto3 JSON encoding of the records, with
+//!   each `message` left as the method's own JSON.
+
+include!(concat!(env!("OUT_DIR"), "/streambridge.v2.rs"));
+
+#[cfg(feature = "json")]
+pub mod json;
+
+use std::fmt;
+
+use prost::Message;
+
+/// The response credit of a call whose `open.window` is 0, and the request
+/// credit every call starts with.
+pub const DEFAULT_WINDOW: u32 = 256;
+
+/// How a v2 socket encodes its records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// `streambridge.v2.json`: text messages, a JSON array of records.
+    Json,
+    /// `streambridge.v2.proto`: binary messages, one `ClientBatch` or `ServerBatch` each.
+    Proto,
+}
+
+impl Encoding {
+    /// Both, in the order the server lists them in errors.
+    pub const ALL: [Encoding; 2] = [Encoding::Json, Encoding::Proto];
+
+    /// The name offered in `Sec-WebSocket-Protocol`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "streambridge.v2.json",
+            Encoding::Proto => "streambridge.v2.proto",
+        }
+    }
+
+    /// The encoding with this exact subprotocol name, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `record` as it sits inside a `ServerBatch` (field 1, length-delimited):
+/// concatenating such entries gives the encoded batch.
+pub fn encode_record(record: &ServerRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(record.encoded_len() + 6);
+    prost::encoding::message::encode(1, record, &mut out);
+    out
+}
+
+/// A client batch from the bytes of a binary WebSocket message.
+pub fn decode_client_batch(bytes: &[u8]) -> Result<ClientBatch, crate::DecodeError> {
+    ClientBatch::decode(bytes).map_err(|e| crate::DecodeError(format!("invalid ClientBatch: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concatenated_records_are_a_server_batch() {
+        let records = vec![
+            ServerRecord {
+                call: 1,
+                kind: Some(server_record::Kind::Message(prost::bytes::Bytes::from_static(
+                    b"\x0a\x01x",
+                ))),
+            },
+            ServerRecord {
+                call: 0,
+                kind: Some(server_record::Kind::Goaway(GoAway {
+                    message: "draining".into(),
+                })),
+            },
+        ];
+        let joined: Vec<u8> = records.iter().flat_map(encode_record).collect();
+        assert_eq!(
+            joined,
+            ServerBatch {
+                records: records.clone()
+            }
+            .encode_to_vec()
+        );
+        assert_eq!(ServerBatch::decode(&joined[..]).unwrap().records, records);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for encoding in Encoding::ALL {
+            assert_eq!(Encoding::from_name(encoding.name()), Some(encoding));
+        }
+        assert_eq!(Encoding::from_name("streambridge.v1.json"), None);
+    }
+}

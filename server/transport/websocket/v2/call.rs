@@ -1,0 +1,423 @@
+//! One v2 call: a gRPC request on the backend, fed by the socket, its
+//! response turned into records.
+//!
+//! The call runs as its own task. Request messages come from the socket over
+//! an unbounded channel whose length the socket bounds by the call's request
+//! credit and the socket's byte budget; the [`RequestBody`] hands them to the
+//! backend as gRPC frames and grants the client more credit as they are
+//! consumed. Response messages go out only against response credit (a
+//! semaphore the client's `window` records fill), so a call whose reader
+//! grants nothing stops reading its response, and the backend (tonic's
+//! stream or the upstream's HTTP/2 window) stops producing: nothing piles up.
+//!
+//! Every call ends with exactly one `status` record, sent by this task: the
+//! backend's status, or the reason the socket aborted the call (cancel, a
+//! broken rule, the drain), or its deadline.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor};
+use streambridge_protocol::v2::{self, Encoding, server_record};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tower::ServiceExt;
+
+use super::budget::Budget;
+use super::{Out, Payload};
+use crate::backend::GrpcService;
+use crate::backend::descriptors::Catalog;
+use crate::policy::auth::Authenticated;
+use crate::transport::Transport;
+
+/// Request credit a call starts with, and the size of each later grant.
+const REQUEST_WINDOW: u64 = v2::DEFAULT_WINDOW as u64;
+
+/// What a call task needs, handed over by the socket at `open`.
+pub struct CallSpec {
+    pub call: u32,
+    pub open: v2::Open,
+    pub encoding: Encoding,
+    pub requests: mpsc::UnboundedReceiver<Payload>,
+    pub response_credit: Arc<Semaphore>,
+    pub abort: Abort,
+    pub out: mpsc::Sender<Out>,
+    pub control: mpsc::UnboundedSender<Out>,
+    pub budget: Budget,
+    pub backend: GrpcService,
+    pub catalog: Catalog,
+    pub max_message_size: usize,
+}
+
+/// How the socket ends a call early: the status to end with, then the token.
+#[derive(Clone, Default)]
+pub struct Abort {
+    reason: Arc<OnceLock<Status>>,
+    token: CancellationToken,
+}
+
+impl Abort {
+    /// Ends the call with `status` (the first reason given wins).
+    pub fn abort(&self, status: Status) {
+        let _ = self.reason.set(status);
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> Status {
+        self.reason
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Status::cancelled("call cancelled"))
+    }
+}
+
+/// Runs the call to its status record.
+pub async fn run(spec: CallSpec) {
+    let call = spec.call;
+    let encoding = spec.encoding;
+    let out = spec.out.clone();
+    let abort = spec.abort.clone();
+    let timeout_ms = spec.open.timeout_ms;
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()));
+    let deadline = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let status = tokio::select! {
+        biased;
+        () = abort.token.cancelled() => abort.reason(),
+        () = deadline => Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")),
+        status = exchange(spec) => status,
+    };
+    let record = encode(encoding, call, Kind::Status(to_record_status(&status)));
+    let _ = out.send(Out::Status { call, record }).await;
+}
+
+/// The call's body: the backend's status, or why it could not run.
+async fn exchange(spec: CallSpec) -> Status {
+    let CallSpec {
+        call,
+        open,
+        encoding,
+        requests,
+        response_credit,
+        abort,
+        out,
+        control,
+        budget,
+        backend,
+        catalog,
+        max_message_size,
+    } = spec;
+    // JSON needs the method's descriptors; proto uses them, when there are
+    // any, to check request messages.
+    let method = match (encoding, catalog.method(&open.method).await) {
+        (_, Ok(method)) => Some(method),
+        (Encoding::Json, Err(status)) => return status,
+        (Encoding::Proto, Err(_)) => None,
+    };
+    let request = match build_request(&open) {
+        Ok(request) => request,
+        Err(status) => return status,
+    };
+    let body = RequestBody {
+        requests,
+        input: method.as_ref().map(MethodDescriptor::input),
+        budget,
+        abort: abort.clone(),
+        call,
+        encoding,
+        control,
+        consumed: 0,
+        granted: REQUEST_WINDOW,
+    };
+    let request = request.map(|()| tonic::body::Body::new(body));
+    let Ok(response) = backend.oneshot(request).await;
+    let (parts, mut body) = response.into_parts();
+    if let Some(status) = status_in(&parts.headers) {
+        return status;
+    }
+    let metadata = metadata_of(&parts.headers);
+    if !metadata.is_empty() {
+        let record = encode(encoding, call, Kind::Headers(metadata));
+        if out.send(Out::Record(record)).await.is_err() {
+            return Status::cancelled("socket closed");
+        }
+    }
+    let output = method
+        .as_ref()
+        .filter(|_| encoding == Encoding::Json)
+        .map(MethodDescriptor::output);
+    let mut buffer = BytesMut::new();
+    loop {
+        let frame = match body.frame().await {
+            None => return Status::internal("the response ended without a gRPC status"),
+            Some(Err(status)) => return status,
+            Some(Ok(frame)) => frame,
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                return match frame.into_trailers() {
+                    Ok(trailers) => status_in(&trailers)
+                        .unwrap_or_else(|| Status::internal("the response's trailers carry no gRPC status")),
+                    Err(_) => Status::internal("the response sent an unknown frame"),
+                };
+            }
+        };
+        buffer.extend_from_slice(&data);
+        while buffer.len() >= 5 {
+            let compressed = buffer[0] != 0;
+            let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+            if compressed {
+                return Status::internal("the service sent a compressed message; the bridge does not decompress");
+            }
+            if length > max_message_size {
+                return Status::resource_exhausted(format!(
+                    "the service sent a message of {length} bytes; the limit (--max-message-size) is {max_message_size}"
+                ));
+            }
+            if buffer.len() < 5 + length {
+                buffer.reserve(5 + length - buffer.len());
+                break;
+            }
+            buffer.advance(5);
+            let message = buffer.split_to(length).freeze();
+            let Ok(permit) = response_credit.acquire().await else {
+                return Status::cancelled("socket closed");
+            };
+            permit.forget();
+            let kind = match &output {
+                Some(output) => match to_json(output, message) {
+                    Ok(json) => Kind::JsonMessage(json),
+                    Err(status) => return status,
+                },
+                None => Kind::Message(message),
+            };
+            if out.send(Out::Record(encode(encoding, call, kind))).await.is_err() {
+                return Status::cancelled("socket closed");
+            }
+        }
+    }
+}
+
+/// The gRPC request for `open`: the method's path, its metadata, its
+/// deadline. The socket was authenticated at its upgrade.
+fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
+    let mut request = Request::post(open.method.as_str())
+        .body(())
+        .map_err(|_| Status::unimplemented(format!("{:?} is not a method path", open.method)))?;
+    let headers = request.headers_mut();
+    for (name, value) in &open.metadata {
+        let lower = name.to_ascii_lowercase();
+        if is_reserved(&lower) {
+            return Err(Status::invalid_argument(format!("metadata key {name:?} is reserved")));
+        }
+        let header = HeaderName::try_from(lower.as_str())
+            .map_err(|_| Status::invalid_argument(format!("metadata key {name:?} is not a valid header name")))?;
+        if lower.ends_with("-bin") {
+            base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(value))
+                .map_err(|_| Status::invalid_argument(format!("metadata {name:?} is not base64")))?;
+        }
+        let value = HeaderValue::try_from(value.as_str())
+            .map_err(|_| Status::invalid_argument(format!("metadata {name:?} has a value a header cannot carry")))?;
+        headers.append(header, value);
+    }
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if open.timeout_ms > 0 {
+        headers.insert(
+            "grpc-timeout",
+            HeaderValue::from_str(&format!("{}m", open.timeout_ms)).expect("digits and a unit"),
+        );
+    }
+    request.extensions_mut().insert(Transport::WebSocket);
+    request.extensions_mut().insert(Authenticated);
+    Ok(request)
+}
+
+/// Headers a client may not set as metadata: HTTP's own, and gRPC's.
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("grpc-")
+        || name.starts_with(':')
+        || matches!(
+            name,
+            "content-type"
+                | "te"
+                | "host"
+                | "connection"
+                | "keep-alive"
+                | "transfer-encoding"
+                | "upgrade"
+                | "content-length"
+        )
+}
+
+/// The gRPC status in `headers` (trailers, or the headers of a
+/// trailers-only response), if there is one.
+fn status_in(headers: &HeaderMap) -> Option<Status> {
+    headers.get("grpc-status")?;
+    Some(Status::from_header_map(headers).unwrap_or_else(|| Status::unknown("unreadable grpc-status")))
+}
+
+/// Response metadata a client may see: everything but HTTP's and gRPC's own.
+fn metadata_of(headers: &HeaderMap) -> HashMap<String, String> {
+    headers
+        .iter()
+        .filter(|(name, _)| !is_reserved(name.as_str()) && name.as_str() != "date")
+        .filter_map(|(name, value)| Some((name.as_str().to_string(), value.to_str().ok()?.to_string())))
+        .collect()
+}
+
+fn to_record_status(status: &Status) -> v2::Status {
+    v2::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Bytes::copy_from_slice(status.details()),
+        metadata: metadata_of(&status.metadata().clone().into_headers()),
+    }
+}
+
+/// A response message as proto3 JSON.
+fn to_json(output: &MessageDescriptor, message: Bytes) -> Result<String, Status> {
+    let message = DynamicMessage::decode(output.clone(), message)
+        .map_err(|e| Status::internal(format!("the service's reply is not a {}: {e}", output.full_name())))?;
+    serde_json::to_string(&message).map_err(|e| Status::internal(format!("the reply does not map to JSON: {e}")))
+}
+
+/// A request message from proto3 JSON; unknown fields are ignored.
+fn from_json(input: &MessageDescriptor, text: &str) -> Result<Vec<u8>, Status> {
+    let options = DeserializeOptions::new().deny_unknown_fields(false);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let message = DynamicMessage::deserialize_with_options(input.clone(), &mut deserializer, &options)
+        .and_then(|m| deserializer.end().map(|()| m))
+        .map_err(|e| Status::invalid_argument(format!("message is not a valid {} in JSON: {e}", input.full_name())))?;
+    Ok(prost::Message::encode_to_vec(&message))
+}
+
+/// What a record carries, before encoding.
+pub enum Kind {
+    Headers(HashMap<String, String>),
+    Message(Bytes),
+    JsonMessage(String),
+    Status(v2::Status),
+    Window(u32),
+}
+
+/// One record in the socket's encoding, ready to be joined into a batch.
+pub fn encode(encoding: Encoding, call: u32, kind: Kind) -> Bytes {
+    use streambridge_protocol::v2::json::{JsonServerKind, encode_server_record};
+    match encoding {
+        Encoding::Proto => {
+            let kind = match kind {
+                Kind::Headers(metadata) => server_record::Kind::Headers(v2::Headers { metadata }),
+                Kind::Message(message) => server_record::Kind::Message(message),
+                Kind::JsonMessage(json) => server_record::Kind::Message(Bytes::from(json)),
+                Kind::Status(status) => server_record::Kind::Status(status),
+                Kind::Window(window) => server_record::Kind::Window(window),
+            };
+            Bytes::from(v2::encode_record(&v2::ServerRecord { call, kind: Some(kind) }))
+        }
+        Encoding::Json => Bytes::from(match kind {
+            Kind::Headers(metadata) => encode_server_record(call, JsonServerKind::Headers(&metadata)),
+            Kind::Message(message) => {
+                // Only a json socket without descriptors would get here; never in practice.
+                let json = serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(&message))
+                    .expect("a string serialises");
+                encode_server_record(call, JsonServerKind::Message(&json))
+            }
+            Kind::JsonMessage(json) => encode_server_record(call, JsonServerKind::Message(&json)),
+            Kind::Status(status) => encode_server_record(call, JsonServerKind::Status(&status)),
+            Kind::Window(window) => encode_server_record(call, JsonServerKind::Window(window)),
+        }),
+    }
+}
+
+/// The request stream the backend reads: messages from the socket, framed
+/// for gRPC, ending at the client's `closeSend`.
+struct RequestBody {
+    requests: mpsc::UnboundedReceiver<Payload>,
+    input: Option<MessageDescriptor>,
+    budget: Budget,
+    abort: Abort,
+    call: u32,
+    encoding: Encoding,
+    control: mpsc::UnboundedSender<Out>,
+    /// Messages handed to the backend.
+    consumed: u64,
+    /// Request credit given: the first window plus every grant.
+    granted: u64,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        let Some(payload) = std::task::ready!(this.requests.poll_recv(cx)) else {
+            return Poll::Ready(None);
+        };
+        this.budget.give_back(payload.len());
+        let message = match payload {
+            Payload::Proto(bytes) => match &this.input {
+                Some(input) if DynamicMessage::decode(input.clone(), bytes.clone()).is_err() => {
+                    let status =
+                        Status::invalid_argument(format!("message is not a valid {} in protobuf", input.full_name()));
+                    this.abort.abort(status.clone());
+                    return Poll::Ready(Some(Err(status)));
+                }
+                _ => bytes,
+            },
+            Payload::Json(text) => match &this.input {
+                Some(input) => match from_json(input, &text) {
+                    Ok(bytes) => Bytes::from(bytes),
+                    Err(status) => {
+                        this.abort.abort(status.clone());
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                },
+                None => Bytes::from(text),
+            },
+        };
+        this.consumed += 1;
+        // Grant another window once half of the credit given is used up.
+        if this.granted - this.consumed <= REQUEST_WINDOW / 2 {
+            this.granted += REQUEST_WINDOW;
+            let record = encode(this.encoding, this.call, Kind::Window(REQUEST_WINDOW as u32));
+            let _ = this.control.send(Out::Grant {
+                call: this.call,
+                amount: REQUEST_WINDOW,
+                record,
+            });
+        }
+        let mut framed = BytesMut::with_capacity(5 + message.len());
+        framed.put_u8(0);
+        framed.put_u32(message.len() as u32);
+        framed.put_slice(&message);
+        Poll::Ready(Some(Ok(Frame::data(framed.freeze()))))
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // Messages never consumed give their bytes back to the socket.
+        self.requests.close();
+        while let Ok(payload) = self.requests.try_recv() {
+            self.budget.give_back(payload.len());
+        }
+    }
+}

@@ -1,0 +1,617 @@
+//! WebSocket protocol v2 on one socket: many calls of any method, records
+//! batched into WebSocket messages, flow control per call (see
+//! `docs/websocket-protocol.md`, "Protocol v2").
+//!
+//! One task owns the socket: it reads batches, checks each record against
+//! the rules, and hands messages to the calls; it gathers the records the
+//! calls produce and writes them, as many as are ready in one WebSocket
+//! message (never waiting for more, at most 64 KiB unless a single record is
+//! larger). Each call is a task of its own ([`call`]) making a gRPC request
+//! on the backend, the same one native gRPC uses: the bridge has no code per
+//! service.
+//!
+//! Bounds: request messages per call by the client's request credit (256
+//! plus what the server grants as the backend consumes them), request bytes
+//! per socket by `--ws-socket-buffer` (past it the socket is not read),
+//! response messages per call by the client's response credit, records in
+//! flight to the writer by a bounded queue, live calls by `--ws-max-calls`.
+
+mod budget;
+mod call;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use streambridge_protocol::v2::{self, Encoding, client_record};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Code, Status};
+
+use self::budget::Budget;
+use self::call::{Abort, CallSpec, Kind, encode};
+use crate::backend::GrpcService;
+use crate::backend::descriptors::Catalog;
+
+/// A batch is written once it reaches this size.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Records on their way from the calls to the writer.
+const OUT_QUEUE: usize = 1024;
+
+/// The limits of a v2 socket (from [`crate::Config`]).
+#[derive(Clone, Debug)]
+pub struct V2Settings {
+    /// `--max-message-size`: the largest request or response message.
+    pub max_message_size: usize,
+    /// `--ws-max-calls`: live calls per socket.
+    pub max_calls: usize,
+    /// `--ws-socket-buffer`: request bytes not yet consumed, per socket.
+    pub socket_buffer: usize,
+    /// How long to wait for the peer's Close after ours.
+    pub close_timeout: Duration,
+    /// Ping interval; a peer silent for a whole interval is gone.
+    pub ping_interval: Duration,
+    /// `--drain-timeout`: how long live calls may run after `goaway`.
+    pub drain_timeout: Duration,
+}
+
+/// What every v2 socket shares. Cheap to clone.
+#[derive(Clone)]
+pub struct V2Context {
+    /// The gRPC backend every call is made on.
+    pub backend: GrpcService,
+    /// Descriptors for the json encoding.
+    pub catalog: Catalog,
+    pub settings: Arc<V2Settings>,
+    /// Set when the drain deadline cut a call (the exit code says so).
+    pub cut: Arc<AtomicBool>,
+}
+
+/// A request message as it came, decoded from JSON only by the call.
+pub enum Payload {
+    Proto(Bytes),
+    Json(String),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Proto(bytes) => bytes.len(),
+            Payload::Json(text) => text.len(),
+        }
+    }
+}
+
+/// What calls send the socket's writer.
+pub enum Out {
+    /// Headers or a message.
+    Record(Bytes),
+    /// The call's last record.
+    Status { call: u32, record: Bytes },
+    /// More request credit for the client.
+    Grant { call: u32, amount: u64, record: Bytes },
+}
+
+/// A call the socket knows: how to reach it and what the client may send.
+struct LiveCall {
+    /// `None` after `closeSend`.
+    requests: Option<mpsc::UnboundedSender<Payload>>,
+    response_credit: Arc<Semaphore>,
+    /// Response credit given so far (saturates at 2^32-1).
+    response_given: u64,
+    /// Request messages received, and request credit granted beyond the first window.
+    received: u64,
+    granted: u64,
+    abort: Abort,
+}
+
+/// How the socket ends.
+struct Closing {
+    code: CloseCode,
+    reason: String,
+}
+
+/// Runs a v2 socket until it closes.
+pub async fn run<S>(
+    mut socket: WebSocketStream<S>,
+    encoding: Encoding,
+    context: V2Context,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let settings = context.settings.clone();
+    let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let mut state = Socket {
+        encoding,
+        context,
+        calls: HashMap::new(),
+        last_open: 0,
+        budget: Budget::new(settings.socket_buffer),
+        out_tx,
+        control_tx,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        closing: None,
+        draining: false,
+        tasks,
+    };
+    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heard_since_ping = true;
+    let mut drain_deadline: Option<Instant> = None;
+
+    loop {
+        if !state.batch.is_empty() {
+            if !state.flush(&mut socket, &settings).await {
+                return state.cancel_all();
+            }
+            heard_since_ping = true;
+        }
+        if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
+            let closing = state.closing.take().unwrap_or(Closing {
+                code: CloseCode::Away,
+                reason: "server shutting down".into(),
+            });
+            close(&mut socket, closing, settings.close_timeout).await;
+            return;
+        }
+        let reading = state.closing.is_none();
+        tokio::select! {
+            biased;
+            _ = ping.tick() => {
+                if !heard_since_ping {
+                    tracing::debug!("peer did not answer the last ping; cancelling its calls");
+                    return state.cancel_all();
+                }
+                heard_since_ping = false;
+                if !matches!(tokio::time::timeout(settings.ping_interval * 2, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                    return state.cancel_all();
+                }
+            }
+            Some(grant) = control_rx.recv() => state.on_out(grant),
+            Some(out) = out_rx.recv() => {
+                state.on_out(out);
+                while state.batch_bytes < BATCH_BYTES {
+                    match control_rx.try_recv().ok().or_else(|| out_rx.try_recv().ok()) {
+                        Some(out) => state.on_out(out),
+                        None => break,
+                    }
+                }
+            }
+            frame = socket.next(), if reading && state.budget.has_room() => {
+                heard_since_ping = true;
+                match frame {
+                    Some(Ok(message)) => {
+                        if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
+                            return state.cancel_all();
+                        }
+                    }
+                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => state.socket_error(
+                        Code::ResourceExhausted,
+                        format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
+                        CloseCode::Size,
+                    ),
+                    Some(Err(WsError::Utf8(_))) => state.socket_error(
+                        Code::InvalidArgument,
+                        "a text message is not valid UTF-8".into(),
+                        CloseCode::Invalid,
+                    ),
+                    Some(Err(_)) | None => return state.cancel_all(),
+                }
+            }
+            () = state.budget.room(), if reading && !state.budget.has_room() => {}
+            () = shutdown.cancelled(), if !state.draining => {
+                state.draining = true;
+                let message = v2::GoAway { message: "server shutting down: finish your calls, open new ones elsewhere".into() };
+                let record = Bytes::from(match encoding {
+                    Encoding::Proto => v2::encode_record(&v2::ServerRecord { call: 0, kind: Some(v2::server_record::Kind::Goaway(message)) }),
+                    Encoding::Json => v2::json::encode_server_record(0, v2::json::JsonServerKind::GoAway(&message)).into_bytes(),
+                });
+                state.push(record);
+                // Cut calls a little before the server's own deadline, so their status gets out.
+                let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
+                drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
+            }
+            () = sleep_until(drain_deadline), if drain_deadline.is_some() && !state.calls.is_empty() => {
+                drain_deadline = None;
+                state.context.cut.store(true, Ordering::Relaxed);
+                for call in state.calls.values() {
+                    call.abort.abort(Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends our Close and waits (bounded) for the peer's, so that frames still
+/// in flight are not answered with a reset.
+async fn close<S>(socket: &mut WebSocketStream<S>, closing: Closing, timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = CloseFrame {
+        code: closing.code,
+        reason: Utf8Bytes::from(closing.reason),
+    };
+    let _ = tokio::time::timeout(timeout, async {
+        if socket.close(Some(frame)).await.is_err() {
+            return;
+        }
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}
+
+enum Gone {
+    Yes,
+    No,
+}
+
+struct Socket {
+    encoding: Encoding,
+    context: V2Context,
+    calls: HashMap<u32, LiveCall>,
+    last_open: u32,
+    budget: Budget,
+    out_tx: mpsc::Sender<Out>,
+    control_tx: mpsc::UnboundedSender<Out>,
+    /// Records of the next batch.
+    batch: Vec<Bytes>,
+    batch_bytes: usize,
+    /// Set by a socket error: no more reading; close once the calls are done.
+    closing: Option<Closing>,
+    /// `goaway` sent.
+    draining: bool,
+    tasks: TaskTracker,
+}
+
+impl Socket {
+    fn push(&mut self, record: Bytes) {
+        self.batch_bytes += record.len();
+        self.batch.push(record);
+    }
+
+    fn on_out(&mut self, out: Out) {
+        match out {
+            Out::Record(record) => self.push(record),
+            Out::Status { call, record } => {
+                self.calls.remove(&call);
+                self.push(record);
+            }
+            Out::Grant { call, amount, record } => {
+                // A call that ended takes no more grants: its status was its last record.
+                if let Some(live) = self.calls.get_mut(&call) {
+                    live.granted += amount;
+                    self.push(record);
+                }
+            }
+        }
+    }
+
+    /// Writes the gathered records, 64 KiB per WebSocket message.
+    async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let records = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let mut start = 0;
+        while start < records.len() {
+            let mut end = start + 1;
+            let mut size = records[start].len();
+            while end < records.len() && size + records[end].len() <= BATCH_BYTES {
+                size += records[end].len();
+                end += 1;
+            }
+            let message = match self.encoding {
+                Encoding::Proto => Message::Binary(records[start..end].concat().into()),
+                Encoding::Json => {
+                    let mut text = Vec::with_capacity(size + end - start + 1);
+                    text.push(b'[');
+                    for (i, record) in records[start..end].iter().enumerate() {
+                        if i > 0 {
+                            text.push(b',');
+                        }
+                        text.extend_from_slice(record);
+                    }
+                    text.push(b']');
+                    Message::Text(Utf8Bytes::try_from(Bytes::from(text)).expect("records are JSON text"))
+                }
+            };
+            if !matches!(
+                tokio::time::timeout(settings.ping_interval * 2, socket.feed(message)).await,
+                Ok(Ok(()))
+            ) {
+                return false;
+            }
+            start = end;
+        }
+        matches!(
+            tokio::time::timeout(settings.ping_interval * 2, socket.flush()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn on_message<S>(&mut self, message: Message, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> Gone
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match (message, self.encoding) {
+            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(&bytes) {
+                Ok(batch) => {
+                    for record in batch.records {
+                        if !self.on_proto_record(record) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
+                Ok(batch) => {
+                    for record in batch {
+                        if !self.on_json_record(record) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(_), Encoding::Proto) => self.socket_error(
+                Code::InvalidArgument,
+                "text message on streambridge.v2.proto, which takes binary messages".into(),
+                CloseCode::Unsupported,
+            ),
+            (Message::Binary(_), Encoding::Json) => self.socket_error(
+                Code::InvalidArgument,
+                "binary message on streambridge.v2.json, which takes text messages".into(),
+                CloseCode::Unsupported,
+            ),
+            (Message::Ping(_), _) => {
+                // tungstenite queued the pong: send it now.
+                if !matches!(
+                    tokio::time::timeout(settings.ping_interval * 2, socket.flush()).await,
+                    Ok(Ok(()))
+                ) {
+                    return Gone::Yes;
+                }
+            }
+            (Message::Pong(_) | Message::Frame(_), _) => {}
+            (Message::Close(_), _) => {
+                // The peer closed: answer its Close, cancel what is left.
+                let _ = tokio::time::timeout(settings.close_timeout, socket.flush()).await;
+                return Gone::Yes;
+            }
+        }
+        Gone::No
+    }
+
+    fn on_proto_record(&mut self, record: v2::ClientRecord) -> bool {
+        let kind = match record.kind {
+            Some(client_record::Kind::Open(open)) => Incoming::Open(open),
+            Some(client_record::Kind::Message(bytes)) => Incoming::Message(Payload::Proto(bytes)),
+            Some(client_record::Kind::CloseSend(_)) => Incoming::CloseSend,
+            Some(client_record::Kind::Cancel(_)) => Incoming::Cancel,
+            Some(client_record::Kind::Window(window)) => Incoming::Window(window),
+            None => {
+                self.socket_error(
+                    Code::InvalidArgument,
+                    format!("a record for call {} has no kind", record.call),
+                    CloseCode::Invalid,
+                );
+                return false;
+            }
+        };
+        self.on_record(record.call, kind)
+    }
+
+    fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>) -> bool {
+        use v2::json::JsonClientKind;
+        let kind = match record.kind {
+            JsonClientKind::Open(open) => Incoming::Open(open),
+            JsonClientKind::Message(text) => Incoming::Message(Payload::Json(text.to_string())),
+            JsonClientKind::CloseSend => Incoming::CloseSend,
+            JsonClientKind::Cancel => Incoming::Cancel,
+            JsonClientKind::Window(window) => Incoming::Window(window),
+        };
+        self.on_record(record.call, kind)
+    }
+
+    /// Applies one record; false once the socket has failed.
+    fn on_record(&mut self, call: u32, kind: Incoming) -> bool {
+        if call == 0 {
+            self.socket_error(
+                Code::InvalidArgument,
+                "call 0 is reserved for the server's socket-level records".into(),
+                CloseCode::Invalid,
+            );
+            return false;
+        }
+        match kind {
+            Incoming::Open(open) => return self.open(call, open),
+            Incoming::Message(payload) => self.message(call, payload),
+            Incoming::CloseSend => {
+                if let Some(live) = self.calls.get_mut(&call)
+                    && live.requests.take().is_none()
+                {
+                    live.abort.abort(Status::invalid_argument("closeSend after closeSend"));
+                }
+            }
+            Incoming::Cancel => {
+                if let Some(live) = self.calls.get(&call) {
+                    live.abort.abort(Status::cancelled("cancelled by the client"));
+                }
+            }
+            Incoming::Window(window) => {
+                if let Some(live) = self.calls.get_mut(&call) {
+                    let add = u64::from(window).min(u64::from(u32::MAX) - live.response_given);
+                    live.response_given += add;
+                    live.response_credit.add_permits(add as usize);
+                }
+            }
+        }
+        true
+    }
+
+    fn open(&mut self, call: u32, open: v2::Open) -> bool {
+        if call <= self.last_open {
+            self.socket_error(
+                Code::InvalidArgument,
+                format!(
+                    "open for call {call}: call ids must increase (the last open was {})",
+                    self.last_open
+                ),
+                CloseCode::Invalid,
+            );
+            return false;
+        }
+        self.last_open = call;
+        let settings = &self.context.settings;
+        let refusal = if self.draining {
+            Some(Status::unavailable("server shutting down: open the call elsewhere"))
+        } else if self.calls.len() >= settings.max_calls {
+            Some(Status::resource_exhausted(format!(
+                "this socket already has {} live calls (--ws-max-calls)",
+                self.calls.len()
+            )))
+        } else {
+            None
+        };
+        if let Some(status) = refusal {
+            let record = encode(self.encoding, call, Kind::Status(status_record(&status)));
+            self.push(record);
+            return true;
+        }
+        let (requests_tx, requests) = mpsc::unbounded_channel();
+        let response_window = if open.window == 0 {
+            v2::DEFAULT_WINDOW
+        } else {
+            open.window
+        };
+        let response_credit = Arc::new(Semaphore::new(response_window as usize));
+        let abort = Abort::default();
+        self.calls.insert(
+            call,
+            LiveCall {
+                requests: Some(requests_tx),
+                response_credit: response_credit.clone(),
+                response_given: u64::from(response_window),
+                received: 0,
+                granted: 0,
+                abort: abort.clone(),
+            },
+        );
+        let spec = CallSpec {
+            call,
+            open,
+            encoding: self.encoding,
+            requests,
+            response_credit,
+            abort,
+            out: self.out_tx.clone(),
+            control: self.control_tx.clone(),
+            budget: self.budget.clone(),
+            backend: self.context.backend.clone(),
+            catalog: self.context.catalog.clone(),
+            max_message_size: settings.max_message_size,
+        };
+        self.tasks.spawn(call::run(spec));
+        true
+    }
+
+    fn message(&mut self, call: u32, payload: Payload) {
+        let max = self.context.settings.max_message_size;
+        let Some(live) = self.calls.get_mut(&call) else { return };
+        let Some(requests) = &live.requests else {
+            live.abort.abort(Status::invalid_argument("message after closeSend"));
+            return;
+        };
+        if payload.len() > max {
+            live.abort.abort(Status::resource_exhausted(format!(
+                "a request message of {} bytes is larger than --max-message-size ({max})",
+                payload.len()
+            )));
+            return;
+        }
+        live.received += 1;
+        let credit = u64::from(v2::DEFAULT_WINDOW) + live.granted;
+        if live.received > credit {
+            live.abort.abort(Status::resource_exhausted(format!(
+                "the client sent {} request messages on a credit of {credit}: wait for window records",
+                live.received
+            )));
+            return;
+        }
+        let len = payload.len();
+        self.budget.take(len);
+        if requests.send(payload).is_err() {
+            // The call stopped reading (it is ending): the message is dropped with it.
+            self.budget.give_back(len);
+        }
+    }
+
+    /// A broken rule of the socket: every live call ends with `code`, then
+    /// the socket closes with `close`.
+    fn socket_error(&mut self, code: Code, message: String, close: CloseCode) {
+        tracing::debug!(%message, ?close, "v2 socket error");
+        for live in self.calls.values() {
+            live.abort.abort(Status::new(code, message.clone()));
+        }
+        let mut reason = message;
+        // A close reason is at most 123 bytes.
+        if reason.len() > 120 {
+            let mut cut = 120;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        if self.closing.is_none() {
+            self.closing = Some(Closing { code: close, reason });
+        }
+    }
+
+    /// The peer is gone: every call is cancelled, nothing more is written.
+    fn cancel_all(self) {
+        for live in self.calls.values() {
+            live.abort.abort(Status::cancelled("the client went away"));
+        }
+    }
+}
+
+enum Incoming {
+    Open(v2::Open),
+    Message(Payload),
+    CloseSend,
+    Cancel,
+    Window(u32),
+}
+
+fn status_record(status: &Status) -> v2::Status {
+    v2::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,419 @@
+//! WebSocket protocol v2 against the spec (docs/websocket-protocol.md), in
+//! both encodings, with a client written from the spec
+//! (`support/ws2.rs`): many calls per socket, batches, flow control, every
+//! per-call and socket-level error, the drain; through the built-in service
+//! and through an upstream.
+
+mod support;
+
+use support::upstream::EchoUpstream;
+use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, status};
+use support::{TestServer, within};
+
+#[tokio::test]
+async fn many_calls_interleave_on_one_socket_and_each_ends_with_its_status() {
+    let server = TestServer::start().await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        // Three calls opened in one batch, their messages interleaved.
+        socket
+            .send(&[
+                open(1),
+                open(2),
+                open(3),
+                data(1, "a1"),
+                data(2, "b1"),
+                data(3, "c1"),
+                data(1, "a2"),
+            ])
+            .await;
+        socket
+            .send(&[close_send(2), data(3, "c2"), close_send(1), close_send(3)])
+            .await;
+        let mut others = Vec::new();
+        let first = socket.until_status(1, &mut others).await;
+        assert_eq!(messages(&first), ["processed: a1", "processed: a2"], "{enc:?}");
+        assert_eq!(status(&first).0, 0, "{enc:?}");
+        let mut second = others.clone();
+        second.retain(|g| g.call() == 2);
+        let mut third: Vec<Got> = others.into_iter().filter(|g| g.call() == 3).collect();
+        if !matches!(second.last(), Some(Got::Status(..))) {
+            second.extend(socket.until_status(2, &mut third).await);
+        }
+        if !matches!(third.last(), Some(Got::Status(..))) {
+            third.extend(socket.until_status(3, &mut Vec::new()).await);
+        }
+        let of = |call| if call == 2 { second.clone() } else { third.clone() };
+        assert_eq!(messages(&of(2)), ["processed: b1"], "{enc:?}");
+        assert_eq!(messages(&of(3)), ["processed: c1", "processed: c2"], "{enc:?}");
+        assert_eq!(status(&of(2)).0, 0);
+        assert_eq!(status(&of(3)).0, 0);
+    }
+}
+
+#[tokio::test]
+async fn json_messages_are_the_methods_own_json_and_a_single_record_is_accepted() {
+    use futures_util::SinkExt;
+    let server = TestServer::start().await;
+    let mut socket = V2::connect(&server, Enc::Json).await;
+    // One record object instead of an array; camelCase and snake_case alike.
+    socket
+        .socket
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            r#"{"call":1,"open":{"method":"/DataService/BidirectionalStream","timeout_ms":60000}}"#,
+        ))
+        .await
+        .unwrap();
+    socket
+        .socket
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            r#"[{"call":1,"message":{"data":"hi","unknownField":1}},{"call":1,"close_send":{}}]"#,
+        ))
+        .await
+        .unwrap();
+    let got = socket.until_status(1, &mut Vec::new()).await;
+    assert_eq!(messages(&got), ["processed: hi"]);
+    assert_eq!(status(&got).0, 0);
+}
+
+#[tokio::test]
+async fn per_call_failures_end_only_that_call() {
+    let server = TestServer::start_with(|config| {
+        config.max_message_size = 1000;
+        config.ws_max_calls = 3;
+    })
+    .await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        let mut others = Vec::new();
+        // A live neighbour that must survive everything below.
+        socket.send(&[open(1), data(1, "before")]).await;
+
+        // Unknown method: 12.
+        socket
+            .send(&[Rec::Open {
+                call: 2,
+                method: "/nope.Service/Missing".into(),
+                window: 0,
+                timeout_ms: 0,
+            }])
+            .await;
+        assert_eq!(status(&socket.until_status(2, &mut others).await).0, 12, "{enc:?}");
+
+        // A message that is not the method's input type: 3.
+        socket
+            .send(&[
+                open(3),
+                Rec::Raw {
+                    call: 3,
+                    json: r#"{"data":5}"#.into(),
+                    proto: vec![0x0a, 0xff],
+                },
+            ])
+            .await;
+        assert_eq!(status(&socket.until_status(3, &mut others).await).0, 3, "{enc:?}");
+
+        // A message after closeSend: 3.
+        socket.send(&[open(4), close_send(4), data(4, "late")]).await;
+        assert_eq!(status(&socket.until_status(4, &mut others).await).0, 3, "{enc:?}");
+
+        // cancel: 1.
+        socket.send(&[open(5), Rec::Cancel { call: 5 }]).await;
+        assert_eq!(status(&socket.until_status(5, &mut others).await).0, 1, "{enc:?}");
+
+        // timeoutMs passed: 4.
+        socket
+            .send(&[Rec::Open {
+                call: 6,
+                method: BIDI.into(),
+                window: 0,
+                timeout_ms: 100,
+            }])
+            .await;
+        assert_eq!(status(&socket.until_status(6, &mut others).await).0, 4, "{enc:?}");
+
+        // A message over --max-message-size: 8.
+        socket.send(&[open(7), data(7, &"x".repeat(2000))]).await;
+        assert_eq!(status(&socket.until_status(7, &mut others).await).0, 8, "{enc:?}");
+
+        // More live calls than --ws-max-calls (3): 8 for the new one.
+        socket.send(&[open(8), open(9), open(10)]).await;
+        let refused = socket.until_status(10, &mut others).await;
+        assert_eq!(status(&refused).0, 8, "{enc:?}");
+        assert!(status(&refused).1.contains("--ws-max-calls"), "{refused:?}");
+
+        // Records for calls that are not live are ignored.
+        socket
+            .send(&[data(5, "ended"), data(99, "never opened"), close_send(42)])
+            .await;
+
+        // The neighbour still works.
+        socket
+            .send(&[data(1, "after"), close_send(1), close_send(8), close_send(9)])
+            .await;
+        let first = socket.until_status(1, &mut others).await;
+        let all: Vec<_> = others
+            .iter()
+            .chain(first.iter())
+            .filter(|g| g.call() == 1)
+            .cloned()
+            .collect();
+        assert_eq!(messages(&all), ["processed: before", "processed: after"], "{enc:?}");
+        assert_eq!(status(&first).0, 0);
+    }
+}
+
+#[tokio::test]
+async fn response_credit_holds_replies_back_and_an_unread_call_stalls_only_itself() {
+    let server = TestServer::start().await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        socket
+            .send(&[Rec::Open {
+                call: 1,
+                method: BIDI.into(),
+                window: 2,
+                timeout_ms: 0,
+            }])
+            .await;
+        let five: Vec<Rec> = (0..5).map(|i| data(1, &format!("m{i}"))).collect();
+        socket.send(&five).await;
+        // A busy neighbour runs to its end while call 1 waits for credit.
+        socket.send(&[open(2), data(2, "x"), data(2, "y"), close_send(2)]).await;
+        let mut others = Vec::new();
+        let neighbour = socket.until_status(2, &mut others).await;
+        assert_eq!(messages(&neighbour), ["processed: x", "processed: y"]);
+        let held: Vec<_> = others.iter().filter(|g| g.call() == 1).cloned().collect();
+        assert_eq!(
+            messages(&held),
+            ["processed: m0", "processed: m1"],
+            "{enc:?}: only the credit"
+        );
+        // More credit releases the rest.
+        socket.send(&[Rec::Window { call: 1, n: 3 }, close_send(1)]).await;
+        let rest = socket.until_status(1, &mut Vec::new()).await;
+        assert_eq!(
+            messages(&rest),
+            ["processed: m2", "processed: m3", "processed: m4"],
+            "{enc:?}"
+        );
+        assert_eq!(status(&rest).0, 0);
+    }
+}
+
+#[tokio::test]
+async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
+    let server = TestServer::start().await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        // 600 requests in batches of 100, each sent only when the credit allows
+        // (the replies' credit is no limit here).
+        socket
+            .send(&[Rec::Open {
+                call: 1,
+                method: BIDI.into(),
+                window: 1000,
+                timeout_ms: 0,
+            }])
+            .await;
+        let mut credit: u64 = 256;
+        let mut sent: u64 = 0;
+        let mut got = Vec::new();
+        while sent < 600 {
+            let room = (credit - sent).min(100).min(600 - sent);
+            if room > 0 {
+                let batch: Vec<Rec> = (sent..sent + room).map(|i| data(1, &i.to_string())).collect();
+                socket.send(&batch).await;
+                sent += room;
+                continue;
+            }
+            for g in socket.batch().await.expect("open") {
+                if let Got::Window(1, n) = g {
+                    credit += u64::from(n);
+                }
+                got.push(g);
+            }
+        }
+        socket.send(&[close_send(1)]).await;
+        got.extend(socket.until_status(1, &mut Vec::new()).await);
+        assert_eq!(messages(&got).len(), 600, "{enc:?}");
+        assert!(credit > 256, "{enc:?}: the server granted credit");
+        assert_eq!(status(&got).0, 0);
+
+        // 257 requests at once, before any grant: the call ends with 8.
+        let mut socket = V2::connect(&server, enc).await;
+        let mut batch = vec![Rec::Open {
+            call: 1,
+            method: BIDI.into(),
+            window: 1000,
+            timeout_ms: 0,
+        }];
+        batch.extend((0..257).map(|i| data(1, &i.to_string())));
+        socket.send(&batch).await;
+        let got = socket.until_status(1, &mut Vec::new()).await;
+        let (code, message) = status(&got);
+        assert_eq!(code, 8, "{enc:?}: {message}");
+        assert!(message.contains("credit"), "{message}");
+    }
+}
+
+#[tokio::test]
+async fn socket_errors_end_every_call_then_close_with_the_matching_code() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|config| config.max_message_size = 1000).await;
+    for enc in Enc::BOTH {
+        let bad_batch = match enc {
+            Enc::Json => Message::text("[{\"call\":"),
+            Enc::Proto => Message::binary(vec![0xff, 0xff, 0xff]),
+        };
+        let wrong_type = match enc {
+            Enc::Json => Message::binary(vec![1, 2, 3]),
+            Enc::Proto => Message::text("[]"),
+        };
+        let huge = match enc {
+            Enc::Json => Message::text(format!("[\"{}\"]", "x".repeat(1000 + 64 * 1024))),
+            Enc::Proto => Message::binary(vec![0u8; 1000 + 64 * 1024 + 10]),
+        };
+        for (what, message, code, close) in [
+            ("undecodable batch", Some(bad_batch), 3, 1007),
+            ("call id 0", None, 3, 1007),
+            ("ids not increasing", None, 3, 1007),
+            ("wrong message type", Some(wrong_type), 3, 1003),
+            ("message too large", Some(huge), 8, 1009),
+        ] {
+            let mut socket = V2::connect(&server, enc).await;
+            socket.send(&[open(5), data(5, "due")]).await;
+            let mut got = Vec::new();
+            while !messages(&got).contains(&"processed: due".to_string()) {
+                got.extend(socket.batch().await.unwrap());
+            }
+            match (what, message) {
+                (_, Some(message)) => socket.socket.send(message).await.unwrap(),
+                ("call id 0", None) => socket.send(&[close_send(0)]).await,
+                (_, None) => socket.send(&[open(3)]).await,
+            }
+            got.extend(socket.read_to_close().await);
+            let mine: Vec<_> = got.iter().filter(|g| g.call() == 5).cloned().collect();
+            assert_eq!(messages(&mine), ["processed: due"], "{enc:?} {what}");
+            assert_eq!(status(&mine).0, code, "{enc:?} {what}: {mine:?}");
+            assert_eq!(
+                socket.closed.as_ref().map(|c| c.0),
+                Some(close),
+                "{enc:?} {what}: {:?}",
+                socket.closed
+            );
+        }
+    }
+}
+
+/// An `EchoRequest { text, repeat: 2 }` in both encodings (its field 1 is
+/// a string, as `StreamRequest`'s is).
+fn echo(call: u32, text: &str) -> Rec {
+    Rec::Raw {
+        call,
+        json: serde_json::json!({ "text": text, "repeat": 2 }).to_string(),
+        proto: {
+            let mut bytes = vec![0x0a, text.len() as u8];
+            bytes.extend_from_slice(text.as_bytes());
+            bytes.extend_from_slice(&[0x10, 2]);
+            bytes
+        },
+    }
+}
+
+fn open_method(call: u32, method: &str, timeout_ms: u32) -> Rec {
+    Rec::Open {
+        call,
+        method: method.into(),
+        window: 0,
+        timeout_ms,
+    }
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_refuses_new_calls_lets_live_ones_finish_then_closes_1001() {
+    // The upstream's calls do not end when the bridge drains (the built-in
+    // service ends its own with UNAVAILABLE): only the protocol is at work.
+    let upstream = EchoUpstream::start().await;
+    for enc in Enc::BOTH {
+        let url = upstream.url();
+        let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+        let mut socket = V2::connect(&bridge, enc).await;
+        socket
+            .send(&[open_method(1, "/streambridge.testing.Echo/Bidi", 0), echo(1, "one")])
+            .await;
+        let mut got = Vec::new();
+        while messages(&got).len() < 2 {
+            got.extend(socket.batch().await.unwrap());
+        }
+        bridge.shutdown();
+        while !got.iter().any(|g| matches!(g, Got::GoAway(_))) {
+            got.extend(socket.batch().await.expect("goaway before close"));
+        }
+        socket
+            .send(&[open_method(2, "/streambridge.testing.Echo/Bidi", 0)])
+            .await;
+        let refused = socket.until_status(2, &mut got).await;
+        assert_eq!(status(&refused).0, 14, "{enc:?}");
+        socket.send(&[echo(1, "two"), close_send(1)]).await;
+        let live = socket.until_status(1, &mut Vec::new()).await;
+        assert_eq!(messages(&live), ["two", "two"], "{enc:?}: the live call runs on");
+        assert_eq!(status(&live).0, 0);
+        socket.read_to_close().await;
+        assert_eq!(socket.closed.as_ref().map(|c| c.0), Some(1001), "{enc:?}");
+    }
+}
+
+#[tokio::test]
+async fn calls_reach_an_upstream_by_method_name_in_both_encodings() {
+    let upstream = EchoUpstream::start().await;
+    let url = upstream.url();
+    let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&bridge, enc).await;
+        socket
+            .send(&[
+                Rec::Open {
+                    call: 1,
+                    method: "/streambridge.testing.Echo/Unary".into(),
+                    window: 0,
+                    timeout_ms: 5000,
+                },
+                echo(1, "u"),
+                close_send(1),
+                Rec::Open {
+                    call: 2,
+                    method: "/streambridge.testing.Echo/Bidi".into(),
+                    window: 0,
+                    timeout_ms: 0,
+                },
+                echo(2, "b"),
+                close_send(2),
+            ])
+            .await;
+        let mut others = Vec::new();
+        let unary = socket.until_status(1, &mut others).await;
+        assert_eq!(messages(&unary), ["u"], "{enc:?}: {unary:?}");
+        assert!(
+            unary.iter().any(|g| matches!(g, Got::Headers(1))),
+            "{enc:?}: headers pass"
+        );
+        assert_eq!(status(&unary).0, 0);
+        let mut bidi: Vec<Got> = others.into_iter().filter(|g| g.call() == 2).collect();
+        bidi.extend(socket.until_status(2, &mut Vec::new()).await);
+        assert_eq!(messages(&bidi), ["b", "b"], "{enc:?}");
+        assert_eq!(status(&bidi).0, 0);
+    }
+}
+
+#[tokio::test]
+async fn v1_subprotocols_still_work_beside_v2() {
+    let server = TestServer::start().await;
+    let mut socket = support::ws::connect(&server, &["streambridge.v1.json"]).await;
+    support::ws::assert_one_round_trip(&mut socket, support::ws::Sub::Json, "v1").await;
+    let mut v2 = V2::connect(&server, Enc::Json).await;
+    v2.send(&[open(1), data(1, "v2"), close_send(1)]).await;
+    let got = within("v2 call", v2.until_status(1, &mut Vec::new())).await;
+    assert_eq!(messages(&got), ["processed: v2"]);
+}
