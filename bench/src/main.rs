@@ -32,6 +32,7 @@ mod measure;
 mod report;
 mod scenarios;
 mod servers;
+mod ws2_load;
 mod ws_load;
 
 use std::path::PathBuf;
@@ -300,12 +301,40 @@ async fn bench_server(
         if server == ServerKind::Streambridge && timing.selects(&load.name()) {
             outcomes.push(measure_load(&running, load, payload, timing, None).await);
         }
+        if server == ServerKind::Streambridge {
+            for codec in [Codec::Json, Codec::Proto] {
+                let load = Load::WsV2 {
+                    codec,
+                    sockets: 200,
+                    calls: 10,
+                    window: 8,
+                };
+                if timing.selects(&load.name()) {
+                    outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                }
+            }
+        }
     }
     drop(running);
     if server.speaks_websocket() && timing.selects("idle ws-json sockets") {
         let fresh = programs.start(server)?;
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
+    }
+    if server == ServerKind::Streambridge {
+        // 10 000 idle v2 sockets (no call), and 10 000 idle calls on 100 sockets.
+        let sockets = timing.idle_calls;
+        let scenarios = [
+            ("idle ws2 sockets", sockets, 0),
+            ("idle ws2 calls (100 per socket)", sockets.div_ceil(100), 100),
+        ];
+        for (name, sockets, calls) in scenarios {
+            if timing.selects(name) {
+                let fresh = programs.start(server)?;
+                let memory = scenarios::idle_ws2(&fresh, sockets, calls).await;
+                outcomes.push(memory_outcome(&fresh, name, memory));
+            }
+        }
     }
     if server.speaks_grpc() && !server.is_proxy() && timing.selects("idle grpc streams") {
         let fresh = programs.start(server)?;

@@ -430,11 +430,31 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
             );
         }
     }
+    for &p in &payloads {
+        for codec in ["json", "proto"] {
+            let v2 = format!("ws2-{codec} 200x10x8");
+            if let (Some(v2_row), Some(v1_row)) = (
+                find(outcomes, &v2, p, Streambridge),
+                find(outcomes, &format!("ws-{codec} 200x8"), p, Streambridge),
+            ) {
+                push(
+                    format!("{v2} {p} B: server CPU/msg ≤ 0.6x v1 (ws-{codec} 200x8)"),
+                    ratio(v2_row.server_cpu_us_per_msg, v1_row.server_cpu_us_per_msg),
+                    "x",
+                    &|r| r <= 0.6,
+                );
+            }
+        }
+    }
     for o in outcomes
         .iter()
         .filter(|o| o.is_memory() && o.server == Some(Streambridge))
     {
-        let (limit, what) = if o.scenario.starts_with("idle ws") {
+        let (limit, what) = if o.scenario.starts_with("idle ws2 calls") {
+            (1.0, "≤ 1 KiB per additional idle v2 call")
+        } else if o.scenario.starts_with("idle ws2") {
+            (4.0, "≤ 4 KiB per idle v2 socket")
+        } else if o.scenario.starts_with("idle ws") {
             (4.0, "≤ 4 KiB per idle WebSocket")
         } else {
             (6.0, "≤ 6 KiB per idle gRPC stream")

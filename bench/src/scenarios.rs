@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::measure::{Control, Phase, TaskStats, cpu_time, machine_busy_time, resident_kib};
 use crate::servers::RunningServer;
 use crate::ws_load::{Codec, Frames, Pacing};
-use crate::{grpc_load, grpc_web_load, ws_load};
+use crate::{grpc_load, grpc_web_load, ws_load, ws2_load};
 
 /// Sockets or calls being opened at once while setting up a scenario.
 const SETUP_CONCURRENCY: usize = 64;
@@ -53,6 +53,13 @@ pub enum Load {
     },
     /// gRPC-Web over HTTP/1.1: `connections` clients making 10-message calls.
     GrpcWeb { connections: usize },
+    /// WebSocket protocol v2: `sockets` sockets x `calls` calls, `window` in flight each.
+    WsV2 {
+        codec: Codec,
+        sockets: usize,
+        calls: u32,
+        window: usize,
+    },
 }
 
 /// How the sockets of a WebSocket scenario send.
@@ -103,6 +110,12 @@ impl Load {
                 pacing: WsPacing::Rate(_),
             } => format!("ws-{} {sockets} fixed-rate", codec.name()),
             Load::GrpcWeb { connections } => format!("grpc-web {connections} conns x 10-msg calls"),
+            Load::WsV2 {
+                codec,
+                sockets,
+                calls,
+                window,
+            } => format!("ws2-{} {sockets}x{calls}x{window}", codec.name()),
         }
     }
 }
@@ -201,6 +214,28 @@ async fn start_tasks(
                 tasks.push(tokio::spawn(grpc_web_load::drive(addr, payload, control.clone())));
             }
         }
+        Load::WsV2 {
+            codec,
+            sockets,
+            calls,
+            window,
+        } => {
+            let opened: Vec<_> = stream::iter(0..sockets)
+                .map(|_| ws2_load::connect(addr, codec))
+                .buffer_unordered(SETUP_CONCURRENCY)
+                .try_collect()
+                .await?;
+            for socket in opened {
+                tasks.push(tokio::spawn(ws2_load::drive(
+                    socket,
+                    codec,
+                    calls,
+                    window,
+                    payload,
+                    control.clone(),
+                )));
+            }
+        }
     }
     Ok(tasks)
 }
@@ -251,6 +286,32 @@ pub async fn idle_websockets(server: &RunningServer, calls: usize) -> Result<Idl
     drop(sockets);
     Ok(IdleMemory {
         calls,
+        rss_before_kib: before,
+        rss_after_kib: after,
+    })
+}
+
+/// Resident memory per idle WebSocket v2 call: `sockets` sockets with
+/// `calls_per_socket` calls each (0: the sockets alone), each call after
+/// one exchange.
+pub async fn idle_ws2(server: &RunningServer, sockets: usize, calls_per_socket: u32) -> Result<IdleMemory, String> {
+    for _ in 0..8 {
+        drop(ws2_load::open_idle(server.addr, 4).await?);
+    }
+    let before = settled_rss(server).await?;
+    let opened: Vec<_> = stream::iter(0..sockets)
+        .map(|_| ws2_load::open_idle(server.addr, calls_per_socket))
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let after = settled_rss(server).await?;
+    drop(opened);
+    Ok(IdleMemory {
+        calls: if calls_per_socket == 0 {
+            sockets
+        } else {
+            sockets * calls_per_socket as usize
+        },
         rss_before_kib: before,
         rss_after_kib: after,
     })
