@@ -417,3 +417,61 @@ async fn v1_subprotocols_still_work_beside_v2() {
     let got = within("v2 call", v2.until_status(1, &mut Vec::new())).await;
     assert_eq!(messages(&got), ["processed: v2"]);
 }
+
+#[tokio::test]
+async fn metadata_deadline_headers_and_error_details_cross_to_the_upstream_and_back() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = EchoUpstream::start().await;
+    let url = upstream.url();
+    let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+    let mut socket = V2::connect(&bridge, Enc::Json).await;
+    socket
+        .socket
+        .send(Message::text(
+            r#"[{"call":1,"open":{"method":"/streambridge.testing.Echo/Unary","metadata":{"x-request-id":"7","x-trace-bin":"AAE="},"timeoutMs":5000}},
+                {"call":1,"message":{"text":"m"}},{"call":1,"closeSend":{}},
+                {"call":2,"open":{"method":"/streambridge.testing.Echo/Unary"}},
+                {"call":2,"message":{"text":"no","failWith":9}},{"call":2,"closeSend":{}}]"#,
+        ))
+        .await
+        .unwrap();
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    while records.iter().filter(|r| r.get("status").is_some()).count() < 2 {
+        let message = within("records", socket.socket.next()).await.unwrap().unwrap();
+        records.extend(serde_json::from_str::<Vec<serde_json::Value>>(message.to_text().unwrap()).unwrap());
+    }
+    let of = |call: u64| records.iter().filter(move |r| r["call"] == call);
+    let reply = of(1).find_map(|r| r.get("message")).expect("a reply");
+    assert_eq!(reply["metadata"]["x-request-id"], "7", "{reply}");
+    assert_eq!(reply["metadata"]["x-trace-bin"], "AAE=", "{reply}");
+    let timeout: u64 = reply["timeoutMs"].as_str().unwrap().parse().unwrap();
+    assert!(timeout > 0 && timeout <= 5000, "the upstream saw {timeout} ms");
+    let headers = of(1).find_map(|r| r.get("headers")).expect("response metadata");
+    assert_eq!(headers["metadata"]["x-upstream-header"], "from-upstream");
+    let failed = of(2).find_map(|r| r.get("status")).unwrap();
+    assert_eq!(failed["code"], 9, "{failed}");
+    assert_eq!(failed["message"], "failed as asked: no");
+    assert_eq!(failed["details"], "CAFkZXRhaWxz", "grpc-status-details-bin, base64");
+    assert_eq!(failed["metadata"]["x-upstream-trailer"], "from-upstream");
+}
+
+#[tokio::test]
+async fn closing_the_socket_cancels_its_calls_at_the_upstream() {
+    let mut upstream = EchoUpstream::start().await;
+    let url = upstream.url();
+    let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&bridge, enc).await;
+        socket
+            .send(&[open_method(1, "/streambridge.testing.Echo/Bidi", 0), echo(1, "live")])
+            .await;
+        let mut got = Vec::new();
+        while messages(&got).len() < 2 {
+            got.extend(socket.batch().await.unwrap());
+        }
+        drop(socket);
+        let ended = within("the upstream sees the cancel", upstream.cancelled.recv()).await;
+        assert_eq!(ended, Some("bidi"), "{enc:?}");
+    }
+}

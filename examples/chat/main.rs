@@ -8,8 +8,9 @@
 //!
 //! `Join` is a bidirectional stream: every member receives every event of
 //! the room (joins, messages, leaves) in one order, numbered without gaps;
-//! `Members` is a unary call. Native gRPC, gRPC-Web and the WebSocket bridge
-//! reach both, and reflection lists them (the descriptor set is registered).
+//! `Members` is a unary call. Native gRPC, gRPC-Web and WebSocket protocol
+//! v2 reach both (v2 also in JSON: the descriptor set is registered, which
+//! reflection uses too).
 //!
 //! A member that reads too slowly to keep up with the room is told so
 //! (RESOURCE_EXHAUSTED, with how much it missed) rather than silently
@@ -290,6 +291,35 @@ mod tests {
         let length = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
         let members: MembersReply = prost::Message::decode(&body[5..5 + length]).unwrap();
         assert_eq!(members.names, ["ann", "bob"]);
+
+        // The same method over WebSocket protocol v2 in JSON, transcoded with
+        // the descriptor set registered above.
+        {
+            use futures_util::SinkExt;
+            use tokio_tungstenite::tungstenite::Message;
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("sec-websocket-protocol", "streambridge.v2.json".parse().unwrap());
+            let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+            socket
+                .send(Message::text(
+                    r#"[{"call":1,"open":{"method":"/streambridge.examples.chat.ChatRoom/Members"}},{"call":1,"message":{}},{"call":1,"closeSend":{}}]"#,
+                ))
+                .await
+                .unwrap();
+            let mut records = Vec::new();
+            while !records.iter().any(|r: &serde_json::Value| r.get("status").is_some()) {
+                let message = tokio::time::timeout(STEP, socket.next()).await.unwrap().unwrap().unwrap();
+                let batch: Vec<serde_json::Value> = serde_json::from_str(message.to_text().unwrap()).unwrap();
+                records.extend(batch);
+            }
+            let reply = records.iter().find_map(|r| r.get("message")).expect("a reply");
+            assert_eq!(reply["names"], serde_json::json!(["ann", "bob"]));
+            let status = records.iter().find_map(|r| r.get("status")).unwrap();
+            assert_eq!(status["code"], 0, "{records:?}");
+        }
 
         // Bob half-closes: he leaves, his stream ends, ann is told.
         drop(bob_says);
