@@ -100,6 +100,53 @@ mod tests {
         assert_eq!(ServerBatch::decode(&joined[..]).unwrap().records, records);
     }
 
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The example session of docs/websocket-protocol-v2.md, byte for byte.
+    #[test]
+    fn the_documented_proto_session_is_what_the_types_encode() {
+        let open = ClientRecord {
+            call: 1,
+            kind: Some(client_record::Kind::Open(Open {
+                method: "/DataService/BidirectionalStream".into(),
+                ..Default::default()
+            })),
+        };
+        let message = ClientRecord {
+            call: 1,
+            kind: Some(client_record::Kind::Message(prost::bytes::Bytes::from_static(b"\x0a\x02hi"))),
+        };
+        let close_send = ClientRecord {
+            call: 1,
+            kind: Some(client_record::Kind::CloseSend(Empty {})),
+        };
+        let batch = ClientBatch {
+            records: vec![open, message, close_send],
+        };
+        assert_eq!(
+            hex(&batch.encode_to_vec()),
+            "0a 26 08 01 12 22 0a 20 2f 44 61 74 61 53 65 72 76 69 63 65 2f 42 69 64 69 72 65 63 74 69 \
+             6f 6e 61 6c 53 74 72 65 61 6d 0a 08 08 01 1a 04 0a 02 68 69 0a 04 08 01 22 00"
+        );
+        let reply = ServerRecord {
+            call: 1,
+            kind: Some(server_record::Kind::Message(prost::bytes::Bytes::from_static(
+                b"\x0a\x0dprocessed: hi",
+            ))),
+        };
+        assert_eq!(
+            hex(&encode_record(&reply)),
+            "0a 13 08 01 1a 0f 0a 0d 70 72 6f 63 65 73 73 65 64 3a 20 68 69"
+        );
+        let ok = ServerRecord {
+            call: 1,
+            kind: Some(server_record::Kind::Status(Status::default())),
+        };
+        assert_eq!(hex(&encode_record(&ok)), "0a 04 08 01 22 00");
+    }
+
     #[test]
     fn names_round_trip() {
         for encoding in Encoding::ALL {
