@@ -475,3 +475,41 @@ async fn closing_the_socket_cancels_its_calls_at_the_upstream() {
         assert_eq!(ended, Some("bidi"), "{enc:?}");
     }
 }
+
+#[tokio::test]
+async fn the_readme_example_health_and_data_on_one_socket() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start().await;
+    let mut socket = V2::connect(&server, Enc::Json).await;
+    let batch = serde_json::json!([
+        { "call": 1, "open": { "method": "/DataService/BidirectionalStream" } },
+        { "call": 1, "message": { "data": "hello" } },
+        { "call": 2, "open": { "method": "/grpc.health.v1.Health/Check" } },
+        { "call": 2, "message": {} },
+        { "call": 2, "closeSend": {} },
+        { "call": 1, "closeSend": {} },
+    ]);
+    socket.socket.send(Message::text(batch.to_string())).await.unwrap();
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    while records.iter().filter(|r| r.get("status").is_some()).count() < 2 {
+        let message = within("records", socket.socket.next()).await.unwrap().unwrap();
+        records.extend(serde_json::from_str::<Vec<serde_json::Value>>(message.to_text().unwrap()).unwrap());
+    }
+    let message = |call: u64| {
+        records
+            .iter()
+            .find(|r| r["call"] == call && r.get("message").is_some())
+            .unwrap()["message"]
+            .clone()
+    };
+    assert_eq!(message(1), serde_json::json!({ "result": "processed: hello" }));
+    assert_eq!(message(2), serde_json::json!({ "status": "SERVING" }));
+    for call in [1u64, 2] {
+        let status = records
+            .iter()
+            .find(|r| r["call"] == call && r.get("status").is_some())
+            .unwrap();
+        assert_eq!(status["status"]["code"], 0, "{records:?}");
+    }
+}

@@ -311,7 +311,11 @@ mod tests {
                 .unwrap();
             let mut records = Vec::new();
             while !records.iter().any(|r: &serde_json::Value| r.get("status").is_some()) {
-                let message = tokio::time::timeout(STEP, socket.next()).await.unwrap().unwrap().unwrap();
+                let message = tokio::time::timeout(STEP, socket.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
                 let batch: Vec<serde_json::Value> = serde_json::from_str(message.to_text().unwrap()).unwrap();
                 records.extend(batch);
             }

@@ -116,7 +116,9 @@ mod tests {
         };
         let message = ClientRecord {
             call: 1,
-            kind: Some(client_record::Kind::Message(prost::bytes::Bytes::from_static(b"\x0a\x02hi"))),
+            kind: Some(client_record::Kind::Message(prost::bytes::Bytes::from_static(
+                b"\x0a\x02hi",
+            ))),
         };
         let close_send = ClientRecord {
             call: 1,
