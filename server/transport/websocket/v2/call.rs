@@ -478,7 +478,7 @@ impl http_body::Body for RequestBody {
             let record = encode(this.encoding, this.call, Kind::Window(REQUEST_WINDOW as u32));
             let _ = this.control.send(Out::Grant {
                 call: this.call,
-                amount: REQUEST_WINDOW,
+                amount: REQUEST_WINDOW as u32,
                 record,
             });
         }

@@ -100,7 +100,7 @@ pub enum Out {
     /// The call's last record.
     Status { call: u32, record: Bytes },
     /// More request credit for the client.
-    Grant { call: u32, amount: u64, record: Bytes },
+    Grant { call: u32, amount: u32, record: Bytes },
 }
 
 /// A call the socket knows: how to reach it and what the client may send.
@@ -133,16 +133,13 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let settings = context.settings.clone();
-    let (out_tx, mut out_rx) = mpsc::channel(OUT_QUEUE);
-    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
     let mut state = Socket {
         encoding,
         context,
         calls: HashMap::new(),
         last_open: 0,
         budget: Budget::new(settings.socket_buffer),
-        out_tx,
-        control_tx,
+        lines: None,
         batch: Vec::new(),
         batch_bytes: 0,
         closing: None,
@@ -182,11 +179,10 @@ pub async fn run<S>(
                     return state.cancel_all();
                 }
             }
-            Some(grant) = control_rx.recv() => state.on_out(grant),
-            Some(out) = out_rx.recv() => {
+            out = recv(&mut state.lines) => {
                 state.on_out(out);
                 while state.batch_bytes < BATCH_BYTES {
-                    match control_rx.try_recv().ok().or_else(|| out_rx.try_recv().ok()) {
+                    match state.lines.as_mut().and_then(Lines::try_recv) {
                         Some(out) => state.on_out(out),
                         None => break,
                     }
@@ -274,8 +270,9 @@ struct Socket {
     calls: HashMap<u32, LiveCall>,
     last_open: u32,
     budget: Budget,
-    out_tx: mpsc::Sender<Out>,
-    control_tx: mpsc::UnboundedSender<Out>,
+    /// From the calls to the writer; made at the first `open`, so an idle
+    /// socket holds no channel.
+    lines: Option<Lines>,
     /// Records of the next batch.
     batch: Vec<Bytes>,
     batch_bytes: usize,
@@ -302,7 +299,7 @@ impl Socket {
             Out::Grant { call, amount, record } => {
                 // A call that ended takes no more grants: its status was its last record.
                 if let Some(live) = self.calls.get_mut(&call) {
-                    live.granted += amount;
+                    live.granted += u64::from(amount);
                     self.push(record);
                 }
             }
@@ -522,6 +519,7 @@ impl Socket {
                 abort: abort.clone(),
             },
         );
+        let lines = self.lines.get_or_insert_with(Lines::new);
         let spec = CallSpec {
             call,
             open,
@@ -529,8 +527,8 @@ impl Socket {
             requests,
             response_credit,
             abort,
-            out: self.out_tx.clone(),
-            control: self.control_tx.clone(),
+            out: lines.out_tx.clone(),
+            control: lines.control_tx.clone(),
             budget: self.budget.clone(),
             backend: self.context.backend.clone(),
             catalog: self.context.catalog.clone(),
@@ -597,6 +595,46 @@ impl Socket {
         for live in self.calls.values() {
             live.abort.abort(Status::cancelled("the client went away"));
         }
+    }
+}
+
+/// The channels from the calls to the socket's writer: records, and
+/// request grants (unbounded: each is made by a request the backend
+/// consumed, so they are bounded by the requests).
+struct Lines {
+    out_tx: mpsc::Sender<Out>,
+    out_rx: mpsc::Receiver<Out>,
+    control_tx: mpsc::UnboundedSender<Out>,
+    control_rx: mpsc::UnboundedReceiver<Out>,
+}
+
+impl Lines {
+    fn new() -> Lines {
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        Lines {
+            out_tx,
+            out_rx,
+            control_tx,
+            control_rx,
+        }
+    }
+
+    /// A grant first (they are small and let the client send on), else a record.
+    fn try_recv(&mut self) -> Option<Out> {
+        self.control_rx.try_recv().ok().or_else(|| self.out_rx.try_recv().ok())
+    }
+}
+
+/// The next item from the calls; pending while there are none.
+async fn recv(lines: &mut Option<Lines>) -> Out {
+    let Some(lines) = lines else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        biased;
+        Some(out) = lines.control_rx.recv() => out,
+        Some(out) = lines.out_rx.recv() => out,
     }
 }
 
