@@ -513,3 +513,32 @@ async fn the_readme_example_health_and_data_on_one_socket() {
         assert_eq!(status["status"]["code"], 0, "{records:?}");
     }
 }
+
+#[tokio::test]
+async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() {
+    // Call 1 may take one reply; its other requests wait in the socket's
+    // buffer (10 000 bytes) and fill it (tonic's encoder pulls replies ahead
+    // up to 32 KiB, so 60 KB of requests leave more than the buffer behind).
+    // Only the `window` record the client sends next can move call 1: the
+    // socket must read it.
+    let server = TestServer::start_with(|config| config.ws_socket_buffer = 10_000).await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        let mut batch = vec![Rec::Open {
+            call: 1,
+            method: BIDI.into(),
+            window: 1,
+            timeout_ms: 0,
+        }];
+        batch.extend((0..60).map(|i| data(1, &format!("{i:0>1000}"))));
+        socket.send(&batch).await;
+        let mut got = Vec::new();
+        while messages(&got).is_empty() {
+            got.extend(socket.batch().await.unwrap());
+        }
+        socket.send(&[Rec::Window { call: 1, n: 100 }, close_send(1)]).await;
+        got.extend(socket.until_status(1, &mut Vec::new()).await);
+        assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
+        assert_eq!(status(&got).0, 0, "{enc:?}");
+    }
+}

@@ -2,7 +2,9 @@
 //! (`--ws-socket-buffer`): taken when the socket reads a message, given back
 //! when the backend takes it (or the call ends). While it is used up the
 //! socket stops reading, the one case where a call can slow its neighbours,
-//! as an HTTP/2 connection window does.
+//! as an HTTP/2 connection window does; except when every call holding it
+//! waits for response credit, which only a record the socket has not read
+//! yet can give (see `v2::Socket::may_read`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,15 +48,16 @@ impl Budget {
         }
     }
 
-    /// Resolves once the budget has room again.
-    pub async fn room(&self) {
-        loop {
-            let freed = self.0.freed.notified();
-            if self.has_room() {
-                return;
-            }
-            freed.await;
-        }
+    /// Resolves when the budget gets room again, or on a [`Budget::nudge`]:
+    /// the socket then looks again whether it may read.
+    pub async fn changed(&self) {
+        self.0.freed.notified().await;
+    }
+
+    /// Wakes a socket waiting in [`Budget::changed`] (a call started waiting
+    /// for response credit).
+    pub fn nudge(&self) {
+        self.0.freed.notify_one();
     }
 
     #[cfg(test)]
@@ -74,7 +77,7 @@ mod tests {
         assert!(!budget.has_room());
         let waiter = tokio::spawn({
             let budget = budget.clone();
-            async move { budget.room().await }
+            async move { budget.changed().await }
         });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());

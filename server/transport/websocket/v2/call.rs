@@ -33,7 +33,7 @@ use tonic::Status;
 use tower::ServiceExt;
 
 use super::budget::Budget;
-use super::{Out, Payload};
+use super::{CallGauge, Out, Payload};
 use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
 use crate::policy::auth::Authenticated;
@@ -53,6 +53,7 @@ pub struct CallSpec {
     pub out: mpsc::Sender<Out>,
     pub control: mpsc::UnboundedSender<Out>,
     pub budget: Budget,
+    pub gauge: Arc<CallGauge>,
     pub backend: GrpcService,
     pub catalog: Catalog,
     pub max_message_size: usize,
@@ -116,6 +117,7 @@ async fn exchange(spec: CallSpec) -> Status {
         out,
         control,
         budget,
+        gauge,
         backend,
         catalog,
         max_message_size,
@@ -134,7 +136,8 @@ async fn exchange(spec: CallSpec) -> Status {
     let body = RequestBody {
         requests,
         input: method.as_ref().map(MethodDescriptor::input),
-        budget,
+        budget: budget.clone(),
+        gauge: gauge.clone(),
         abort: abort.clone(),
         call,
         encoding,
@@ -194,7 +197,14 @@ async fn exchange(spec: CallSpec) -> Status {
             }
             buffer.advance(5);
             let message = buffer.split_to(length).freeze();
-            let Ok(permit) = response_credit.acquire().await else {
+            if response_credit.available_permits() == 0 {
+                // Tell the socket: it may have to read past a full budget for our credit.
+                gauge.set_starved(true);
+                budget.nudge();
+            }
+            let permit = response_credit.acquire().await;
+            gauge.set_starved(false);
+            let Ok(permit) = permit else {
                 return Status::cancelled("socket closed");
             };
             permit.forget();
@@ -430,6 +440,7 @@ struct RequestBody {
     requests: mpsc::UnboundedReceiver<Payload>,
     input: Option<MessageDescriptor>,
     budget: Budget,
+    gauge: Arc<CallGauge>,
     abort: Abort,
     call: u32,
     encoding: Encoding,
@@ -450,6 +461,7 @@ impl http_body::Body for RequestBody {
             return Poll::Ready(None);
         };
         this.budget.give_back(payload.len());
+        this.gauge.consumed(payload.len());
         let message = match payload {
             Payload::Proto(bytes) => match &this.input {
                 Some(input) if !decodes_as(input, &bytes, 0) => {
@@ -496,6 +508,7 @@ impl Drop for RequestBody {
         self.requests.close();
         while let Ok(payload) = self.requests.try_recv() {
             self.budget.give_back(payload.len());
+            self.gauge.consumed(payload.len());
         }
     }
 }

@@ -21,7 +21,7 @@ mod call;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -103,6 +103,26 @@ pub enum Out {
     Grant { call: u32, amount: u32, record: Bytes },
 }
 
+/// What the socket needs to see of a call's state to decide whether it
+/// may read past a full budget.
+#[derive(Debug, Default)]
+pub struct CallGauge {
+    /// Bytes of this call's requests not yet consumed.
+    held: AtomicUsize,
+    /// The call waits for response credit.
+    starved: AtomicBool,
+}
+
+impl CallGauge {
+    pub fn consumed(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    pub fn set_starved(&self, starved: bool) {
+        self.starved.store(starved, Ordering::Release);
+    }
+}
+
 /// A call the socket knows: how to reach it and what the client may send.
 struct LiveCall {
     /// `None` after `closeSend`.
@@ -114,6 +134,7 @@ struct LiveCall {
     received: u64,
     granted: u64,
     abort: Abort,
+    gauge: Arc<CallGauge>,
 }
 
 /// How the socket ends.
@@ -144,6 +165,7 @@ pub async fn run<S>(
         batch_bytes: 0,
         closing: None,
         draining: false,
+        over_budget: false,
         tasks,
     };
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
@@ -167,6 +189,7 @@ pub async fn run<S>(
             return;
         }
         let reading = state.closing.is_none();
+        let may_read = reading && state.may_read();
         tokio::select! {
             biased;
             _ = ping.tick() => {
@@ -188,8 +211,9 @@ pub async fn run<S>(
                     }
                 }
             }
-            frame = socket.next(), if reading && state.budget.has_room() => {
+            frame = socket.next(), if may_read => {
                 heard_since_ping = true;
+                state.over_budget = !state.budget.has_room();
                 match frame {
                     Some(Ok(message)) => {
                         if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
@@ -209,7 +233,7 @@ pub async fn run<S>(
                     Some(Err(_)) | None => return state.cancel_all(),
                 }
             }
-            () = state.budget.room(), if reading && !state.budget.has_room() => {}
+            () = state.budget.changed(), if reading && !may_read => {}
             () = shutdown.cancelled(), if !state.draining => {
                 state.draining = true;
                 let message = v2::GoAway { message: "server shutting down: finish your calls, open new ones elsewhere".into() };
@@ -280,10 +304,24 @@ struct Socket {
     closing: Option<Closing>,
     /// `goaway` sent.
     draining: bool,
+    /// The batch being applied was read while the budget was used up.
+    over_budget: bool,
     tasks: TaskTracker,
 }
 
 impl Socket {
+    /// Whether the socket may read: the budget has room, or every call
+    /// holding it waits for response credit (only a `window` record, which
+    /// is still unread, can move them: not reading would wait forever).
+    fn may_read(&self) -> bool {
+        self.budget.has_room()
+            || self
+                .calls
+                .values()
+                .filter(|call| call.gauge.held.load(Ordering::Acquire) > 0)
+                .all(|call| call.gauge.starved.load(Ordering::Acquire))
+    }
+
     fn push(&mut self, record: Bytes) {
         self.batch_bytes += record.len();
         self.batch.push(record);
@@ -508,6 +546,7 @@ impl Socket {
         };
         let response_credit = Arc::new(Semaphore::new(response_window as usize));
         let abort = Abort::default();
+        let gauge = Arc::new(CallGauge::default());
         self.calls.insert(
             call,
             LiveCall {
@@ -517,6 +556,7 @@ impl Socket {
                 received: 0,
                 granted: 0,
                 abort: abort.clone(),
+                gauge: gauge.clone(),
             },
         );
         let lines = self.lines.get_or_insert_with(Lines::new);
@@ -530,6 +570,7 @@ impl Socket {
             out: lines.out_tx.clone(),
             control: lines.control_tx.clone(),
             budget: self.budget.clone(),
+            gauge,
             backend: self.context.backend.clone(),
             catalog: self.context.catalog.clone(),
             max_message_size: settings.max_message_size,
@@ -561,11 +602,22 @@ impl Socket {
             )));
             return;
         }
+        if self.over_budget {
+            // Read only so that `window` records could get through: a message
+            // now would grow the buffer past its bound.
+            live.abort.abort(Status::resource_exhausted(
+                "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
+                 and every call holding it waited for response credit: grant credit (window) first",
+            ));
+            return;
+        }
         let len = payload.len();
         self.budget.take(len);
+        live.gauge.held.fetch_add(len, Ordering::AcqRel);
         if requests.send(payload).is_err() {
             // The call stopped reading (it is ending): the message is dropped with it.
             self.budget.give_back(len);
+            live.gauge.consumed(len);
         }
     }
 
