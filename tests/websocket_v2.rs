@@ -76,6 +76,30 @@ async fn json_messages_are_the_methods_own_json_and_a_single_record_is_accepted(
     assert_eq!(status(&got).0, 0);
 }
 
+/// What the per-call rules are tried on: a bidi method, how to make its
+/// request message, and what it answers to one.
+struct Target {
+    method: &'static str,
+    message: fn(u32, &str) -> Rec,
+    reply: fn(&str) -> String,
+}
+
+const BUILT_IN: Target = Target {
+    method: BIDI,
+    message: data,
+    reply: |text| format!("processed: {text}"),
+};
+
+const UPSTREAM_ECHO: Target = Target {
+    method: "/streambridge.testing.Echo/Bidi",
+    message: |call, text| Rec::Raw {
+        call,
+        json: serde_json::json!({ "text": text }).to_string(),
+        proto: [&[0x0a, text.len() as u8][..], text.as_bytes()].concat(),
+    },
+    reply: |text| text.to_string(),
+};
+
 #[tokio::test]
 async fn per_call_failures_end_only_that_call() {
     let server = TestServer::start_with(|config| {
@@ -83,21 +107,33 @@ async fn per_call_failures_end_only_that_call() {
         config.ws_max_calls = 3;
     })
     .await;
+    per_call_failures(&server, &BUILT_IN).await;
+}
+
+#[tokio::test]
+async fn per_call_failures_end_only_that_call_through_an_upstream() {
+    let upstream = EchoUpstream::start().await;
+    let url = upstream.url();
+    let bridge = TestServer::start_with(|config| {
+        config.upstream = Some(url.parse().unwrap());
+        config.max_message_size = 1000;
+        config.ws_max_calls = 3;
+    })
+    .await;
+    per_call_failures(&bridge, &UPSTREAM_ECHO).await;
+}
+
+async fn per_call_failures(server: &TestServer, target: &Target) {
+    let open = |call| open_method(call, target.method, 0);
+    let message = target.message;
     for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
+        let mut socket = V2::connect(server, enc).await;
         let mut others = Vec::new();
         // A live neighbour that must survive everything below.
-        socket.send(&[open(1), data(1, "before")]).await;
+        socket.send(&[open(1), message(1, "before")]).await;
 
         // Unknown method: 12.
-        socket
-            .send(&[Rec::Open {
-                call: 2,
-                method: "/nope.Service/Missing".into(),
-                window: 0,
-                timeout_ms: 0,
-            }])
-            .await;
+        socket.send(&[open_method(2, "/nope.Service/Missing", 0)]).await;
         assert_eq!(status(&socket.until_status(2, &mut others).await).0, 12, "{enc:?}");
 
         // A message that is not the method's input type: 3.
@@ -106,7 +142,7 @@ async fn per_call_failures_end_only_that_call() {
                 open(3),
                 Rec::Raw {
                     call: 3,
-                    json: r#"{"data":5}"#.into(),
+                    json: r#"{"data":5,"text":5}"#.into(),
                     proto: vec![0x0a, 0xff],
                 },
             ])
@@ -114,7 +150,7 @@ async fn per_call_failures_end_only_that_call() {
         assert_eq!(status(&socket.until_status(3, &mut others).await).0, 3, "{enc:?}");
 
         // A message after closeSend: 3.
-        socket.send(&[open(4), close_send(4), data(4, "late")]).await;
+        socket.send(&[open(4), close_send(4), message(4, "late")]).await;
         assert_eq!(status(&socket.until_status(4, &mut others).await).0, 3, "{enc:?}");
 
         // cancel: 1.
@@ -122,18 +158,11 @@ async fn per_call_failures_end_only_that_call() {
         assert_eq!(status(&socket.until_status(5, &mut others).await).0, 1, "{enc:?}");
 
         // timeoutMs passed: 4.
-        socket
-            .send(&[Rec::Open {
-                call: 6,
-                method: BIDI.into(),
-                window: 0,
-                timeout_ms: 100,
-            }])
-            .await;
+        socket.send(&[open_method(6, target.method, 100)]).await;
         assert_eq!(status(&socket.until_status(6, &mut others).await).0, 4, "{enc:?}");
 
         // A message over --max-message-size: 8.
-        socket.send(&[open(7), data(7, &"x".repeat(2000))]).await;
+        socket.send(&[open(7), message(7, &"x".repeat(2000))]).await;
         assert_eq!(status(&socket.until_status(7, &mut others).await).0, 8, "{enc:?}");
 
         // More live calls than --ws-max-calls (3): 8 for the new one.
@@ -144,12 +173,12 @@ async fn per_call_failures_end_only_that_call() {
 
         // Records for calls that are not live are ignored.
         socket
-            .send(&[data(5, "ended"), data(99, "never opened"), close_send(42)])
+            .send(&[message(5, "ended"), message(99, "never opened"), close_send(42)])
             .await;
 
         // The neighbour still works.
         socket
-            .send(&[data(1, "after"), close_send(1), close_send(8), close_send(9)])
+            .send(&[message(1, "after"), close_send(1), close_send(8), close_send(9)])
             .await;
         let first = socket.until_status(1, &mut others).await;
         let all: Vec<_> = others
@@ -158,7 +187,11 @@ async fn per_call_failures_end_only_that_call() {
             .filter(|g| g.call() == 1)
             .cloned()
             .collect();
-        assert_eq!(messages(&all), ["processed: before", "processed: after"], "{enc:?}");
+        assert_eq!(
+            messages(&all),
+            [(target.reply)("before"), (target.reply)("after")],
+            "{enc:?}"
+        );
         assert_eq!(status(&first).0, 0);
     }
 }
@@ -540,5 +573,56 @@ async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() 
         got.extend(socket.until_status(1, &mut Vec::new()).await);
         assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
         assert_eq!(status(&got).0, 0, "{enc:?}");
+    }
+}
+
+#[tokio::test]
+async fn credit_saturates_and_a_zero_window_is_ignored() {
+    let server = TestServer::start().await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        socket
+            .send(&[
+                Rec::Open {
+                    call: 1,
+                    method: BIDI.into(),
+                    window: u32::MAX,
+                    timeout_ms: 0,
+                },
+                Rec::Window { call: 1, n: u32::MAX },
+                Rec::Window { call: 1, n: 0 },
+                data(1, "a"),
+                data(1, "b"),
+                close_send(1),
+            ])
+            .await;
+        let got = socket.until_status(1, &mut Vec::new()).await;
+        assert_eq!(messages(&got), ["processed: a", "processed: b"], "{enc:?}");
+        assert_eq!(status(&got).0, 0);
+        // A zero window grants nothing: a call opened with one reply of
+        // credit gets exactly one until real credit comes.
+        socket
+            .send(&[
+                Rec::Open {
+                    call: 2,
+                    method: BIDI.into(),
+                    window: 1,
+                    timeout_ms: 0,
+                },
+                Rec::Window { call: 2, n: 0 },
+                data(2, "x"),
+                data(2, "y"),
+                open(3),
+                data(3, "z"),
+                close_send(3),
+            ])
+            .await;
+        let mut others = Vec::new();
+        socket.until_status(3, &mut others).await;
+        let held: Vec<_> = others.iter().filter(|g| g.call() == 2).cloned().collect();
+        assert_eq!(messages(&held), ["processed: x"], "{enc:?}");
+        socket.send(&[Rec::Window { call: 2, n: 1 }, close_send(2)]).await;
+        let rest = socket.until_status(2, &mut Vec::new()).await;
+        assert_eq!(messages(&rest), ["processed: y"], "{enc:?}");
     }
 }

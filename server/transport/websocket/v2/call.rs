@@ -95,11 +95,19 @@ pub async fn run(spec: CallSpec) {
             None => std::future::pending().await,
         }
     };
+    let started = tokio::time::Instant::now();
+    let deadline_passed = || Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed"));
     let status = tokio::select! {
         biased;
         () = abort.token.cancelled() => abort.reason(),
-        () = deadline => Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")),
+        () = deadline => deadline_passed(),
         status = exchange(spec) => status,
+    };
+    // A service that ends the call on the same deadline may say CANCELLED
+    // (tonic's server does) a moment before the bridge's own timer fires.
+    let status = match timeout {
+        Some(timeout) if status.code() == tonic::Code::Cancelled && started.elapsed() >= timeout => deadline_passed(),
+        _ => status,
     };
     let record = encode(encoding, call, Kind::Status(to_record_status(&status)));
     let _ = out.send(Out::Status { call, record }).await;
