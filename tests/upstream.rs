@@ -550,3 +550,48 @@ async fn websocket_v1_is_refused_when_the_built_in_service_is_not_served() {
     assert_eq!(status, 501, "{body}");
     assert!(body.contains("only the built-in DataService"), "{body}");
 }
+
+#[tokio::test]
+async fn proxied_calls_are_counted_live_and_by_status() {
+    use streambridge::Transport;
+    let upstream = EchoUpstream::start().await;
+    let bridge = bridge_to(&upstream).await;
+    let mut client = echo_client(&bridge).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request("live")).await.unwrap();
+    within("reply", replies.next()).await.unwrap().unwrap();
+    within("one live call counted", bridge.calls.wait_for(Transport::Grpc, 1)).await;
+    drop(tx);
+    assert!(within("end", replies.next()).await.is_none());
+    within(
+        "the call's count ends with it",
+        bridge.calls.wait_for(Transport::Grpc, 0),
+    )
+    .await;
+
+    let failed = within(
+        "failing unary",
+        client.unary(EchoRequest {
+            fail_with: Code::FailedPrecondition as i32,
+            ..request("x")
+        }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(failed.code(), Code::FailedPrecondition);
+    within("counted", bridge.calls.wait_for(Transport::Grpc, 0)).await;
+    let metrics = support::metrics_text(bridge.addr).await;
+    assert_eq!(
+        support::metric(
+            &metrics,
+            r#"streambridge_stream_errors_total{transport="grpc",code="9"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+}

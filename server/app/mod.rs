@@ -92,7 +92,7 @@ impl AppState {
         let mut services = Services::default();
         self.add_data_service(&mut services, config);
         services
-            .into_backend(&self.auth, self.shutdown.clone())
+            .into_backend(&self.auth, self.shutdown.clone(), self.calls.clone())
             .expect("the descriptors compiled by build.rs are valid")
     }
 

@@ -128,8 +128,14 @@ impl ServerBuilder {
                 state.tasks.spawn(upstream.clone().monitor(state.shutdown.clone()));
                 let sets = read_descriptor_sets(&config)?;
                 let sets: Vec<&[u8]> = sets.iter().map(Vec::as_slice).collect();
-                upstream_backend(upstream, &state.auth, state.shutdown.clone(), &sets)
-                    .map_err(StartError::Descriptors)?
+                upstream_backend(
+                    upstream,
+                    &state.auth,
+                    state.shutdown.clone(),
+                    &sets,
+                    state.calls.clone(),
+                )
+                .map_err(StartError::Descriptors)?
             }
             None if services.is_empty() => state.builtin_backend(&config),
             None => {
@@ -137,7 +143,7 @@ impl ServerBuilder {
                     state.add_data_service(&mut services, &config);
                 }
                 services
-                    .into_backend(&state.auth, state.shutdown.clone())
+                    .into_backend(&state.auth, state.shutdown.clone(), state.calls.clone())
                     .map_err(StartError::Descriptors)?
             }
         };

@@ -29,6 +29,7 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 use tower::util::BoxCloneSyncService;
 
+use crate::ops::calls::{ActiveCalls, CountCalls};
 use crate::ops::health;
 use crate::policy::auth::Auth;
 
@@ -84,7 +85,7 @@ impl Services {
     }
 
     /// The services with health and reflection beside them, behind `auth`.
-    pub fn into_backend(self, auth: &Auth, shutdown: CancellationToken) -> Result<Backend, String> {
+    pub fn into_backend(self, auth: &Auth, shutdown: CancellationToken, calls: ActiveCalls) -> Result<Backend, String> {
         let Services {
             routes,
             names,
@@ -101,7 +102,7 @@ impl Services {
             .add_service(reflection_v1alpha)
             .prepare();
         Ok(Backend {
-            service: GrpcService::new(auth.require_token(routes)),
+            service: GrpcService::new(auth.require_token(CountCalls::new(routes, calls))),
             catalog,
         })
     }
@@ -116,6 +117,7 @@ pub fn upstream_backend(
     auth: &Auth,
     shutdown: CancellationToken,
     descriptor_sets: &[&[u8]],
+    calls: ActiveCalls,
 ) -> Result<Backend, String> {
     let catalog = descriptors::Catalog::with_reflection(descriptor_sets, upstream.channel())?;
     let reachable: watch::Receiver<bool> = upstream.reachable();
@@ -133,7 +135,7 @@ pub fn upstream_backend(
         ));
     let routes = Routes::from(router).prepare();
     Ok(Backend {
-        service: GrpcService::new(auth.require_token(routes)),
+        service: GrpcService::new(auth.require_token(CountCalls::new(routes, calls))),
         catalog,
     })
 }

@@ -97,3 +97,115 @@ impl Drop for CallGuard {
         self.calls.counts.send_modify(|counts| counts[transport.index()] -= 1);
     }
 }
+
+/// Counts the gRPC calls of services that do not count themselves (added
+/// services, the upstream proxy): live calls, duration and status, by the
+/// transport they came by. The built-in `DataService` counts its own (with
+/// its messages); health and reflection are not counted.
+#[derive(Clone)]
+pub struct CountCalls<S> {
+    inner: S,
+    calls: ActiveCalls,
+}
+
+impl<S> CountCalls<S> {
+    pub fn new(inner: S, calls: ActiveCalls) -> Self {
+        CountCalls { inner, calls }
+    }
+}
+
+/// Paths whose calls [`CountCalls`] leaves alone.
+fn counts_itself_or_is_operational(path: &str) -> bool {
+    ["/DataService/", "/grpc.health.v1.Health/", "/grpc.reflection."]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountCalls<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if counts_itself_or_is_operational(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        let transport = request
+            .extensions()
+            .get::<Transport>()
+            .copied()
+            .unwrap_or(Transport::Grpc);
+        let mut guard = self.calls.enter(transport);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let Ok(response) = response.await;
+            // A trailers-only response carries its status in the headers.
+            if let Some(code) = grpc_status(response.headers()) {
+                guard.set_code(code);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(CountedBody {
+                    body,
+                    guard: Some(guard),
+                })
+            }))
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A response body that ends its call's count when it ends (or is dropped),
+/// with the status its trailers carry.
+struct CountedBody {
+    body: tonic::body::Body,
+    guard: Option<CallGuard>,
+}
+
+impl http_body::Body for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(guard)) = (frame.trailers_ref(), this.guard.as_mut())
+                    && let Some(code) = grpc_status(trailers)
+                {
+                    guard.set_code(code);
+                }
+            }
+            Some(Err(status)) => {
+                if let Some(guard) = this.guard.as_mut() {
+                    guard.set_code(status.code() as i32);
+                }
+                this.guard = None;
+            }
+            None => this.guard = None,
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
