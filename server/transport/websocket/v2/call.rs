@@ -27,7 +27,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor};
 use streambridge_protocol::v2::{self, Encoding, server_record};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tower::ServiceExt;
@@ -187,10 +187,19 @@ async fn exchange(spec: CallSpec) -> Status {
                 };
             }
         };
-        buffer.extend_from_slice(&data);
-        while buffer.len() >= 5 {
-            let compressed = buffer[0] != 0;
-            let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+        // Whole messages are sliced out of the frame, not copied; only a
+        // message cut by the frame's end waits in `buffer`.
+        let mut data = if buffer.is_empty() {
+            data
+        } else {
+            buffer.extend_from_slice(&data);
+            buffer.split().freeze()
+        };
+        // The records of this frame, sent together: one wakeup of the socket.
+        let mut records = Vec::new();
+        while data.len() >= 5 {
+            let compressed = data[0] != 0;
+            let length = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
             if compressed {
                 return Status::internal("the service sent a compressed message; the bridge does not decompress");
             }
@@ -199,21 +208,29 @@ async fn exchange(spec: CallSpec) -> Status {
                     "the service sent a message of {length} bytes; the limit (--max-message-size) is {max_message_size}"
                 ));
             }
-            if buffer.len() < 5 + length {
-                buffer.reserve(5 + length - buffer.len());
+            if data.len() < 5 + length {
                 break;
             }
-            buffer.advance(5);
-            let message = buffer.split_to(length).freeze();
-            if response_credit.available_permits() == 0 {
-                // Tell the socket: it may have to read past a full budget for our credit.
-                gauge.set_starved(true);
-                budget.nudge();
-            }
-            let permit = response_credit.acquire().await;
-            gauge.set_starved(false);
-            let Ok(permit) = permit else {
-                return Status::cancelled("socket closed");
+            data.advance(5);
+            let message = data.split_to(length);
+            let permit = match response_credit.try_acquire() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => return Status::cancelled("socket closed"),
+                Err(TryAcquireError::NoPermits) => {
+                    // Out of credit: what is ready goes now, then we wait.
+                    if !records.is_empty() && out.send(Out::Records(std::mem::take(&mut records))).await.is_err() {
+                        return Status::cancelled("socket closed");
+                    }
+                    // Tell the socket: it may have to read past a full budget for our credit.
+                    gauge.set_starved(true);
+                    budget.nudge();
+                    let permit = response_credit.acquire().await;
+                    gauge.set_starved(false);
+                    let Ok(permit) = permit else {
+                        return Status::cancelled("socket closed");
+                    };
+                    permit
+                }
             };
             permit.forget();
             let kind = match &output {
@@ -223,9 +240,13 @@ async fn exchange(spec: CallSpec) -> Status {
                 },
                 None => Kind::Message(message),
             };
-            if out.send(Out::Record(encode(encoding, call, kind))).await.is_err() {
-                return Status::cancelled("socket closed");
-            }
+            records.push(encode(encoding, call, kind));
+        }
+        if !data.is_empty() {
+            buffer.extend_from_slice(&data);
+        }
+        if !records.is_empty() && out.send(Out::Records(records)).await.is_err() {
+            return Status::cancelled("socket closed");
         }
     }
 }
@@ -465,48 +486,71 @@ impl http_body::Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        let Some(payload) = std::task::ready!(this.requests.poll_recv(cx)) else {
+        let Some(first) = std::task::ready!(this.requests.poll_recv(cx)) else {
             return Poll::Ready(None);
         };
-        this.budget.give_back(payload.len());
-        this.gauge.consumed(payload.len());
+        // Every message already queued goes in one frame (up to 64 KiB): one
+        // poll of the backend for many messages.
+        let mut framed = BytesMut::new();
+        let mut next = Some(first);
+        while let Some(payload) = next {
+            let message = match this.take(payload) {
+                Ok(message) => message,
+                Err(status) => return Poll::Ready(Some(Err(status))),
+            };
+            framed.reserve(5 + message.len());
+            framed.put_u8(0);
+            framed.put_u32(message.len() as u32);
+            framed.put_slice(&message);
+            if framed.len() >= 64 * 1024 {
+                break;
+            }
+            next = this.requests.try_recv().ok();
+        }
+        Poll::Ready(Some(Ok(Frame::data(framed.freeze()))))
+    }
+}
+
+impl RequestBody {
+    /// One request message handed to the backend: its bytes leave the
+    /// socket's budget, it is checked or transcoded, and it counts towards
+    /// the next grant of request credit.
+    fn take(&mut self, payload: Payload) -> Result<Bytes, Status> {
+        self.budget.give_back(payload.len());
+        self.gauge.consumed(payload.len());
         let message = match payload {
-            Payload::Proto(bytes) => match &this.input {
+            Payload::Proto(bytes) => match &self.input {
                 Some(input) if !decodes_as(input, &bytes, 0) => {
                     let status =
                         Status::invalid_argument(format!("message is not a valid {} in protobuf", input.full_name()));
-                    this.abort.abort(status.clone());
-                    return Poll::Ready(Some(Err(status)));
+                    self.abort.abort(status.clone());
+                    return Err(status);
                 }
                 _ => bytes,
             },
-            Payload::Json(text) => match &this.input {
+            Payload::Json(text) => match &self.input {
                 Some(input) => match from_json(input, &text) {
                     Ok(bytes) => Bytes::from(bytes),
                     Err(status) => {
-                        this.abort.abort(status.clone());
-                        return Poll::Ready(Some(Err(status)));
+                        self.abort.abort(status.clone());
+                        return Err(status);
                     }
                 },
                 None => Bytes::from(text),
             },
         };
-        this.consumed += 1;
+        self.consumed += 1;
         // Grant another window once half of the credit given is used up.
-        if this.granted - this.consumed <= REQUEST_WINDOW / 2 {
-            this.granted += REQUEST_WINDOW;
-            let record = encode(this.encoding, this.call, Kind::Window(REQUEST_WINDOW as u32));
-            let _ = this.control.send(Out::Grant {
-                call: this.call,
+        if self.granted - self.consumed <= REQUEST_WINDOW / 2 {
+            self.granted += REQUEST_WINDOW;
+            let record = encode(self.encoding, self.call, Kind::Window(REQUEST_WINDOW as u32));
+            let _ = self.control.send(Out::Grant {
+                call: self.call,
                 amount: REQUEST_WINDOW as u32,
                 record,
             });
         }
-        let mut framed = BytesMut::with_capacity(5 + message.len());
-        framed.put_u8(0);
-        framed.put_u32(message.len() as u32);
-        framed.put_slice(&message);
-        Poll::Ready(Some(Ok(Frame::data(framed.freeze()))))
+        Ok(message)
     }
 }
 

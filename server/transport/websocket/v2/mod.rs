@@ -97,6 +97,8 @@ impl Payload {
 pub enum Out {
     /// Headers or a message.
     Record(Bytes),
+    /// Messages of one call, in order.
+    Records(Vec<Bytes>),
     /// The call's last record.
     Status { call: u32, record: Bytes },
     /// More request credit for the client.
@@ -330,6 +332,11 @@ impl Socket {
     fn on_out(&mut self, out: Out) {
         match out {
             Out::Record(record) => self.push(record),
+            Out::Records(records) => {
+                for record in records {
+                    self.push(record);
+                }
+            }
             Out::Status { call, record } => {
                 self.calls.remove(&call);
                 self.push(record);
