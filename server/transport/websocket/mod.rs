@@ -138,8 +138,8 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let settings = state.settings.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
-    let v2_context = state.v2.clone();
-    let tasks = state.tasks.clone();
+    // Only a v2 socket keeps the backend (its clone is a boxed service stack).
+    let v2 = matches!(protocol, Protocol::V2(_)).then(|| (state.v2.clone(), state.tasks.clone()));
     state.tasks.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -168,7 +168,8 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
                 }
                 Protocol::V2(encoding) => {
                     let _lease = lease;
-                    v2::run(socket, encoding, v2_context, shutdown, tasks).await;
+                    let (context, tasks) = v2.expect("taken for every v2 socket");
+                    v2::run(socket, encoding, context, shutdown, tasks).await;
                 }
             }
         }
