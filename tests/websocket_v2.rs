@@ -626,3 +626,51 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
         assert_eq!(messages(&rest), ["processed: y"], "{enc:?}");
     }
 }
+
+/// One JSON unary call to the upstream's Echo over v2: its reply text, or its status.
+async fn json_echo(bridge: &TestServer) -> Result<String, (i32, String)> {
+    let mut socket = V2::connect(bridge, Enc::Json).await;
+    socket
+        .send(&[
+            open_method(1, "/streambridge.testing.Echo/Unary", 0),
+            Rec::Raw {
+                call: 1,
+                json: r#"{"text":"described"}"#.into(),
+                proto: Vec::new(),
+            },
+            close_send(1),
+        ])
+        .await;
+    let got = socket.until_status(1, &mut Vec::new()).await;
+    match status(&got) {
+        (0, _) => Ok(messages(&got).concat()),
+        failed => Err(failed),
+    }
+}
+
+#[tokio::test]
+async fn json_descriptors_come_from_v1alpha_reflection_or_descriptor_set_files() {
+    use support::upstream::{ECHO_DESCRIPTORS, Reflection};
+    // Reflection v1alpha only (grpcio-reflection's case): the bridge falls back to it.
+    let upstream = EchoUpstream::start_with_reflection(Reflection::V1alphaOnly).await;
+    let url = upstream.url();
+    let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+    assert_eq!(json_echo(&bridge).await, Ok("described".to_string()));
+
+    // No reflection at all: unknown method (12), unless --descriptor-set describes it.
+    let silent = EchoUpstream::start_with_reflection(Reflection::None).await;
+    let url = silent.url();
+    let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
+    let (code, message) = json_echo(&bridge).await.unwrap_err();
+    assert_eq!(code, 12, "{message}");
+    assert!(message.contains("reflection"), "{message}");
+    let file = std::env::temp_dir().join(format!("streambridge-echo-{}.desc", std::process::id()));
+    std::fs::write(&file, ECHO_DESCRIPTORS).unwrap();
+    let described = TestServer::start_with(|config| {
+        config.upstream = Some(url.parse().unwrap());
+        config.descriptor_sets = vec![file.clone()];
+    })
+    .await;
+    assert_eq!(json_echo(&described).await, Ok("described".to_string()));
+    std::fs::remove_file(&file).unwrap();
+}

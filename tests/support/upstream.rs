@@ -23,6 +23,18 @@ pub use pb::{EchoReply, EchoRequest};
 
 const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo_descriptor.bin"));
 
+/// Which reflection versions the upstream serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Reflection {
+    Both,
+    /// As grpcio-reflection 1.85 does.
+    V1alphaOnly,
+    None,
+}
+
+/// The upstream's descriptor set (for `--descriptor-set`).
+pub const ECHO_DESCRIPTORS: &[u8] = DESCRIPTORS;
+
 /// The upstream; stops when dropped.
 pub struct EchoUpstream {
     pub addr: SocketAddr,
@@ -40,7 +52,12 @@ impl EchoUpstream {
 
     /// Starts on `addr` (a port a previous upstream used, to restart it).
     pub async fn start_on(addr: SocketAddr) -> EchoUpstream {
-        Self::start_with(addr, None).await
+        Self::start_with(addr, None, Reflection::Both).await
+    }
+
+    /// Starts with only the reflection versions `reflection` says.
+    pub async fn start_with_reflection(reflection: Reflection) -> EchoUpstream {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), None, reflection).await
     }
 
     /// Starts with TLS: `pki`'s server certificate, and client certificates
@@ -49,10 +66,14 @@ impl EchoUpstream {
         let tls = tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(&pki.server_cert, &pki.server_key))
             .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca_cert));
-        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(tls)).await
+        Self::start_with("127.0.0.1:0".parse().unwrap(), Some(tls), Reflection::Both).await
     }
 
-    async fn start_with(addr: SocketAddr, tls: Option<tonic::transport::ServerTlsConfig>) -> EchoUpstream {
+    async fn start_with(
+        addr: SocketAddr,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        served: Reflection,
+    ) -> EchoUpstream {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the upstream");
         let addr = listener.local_addr().unwrap();
         let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
@@ -63,12 +84,15 @@ impl EchoUpstream {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).expect("TLS settings");
         }
+        let v1 = matches!(served, Reflection::Both).then(|| reflection().build_v1().unwrap());
+        let v1alpha =
+            matches!(served, Reflection::Both | Reflection::V1alphaOnly).then(|| reflection().build_v1alpha().unwrap());
         let server = builder
             .add_service(pb::echo_server::EchoServer::new(Echo {
                 cancelled: cancelled_tx,
             }))
-            .add_service(reflection().build_v1().unwrap())
-            .add_service(reflection().build_v1alpha().unwrap())
+            .add_optional_service(v1)
+            .add_optional_service(v1alpha)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 stop.clone().cancelled_owned(),
