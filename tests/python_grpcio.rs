@@ -10,7 +10,7 @@ mod support;
 use std::process::Stdio;
 
 use streambridge::Transport;
-use support::{TestServer, within};
+use support::{ServerAddr, TestServer, within};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_with_stubs_from_the_seed_proto_streams_through_the_server() {
@@ -77,4 +77,34 @@ async fn grpcio_streams_still_sending_at_sigterm_read_the_drain_status_not_a_res
     }
     let mut server = process.child;
     assert!(within("the server exits", server.wait()).await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_streams_through_a_bridge_in_front_of_another_bridge() {
+    // The upstream here is a second streambridge serving the built-in DataService.
+    let inner = TestServer::start().await;
+    let inner_url = inner.http_url("");
+    let bridge = TestServer::start_with(|config| config.upstream = Some(inner_url.parse().unwrap())).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
+    let output = within(
+        "python client",
+        tokio::process::Command::new(support::python())
+            .arg(script)
+            .arg(bridge.addr.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python client failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON summary line");
+    assert_eq!(summary["seed_usage"], 5);
+    assert_eq!(summary["pipelined"], 1000);
+    assert_eq!(summary["interleaved"], 20);
 }

@@ -1,7 +1,7 @@
 //! Upstream mode (`--upstream`): a real bridge in front of a real tonic
 //! upstream with every call type (`tests/support/upstream.rs`), reached by
-//! real clients: tonic over native gRPC, raw gRPC-Web over HTTP/1.1 and
-//! HTTP/2, and Python grpcio.
+//! real clients: tonic over native gRPC and raw gRPC-Web over HTTP/1.1 and
+//! HTTP/2 (Python grpcio through a bridge: `tests/python_grpcio.rs`).
 
 mod support;
 
@@ -505,36 +505,6 @@ async fn grpc_web_binary_and_text_over_http1_and_http2_reach_the_upstream() {
             assert_eq!(result.replies, ["web"], "{content_type}");
         }
     }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn python_grpcio_streams_through_a_bridge_in_front_of_another_bridge() {
-    // The upstream here is a second streambridge serving the built-in DataService.
-    let inner = TestServer::start().await;
-    let inner_url = inner.http_url("");
-    let bridge = TestServer::start_with(|config| config.upstream = Some(inner_url.parse().unwrap())).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/grpcio_client.py");
-    let output = within(
-        "python client",
-        tokio::process::Command::new(support::python())
-            .arg(script)
-            .arg(bridge.addr.to_string())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("run the Python client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python client failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON summary line");
-    assert_eq!(summary["seed_usage"], 5);
-    assert_eq!(summary["pipelined"], 1000);
-    assert_eq!(summary["interleaved"], 20);
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ use crate::{Result, cargo, target_dir};
 const CARGO_MUTANTS_VERSION: &str = "27.1.0";
 
 /// The safety-critical files (see the module docs).
-const FILES: [&str; 10] = [
+const FILES: [&str; 14] = [
     "server/transport/websocket/*.rs",
     "server/net/listener.rs",
     "server/net/connection.rs",
@@ -34,11 +34,15 @@ const FILES: [&str; 10] = [
     "server/error.rs",
     "server/config.rs",
     "server/transport/static_files.rs",
+    "server/backend/upstream.rs",
+    "server/backend/descriptors.rs",
+    "server/transport/websocket/v2/*.rs",
+    "server/ops/calls.rs",
 ];
 
 /// The tests run against each mutant: the server's own, without the ones
 /// that need Python or a browser (the Rust suites cover the same code).
-const TEST_ARGS: [&str; 15] = [
+const TEST_ARGS: [&str; 19] = [
     "--lib",
     "--test",
     "grpc",
@@ -54,6 +58,10 @@ const TEST_ARGS: [&str; 15] = [
     "http",
     "--test",
     "process",
+    "--test",
+    "upstream",
+    "--test",
+    "websocket_v2",
 ];
 
 pub fn run_mutants(args: &[String]) -> Result {
