@@ -15,21 +15,14 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use prost::Message as _;
 use streambridge_protocol::v2::{ClientBatch, ClientRecord, Empty, Open, ServerBatch, client_record, server_record};
 use streambridge_protocol::{StreamRequest, StreamResponse};
-use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::measure::{Control, TaskStats, payload};
-use crate::ws_load::Codec;
+use crate::ws_load::{self, Codec, Socket};
 
 const METHOD: &str = "/DataService/BidirectionalStream";
 /// Response credit each call opens with, and what it grants back per batch read.
 const RESPONSE_WINDOW: u32 = 1024;
-
-type Socket = WebSocketStream<TcpStream>;
 
 pub fn subprotocol(codec: Codec) -> &'static str {
     match codec {
@@ -40,21 +33,7 @@ pub fn subprotocol(codec: Codec) -> &'static str {
 
 /// Opens a v2 socket to `/ws`.
 pub async fn connect(addr: SocketAddr, codec: Codec) -> Result<Socket, String> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut request = format!("ws://{addr}/ws")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", HeaderValue::from_static(subprotocol(codec)));
-    let config = WebSocketConfig::default().read_buffer_size(64 * 1024);
-    let (socket, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
-        .await
-        .map_err(|e| format!("WebSocket handshake with {addr}: {e}"))?;
-    Ok(socket)
+    ws_load::connect_offering(addr, subprotocol(codec), 64 * 1024).await
 }
 
 /// Records of a batch being built, in either encoding.

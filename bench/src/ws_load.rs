@@ -137,10 +137,19 @@ enum Reply {
     Other,
 }
 
-type Socket = WebSocketStream<TcpStream>;
+pub type Socket = WebSocketStream<TcpStream>;
 
 /// Opens a socket to `/ws` offering `codec`'s subprotocol.
 pub async fn connect(addr: SocketAddr, codec: Codec, read_buffer_size: usize) -> Result<Socket, String> {
+    connect_offering(addr, codec.subprotocol(), read_buffer_size).await
+}
+
+/// Opens a socket to `/ws` offering `subprotocol` (v1 or v2).
+pub async fn connect_offering(
+    addr: SocketAddr,
+    subprotocol: &'static str,
+    read_buffer_size: usize,
+) -> Result<Socket, String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -150,7 +159,7 @@ pub async fn connect(addr: SocketAddr, codec: Codec, read_buffer_size: usize) ->
         .map_err(|e| e.to_string())?;
     request
         .headers_mut()
-        .insert("sec-websocket-protocol", HeaderValue::from_static(codec.subprotocol()));
+        .insert("sec-websocket-protocol", HeaderValue::from_static(subprotocol));
     let config = WebSocketConfig::default().read_buffer_size(read_buffer_size);
     let (socket, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
         .await

@@ -110,6 +110,11 @@ impl Services {
 
 /// The upstream behind `auth`, with the bridge's own health service in
 /// front of it (reporting whether the upstream is reachable).
+/// An axum request as the gRPC services take it.
+fn into_grpc_request(request: Request<axum::body::Body>) -> GrpcRequest {
+    request.map(tonic::body::Body::new)
+}
+
 /// `descriptor_sets` (`--descriptor-set`) describe methods before the
 /// upstream's reflection is asked.
 pub fn upstream_backend(
@@ -125,14 +130,9 @@ pub fn upstream_backend(
     let router = axum::Router::new()
         .route_service(
             "/grpc.health.v1.Health/{*method}",
-            tower::ServiceExt::map_request(health, |request: Request<axum::body::Body>| {
-                request.map(tonic::body::Body::new)
-            }),
+            tower::ServiceExt::map_request(health, into_grpc_request),
         )
-        .fallback_service(tower::ServiceExt::map_request(
-            upstream,
-            |request: Request<axum::body::Body>| request.map(tonic::body::Body::new),
-        ));
+        .fallback_service(tower::ServiceExt::map_request(upstream, into_grpc_request));
     let routes = Routes::from(router).prepare();
     Ok(Backend {
         service: GrpcService::new(auth.require_token(CountCalls::new(routes, calls))),

@@ -207,12 +207,15 @@ impl Upstream {
     /// Forwards one call; never fails as a service: every failure is a gRPC
     /// status for the client.
     async fn forward(self, request: Request<tonic::body::Body>) -> Response<tonic::body::Body> {
-        let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         remove_hop_by_hop(&mut parts.headers);
-        let deadline = parts.headers.get("grpc-timeout").and_then(parse_grpc_timeout);
+        let deadline = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(parse_grpc_timeout)
+            .map(|timeout| Instant::now() + timeout);
         if let Some(deadline) = deadline {
-            let left = deadline.saturating_sub(started.elapsed());
+            let left = deadline.saturating_duration_since(Instant::now());
             parts.headers.insert("grpc-timeout", encode_grpc_timeout(left));
         }
         let refused = Arc::new(OnceLock::new());
@@ -222,7 +225,7 @@ impl Upstream {
         });
         let call = self.channel.clone().oneshot(Request::from_parts(parts, body));
         let answer = match deadline {
-            Some(deadline) => match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), call).await {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), call).await {
                 Ok(answer) => answer,
                 Err(_) => return deadline_passed().into_http(),
             },

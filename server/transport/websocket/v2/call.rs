@@ -321,7 +321,7 @@ fn metadata_of(headers: &HeaderMap) -> HashMap<String, String> {
         .collect()
 }
 
-fn to_record_status(status: &Status) -> v2::Status {
+pub(super) fn to_record_status(status: &Status) -> v2::Status {
     v2::Status {
         code: status.code() as i32,
         message: status.message().to_string(),

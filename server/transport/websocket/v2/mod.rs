@@ -541,7 +541,7 @@ impl Socket {
             None
         };
         if let Some(status) = refusal {
-            let record = encode(self.encoding, call, Kind::Status(status_record(&status)));
+            let record = encode(self.encoding, call, Kind::Status(call::to_record_status(&status)));
             self.push(record);
             return true;
         }
@@ -703,12 +703,4 @@ enum Incoming {
     CloseSend,
     Cancel,
     Window(u32),
-}
-
-fn status_record(status: &Status) -> v2::Status {
-    v2::Status {
-        code: status.code() as i32,
-        message: status.message().to_string(),
-        ..Default::default()
-    }
 }
