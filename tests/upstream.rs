@@ -37,6 +37,23 @@ async fn echo_client(server: &impl ServerAddr) -> EchoClient<Channel> {
     EchoClient::new(server.grpc_channel().await)
 }
 
+/// A bidi call with one exchange done: its requests' sender and its replies.
+async fn live_bidi(
+    client: &mut EchoClient<Channel>,
+) -> (
+    tokio::sync::mpsc::Sender<EchoRequest>,
+    tonic::Streaming<support::upstream::EchoReply>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = within("bidi", client.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request("live")).await.unwrap();
+    within("first reply", replies.next()).await.unwrap().unwrap();
+    (tx, replies)
+}
+
 fn request(text: &str) -> EchoRequest {
     EchoRequest {
         text: text.into(),
@@ -227,15 +244,13 @@ async fn the_bridge_ends_a_call_at_its_deadline_if_the_upstream_never_answers() 
         TestServer::start_with(|config| config.upstream = Some(format!("http://{addr}").parse().unwrap())).await;
     // A raw HTTP/2 request: a tonic client would run its own timer for the
     // deadline and end the call itself.
-    let message = prost::Message::encode_to_vec(&request("never"));
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
+    // EchoRequest { text } encodes as StreamRequest { data } does (field 1, a string).
+    let body = http::grpc_web_body(&["never"]);
     let call = Request::post(bridge.http_url("/streambridge.testing.Echo/Unary"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("grpc-timeout", "300m")
-        .body(Full::new(bytes::Bytes::from(body)))
+        .body(Full::new(body))
         .unwrap();
     let reply = within("call to a silent upstream", http::send(&http::http2_client(), call)).await;
     assert_eq!(reply.headers["grpc-status"], "4", "{:?}", reply.headers);
@@ -257,14 +272,7 @@ async fn a_client_that_goes_away_ends_the_upstream_call() {
 
     // A reset stream: the client drops its bidi call.
     let mut client = echo_client(&bridge).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(request("live")).await.unwrap();
-    within("first reply", replies.next()).await.unwrap().unwrap();
+    let (tx, replies) = live_bidi(&mut client).await;
     let dropped = Instant::now();
     drop((replies, tx));
     let ended = within("the upstream sees the cancel", upstream.cancelled.recv()).await;
@@ -466,14 +474,12 @@ async fn an_oversize_upstream_message_is_refused_and_the_bridge_goes_on() {
 
 /// One unary call to the upstream's `Echo/Unary` by gRPC-Web over `client`.
 async fn grpc_web_unary(bridge: &TestServer, client: &http::HttpClient, content_type: &str) -> http::GrpcWebResult {
-    let message = prost::Message::encode_to_vec(&request("web"));
-    let mut body = vec![0u8];
-    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    body.extend_from_slice(&message);
+    // EchoRequest { text } encodes as StreamRequest { data } does (field 1, a string).
+    let body = http::grpc_web_body(&["web"]);
     let text = content_type.contains("text");
     let body = if text {
         use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(&body).into_bytes()
+        bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(&body))
     } else {
         body
     };
@@ -482,7 +488,7 @@ async fn grpc_web_unary(bridge: &TestServer, client: &http::HttpClient, content_
         .header("x-grpc-web", "1")
         // tonic-web answers in the encoding the client accepts.
         .header("accept", content_type)
-        .body(Full::new(bytes::Bytes::from(body)))
+        .body(Full::new(body))
         .unwrap();
     let reply = within("grpc-web call", http::send(client, request)).await;
     assert_eq!(reply.status, 200);
@@ -527,14 +533,7 @@ async fn proxied_calls_are_counted_live_and_by_status() {
     let upstream = EchoUpstream::start().await;
     let bridge = bridge_to(&upstream).await;
     let mut client = echo_client(&bridge).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = client
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(request("live")).await.unwrap();
-    within("reply", replies.next()).await.unwrap().unwrap();
+    let (tx, mut replies) = live_bidi(&mut client).await;
     within("one live call counted", bridge.calls.wait_for(Transport::Grpc, 1)).await;
     drop(tx);
     assert!(within("end", replies.next()).await.is_none());

@@ -7,7 +7,7 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, status};
+use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, open_windowed, status};
 use support::{TestServer, within};
 
 #[tokio::test]
@@ -201,14 +201,7 @@ async fn response_credit_holds_replies_back_and_an_unread_call_stalls_only_itsel
     let server = TestServer::start().await;
     for enc in Enc::BOTH {
         let mut socket = V2::connect(&server, enc).await;
-        socket
-            .send(&[Rec::Open {
-                call: 1,
-                method: BIDI.into(),
-                window: 2,
-                timeout_ms: 0,
-            }])
-            .await;
+        socket.send(&[open_windowed(1, 2)]).await;
         let five: Vec<Rec> = (0..5).map(|i| data(1, &format!("m{i}"))).collect();
         socket.send(&five).await;
         // A busy neighbour runs to its end while call 1 waits for credit.
@@ -241,14 +234,7 @@ async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
         let mut socket = V2::connect(&server, enc).await;
         // 600 requests in batches of 100, each sent only when the credit allows
         // (the replies' credit is no limit here).
-        socket
-            .send(&[Rec::Open {
-                call: 1,
-                method: BIDI.into(),
-                window: 1000,
-                timeout_ms: 0,
-            }])
-            .await;
+        socket.send(&[open_windowed(1, 1000)]).await;
         let mut credit: u64 = 256;
         let mut sent: u64 = 0;
         let mut got = Vec::new();
@@ -275,12 +261,7 @@ async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
 
         // 257 requests at once, before any grant: the call ends with 8.
         let mut socket = V2::connect(&server, enc).await;
-        let mut batch = vec![Rec::Open {
-            call: 1,
-            method: BIDI.into(),
-            window: 1000,
-            timeout_ms: 0,
-        }];
+        let mut batch = vec![open_windowed(1, 1000)];
         batch.extend((0..257).map(|i| data(1, &i.to_string())));
         socket.send(&batch).await;
         let got = socket.until_status(1, &mut Vec::new()).await;
@@ -407,20 +388,10 @@ async fn calls_reach_an_upstream_by_method_name_in_both_encodings() {
         let mut socket = V2::connect(&bridge, enc).await;
         socket
             .send(&[
-                Rec::Open {
-                    call: 1,
-                    method: "/streambridge.testing.Echo/Unary".into(),
-                    window: 0,
-                    timeout_ms: 5000,
-                },
+                open_method(1, "/streambridge.testing.Echo/Unary", 5000),
                 echo(1, "u"),
                 close_send(1),
-                Rec::Open {
-                    call: 2,
-                    method: "/streambridge.testing.Echo/Bidi".into(),
-                    window: 0,
-                    timeout_ms: 0,
-                },
+                open_method(2, "/streambridge.testing.Echo/Bidi", 0),
                 echo(2, "b"),
                 close_send(2),
             ])
@@ -557,12 +528,7 @@ async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() 
     let server = TestServer::start_with(|config| config.ws_socket_buffer = 10_000).await;
     for enc in Enc::BOTH {
         let mut socket = V2::connect(&server, enc).await;
-        let mut batch = vec![Rec::Open {
-            call: 1,
-            method: BIDI.into(),
-            window: 1,
-            timeout_ms: 0,
-        }];
+        let mut batch = vec![open_windowed(1, 1)];
         batch.extend((0..60).map(|i| data(1, &format!("{i:0>1000}"))));
         socket.send(&batch).await;
         let mut got = Vec::new();
@@ -583,12 +549,7 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
         let mut socket = V2::connect(&server, enc).await;
         socket
             .send(&[
-                Rec::Open {
-                    call: 1,
-                    method: BIDI.into(),
-                    window: u32::MAX,
-                    timeout_ms: 0,
-                },
+                open_windowed(1, u32::MAX),
                 Rec::Window { call: 1, n: u32::MAX },
                 Rec::Window { call: 1, n: 0 },
                 data(1, "a"),
@@ -603,12 +564,7 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
         // credit gets exactly one until real credit comes.
         socket
             .send(&[
-                Rec::Open {
-                    call: 2,
-                    method: BIDI.into(),
-                    window: 1,
-                    timeout_ms: 0,
-                },
+                open_windowed(2, 1),
                 Rec::Window { call: 2, n: 0 },
                 data(2, "x"),
                 data(2, "y"),

@@ -75,6 +75,16 @@ pub fn open(call: u32) -> Rec {
     }
 }
 
+/// `open` for the built-in bidi method with `window` response credit.
+pub fn open_windowed(call: u32, window: u32) -> Rec {
+    Rec::Open {
+        call,
+        method: BIDI.into(),
+        window,
+        timeout_ms: 0,
+    }
+}
+
 pub fn data(call: u32, data: &str) -> Rec {
     Rec::Data {
         call,
