@@ -1,24 +1,77 @@
-//! One bidirectional call over one WebSocket (protocol v1, proto
-//! subprotocol): the state machine between the socket's events and the
-//! promises JavaScript awaits.
+//! One call: the state between the application's promises and the socket's
+//! records.
 //!
-//! Replies that arrive before anyone asks wait in `inbox`; `next()` calls
-//! made before a reply arrives wait in `waiting`. Each reply resolves exactly
-//! one of them, in order, so nothing is lost or reordered.
+//! A call starts *waiting* (in the session's queue, until a socket is open),
+//! becomes *live* on one connection (with the id it was opened under), and
+//! *ends* exactly once, with a status. Its two directions:
+//!
+//! - requests: `send` queues a message; messages go on the wire only against
+//!   request credit (256 at the start plus the server's `window` grants), so
+//!   `send` never blocks and never throws for lack of credit;
+//! - responses: replies wait in `inbox` until `next()` takes them; `next()`
+//!   calls made before a reply arrives wait in `waiting`. Each reply settles
+//!   exactly one of them, in order. Response credit is granted back as the
+//!   application *takes* replies, so an unread call holds at most its window.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
-use js_sys::{Function, Promise};
-use streambridge_protocol::{CloseSend, StreamRequest, Subprotocol, client_frame, proto, server_frame};
+use js_sys::{Function, Promise, Reflect, Uint8Array};
+use prost::Message;
+use streambridge_protocol::StreamResponse;
+use streambridge_protocol::v2::{self, Encoding};
 use wasm_bindgen::prelude::*;
 
+use crate::codec::{Payload, Received};
+use crate::connection::{ConnRef, Connection};
 use crate::error::{CallStatus, code, message_object, stream_error};
-use crate::socket::{Socket, SocketEvent};
+use crate::timer::Timer;
 
 /// Shared handle to a call's state.
-pub type CallRef = Rc<RefCell<Call>>;
+pub type CallRef = Rc<RefCell<CallState>>;
+
+/// How a call's messages look to JavaScript.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `DataService.BidirectionalStream`: strings in, `{ result }` out.
+    Data,
+    /// Any method, JSON objects in and out (`streambridge.v2.json`).
+    Json,
+    /// Any method, `Uint8Array` protobuf in and out (`streambridge.v2.proto`).
+    Bytes,
+}
+
+/// What a call asks the server for when it opens.
+pub struct CallSpec {
+    pub shape: Shape,
+    /// The socket's encoding, which the call's payloads are in.
+    pub encoding: Encoding,
+    pub method: String,
+    pub metadata: Vec<(String, String)>,
+    /// 0: no deadline.
+    pub timeout_ms: u32,
+    /// Response credit to open with.
+    pub window: u32,
+}
+
+enum Wire {
+    /// Not yet on a socket.
+    Waiting,
+    Live {
+        connection: Weak<RefCell<Connection>>,
+        id: u32,
+    },
+    Ended,
+}
+
+#[derive(PartialEq, Eq)]
+enum HalfClose {
+    No,
+    /// Asked for; sent once every queued message is.
+    Requested,
+    Sent,
+}
 
 /// A promise's resolve and reject functions.
 struct Pending {
@@ -27,223 +80,322 @@ struct Pending {
 }
 
 /// The state of one call.
-pub struct Call {
-    url: String,
-    socket: Option<Socket>,
-    open: bool,
-    half_closed: bool,
-    /// Frames sent before the socket opened, in order.
-    outbox: Vec<Vec<u8>>,
+pub struct CallState {
+    spec: CallSpec,
+    /// `Date.now()` at which the deadline passes.
+    deadline: Option<f64>,
+    wire: Wire,
+    /// Messages not yet on the wire (no socket yet, or no request credit).
+    queued: VecDeque<Payload>,
+    /// Request messages the server will still take.
+    credit: u64,
+    half_close: HalfClose,
     /// Replies nobody has asked for yet.
-    inbox: VecDeque<String>,
+    inbox: VecDeque<JsValue>,
     /// `next()` promises waiting for a reply.
     waiting: VecDeque<Pending>,
     /// `finished()` promises.
     finished: Vec<Function>,
-    /// Whoever waits for the socket to open (`DataClient.connect`).
-    on_open: Option<Pending>,
+    /// Replies taken by the application since the last `window` sent.
+    taken: u32,
+    headers: JsValue,
     status: Option<CallStatus>,
+    /// Ends a waiting call at its deadline.
+    deadline_timer: Option<Timer>,
 }
 
-impl Call {
-    /// Opens a socket to `url` and returns the call that runs on it. A
-    /// `token` travels as the subprotocol entry `streambridge.bearer.<token>`
-    /// (browsers cannot set an `Authorization` header on a WebSocket).
-    pub fn start(url: &str, token: Option<&str>) -> Result<CallRef, JsValue> {
-        let call = Rc::new(RefCell::new(Call {
-            url: url.to_string(),
-            socket: None,
-            open: false,
-            half_closed: false,
-            outbox: Vec::new(),
+impl CallState {
+    /// A call waiting for a socket; with a timeout, it ends with
+    /// DEADLINE_EXCEEDED if none opens in time.
+    pub fn new(spec: CallSpec) -> CallRef {
+        let deadline = (spec.timeout_ms > 0).then(|| js_sys::Date::now() + f64::from(spec.timeout_ms));
+        let timeout_ms = spec.timeout_ms;
+        let call = Rc::new(RefCell::new(CallState {
+            spec,
+            deadline,
+            wire: Wire::Waiting,
+            queued: VecDeque::new(),
+            credit: u64::from(v2::DEFAULT_WINDOW),
+            half_close: HalfClose::No,
             inbox: VecDeque::new(),
             waiting: VecDeque::new(),
             finished: Vec::new(),
-            on_open: None,
+            taken: 0,
+            headers: JsValue::NULL,
             status: None,
+            deadline_timer: None,
         }));
-        let weak = Rc::downgrade(&call);
-        let mut offers = vec![Subprotocol::Proto.name().to_string()];
-        offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
-        let socket = Socket::open(url, &offers, move |event| on_event(&weak, event))
-            .map_err(|error| stream_error(code::UNAVAILABLE, &format!("cannot open {url}: {error:?}")))?;
-        call.borrow_mut().socket = Some(socket);
-        Ok(call)
-    }
-
-    /// Resolves `resolve` with `value` when the socket opens; rejects if it never does.
-    pub fn notify_open(call: &CallRef, resolve: Function, reject: Function) {
-        let mut state = call.borrow_mut();
-        match (&state.status, state.open) {
-            (Some(status), _) => drop(reject.call1(&JsValue::NULL, &status.to_error())),
-            (None, true) => drop(resolve.call0(&JsValue::NULL)),
-            (None, false) => state.on_open = Some(Pending { resolve, reject }),
+        if timeout_ms > 0 {
+            let weak = Rc::downgrade(&call);
+            let timer = Timer::after(f64::from(timeout_ms), move || {
+                let Some(call) = weak.upgrade() else { return };
+                if matches!(call.borrow().wire, Wire::Waiting) {
+                    end(
+                        &call,
+                        CallStatus::new(
+                            code::DEADLINE_EXCEEDED,
+                            format!(
+                                "the call's deadline (timeoutMs {timeout_ms}) passed while waiting for a connection"
+                            ),
+                        ),
+                    );
+                }
+            });
+            call.borrow_mut().deadline_timer = Some(timer);
         }
+        call
     }
 
-    /// Whether a new stream may use this call (not yet used, not ended).
-    pub fn is_fresh(&self) -> bool {
-        self.status.is_none() && !self.half_closed && self.outbox.is_empty()
+    pub fn shape(&self) -> Shape {
+        self.spec.shape
     }
 
-    pub fn send(&mut self, data: String) -> Result<(), JsValue> {
-        if let Some(status) = &self.status {
+    pub fn encoding(&self) -> Encoding {
+        self.spec.encoding
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.wire, Wire::Waiting)
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.status.is_some()
+    }
+
+    /// Response metadata, `null` until the server sends any.
+    pub fn headers(&self) -> JsValue {
+        self.headers.clone()
+    }
+
+    pub fn set_headers(&mut self, headers: JsValue) {
+        self.headers = headers;
+    }
+}
+
+/// Puts a waiting call on `connection` under a new id: its `open`, then what
+/// it queued. Ends it instead if its deadline passed while it waited.
+pub fn attach(call: &CallRef, connection: &ConnRef) {
+    let remaining = {
+        let state = call.borrow();
+        if !state.is_waiting() || state.is_ended() {
+            return;
+        }
+        state.deadline.map(|deadline| (deadline - js_sys::Date::now()).ceil())
+    };
+    if remaining.is_some_and(|ms| ms <= 0.0) {
+        let timeout_ms = call.borrow().spec.timeout_ms;
+        end(
+            call,
+            CallStatus::new(
+                code::DEADLINE_EXCEEDED,
+                format!("the call's deadline (timeoutMs {timeout_ms}) passed while waiting for a connection"),
+            ),
+        );
+        return;
+    }
+    let id = connection.borrow_mut().register(call.clone());
+    {
+        let mut state = call.borrow_mut();
+        state.deadline_timer = None;
+        state.wire = Wire::Live {
+            connection: Rc::downgrade(connection),
+            id,
+        };
+        let spec = &state.spec;
+        let timeout_ms = remaining.map_or(0, |ms| ms.min(f64::from(u32::MAX)) as u32);
+        connection.borrow_mut().write(
+            |batch| batch.open(id, &spec.method, &spec.metadata, timeout_ms, spec.window),
+            64,
+        );
+    }
+    pump(call);
+}
+
+/// Queues one request message.
+pub fn send(call: &CallRef, payload: Payload) -> Result<(), JsValue> {
+    {
+        let mut state = call.borrow_mut();
+        if let Some(status) = &state.status {
             let message = format!(
-                "send on a stream that has ended (status {}: {})",
+                "send on a call that has ended (status {}: {})",
                 status.code, status.message
             );
             return Err(stream_error(code::FAILED_PRECONDITION, &message));
         }
-        if self.half_closed {
+        if state.half_close != HalfClose::No {
             return Err(stream_error(code::FAILED_PRECONDITION, "send after closeSend"));
         }
-        self.write(proto::encode_client_frame(client_frame::Frame::Request(
-            StreamRequest { data },
-        )))
+        state.queued.push_back(payload);
     }
+    pump(call);
+    Ok(())
+}
 
-    pub fn close_send(&mut self) -> Result<(), JsValue> {
-        if self.half_closed || self.status.is_some() {
-            return Ok(());
-        }
-        self.half_closed = true;
-        self.write(proto::encode_client_frame(client_frame::Frame::CloseSend(CloseSend {})))
-    }
-
-    fn write(&mut self, frame: Vec<u8>) -> Result<(), JsValue> {
-        match (&self.socket, self.open) {
-            (Some(socket), true) => socket.send(&frame),
-            _ => {
-                self.outbox.push(frame);
-                Ok(())
-            }
-        }
-    }
-
-    /// The next reply, `null` after a successful end, or a rejection with
-    /// the call's error.
-    pub fn next(call: &CallRef) -> Promise {
+/// Half-closes once every queued message is sent.
+pub fn close_send(call: &CallRef) {
+    {
         let mut state = call.borrow_mut();
-        if let Some(result) = state.inbox.pop_front() {
-            return Promise::resolve(&message_object(&result));
+        if state.half_close != HalfClose::No || state.is_ended() {
+            return;
         }
-        match &state.status {
-            Some(status) if status.code == code::OK => Promise::resolve(&JsValue::NULL),
-            Some(status) => Promise::reject(&status.to_error()),
-            None => {
-                let mut pending = None;
-                let promise = Promise::new(&mut |resolve, reject| pending = Some(Pending { resolve, reject }));
-                state.waiting.extend(pending);
-                promise
-            }
-        }
+        state.half_close = HalfClose::Requested;
     }
+    pump(call);
+}
 
-    /// The call's final status, once it has one.
-    pub fn finished(call: &CallRef) -> Promise {
+/// The server can take `credit` more requests.
+pub fn grant(call: &CallRef, credit: u32) {
+    {
         let mut state = call.borrow_mut();
-        if let Some(status) = &state.status {
-            return Promise::resolve(&status.to_js());
-        }
-        let mut waiter = None;
-        let promise = Promise::new(&mut |resolve, _reject| waiter = Some(resolve));
-        state.finished.extend(waiter);
-        promise
+        state.credit = state.credit.saturating_add(u64::from(credit));
     }
+    pump(call);
+}
 
-    /// Ends the call from this side: closes the socket, status CANCELLED.
-    pub fn cancel(call: &CallRef) {
-        abort(call, CallStatus::new(code::CANCELLED, "cancelled by the client"));
+/// The live connection and the call's id on it.
+fn live(call: &CallRef) -> Option<(ConnRef, u32)> {
+    match &call.borrow().wire {
+        Wire::Live { connection, id } => Some((connection.upgrade()?, *id)),
+        _ => None,
     }
 }
 
-fn on_event(call: &Weak<RefCell<Call>>, event: SocketEvent) {
-    let Some(call) = call.upgrade() else { return };
-    match event {
-        SocketEvent::Open => on_open(&call),
-        SocketEvent::Binary(frame) => on_frame(&call, &frame),
-        SocketEvent::Text => {
-            abort(
-                &call,
-                CallStatus::new(code::INTERNAL, "server sent a text frame on streambridge.v1.proto"),
-            );
-        }
-        SocketEvent::Closed {
-            code: close_code,
-            reason,
-        } => {
-            let url = call.borrow().url.clone();
-            let was_open = call.borrow().open;
-            call.borrow_mut().socket = None;
-            let message = if was_open {
-                format!(
-                    "connection to {url} closed before the call finished (close code {close_code}{}{reason})",
-                    if reason.is_empty() { "" } else { ": " }
-                )
-            } else {
-                format!("cannot connect to {url} (close code {close_code})")
-            };
-            end(&call, CallStatus::new(code::UNAVAILABLE, message));
-        }
+/// Moves queued messages (and a requested half-close) onto the wire, as far
+/// as request credit allows.
+fn pump(call: &CallRef) {
+    let Some((connection, id)) = live(call) else { return };
+    let mut connection = connection.borrow_mut();
+    let mut state = call.borrow_mut();
+    while state.credit > 0 {
+        let Some(payload) = state.queued.pop_front() else { break };
+        state.credit -= 1;
+        let size = payload.len();
+        connection.write(|batch| batch.message(id, payload), size);
+    }
+    if state.queued.is_empty() && state.half_close == HalfClose::Requested {
+        state.half_close = HalfClose::Sent;
+        connection.write(|batch| batch.close_send(id), 32);
     }
 }
 
-fn on_open(call: &CallRef) {
-    let on_open = {
-        let mut state = call.borrow_mut();
-        state.open = true;
-        let outbox = std::mem::take(&mut state.outbox);
-        if let Some(socket) = &state.socket {
-            for frame in &outbox {
-                let _ = socket.send(frame);
-            }
+/// A reply from the server.
+pub fn deliver(call: &CallRef, received: Received) {
+    let shape = call.borrow().spec.shape;
+    let value = match to_js(shape, received) {
+        Ok(value) => value,
+        Err(message) => {
+            cancel_with(call, CallStatus::new(code::INTERNAL, message));
+            return;
         }
-        state.on_open.take()
     };
-    if let Some(pending) = on_open {
-        let _ = pending.resolve.call0(&JsValue::NULL);
-    }
-}
-
-fn on_frame(call: &CallRef, frame: &[u8]) {
-    match proto::decode_server_frame(frame) {
-        Ok(server_frame::Frame::Response(response)) => {
-            let waiter = call.borrow_mut().waiting.pop_front();
-            match waiter {
-                Some(pending) => drop(pending.resolve.call1(&JsValue::NULL, &message_object(&response.result))),
-                None => call.borrow_mut().inbox.push_back(response.result),
-            }
+    let waiter = call.borrow_mut().waiting.pop_front();
+    match waiter {
+        Some(pending) => {
+            let _ = pending.resolve.call1(&JsValue::NULL, &value);
+            taken(call);
         }
-        Ok(server_frame::Frame::Status(status)) => end(call, CallStatus::new(status.code, status.message)),
-        Err(error) => abort(
-            call,
-            CallStatus::new(code::INTERNAL, format!("undecodable frame from the server: {error}")),
-        ),
+        None => call.borrow_mut().inbox.push_back(value),
     }
 }
 
-/// Closes the socket and ends the call with `status`.
-fn abort(call: &CallRef, status: CallStatus) {
-    let socket = call.borrow_mut().socket.take();
-    if let Some(socket) = &socket {
-        socket.close();
+fn to_js(shape: Shape, received: Received) -> Result<JsValue, String> {
+    match (shape, received) {
+        (Shape::Data, Received::Json(value)) => {
+            // proto3 JSON leaves out an empty `result`.
+            if !value.is_object() {
+                return Err("the server sent a reply that is not a JSON object".into());
+            }
+            let result = "result".into();
+            if Reflect::get(&value, &result).is_ok_and(|r| r.is_undefined()) {
+                let _ = Reflect::set(&value, &result, &"".into());
+            }
+            Ok(value)
+        }
+        (Shape::Data, Received::Proto(bytes)) => StreamResponse::decode(bytes)
+            .map(|reply| message_object(&reply.result))
+            .map_err(|e| format!("the server sent an undecodable StreamResponse: {e}")),
+        (Shape::Json, Received::Json(value)) => Ok(value),
+        (Shape::Bytes, Received::Proto(bytes)) => Ok(Uint8Array::from(bytes.as_ref()).into()),
+        _ => Err("a reply in the other encoding".into()),
+    }
+}
+
+/// The application took a reply: grant response credit back once half the
+/// window is used, so the server never waits while the application keeps up.
+fn taken(call: &CallRef) {
+    let grant = {
+        let mut state = call.borrow_mut();
+        state.taken += 1;
+        let threshold = (state.spec.window / 2).max(1);
+        if state.taken < threshold || state.is_ended() {
+            return;
+        }
+        std::mem::take(&mut state.taken)
+    };
+    if let Some((connection, id)) = live(call) {
+        connection.borrow_mut().write(|batch| batch.window(id, grant), 32);
+    }
+}
+
+/// The next reply, `null` after a successful end, or a rejection with the
+/// call's error.
+pub fn next(call: &CallRef) -> Promise {
+    let promise = {
+        let mut state = call.borrow_mut();
+        if let Some(value) = state.inbox.pop_front() {
+            Promise::resolve(&value)
+        } else {
+            return match &state.status {
+                Some(status) if status.code == code::OK => Promise::resolve(&JsValue::NULL),
+                Some(status) => Promise::reject(&status.to_error()),
+                None => {
+                    let mut pending = None;
+                    let promise = Promise::new(&mut |resolve, reject| pending = Some(Pending { resolve, reject }));
+                    state.waiting.extend(pending);
+                    promise
+                }
+            };
+        }
+    };
+    taken(call);
+    promise
+}
+
+/// The call's final status, once it has one.
+pub fn finished(call: &CallRef) -> Promise {
+    let mut state = call.borrow_mut();
+    if let Some(status) = &state.status {
+        return Promise::resolve(&status.to_js());
+    }
+    let mut waiter = None;
+    let promise = Promise::new(&mut |resolve, _reject| waiter = Some(resolve));
+    state.finished.extend(waiter);
+    promise
+}
+
+/// Ends the call from this side: a `cancel` record if it is live, then
+/// `status` here at once (the server's own status for it is ignored).
+pub fn cancel_with(call: &CallRef, status: CallStatus) {
+    if let Some((connection, id)) = live(call) {
+        let mut connection = connection.borrow_mut();
+        connection.forget(id);
+        connection.write(|batch| batch.cancel(id), 32);
     }
     end(call, status);
 }
 
 /// Records the final status (the first one wins) and settles every waiter.
-fn end(call: &CallRef, status: CallStatus) {
-    let (waiting, finished, on_open) = {
+pub fn end(call: &CallRef, status: CallStatus) {
+    let (waiting, finished) = {
         let mut state = call.borrow_mut();
         if state.status.is_some() {
             return;
         }
         state.status = Some(status.clone());
-        (
-            std::mem::take(&mut state.waiting),
-            std::mem::take(&mut state.finished),
-            state.on_open.take(),
-        )
+        state.wire = Wire::Ended;
+        state.queued.clear();
+        state.deadline_timer = None;
+        (std::mem::take(&mut state.waiting), std::mem::take(&mut state.finished))
     };
     // `waiting` is only non-empty when the inbox is empty: each gets the end.
     for pending in waiting {
@@ -255,8 +407,5 @@ fn end(call: &CallRef, status: CallStatus) {
     }
     for resolve in finished {
         let _ = resolve.call1(&JsValue::NULL, &status.to_js());
-    }
-    if let Some(pending) = on_open {
-        let _ = pending.reject.call1(&JsValue::NULL, &status.to_error());
     }
 }

@@ -1,33 +1,44 @@
-//! How outcomes reach JavaScript: plain objects for messages and statuses,
-//! real `Error`s (named `StreamError`, with a numeric `code`) for failures.
+//! How outcomes reach JavaScript: plain objects for statuses, real `Error`s
+//! (named `StreamError`, with a numeric `code`) for failures.
 
-use js_sys::{Object, Reflect};
+use js_sys::{Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 
 /// gRPC status codes, shared with the server.
 pub use streambridge_protocol::code;
 
 /// How a call ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct CallStatus {
     pub code: i32,
     pub message: String,
+    /// `grpc-status-details-bin`, when the service sent one.
+    pub details: Option<Vec<u8>>,
+    /// Trailing metadata, a plain object of strings.
+    pub metadata: JsValue,
 }
 
 impl CallStatus {
+    /// A status the client decided itself (no details, no metadata).
     pub fn new(code: i32, message: impl Into<String>) -> Self {
         CallStatus {
             code,
             message: message.into(),
+            details: None,
+            metadata: Object::new().into(),
         }
     }
 
-    /// `{ code, message }`.
+    /// `{ code, message, details?, metadata }`.
     pub fn to_js(&self) -> JsValue {
-        object(&[
-            ("code", JsValue::from(self.code)),
-            ("message", JsValue::from_str(&self.message)),
-        ])
+        let object = Object::new();
+        set(&object, "code", &JsValue::from(self.code));
+        set(&object, "message", &JsValue::from_str(&self.message));
+        if let Some(details) = &self.details {
+            set(&object, "details", &Uint8Array::from(details.as_slice()));
+        }
+        set(&object, "metadata", &self.metadata);
+        object.into()
     }
 
     /// An `Error` named `StreamError` carrying `code`.
@@ -44,15 +55,13 @@ pub fn stream_error(code: i32, message: &str) -> JsValue {
     error.into()
 }
 
-/// `{ result }`: one reply.
+/// `{ result }`: one reply of `DataService`.
 pub fn message_object(result: &str) -> JsValue {
-    object(&[("result", JsValue::from_str(result))])
+    let object = Object::new();
+    set(&object, "result", &JsValue::from_str(result));
+    object.into()
 }
 
-fn object(fields: &[(&str, JsValue)]) -> JsValue {
-    let object = Object::new();
-    for (name, value) in fields {
-        let _ = Reflect::set(&object, &JsValue::from_str(name), value);
-    }
-    object.into()
+pub fn set(object: &Object, name: &str, value: &JsValue) {
+    let _ = Reflect::set(object, &JsValue::from_str(name), value);
 }

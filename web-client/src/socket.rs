@@ -1,5 +1,5 @@
 //! A browser WebSocket (web-sys) turned into one callback of [`SocketEvent`]s,
-//! so the call logic never touches `web-sys` callbacks or `JsValue`s.
+//! so the connection logic never touches `web-sys` callbacks.
 
 use js_sys::{ArrayBuffer, Uint8Array};
 use wasm_bindgen::JsCast;
@@ -8,12 +8,12 @@ use web_sys::{BinaryType, CloseEvent, MessageEvent, WebSocket};
 
 /// What happened on the socket.
 pub enum SocketEvent {
-    /// The handshake succeeded; frames can be sent.
+    /// The handshake succeeded; messages can be sent.
     Open,
-    /// A binary frame arrived.
+    /// A binary message arrived.
     Binary(Vec<u8>),
-    /// A text frame arrived (the proto subprotocol never sends one).
-    Text,
+    /// A text message arrived.
+    Text(String),
     /// The connection ended; `code` is the close code (1006 if it broke).
     Closed { code: u16, reason: String },
 }
@@ -45,9 +45,14 @@ impl Socket {
         let on_open = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| (events.borrow_mut())(SocketEvent::Open));
         let events = on_event.clone();
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |message: MessageEvent| {
-            let event = match message.data().dyn_into::<ArrayBuffer>() {
-                Ok(buffer) => SocketEvent::Binary(Uint8Array::new(&buffer).to_vec()),
-                Err(_) => SocketEvent::Text,
+            let data = message.data();
+            let event = match data.as_string() {
+                Some(text) => SocketEvent::Text(text),
+                None => match data.dyn_into::<ArrayBuffer>() {
+                    Ok(buffer) => SocketEvent::Binary(Uint8Array::new(&buffer).to_vec()),
+                    // A Blob: binaryType is set to arraybuffer, so never.
+                    Err(_) => return,
+                },
             };
             (events.borrow_mut())(event);
         });
@@ -69,14 +74,19 @@ impl Socket {
         })
     }
 
-    /// Sends one binary frame.
-    pub fn send(&self, frame: &[u8]) -> Result<(), JsValue> {
-        self.socket.send_with_u8_array(frame)
+    /// Sends one binary message.
+    pub fn send_binary(&self, message: &[u8]) -> Result<(), JsValue> {
+        self.socket.send_with_u8_array(message)
     }
 
-    /// Closes the connection without waiting for the call (a cancel).
-    pub fn close(&self) {
-        let _ = self.socket.close_with_code_and_reason(1000, "cancelled by the client");
+    /// Sends one text message.
+    pub fn send_text(&self, message: &str) -> Result<(), JsValue> {
+        self.socket.send_with_str(message)
+    }
+
+    /// Closes the connection with a normal close (1000) and `reason`.
+    pub fn close(&self, reason: &str) {
+        let _ = self.socket.close_with_code_and_reason(1000, reason);
     }
 }
 

@@ -1,0 +1,206 @@
+//! One WebSocket of protocol v2: the calls live on it, the batch being
+//! written, and the dispatch of what arrives.
+//!
+//! Writes go into one [`Batch`] that is sent at the end of the current turn
+//! of the event loop (a microtask), so everything a page sends in one turn,
+//! across all its calls, is one WebSocket message; a batch that reaches
+//! [`BATCH_LIMIT`] is sent at once.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+
+use js_sys::Function;
+use streambridge_protocol::v2::Encoding;
+use wasm_bindgen::prelude::*;
+
+use crate::call::{self, CallRef};
+use crate::codec::{BATCH_LIMIT, Batch, Frame, Incoming, decode_binary, decode_text};
+use crate::error::{CallStatus, code};
+use crate::session::{self, SessionRef};
+use crate::socket::{Socket, SocketEvent};
+use crate::timer::queue_microtask;
+
+/// Shared handle to a connection.
+pub type ConnRef = Rc<RefCell<Connection>>;
+
+/// One socket and the calls on it.
+pub struct Connection {
+    url: String,
+    socket: Option<Socket>,
+    open: bool,
+    /// The id of the next call opened here (ids start at 1 and only grow).
+    next_id: u32,
+    calls: HashMap<u32, CallRef>,
+    batch: Batch,
+    flush_scheduled: bool,
+    /// Sends the batch; queued as a microtask.
+    flush: Option<Function>,
+    /// The server sent `goaway`: no new calls here.
+    pub draining: bool,
+}
+
+impl Connection {
+    /// Starts connecting. `session` hears the socket open, drain and close.
+    pub fn open(url: &str, encoding: Encoding, token: Option<&str>, session: &SessionRef) -> Result<ConnRef, JsValue> {
+        let connection = Rc::new(RefCell::new(Connection {
+            url: url.to_string(),
+            socket: None,
+            open: false,
+            next_id: 1,
+            calls: HashMap::new(),
+            batch: Batch::new(encoding),
+            flush_scheduled: false,
+            flush: None,
+            draining: false,
+        }));
+        let weak = Rc::downgrade(&connection);
+        let flush = Closure::<dyn FnMut()>::new(move || {
+            if let Some(connection) = weak.upgrade() {
+                let mut connection = connection.borrow_mut();
+                connection.flush_scheduled = false;
+                connection.send_batch();
+            }
+        });
+        connection.borrow_mut().flush = Some(flush.into_js_value().unchecked_into());
+
+        let mut offers = vec![encoding.name().to_string()];
+        offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
+        let (weak, session) = (Rc::downgrade(&connection), Rc::downgrade(session));
+        let socket = Socket::open(url, &offers, move |event| on_event(&weak, &session, event))?;
+        connection.borrow_mut().socket = Some(socket);
+        Ok(connection)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Takes a new call id and registers `call` under it.
+    pub fn register(&mut self, call: CallRef) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.calls.insert(id, call);
+        id
+    }
+
+    /// Drops a call the client ended itself; later records for it are ignored.
+    pub fn forget(&mut self, id: u32) {
+        self.calls.remove(&id);
+    }
+
+    /// Adds a record of about `size` bytes to the batch: the batch goes out
+    /// first if the record would take it past the limit, and at the end of
+    /// this turn otherwise.
+    pub fn write(&mut self, record: impl FnOnce(&mut Batch), size: usize) {
+        if !self.batch.is_empty() && self.batch.len() + size > BATCH_LIMIT {
+            self.send_batch();
+        }
+        record(&mut self.batch);
+        if self.batch.len() >= BATCH_LIMIT {
+            self.send_batch();
+        } else if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            if let Some(flush) = &self.flush {
+                queue_microtask(flush);
+            }
+        }
+    }
+
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let frame = self.batch.take();
+        let Some(socket) = &self.socket else { return };
+        // A failed send means the socket is closing: its close event ends the calls.
+        let _ = match &frame {
+            Frame::Text(text) => socket.send_text(text),
+            Frame::Binary(bytes) => socket.send_binary(bytes),
+        };
+    }
+
+    /// Closes the socket; its calls end with `status` and the session is
+    /// not told (the caller is the session, or the socket is broken).
+    pub fn close(connection: &ConnRef, reason: &str, status: CallStatus) {
+        let (socket, calls) = {
+            let mut state = connection.borrow_mut();
+            state.open = false;
+            (state.socket.take(), std::mem::take(&mut state.calls))
+        };
+        if let Some(socket) = socket {
+            socket.close(reason);
+        }
+        for call in calls.values() {
+            call::end(call, status.clone());
+        }
+    }
+}
+
+fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<session::Session>>, event: SocketEvent) {
+    let (Some(connection), Some(session)) = (connection.upgrade(), session.upgrade()) else {
+        return;
+    };
+    let records = match event {
+        SocketEvent::Open => {
+            connection.borrow_mut().open = true;
+            session::on_open(&session, &connection);
+            return;
+        }
+        SocketEvent::Closed {
+            code: close_code,
+            reason,
+        } => {
+            let (url, was_open) = {
+                let state = connection.borrow();
+                (state.url.clone(), state.open)
+            };
+            let message = if was_open {
+                let reason = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {reason}")
+                };
+                format!("connection to {url} closed before the call finished (close code {close_code}{reason})")
+            } else {
+                format!("cannot connect to {url} (close code {close_code})")
+            };
+            Connection::close(&connection, "", CallStatus::new(code::UNAVAILABLE, message));
+            session::on_close(&session, &connection, was_open);
+            return;
+        }
+        SocketEvent::Text(text) => decode_text(&text),
+        SocketEvent::Binary(bytes) => decode_binary(&bytes),
+    };
+    let records = match records {
+        Ok(records) => records,
+        Err(error) => {
+            // A server that breaks the protocol: nothing on this socket can be trusted.
+            Connection::close(&connection, "protocol error", CallStatus::new(code::INTERNAL, error));
+            session::on_close(&session, &connection, true);
+            return;
+        }
+    };
+    for (id, incoming) in records {
+        if id == 0 {
+            if let Incoming::GoAway = incoming {
+                session::on_goaway(&session, &connection);
+            }
+            continue;
+        }
+        // Records of calls that are not live are ignored.
+        let Some(call) = connection.borrow().calls.get(&id).cloned() else {
+            continue;
+        };
+        match incoming {
+            Incoming::Message(received) => call::deliver(&call, received),
+            Incoming::Window(credit) => call::grant(&call, credit),
+            Incoming::Headers(headers) => call.borrow_mut().set_headers(headers),
+            Incoming::Status(status) => {
+                connection.borrow_mut().forget(id);
+                call::end(&call, status);
+            }
+            Incoming::GoAway => {}
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The client's connection to one server over time: the socket new calls
+//! go to, sockets draining after a `goaway`, calls waiting for a socket, and
+//! reconnecting with backoff when the socket drops.
+//!
+//! States (what `DataClient.state` shows):
+//!
+//! - `open`: a socket is open; new calls start on it at once;
+//! - `reconnecting`: the socket dropped; its calls ended with UNAVAILABLE
+//!   (14); the next attempt waits a random time in
+//!   `[0, min(maxDelayMs, initialDelayMs × 2^attempt)]` (full jitter, so a
+//!   restarted server is not met by every client at the same instant); new
+//!   calls wait for the socket, bounded by their `timeoutMs`;
+//! - `closed`: `close()` was called, the first connection failed, or the
+//!   socket dropped with reconnecting turned off.
+//!
+//! A `goaway` (the server is draining) does not change the state: the client
+//! opens its next socket at once, the draining socket keeps its live calls
+//! until they end, and new calls wait for the new socket. So a rolling
+//! restart ends no call that finishes within the server's drain timeout.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
+
+use js_sys::Function;
+use streambridge_protocol::v2::Encoding;
+use wasm_bindgen::prelude::*;
+
+use crate::call::{self, CallRef, CallSpec, CallState};
+use crate::connection::{ConnRef, Connection};
+use crate::error::{CallStatus, code};
+use crate::timer::Timer;
+
+pub type SessionRef = Rc<RefCell<Session>>;
+
+/// See the module documentation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientState {
+    /// The first socket is opening (`connect` has not resolved yet).
+    Connecting,
+    Open,
+    Reconnecting,
+    Closed,
+}
+
+impl ClientState {
+    pub fn name(self) -> &'static str {
+        match self {
+            // Not observable: `connect` resolves only once the socket is open.
+            ClientState::Connecting => "reconnecting",
+            ClientState::Open => "open",
+            ClientState::Reconnecting => "reconnecting",
+            ClientState::Closed => "closed",
+        }
+    }
+}
+
+/// Reconnect delays.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub initial_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 500.0,
+            max_ms: 20_000.0,
+        }
+    }
+}
+
+/// `DataClient.connect`'s options.
+pub struct Options {
+    pub token: Option<String>,
+    pub encoding: Encoding,
+    /// `None`: `reconnect: false`.
+    pub reconnect: Option<Backoff>,
+    /// Response credit calls open with.
+    pub window: u32,
+}
+
+/// See the module documentation.
+pub struct Session {
+    url: String,
+    options: Options,
+    state: ClientState,
+    /// Where new calls go; `None` while waiting to reconnect.
+    current: Option<ConnRef>,
+    /// Sockets after `goaway`, until their calls end and the server closes them.
+    draining: Vec<ConnRef>,
+    /// Calls waiting for a socket.
+    pending: VecDeque<CallRef>,
+    /// Failed attempts since the socket was last open.
+    attempt: u32,
+    retry: Option<Timer>,
+    on_state_change: Option<Function>,
+    /// `connect`'s promise: resolved at the first open, rejected if it fails.
+    connect_waiter: Option<(Function, Function)>,
+    /// Every call not yet ended, for `close()`.
+    calls: Vec<Weak<RefCell<CallState>>>,
+}
+
+impl Session {
+    /// Starts the first connection.
+    pub fn start(url: String, options: Options) -> Result<SessionRef, JsValue> {
+        let session = Rc::new(RefCell::new(Session {
+            url,
+            options,
+            state: ClientState::Connecting,
+            current: None,
+            draining: Vec::new(),
+            pending: VecDeque::new(),
+            attempt: 0,
+            retry: None,
+            on_state_change: None,
+            connect_waiter: None,
+            calls: Vec::new(),
+        }));
+        let connection = open_connection(&session)?;
+        session.borrow_mut().current = Some(connection);
+        Ok(session)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.options.encoding
+    }
+
+    pub fn window(&self) -> u32 {
+        self.options.window
+    }
+
+    pub fn state(&self) -> ClientState {
+        self.state
+    }
+
+    pub fn on_state_change(&self) -> Option<Function> {
+        self.on_state_change.clone()
+    }
+
+    pub fn set_on_state_change(&mut self, callback: Option<Function>) {
+        self.on_state_change = callback;
+    }
+
+    /// Settles `connect`'s promise when the first socket opens or fails.
+    pub fn set_connect_waiter(&mut self, resolve: Function, reject: Function) {
+        self.connect_waiter = Some((resolve, reject));
+    }
+
+    /// Sockets this client holds open or opening (the current one and draining ones).
+    pub fn socket_count(&self) -> usize {
+        self.current.iter().count() + self.draining.len()
+    }
+}
+
+fn open_connection(session: &SessionRef) -> Result<ConnRef, JsValue> {
+    let (url, encoding, token) = {
+        let state = session.borrow();
+        (state.url.clone(), state.options.encoding, state.options.token.clone())
+    };
+    Connection::open(&url, encoding, token.as_deref(), session)
+}
+
+/// Starts a call: on the open socket at once, or waiting for one.
+pub fn start_call(session: &SessionRef, spec: CallSpec) -> CallRef {
+    let call = CallState::new(spec);
+    let ready = {
+        let mut state = session.borrow_mut();
+        state
+            .calls
+            .retain(|call| call.upgrade().is_some_and(|call| !call.borrow().is_ended()));
+        state.calls.push(Rc::downgrade(&call));
+        if state.state == ClientState::Closed {
+            None
+        } else {
+            match &state.current {
+                Some(connection) if connection.borrow().is_open() => Some(connection.clone()),
+                _ => {
+                    state.pending.retain(|call| !call.borrow().is_ended());
+                    state.pending.push_back(call.clone());
+                    return call;
+                }
+            }
+        }
+    };
+    match ready {
+        Some(connection) => call::attach(&call, &connection),
+        None => call::end(&call, CallStatus::new(code::UNAVAILABLE, "the client is closed")),
+    }
+    call
+}
+
+/// A socket opened.
+pub fn on_open(session: &SessionRef, connection: &ConnRef) {
+    let waiter = {
+        let mut state = session.borrow_mut();
+        if !state
+            .current
+            .as_ref()
+            .is_some_and(|current| Rc::ptr_eq(current, connection))
+        {
+            return;
+        }
+        state.attempt = 0;
+        state.connect_waiter.take()
+    };
+    set_state(session, ClientState::Open);
+    loop {
+        let Some(call) = session.borrow_mut().pending.pop_front() else {
+            break;
+        };
+        call::attach(&call, connection);
+    }
+    if let Some((resolve, _)) = waiter {
+        let _ = resolve.call0(&JsValue::NULL);
+    }
+}
+
+/// The server is draining `connection`: open the next socket now.
+pub fn on_goaway(session: &SessionRef, connection: &ConnRef) {
+    connection.borrow_mut().draining = true;
+    {
+        let mut state = session.borrow_mut();
+        let is_current = state
+            .current
+            .as_ref()
+            .is_some_and(|current| Rc::ptr_eq(current, connection));
+        if !is_current || state.state == ClientState::Closed {
+            return;
+        }
+        state.current = None;
+        state.draining.push(connection.clone());
+    }
+    reconnect(session);
+}
+
+/// A socket closed (or never opened). Its calls have ended already.
+pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
+    let (state, reconnecting) = {
+        let mut state = session.borrow_mut();
+        state.draining.retain(|draining| !Rc::ptr_eq(draining, connection));
+        if !state
+            .current
+            .as_ref()
+            .is_some_and(|current| Rc::ptr_eq(current, connection))
+        {
+            return;
+        }
+        state.current = None;
+        (state.state, state.options.reconnect.is_some())
+    };
+    match state {
+        ClientState::Closed => {}
+        ClientState::Connecting => {
+            let url = session.borrow().url.clone();
+            let status = CallStatus::new(code::UNAVAILABLE, format!("cannot connect to {url}"));
+            if let Some((_, reject)) = session.borrow_mut().connect_waiter.take() {
+                let _ = reject.call1(&JsValue::NULL, &status.to_error());
+            }
+            shut(session, status);
+        }
+        ClientState::Open | ClientState::Reconnecting if reconnecting => {
+            set_state(session, ClientState::Reconnecting);
+            schedule_retry(session);
+        }
+        ClientState::Open | ClientState::Reconnecting => {
+            let url = session.borrow().url.clone();
+            let message = if was_open {
+                format!("the connection to {url} closed and reconnect is off")
+            } else {
+                format!("cannot connect to {url}")
+            };
+            shut(session, CallStatus::new(code::UNAVAILABLE, message));
+        }
+    }
+}
+
+/// Waits, then opens the next socket.
+fn schedule_retry(session: &SessionRef) {
+    let mut state = session.borrow_mut();
+    let backoff = state.options.reconnect.unwrap_or_default();
+    let ceiling = (backoff.initial_ms * 2f64.powi(state.attempt.min(30) as i32)).min(backoff.max_ms);
+    let delay = js_sys::Math::random() * ceiling;
+    state.attempt += 1;
+    let weak = Rc::downgrade(session);
+    state.retry = Some(Timer::after(delay, move || {
+        if let Some(session) = weak.upgrade() {
+            reconnect(&session);
+        }
+    }));
+}
+
+/// Opens a new current socket (after a drop, or early after a `goaway`).
+fn reconnect(session: &SessionRef) {
+    if session.borrow().state == ClientState::Closed {
+        return;
+    }
+    match open_connection(session) {
+        Ok(connection) => session.borrow_mut().current = Some(connection),
+        // A URL the browser refuses outright will not get better: stop.
+        Err(error) => shut(
+            session,
+            CallStatus::new(code::UNAVAILABLE, format!("cannot open a WebSocket: {error:?}")),
+        ),
+    }
+}
+
+/// Closes every socket and ends every call with CANCELLED.
+pub fn close(session: &SessionRef) {
+    shut(
+        session,
+        CallStatus::new(code::CANCELLED, "cancelled: the client was closed"),
+    );
+}
+
+/// `closed`: every socket closed, every call (live or waiting) ends with `status`.
+fn shut(session: &SessionRef, status: CallStatus) {
+    let (connections, calls) = {
+        let mut state = session.borrow_mut();
+        state.retry = None;
+        let mut connections: Vec<ConnRef> = state.draining.drain(..).collect();
+        connections.extend(state.current.take());
+        state.pending.clear();
+        (connections, std::mem::take(&mut state.calls))
+    };
+    set_state(session, ClientState::Closed);
+    for connection in connections {
+        Connection::close(&connection, "client closed", status.clone());
+    }
+    for call in calls.iter().filter_map(Weak::upgrade) {
+        call::cancel_with(&call, status.clone());
+    }
+}
+
+/// Changes the state and tells `onstatechange` (with no borrow held, so the
+/// callback may use the client).
+fn set_state(session: &SessionRef, next: ClientState) {
+    let callback = {
+        let mut state = session.borrow_mut();
+        if state.state == next {
+            return;
+        }
+        state.state = next;
+        state.on_state_change.clone()
+    };
+    if let Some(callback) = callback {
+        let _ = callback.call1(&JsValue::NULL, &JsValue::from_str(next.name()));
+    }
+}
