@@ -32,38 +32,48 @@ async function openPage() {
   page.on('pageerror', (error) => problems.push(`exception: ${error.message}`));
   await page.goto(base + '/');
   await page.locator('#state[data-state="open"]').waitFor();
+  await page.locator('.stream[data-stream="1"] .stream-state[data-state="open"]').waitFor();
   return { page, problems };
 }
 
-test('a person types a message, presses Enter and sees the reply', async () => {
+test('a person streams on two streams at once, each with its own log, and runs the demo', async () => {
   const { page, problems } = await openPage();
-  await page.fill('#message', 'hello from the page');
-  await page.press('#message', 'Enter');
-  await page.locator('#log li.received', { hasText: 'processed: hello from the page' }).waitFor();
-  assert.equal(await page.inputValue('#message'), '', 'the field is cleared after sending');
+  const first = page.locator('.stream[data-stream="1"]');
+  await first.locator('.message').fill('hello from the page');
+  await first.locator('.message').press('Enter');
+  await first.locator('.log li.received', { hasText: 'processed: hello from the page' }).waitFor();
+  assert.equal(await first.locator('.message').inputValue(), '', 'the field is cleared after sending');
 
-  await page.fill('#message', 'clicked');
-  await page.click('#send');
-  await page.locator('#log li.received', { hasText: 'processed: clicked' }).waitFor();
+  await page.click('#new-stream');
+  const second = page.locator('.stream[data-stream="2"]');
+  await second.locator('.message').fill('on the second stream');
+  await second.locator('.send').click();
+  await second.locator('.log li.received', { hasText: 'processed: on the second stream' }).waitFor();
+  await first.locator('.message').fill('clicked');
+  await first.locator('.send').click();
+  await first.locator('.log li.received', { hasText: 'processed: clicked' }).waitFor();
 
-  const received = await page.locator('#log li.received').allTextContents();
-  assert.deepEqual(received, ['processed: hello from the page', 'processed: clicked'], 'replies in order');
+  assert.deepEqual(
+    await first.locator('.log li.received').allTextContents(),
+    ['processed: hello from the page', 'processed: clicked'],
+    'replies in order, in their own stream',
+  );
+  assert.deepEqual(await second.locator('.log li.received').allTextContents(), ['processed: on the second stream']);
 
-  await page.click('#close-send');
-  await page.locator('#log li.status', { hasText: 'status 0' }).waitFor();
-  await page.locator('#state[data-state="closed"]').waitFor();
-  assert.equal(await page.isDisabled('#send'), true, 'no sending on a closed stream');
-
-  await page.click('#reconnect');
-  await page.locator('#state[data-state="open"]').waitFor();
-  await page.fill('#message', 'after reconnect');
-  await page.press('#message', 'Enter');
-  await page.locator('#log li.received', { hasText: 'processed: after reconnect' }).waitFor();
+  await first.locator('.close-send').click();
+  await first.locator('.log li.status', { hasText: 'status 0' }).waitFor();
+  await first.locator('.stream-state[data-state="closed"]').waitFor();
+  assert.equal(await first.locator('.send').isDisabled(), true, 'no sending on a closed stream');
+  await second.locator('.cancel').click();
+  await second.locator('.log li.status', { hasText: 'status 1' }).waitFor();
+  assert.equal(await page.getAttribute('#state', 'data-state'), 'open', 'the connection outlives its streams');
 
   await page.fill('#demo-count', '2000');
   await page.click('#demo-run');
   await page.locator('#demo-result', { hasText: '2,000 messages' }).waitFor();
-  assert.match(await page.textContent('#demo-result'), /status 0/);
+  await page.click('#demo-raw');
+  await page.locator('#demo-raw-result', { hasText: '2,000 messages' }).waitFor();
+  await page.locator('#demo-ratio', { hasText: 'x' }).waitFor();
   const rate = Number((await page.textContent('#demo-rate')).replaceAll(',', ''));
   assert.ok(rate > 0, `a messages/s figure is shown (${rate})`);
 
@@ -117,7 +127,7 @@ test('plain JavaScript in the page uses the package with the documented API', as
   }, wsUrl);
   assert.deepEqual(outcome.first, { result: 'processed: a' });
   assert.deepEqual(outcome.rest, ['processed: b']);
-  assert.deepEqual(outcome.status, { code: 0, message: '' });
+  assert.deepEqual(outcome.status, { code: 0, message: '', metadata: {} });
   assert.deepEqual(outcome.thrown, { isError: true, name: 'StreamError', code: 9 });
   assert.deepEqual(outcome.rejected, { isError: true, code: 8 });
   assert.equal(outcome.failedStatus, 8);

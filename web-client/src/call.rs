@@ -23,7 +23,7 @@ use streambridge_protocol::StreamResponse;
 use streambridge_protocol::v2::{self, Encoding};
 use wasm_bindgen::prelude::*;
 
-use crate::codec::{Payload, Received};
+use crate::codec::{Payload, Received, result_key};
 use crate::connection::{ConnRef, Connection};
 use crate::error::{CallStatus, code, message_object, stream_error};
 use crate::timer::Timer;
@@ -305,7 +305,7 @@ fn to_js(shape: Shape, received: Received) -> Result<JsValue, String> {
             if !value.is_object() {
                 return Err("the server sent a reply that is not a JSON object".into());
             }
-            let result = "result".into();
+            let result = result_key();
             if Reflect::get(&value, &result).is_ok_and(|r| r.is_undefined()) {
                 let _ = Reflect::set(&value, &result, &"".into());
             }

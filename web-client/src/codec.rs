@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use base64::Engine;
-use js_sys::{Array, JSON, Object, Reflect};
+use js_sys::{Array, Object, Reflect};
 use prost::Message;
 use prost::bytes::Bytes;
 use streambridge_protocol::v2::{self, Encoding, client_record, server_record};
@@ -219,10 +219,16 @@ struct Keys {
     code: JsValue,
     metadata: JsValue,
     details: JsValue,
+    result: JsValue,
 }
 
 thread_local! {
     static KEYS: RefCell<Option<Keys>> = const { RefCell::new(None) };
+}
+
+/// `"result"`, the field of `DataService`'s reply, without making the string again.
+pub fn result_key() -> JsValue {
+    with_keys(|keys| keys.result.clone())
 }
 
 fn with_keys<T>(f: impl FnOnce(&Keys) -> T) -> T {
@@ -238,14 +244,23 @@ fn with_keys<T>(f: impl FnOnce(&Keys) -> T) -> T {
             code: "code".into(),
             metadata: "metadata".into(),
             details: "details".into(),
+            result: "result".into(),
         });
         f(keys)
     })
 }
 
-/// The records of a `streambridge.v2.json` message.
-pub fn decode_text(text: &str) -> Result<Vec<(u32, Incoming)>, String> {
-    let parsed = JSON::parse(text).map_err(|_| "the server sent text that is not JSON".to_string())?;
+#[wasm_bindgen]
+extern "C" {
+    /// `JSON.parse` of a JavaScript string, which `js_sys` only offers for a
+    /// Rust `&str` (a copy into WASM memory and back for every message).
+    #[wasm_bindgen(js_namespace = JSON, js_name = parse, catch)]
+    fn parse_json(text: &JsValue) -> Result<JsValue, JsValue>;
+}
+
+/// The records of a `streambridge.v2.json` message (a JavaScript string).
+pub fn decode_text(text: &JsValue) -> Result<Vec<(u32, Incoming)>, String> {
+    let parsed = parse_json(text).map_err(|_| "the server sent text that is not JSON".to_string())?;
     let records: Array = if Array::is_array(&parsed) {
         parsed.unchecked_into()
     } else {
@@ -392,11 +407,11 @@ mod tests {
 
     #[test]
     fn json_records_decode_with_proto3_defaults() {
-        let records = decode_text(concat!(
+        let records = decode_text(&JsValue::from_str(concat!(
             r#"[{"call":1,"headers":{"metadata":{"k":"v"}}},{"call":1,"message":{"result":"processed: a"}},"#,
             r#"{"call":1,"window":"256"},{"call":1,"status":{"message":"m","details":"AQI="}},"#,
             r#"{"goaway":{"message":"draining"}},{"call":2,"unknownKind":{}}]"#
-        ))
+        )))
         .unwrap();
         assert_eq!(records.len(), 5, "the unknown kind is skipped");
         assert!(matches!(&records[0], (1, Incoming::Headers(h)) if Reflect::get(h, &"k".into()).unwrap() == "v"));
@@ -408,8 +423,8 @@ mod tests {
         assert_eq!((status.code, status.message.as_str()), (0, "m"));
         assert_eq!(status.details.as_deref(), Some(&[1u8, 2][..]));
         assert!(matches!(&records[4], (0, Incoming::GoAway)));
-        assert!(decode_text("[1]").is_err());
-        assert!(decode_text("not json").is_err());
+        assert!(decode_text(&"[1]".into()).is_err());
+        assert!(decode_text(&"not json".into()).is_err());
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub fn stream_error(code: i32, message: &str) -> JsValue {
 /// `{ result }`: one reply of `DataService`.
 pub fn message_object(result: &str) -> JsValue {
     let object = Object::new();
-    set(&object, "result", &JsValue::from_str(result));
+    let _ = Reflect::set(&object, &crate::codec::result_key(), &JsValue::from_str(result));
     object.into()
 }
 

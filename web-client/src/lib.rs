@@ -133,9 +133,9 @@ export function installAsyncIterator(prototype) {
     value: function () {
       const stream = this;
       return {
-        async next() {
-          const value = await stream.next();
-          return value === null ? { value: undefined, done: true } : { value, done: false };
+        // Not `async`: one promise per message instead of three.
+        next() {
+          return stream.next().then((value) => (value === null ? { value: undefined, done: true } : { value, done: false }));
         },
         async return() {
           stream.cancel();

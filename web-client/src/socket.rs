@@ -12,8 +12,9 @@ pub enum SocketEvent {
     Open,
     /// A binary message arrived.
     Binary(Vec<u8>),
-    /// A text message arrived.
-    Text(String),
+    /// A text message arrived: the browser's string, not copied into WASM
+    /// (the JSON parser reads it where it is).
+    Text(JsValue),
     /// The connection ended; `code` is the close code (1006 if it broke).
     Closed { code: u16, reason: String },
 }
@@ -46,13 +47,14 @@ impl Socket {
         let events = on_event.clone();
         let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |message: MessageEvent| {
             let data = message.data();
-            let event = match data.as_string() {
-                Some(text) => SocketEvent::Text(text),
-                None => match data.dyn_into::<ArrayBuffer>() {
+            let event = if data.is_string() {
+                SocketEvent::Text(data)
+            } else {
+                match data.dyn_into::<ArrayBuffer>() {
                     Ok(buffer) => SocketEvent::Binary(Uint8Array::new(&buffer).to_vec()),
                     // A Blob: binaryType is set to arraybuffer, so never.
                     Err(_) => return,
-                },
+                }
             };
             (events.borrow_mut())(event);
         });

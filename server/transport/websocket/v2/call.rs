@@ -39,8 +39,15 @@ use crate::backend::descriptors::Catalog;
 use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 
-/// Request credit a call starts with, and the size of each later grant.
+/// Request credit a call starts with (the protocol's).
 const REQUEST_WINDOW: u64 = v2::DEFAULT_WINDOW as u64;
+
+/// The request credit the server keeps a call topped up to: whenever the
+/// credit left falls to half of this, a grant brings it back. With only the
+/// first 256 in flight, a browser and the server take turns (each idle while
+/// the other works through its batch); 1024 keeps both busy. Memory is
+/// bounded by the socket's byte budget (`--ws-socket-buffer`), not by this.
+const REQUEST_CREDIT: u64 = 1024;
 
 /// What a call task needs, handed over by the socket at `open`.
 pub struct CallSpec {
@@ -540,13 +547,15 @@ impl RequestBody {
             },
         };
         self.consumed += 1;
-        // Grant another window once half of the credit given is used up.
-        if self.granted - self.consumed <= REQUEST_WINDOW / 2 {
-            self.granted += REQUEST_WINDOW;
-            let record = encode(self.encoding, self.call, Kind::Window(REQUEST_WINDOW as u32));
+        // Top the credit up once half of it is used up.
+        let left = self.granted - self.consumed;
+        if left <= REQUEST_CREDIT / 2 {
+            let grant = REQUEST_CREDIT - left;
+            self.granted += grant;
+            let record = encode(self.encoding, self.call, Kind::Window(grant as u32));
             let _ = self.control.send(Out::Grant {
                 call: self.call,
-                amount: REQUEST_WINDOW as u32,
+                amount: grant as u32,
                 record,
             });
         }

@@ -1,0 +1,71 @@
+// Browser throughput benchmark (a report, not a test): in one page and one
+// run, headless Chromium streams 16-byte messages on one stream through the
+// WASM client (protocol v2, batched) and through a raw JavaScript WebSocket
+// sending one message per frame (protocol v1 json), both reading every reply.
+// It drives the page's own demo (static/app.js), so the page shows the same
+// figures. `cargo xtask bench` runs it against a release server pinned to
+// its own CPU; see docs/benchmarks.md.
+//
+//   STREAMBRIDGE_BASE_URL  the server (required)
+//   BENCH_ROUNDS           rounds, each running both (default 3)
+//   BENCH_CLIENT_MESSAGES  messages per client run (default 200000)
+//   BENCH_RAW_MESSAGES     messages per raw run (default 20000)
+//   BENCH_OUT              file to write the results to as JSON (optional)
+import { writeFileSync } from 'node:fs';
+import { launchChromium } from './chromium.mjs';
+
+const base = process.env.STREAMBRIDGE_BASE_URL;
+if (!base) throw new Error('set STREAMBRIDGE_BASE_URL to a running server');
+const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
+const clientMessages = Number(process.env.BENCH_CLIENT_MESSAGES ?? 200000);
+const rawMessages = Number(process.env.BENCH_RAW_MESSAGES ?? 20000);
+
+const browser = await launchChromium();
+try {
+  const page = await browser.newPage();
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(error.message));
+  await page.goto(base + '/');
+  await page.locator('#state[data-state="open"]').waitFor();
+  // Warm-up, not reported: WASM and JavaScript are compiled in tiers, and the
+  // first run of each path runs on the baseline tier.
+  for (const codec of ['json', 'proto']) {
+    await page.evaluate(([n, codec]) => window.streambridgeDemo.run('client', n, codec), [Math.min(clientMessages, 50000), codec]);
+  }
+  await page.evaluate((n) => window.streambridgeDemo.run('raw', n), Math.min(rawMessages, 2000));
+  const results = [];
+  for (let round = 1; round <= rounds; round++) {
+    // Raw first, then the client: neither always runs on a warmer page.
+    const raw = await page.evaluate((n) => window.streambridgeDemo.run('raw', n), rawMessages);
+    const client = await page.evaluate((n) => window.streambridgeDemo.run('client', n, 'json'), clientMessages);
+    const proto = await page.evaluate((n) => window.streambridgeDemo.run('client', n, 'proto'), clientMessages);
+    results.push({ round, raw, client, proto, ratio: client / raw, protoRatio: proto / raw });
+    console.log(
+      `round ${round}: raw WebSocket ${Math.round(raw)} msg/s; wasm client json ${Math.round(client)} msg/s ` +
+        `(${(client / raw).toFixed(1)}x), proto ${Math.round(proto)} msg/s (${(proto / raw).toFixed(1)}x)`,
+    );
+  }
+  if (problems.length) throw new Error(`page errors: ${problems.join('; ')}`);
+  const sorted = (key) => results.map((r) => r[key]).sort((a, b) => a - b);
+  const median = (values) => values[Math.floor(values.length / 2)];
+  const summary = {
+    clientMessages,
+    rawMessages,
+    rounds,
+    results,
+  };
+  for (const key of ['raw', 'client', 'proto', 'ratio', 'protoRatio']) {
+    const values = sorted(key);
+    summary[key] = { median: median(values), min: values[0], max: values.at(-1) };
+  }
+  const rate = (key) =>
+    `${Math.round(summary[key].median)} msg/s (${Math.round(summary[key].min)}–${Math.round(summary[key].max)})`;
+  const ratio = (key) =>
+    `${summary[key].median.toFixed(1)}x (${summary[key].min.toFixed(1)}–${summary[key].max.toFixed(1)}x)`;
+  console.log(`raw WebSocket, one message per frame: ${rate('raw')}`);
+  console.log(`WASM client, json:  ${rate('client')}, ${ratio('ratio')} raw (target ≥ 50x)`);
+  console.log(`WASM client, proto: ${rate('proto')}, ${ratio('protoRatio')} raw`);
+  if (process.env.BENCH_OUT) writeFileSync(process.env.BENCH_OUT, JSON.stringify(summary, null, 2));
+} finally {
+  await browser.close();
+}
