@@ -7,14 +7,10 @@
 // STREAMBRIDGE_BIN: the streambridge binary (cargo xtask test sets it).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createServer } from 'node:http';
 import { once } from 'node:events';
-import { createInterface } from 'node:readline';
 import { launchChromium } from './chromium.mjs';
-
-const binary = process.env.STREAMBRIDGE_BIN;
-assert.ok(binary, 'set STREAMBRIDGE_BIN to the streambridge binary (cargo xtask test does)');
+import { startStreambridge } from './streambridge.mjs';
 
 /** An HTTP server on 127.0.0.1:0 answering every path with an empty page. */
 async function pageServer() {
@@ -25,20 +21,6 @@ async function pageServer() {
   server.listen(0, '127.0.0.1');
   await once(server, 'listening');
   return { server, origin: `http://127.0.0.1:${server.address().port}` };
-}
-
-/** streambridge on an ephemeral port with `args`; resolves to its address. */
-async function startStreambridge(args) {
-  const child = spawn(binary, ['--listen', '127.0.0.1:0', ...args], {
-    env: { ...process.env, RUST_LOG: 'info', NO_COLOR: '1' },
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const lines = createInterface({ input: child.stdout });
-  for await (const line of lines) {
-    const found = line.match(/listening on (\S+?):? /);
-    if (found) return { child, address: found[1] };
-  }
-  throw new Error('streambridge exited before it listened');
 }
 
 let browser, allowed, refused, bridge;
