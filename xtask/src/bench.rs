@@ -13,6 +13,10 @@
 //! - nginx: Debian's `nginx-light` (installed with apt-get when missing), the
 //!   proxy of the "gRPC through a proxy" scenario.
 //!
+//! - The browser: `tests/e2e/browser-bench.mjs` in headless Chromium (pinned
+//!   to CPU 0) against the release server (CPU 1), the WASM client against raw
+//!   WebSocket; results in `target/bench/browser.json`.
+//!
 //! `--quick` (CI) runs streambridge, plain tonic, the naive bridge and Node
 //! `ws` (when node is installed) for about a second per scenario, 16 B
 //! payloads, 200 idle calls: it keeps every code path working; its numbers
@@ -21,8 +25,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process::run as run_command;
-use crate::web::npm_ci;
+use crate::process::{ServerProcess, run as run_command};
+use crate::web::{self, npm_ci};
 use crate::{Result, cargo, root, target_dir};
 
 /// Debian packages grpc-go is built from (GOPATH mode, see docs/benchmarks.md).
@@ -73,7 +77,36 @@ pub fn run(args: &[String]) -> Result {
         return Err("node and npm are needed for the Node `ws` peer (Node 20: apt-get install nodejs npm)".into());
     }
     harness.args(args);
-    run_command(&mut harness)
+    run_command(&mut harness)?;
+    browser(quick)
+}
+
+/// `cargo xtask bench-browser [--quick]`: the browser benchmark alone.
+pub fn run_browser(args: &[String]) -> Result {
+    run_command(cargo().args(["build", "--release", "--locked", "--bin", "streambridge"]))?;
+    browser(args.iter().any(|a| a == "--quick"))
+}
+
+/// The browser benchmark: the page's own throughput demo, driven by
+/// `tests/e2e/browser-bench.mjs`, Chromium and the server on different CPUs.
+fn browser(quick: bool) -> Result {
+    web::build()?;
+    let e2e = root().join("tests/e2e");
+    npm_ci(&e2e)?;
+    let mut server = Command::new("taskset");
+    server.args(["-c", "1"]).arg(target_dir().join("release/streambridge"));
+    let server = ServerProcess::spawn(server)?;
+    let mut node = Command::new("taskset");
+    node.args(["-c", "0", "node", "browser-bench.mjs"])
+        .current_dir(&e2e)
+        .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr))
+        .env("BENCH_OUT", target_dir().join("bench/browser.json"));
+    if quick {
+        node.env("BENCH_ROUNDS", "1")
+            .env("BENCH_CLIENT_MESSAGES", "20000")
+            .env("BENCH_RAW_MESSAGES", "1000");
+    }
+    run_command(&mut node)
 }
 
 fn which(program: &str) -> bool {

@@ -12,7 +12,9 @@
 //!   127.0.0.1:8080 with its page; ARGS go to `streambridge`.
 //! - `cargo xtask bench [--quick] [ARGS]`: the benchmarks (`bench/`), servers
 //!   and load generator pinned to different CPUs, three rounds, medians and
-//!   spread; see `docs/benchmarks.md`.
+//!   spread, then the browser benchmark; see `docs/benchmarks.md`.
+//! - `cargo xtask bench-browser [--quick]`: only the browser benchmark (the
+//!   WASM client against raw WebSocket in headless Chromium).
 //! - `cargo xtask mutants [ARGS]`: mutation testing of the safety-critical
 //!   files with cargo-mutants; see `docs/testing.md`.
 //!
@@ -42,9 +44,10 @@ fn main() -> ExitCode {
         Some("build-web") => web::build().map(|_| ()),
         Some("serve") => serve(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("bench-browser") => bench::run_browser(&args[1..]),
         Some("mutants") => mutants::run_mutants(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick] | mutants [args]>"
+            "usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick] | bench-browser [--quick] | mutants [args]>"
                 .to_string(),
         ),
     };

@@ -84,16 +84,23 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(extra_args: &[&str]) -> Result<ServerProcess> {
-        let binary = target_dir().join("debug/streambridge");
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(target_dir().join("debug/streambridge"));
+        command.args(extra_args);
+        Self::spawn(command)
+    }
+
+    /// Runs `command` (a streambridge binary, or a wrapper such as `taskset`
+    /// around one) on 127.0.0.1:0 with the page.
+    pub fn spawn(mut command: Command) -> Result<ServerProcess> {
+        let description = format!("{command:?}");
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--static-dir"])
             .arg(root().join("static"))
-            .args(extra_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            .map_err(|e| format!("cannot start {description}: {e}"))?;
         let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
         // The server logs its bound address first; the OS chose the port.
         let addr = loop {
