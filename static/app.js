@@ -199,16 +199,19 @@ $('demo-form').addEventListener('submit', (event) => {
 $('demo-raw').addEventListener('click', () => runDemo('raw', demoCount()).catch(() => {}));
 $('new-stream').addEventListener('click', addStream);
 
-// For the benchmark (tests/e2e/browser-bench.mjs): the same runs, driven from outside.
+// For the benchmark (tests/e2e/browser-bench.mjs): the same runs, driven
+// from outside once the page is connected.
 window.streambridgeDemo = { run: runDemo };
-
-await init();
-try {
-  client = await DataClient.connect(wsUrl, { token });
-  client.onstatechange = showState;
-  showState(client.state);
-  addStream();
-} catch (error) {
-  showState('error');
-  $('state').textContent = `cannot connect (code ${error.code})`;
-}
+window.streambridgeReady = (async () => {
+  await init();
+  try {
+    client = await DataClient.connect(wsUrl, { token });
+    client.onstatechange = showState;
+    showState(client.state);
+    addStream();
+  } catch (error) {
+    showState('error');
+    $('state').textContent = `cannot connect (code ${error.code})`;
+    throw error;
+  }
+})();

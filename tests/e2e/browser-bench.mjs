@@ -3,8 +3,10 @@
 // WASM client (protocol v2, batched) and through a raw JavaScript WebSocket
 // sending one message per frame (protocol v1 json), both reading every reply.
 // It drives the page's own demo (static/app.js), so the page shows the same
-// figures. `cargo xtask bench` runs it against a release server pinned to
-// its own CPU; see docs/benchmarks.md.
+// figures, over Chromium's DevTools pipe with nothing but Runtime.evaluate
+// (bare-chromium.mjs: Playwright would copy every frame to the driver).
+// `cargo xtask bench` runs it against a release server pinned to its own
+// CPU; see docs/benchmarks.md.
 //
 //   STREAMBRIDGE_BASE_URL  the server (required)
 //   BENCH_ROUNDS           rounds, each running both (default 3)
@@ -12,7 +14,7 @@
 //   BENCH_RAW_MESSAGES     messages per raw run (default 20000)
 //   BENCH_OUT              file to write the results to as JSON (optional)
 import { writeFileSync } from 'node:fs';
-import { launchChromium } from './chromium.mjs';
+import { openBare } from './bare-chromium.mjs';
 
 const base = process.env.STREAMBRIDGE_BASE_URL;
 if (!base) throw new Error('set STREAMBRIDGE_BASE_URL to a running server');
@@ -20,32 +22,26 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const clientMessages = Number(process.env.BENCH_CLIENT_MESSAGES ?? 200000);
 const rawMessages = Number(process.env.BENCH_RAW_MESSAGES ?? 20000);
 
-const browser = await launchChromium();
+const page = await openBare(base + '/');
+const run = (kind, count, codec) =>
+  page.evaluate(`window.streambridgeReady.then(() => window.streambridgeDemo.run(${JSON.stringify(kind)}, ${count}, ${JSON.stringify(codec ?? 'json')}))`);
 try {
-  const page = await browser.newPage();
-  const problems = [];
-  page.on('pageerror', (error) => problems.push(error.message));
-  await page.goto(base + '/');
-  await page.locator('#state[data-state="open"]').waitFor();
   // Warm-up, not reported: WASM and JavaScript are compiled in tiers, and the
   // first run of each path runs on the baseline tier.
-  for (const codec of ['json', 'proto']) {
-    await page.evaluate(([n, codec]) => window.streambridgeDemo.run('client', n, codec), [Math.min(clientMessages, 50000), codec]);
-  }
-  await page.evaluate((n) => window.streambridgeDemo.run('raw', n), Math.min(rawMessages, 2000));
+  for (const codec of ['json', 'proto']) await run('client', Math.min(clientMessages, 50000), codec);
+  await run('raw', Math.min(rawMessages, 2000));
   const results = [];
   for (let round = 1; round <= rounds; round++) {
     // Raw first, then the client: neither always runs on a warmer page.
-    const raw = await page.evaluate((n) => window.streambridgeDemo.run('raw', n), rawMessages);
-    const client = await page.evaluate((n) => window.streambridgeDemo.run('client', n, 'json'), clientMessages);
-    const proto = await page.evaluate((n) => window.streambridgeDemo.run('client', n, 'proto'), clientMessages);
+    const raw = await run('raw', rawMessages);
+    const client = await run('client', clientMessages, 'json');
+    const proto = await run('client', clientMessages, 'proto');
     results.push({ round, raw, client, proto, ratio: client / raw, protoRatio: proto / raw });
     console.log(
       `round ${round}: raw WebSocket ${Math.round(raw)} msg/s; wasm client json ${Math.round(client)} msg/s ` +
         `(${(client / raw).toFixed(1)}x), proto ${Math.round(proto)} msg/s (${(proto / raw).toFixed(1)}x)`,
     );
   }
-  if (problems.length) throw new Error(`page errors: ${problems.join('; ')}`);
   const sorted = (key) => results.map((r) => r[key]).sort((a, b) => a - b);
   const median = (values) => values[Math.floor(values.length / 2)];
   const summary = {
@@ -67,5 +63,5 @@ try {
   console.log(`WASM client, proto: ${rate('proto')}, ${ratio('protoRatio')} raw`);
   if (process.env.BENCH_OUT) writeFileSync(process.env.BENCH_OUT, JSON.stringify(summary, null, 2));
 } finally {
-  await browser.close();
+  await page.close();
 }

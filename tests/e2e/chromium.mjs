@@ -3,10 +3,11 @@
 // from dialling Google's hosts, which this machine's closed network refuses.
 import { chromium } from 'playwright-core';
 
+export const executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium';
+
+export const chromiumArgs = ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync'];
+
 export function launchChromium() {
-  return chromium.launch({
-    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-    args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  return chromium.launch({ executablePath, args: chromiumArgs });
 }

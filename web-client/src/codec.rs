@@ -210,12 +210,7 @@ pub enum Received {
 /// Property names, made once: looking a field up by a cached string is what
 /// keeps per-record dispatch cheap.
 struct Keys {
-    call: JsValue,
     message: JsValue,
-    window: JsValue,
-    status: JsValue,
-    headers: JsValue,
-    goaway: JsValue,
     code: JsValue,
     metadata: JsValue,
     details: JsValue,
@@ -235,12 +230,7 @@ fn with_keys<T>(f: impl FnOnce(&Keys) -> T) -> T {
     KEYS.with(|keys| {
         let mut keys = keys.borrow_mut();
         let keys = keys.get_or_insert_with(|| Keys {
-            call: "call".into(),
             message: "message".into(),
-            window: "window".into(),
-            status: "status".into(),
-            headers: "headers".into(),
-            goaway: "goaway".into(),
             code: "code".into(),
             metadata: "metadata".into(),
             details: "details".into(),
@@ -250,43 +240,62 @@ fn with_keys<T>(f: impl FnOnce(&Keys) -> T) -> T {
     })
 }
 
-#[wasm_bindgen]
+// One call into JavaScript per WebSocket message: the browser parses the
+// batch and sorts its records by kind where property access is cheap, and
+// WASM gets the calls and kinds as one copied array plus the values, instead
+// of crossing the boundary several times per record.
+#[wasm_bindgen(inline_js = r#"
+const MESSAGE = 0, WINDOW = 1, STATUS = 2, HEADERS = 3, GOAWAY = 4, UNKNOWN = 5;
+const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
+export function splitBatch(text) {
+  const parsed = JSON.parse(text);
+  const records = Array.isArray(parsed) ? parsed : [parsed];
+  const heads = new Uint32Array(records.length * 2);
+  const values = new Array(records.length);
+  for (let i = 0; i < records.length; i++) {
+    const record = records[i];
+    if (!isObject(record)) return null;
+    let kind = UNKNOWN;
+    if (record.message !== undefined) { kind = MESSAGE; values[i] = record.message; }
+    else if (record.window !== undefined && record.window !== null) { kind = WINDOW; values[i] = Number(record.window) >>> 0; }
+    else if (isObject(record.status)) { kind = STATUS; values[i] = record.status; }
+    else if (isObject(record.headers)) { kind = HEADERS; values[i] = isObject(record.headers.metadata) ? record.headers.metadata : {}; }
+    else if (isObject(record.goaway)) kind = GOAWAY;
+    heads[2 * i] = record.call === undefined || record.call === null ? 0 : Number(record.call) >>> 0;
+    heads[2 * i + 1] = kind;
+  }
+  return [heads, values];
+}
+"#)]
 extern "C" {
-    /// `JSON.parse` of a JavaScript string, which `js_sys` only offers for a
-    /// Rust `&str` (a copy into WASM memory and back for every message).
-    #[wasm_bindgen(js_namespace = JSON, js_name = parse, catch)]
-    fn parse_json(text: &JsValue) -> Result<JsValue, JsValue>;
+    /// `[heads, values]`: per record its call and kind, and its value; `null`
+    /// if a record is not an object; throws if the text is not JSON.
+    #[wasm_bindgen(js_name = splitBatch, catch)]
+    fn split_batch(text: &JsValue) -> Result<JsValue, JsValue>;
 }
 
 /// The records of a `streambridge.v2.json` message (a JavaScript string).
 pub fn decode_text(text: &JsValue) -> Result<Vec<(u32, Incoming)>, String> {
-    let parsed = parse_json(text).map_err(|_| "the server sent text that is not JSON".to_string())?;
-    let records: Array = if Array::is_array(&parsed) {
-        parsed.unchecked_into()
-    } else {
-        Array::of1(&parsed)
-    };
+    let split = split_batch(text).map_err(|_| "the server sent text that is not JSON".to_string())?;
+    if split.is_null() {
+        return Err("the server sent a record that is not an object".to_string());
+    }
+    let split: Array = split.unchecked_into();
+    let heads = js_sys::Uint32Array::from(split.get(0)).to_vec();
+    let values: Array = split.get(1).unchecked_into();
     with_keys(|keys| {
-        let mut out = Vec::with_capacity(records.length() as usize);
-        for record in records.iter() {
-            if !record.is_object() {
-                return Err("the server sent a record that is not an object".to_string());
-            }
-            let call = number(&get(&record, &keys.call)).unwrap_or(0);
-            let message = get(&record, &keys.message);
-            let incoming = if !message.is_undefined() {
-                Incoming::Message(Received::Json(message))
-            } else if let Some(window) = number(&get(&record, &keys.window)) {
-                Incoming::Window(window)
-            } else if let Some(status) = object_field(&record, &keys.status) {
-                Incoming::Status(json_status(&status, keys))
-            } else if let Some(headers) = object_field(&record, &keys.headers) {
-                Incoming::Headers(object_or_empty(get(&headers, &keys.metadata)))
-            } else if object_field(&record, &keys.goaway).is_some() {
-                Incoming::GoAway
-            } else {
+        let mut out = Vec::with_capacity(heads.len() / 2);
+        for (i, head) in heads.chunks_exact(2).enumerate() {
+            let (call, kind) = (head[0], head[1]);
+            let value = || values.get(i as u32);
+            let incoming = match kind {
+                0 => Incoming::Message(Received::Json(value())),
+                1 => Incoming::Window(value().as_f64().unwrap_or(0.0) as u32),
+                2 => Incoming::Status(json_status(&value(), keys)),
+                3 => Incoming::Headers(value()),
+                4 => Incoming::GoAway,
                 // A kind this client does not know (a newer server): skip it.
-                continue;
+                _ => continue,
             };
             out.push((call, incoming));
         }
@@ -334,21 +343,8 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Vec<(u32, Incoming)>, String> {
         .collect())
 }
 
-/// `object[key]` if that is an object.
-fn object_field(object: &JsValue, key: &JsValue) -> Option<JsValue> {
-    Some(get(object, key)).filter(JsValue::is_object)
-}
-
 fn get(object: &JsValue, key: &JsValue) -> JsValue {
     Reflect::get(object, key).unwrap_or(JsValue::UNDEFINED)
-}
-
-/// A proto3 JSON `uint32`: a number, or a string of one.
-fn number(value: &JsValue) -> Option<u32> {
-    match value.as_f64() {
-        Some(n) => Some(n as u32),
-        None => value.as_string()?.parse().ok(),
-    }
 }
 
 fn object_or_empty(value: JsValue) -> JsValue {

@@ -133,9 +133,9 @@ export function installAsyncIterator(prototype) {
     value: function () {
       const stream = this;
       return {
-        // Not `async`: one promise per message instead of three.
+        // The client makes the `{ value, done }` itself: one promise per message.
         next() {
-          return stream.next().then((value) => (value === null ? { value: undefined, done: true } : { value, done: false }));
+          return stream.nextResult();
         },
         async return() {
           stream.cancel();
@@ -320,7 +320,13 @@ impl BidiStream {
     /// with a `StreamError` if it ended with an error.
     #[wasm_bindgen(unchecked_return_type = "Promise<StreamMessage | null>")]
     pub fn next(&self) -> Promise {
-        call::next(&self.call)
+        call::next(&self.call, false)
+    }
+
+    /// `next()` as an async iterator result, for `for await`.
+    #[wasm_bindgen(js_name = nextResult, skip_typescript)]
+    pub fn next_result(&self) -> Promise {
+        call::next(&self.call, true)
     }
 
     /// Resolves with the final status once the stream has ended; never rejects.
@@ -375,7 +381,13 @@ impl Call {
     /// rejects with a `StreamError` if it ended with an error.
     #[wasm_bindgen(unchecked_return_type = "Promise<CallMessage | null>")]
     pub fn next(&self) -> Promise {
-        call::next(&self.call)
+        call::next(&self.call, false)
+    }
+
+    /// `next()` as an async iterator result, for `for await`.
+    #[wasm_bindgen(js_name = nextResult, skip_typescript)]
+    pub fn next_result(&self) -> Promise {
+        call::next(&self.call, true)
     }
 
     /// Resolves with the final status once the call has ended; never rejects.
