@@ -382,8 +382,14 @@ async fn health_follows_the_upstream_down_and_back() {
     let bridge = bridge_to(&upstream).await;
     health_becomes(&bridge, ServingStatus::Serving).await;
 
+    let healthz = http::get(bridge.http_url("/healthz")).await;
+    assert_eq!((healthz.status.as_u16(), healthz.text()), (200, "SERVING\n".to_string()));
+
     upstream.stop().await;
     health_becomes(&bridge, ServingStatus::NotServing).await;
+    // The same over plain HTTP, for load balancers.
+    let healthz = http::get(bridge.http_url("/healthz")).await;
+    assert_eq!((healthz.status.as_u16(), healthz.text()), (503, "NOT_SERVING\n".to_string()));
     let mut client = echo_client(&bridge).await;
     let started = Instant::now();
     let status = within("call while the upstream is down", client.unary(request("down")))
@@ -401,6 +407,7 @@ async fn health_follows_the_upstream_down_and_back() {
 
     let _upstream = EchoUpstream::start_on(addr).await;
     health_becomes(&bridge, ServingStatus::Serving).await;
+    assert_eq!(http::get(bridge.http_url("/healthz")).await.status, 200);
     let reply = within("call after the upstream is back", client.unary(request("back")))
         .await
         .unwrap();

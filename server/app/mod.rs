@@ -121,6 +121,12 @@ impl FromRef<AppState> for WebSocketState {
     }
 }
 
+impl FromRef<AppState> for health::Probe {
+    fn from_ref(state: &AppState) -> Self {
+        health::Probe::new(state.v2.as_ref().expect("the router sets the backend before serving").backend.clone())
+    }
+}
+
 impl FromRef<AppState> for ActiveCalls {
     fn from_ref(state: &AppState) -> Self {
         state.calls.clone()
@@ -151,6 +157,7 @@ pub fn router(config: &Config, mut state: AppState, backend: Backend) -> Transpo
         axum::Router::new()
             .route("/ws", any(websocket::upgrade))
             .route("/metrics", get(health::metrics))
+            .route("/healthz", get(health::healthz))
             // POST to a gRPC-shaped path without a gRPC content type: say why
             // it fails; every other method there is a plain file request.
             .route(

@@ -1,6 +1,7 @@
 //! What operators talk to: gRPC health (`grpc.health.v1.Health`, tonic-health),
-//! server reflection (tonic-reflection, so `grpcurl` needs no proto files),
-//! and Prometheus metrics at `GET /metrics`.
+//! the same health over plain HTTP at `GET /healthz` (for load balancers and
+//! probes that speak no gRPC), server reflection (tonic-reflection, so
+//! `grpcurl` needs no proto files), and Prometheus metrics at `GET /metrics`.
 //!
 //! Health is always the bridge's own, never forwarded. The server as a whole
 //! (the empty service name) and every in-process service report SERVING
@@ -15,7 +16,11 @@ use http::header::CONTENT_TYPE;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
+
+use crate::backend::GrpcService;
 
 use super::calls::ActiveCalls;
 
@@ -59,6 +64,33 @@ pub fn health_service(
         }
     });
     service
+}
+
+/// Asks the backend's own `grpc.health.v1.Health` (in process, no socket),
+/// so `/healthz` can never disagree with the gRPC health check.
+#[derive(Clone)]
+pub struct Probe(GrpcService);
+
+impl Probe {
+    pub fn new(backend: GrpcService) -> Probe {
+        Probe(backend)
+    }
+}
+
+/// `GET /healthz`: 200 `SERVING` while the server serves; 503 `NOT_SERVING`
+/// once it drains, or (upstream mode) while the upstream is unreachable. A
+/// balancer that checks it stops sending new connections to a draining
+/// instance before its listener closes.
+pub async fn healthz(State(Probe(backend)): State<Probe>) -> impl IntoResponse {
+    let request = HealthCheckRequest { service: String::new() };
+    let status = HealthClient::new(backend)
+        .check(request)
+        .await
+        .map(|response| response.into_inner().status());
+    match status {
+        Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => (http::StatusCode::OK, "SERVING\n"),
+        _ => (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n"),
+    }
 }
 
 /// `grpc.reflection.v1` and `v1alpha` (tools still ask for either) over

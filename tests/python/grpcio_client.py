@@ -7,10 +7,14 @@ with a message on the first mismatch; prints one JSON summary line on success.
 
 With `sending-at-shutdown` as argv[2] it instead keeps 8 streams sending
 until the server ends them (the test sends SIGTERM) and reports each status.
+
+With GRPC_ROOT_CERT set to a PEM file, it connects over TLS trusting that CA
+(a load balancer in front of the server: tests/deploy.rs).
 """
 
 import importlib
 import json
+import os
 import pathlib
 import queue
 import sys
@@ -106,7 +110,7 @@ def sending_at_shutdown(target, pb2, pb2_grpc, channels, streams_per_channel):
         with lock:
             outcomes.append(outcome)
 
-    opened = [grpc.insecure_channel(target) for _ in range(channels)]
+    opened = [channel_to(target) for _ in range(channels)]
     threads = [
         threading.Thread(target=stream, args=(pb2_grpc.DataServiceStub(channel),))
         for channel in opened
@@ -121,6 +125,15 @@ def sending_at_shutdown(target, pb2, pb2_grpc, channels, streams_per_channel):
     print(json.dumps(outcomes), flush=True)
 
 
+def channel_to(target):
+    """A channel to `target`: TLS trusting GRPC_ROOT_CERT when set, else cleartext."""
+    root = os.environ.get("GRPC_ROOT_CERT")
+    if root is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(root_certificates=pathlib.Path(root).read_bytes())
+    return grpc.secure_channel(target, credentials)
+
+
 def main():
     target = sys.argv[1]
     with tempfile.TemporaryDirectory() as out_dir:
@@ -128,7 +141,7 @@ def main():
         if sys.argv[2:3] == ["sending-at-shutdown"]:
             sending_at_shutdown(target, pb2, pb2_grpc, channels=4, streams_per_channel=2)
             return
-        with grpc.insecure_channel(target) as channel:
+        with channel_to(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
             stub = pb2_grpc.DataServiceStub(channel)
             summary = {

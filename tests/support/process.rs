@@ -17,10 +17,15 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn start(args: &[&str]) -> ServerProcess {
+        Self::start_at("127.0.0.1:0", args).await
+    }
+
+    /// The binary listening on `listen` (a restart on the port it had).
+    pub async fn start_at(listen: &str, args: &[&str]) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_streambridge"))
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--static-dir",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/static"),
             ])

@@ -126,7 +126,7 @@ fn ensure_go_packages() -> Result {
 }
 
 /// Installs whichever of `packages` is missing, with apt-get.
-fn ensure_debian_packages(packages: &[&str], what: &str) -> Result {
+pub fn ensure_debian_packages(packages: &[&str], what: &str) -> Result {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

@@ -7,6 +7,10 @@
 //!   against a live server, then the end-to-end page tests (playwright-core,
 //!   Debian's Chromium) and the TypeScript check. Ends with one
 //!   `summary: N passed, M failed` line.
+//! - `cargo xtask test-deploy`: the deployment tests (`tests/deploy.rs`):
+//!   two instances behind `deploy/nginx.conf` and `deploy/haproxy.cfg`, every
+//!   transport over TLS, and a rolling restart with clients streaming.
+//!   Installs Debian's `nginx-light` and `haproxy` when missing (as root).
 //! - `cargo xtask build-web`: the WASM package into `static/pkg/`.
 //! - `cargo xtask serve [ARGS]`: `build-web`, then the server (release) on
 //!   127.0.0.1:8080 with its page; ARGS go to `streambridge`.
@@ -45,9 +49,10 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("bench-browser") => bench::run_browser(&args[1..]),
+        Some("test-deploy") => test_deploy(),
         Some("mutants") => mutants::run_mutants(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <test | build-web | serve [streambridge args] | bench [--quick] | bench-browser [--quick] | mutants [args]>"
+            "usage: cargo xtask <test | test-deploy | build-web | serve [streambridge args] | bench [--quick] | bench-browser [--quick] | mutants [args]>"
                 .to_string(),
         ),
     };
@@ -100,6 +105,31 @@ fn test() -> Result {
         run(cargo().args(["build", "--bin", "streambridge", "--locked"]))?;
         browser_tests(&mut counts)
     })();
+    println!("summary: {} passed, {} failed", counts.passed, counts.failed);
+    outcome
+}
+
+/// `cargo xtask test-deploy`: see the module documentation.
+fn test_deploy() -> Result {
+    let missing: Vec<&str> = [("/usr/sbin/nginx", "nginx-light"), ("/usr/sbin/haproxy", "haproxy")]
+        .into_iter()
+        .filter(|(binary, _)| !Path::new(binary).exists())
+        .map(|(_, package)| package)
+        .collect();
+    bench::ensure_debian_packages(&missing, "the deployment tests' load balancers")?;
+    let python = python_venv()?;
+    // The page and the WASM client go through the balancers too.
+    web::build()?;
+    web::npm_ci(&root().join("tests/e2e"))?;
+    let mut counts = TestCounts::default();
+    let outcome = run_counted(
+        cargo()
+            .args(["test", "--locked", "--test", "deploy", "--", "--ignored", "--nocapture"])
+            // Each test runs two instances, a balancer and its clients: one at a time.
+            .arg("--test-threads=1")
+            .env("STREAMBRIDGE_PYTHON", &python),
+        &mut counts,
+    );
     println!("summary: {} passed, {} failed", counts.passed, counts.failed);
     outcome
 }
