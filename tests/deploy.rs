@@ -79,11 +79,12 @@ impl Pki {
         roots
             .add(CertificateDer::from_pem_slice(self.ca.as_bytes()).unwrap())
             .unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsConnector::from(Arc::new(config))
     }
@@ -129,7 +130,10 @@ fn balancer_config(kind: Kind, port: u16, instances: [SocketAddr; 2], pki: &Pki)
         })
         .collect();
     let config = lines.join("\n") + "\n";
-    assert!(config.contains(&port.to_string()), "the listen line moved in the shipped {kind:?} config");
+    assert!(
+        config.contains(&port.to_string()),
+        "the listen line moved in the shipped {kind:?} config"
+    );
     config
 }
 
@@ -144,7 +148,9 @@ impl Drop for Balancer {
         // SIGTERM to the master: it stops its workers too (a SIGKILL would
         // leave them running, holding the port).
         if let Some(pid) = self._child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
             // Until it has exited: dropping the child kills it outright.
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && !matches!(self._child.try_wait(), Ok(Some(_))) {
@@ -215,7 +221,12 @@ impl Balancer {
         tokio::spawn(connection);
         let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await.map_err(std::io::Error::other)?.to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
         Ok((status, body))
     }
 
@@ -235,7 +246,9 @@ impl Balancer {
         subprotocol: &str,
     ) -> std::io::Result<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
         let tls = self.tls(pki, &[b"http/1.1"]).await?;
-        let mut request = format!("wss://localhost:{}/ws", self.port).into_client_request().unwrap();
+        let mut request = format!("wss://localhost:{}/ws", self.port)
+            .into_client_request()
+            .unwrap();
         request
             .headers_mut()
             .insert("sec-websocket-protocol", subprotocol.parse().unwrap());
@@ -388,11 +401,21 @@ struct Tally {
     cut: AtomicU64,
     /// Requests in flight when their call was cut.
     unanswered: AtomicU64,
+    /// Requests whose socket ended with neither a reply nor a status: lost
+    /// silently. Must stay 0.
+    lost: AtomicU64,
     /// The longest time from losing a call to the next reply, in ms.
     gap_ms: AtomicU64,
+    /// Told of every reply (shared by all clients).
+    advanced: Arc<tokio::sync::Notify>,
 }
 
 impl Tally {
+    fn replied(&self) {
+        self.replied.fetch_add(1, Ordering::Relaxed);
+        self.advanced.notify_waiters();
+    }
+
     fn gap(&self, since: Instant) {
         self.gap_ms
             .fetch_max(since.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -415,7 +438,11 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
         let mut drained = false;
         'calls: loop {
             call += 1;
-            let open = format!(r#"[{{"call":{call},"open":{{"method":"/DataService/BidirectionalStream"}}}}]"#);
+            // A window as large as the protocol allows: this client reads every reply at once.
+            let open = format!(
+                r#"[{{"call":{call},"open":{{"method":"/DataService/BidirectionalStream","window":{}}}}}]"#,
+                u32::MAX
+            );
             if socket.send(Message::text(open)).await.is_err() {
                 continue 'sockets;
             }
@@ -442,8 +469,7 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
                             // The socket ended with the request unanswered: the
                             // server ends every live call with a status first,
                             // so this only happens if it broke.
-                            tally.unanswered.fetch_add(1, Ordering::Relaxed);
-                            tally.cut.fetch_add(1, Ordering::Relaxed);
+                            tally.lost.fetch_add(1, Ordering::Relaxed);
                             lost_at.get_or_insert_with(Instant::now);
                             continue 'sockets;
                         }
@@ -470,7 +496,7 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
                         }
                     }
                     if replied {
-                        tally.replied.fetch_add(1, Ordering::Relaxed);
+                        tally.replied();
                         if let Some(since) = lost_at.take() {
                             tally.gap(since);
                         }
@@ -488,35 +514,32 @@ async fn grpc_client(channel: Channel, tally: Arc<Tally>, stop: Arc<AtomicBool>)
     let mut seq = 0u64;
     let mut lost_at: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        // The first request goes in before the call is made, as grpcio and
+        // grpc-go send it: nginx opens the upstream stream only once it has
+        // a request message (docs/deploy.md), so a client that waits for the
+        // response headers first would wait forever.
         let (tx, rx) = tokio::sync::mpsc::channel::<StreamRequest>(1);
+        seq += 1;
+        tx.send(StreamRequest { data: seq.to_string() }).await.unwrap();
+        tally.sent.fetch_add(1, Ordering::Relaxed);
         let mut client = DataServiceClient::new(channel.clone());
-        let mut replies = match client
-            .bidirectional_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-        {
+        let call = client.bidirectional_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut replies = match within("a gRPC call starts", call).await {
             Ok(response) => response.into_inner(),
-            Err(_) => {
+            Err(status) => {
+                assert_ne!(status.code(), tonic::Code::Ok);
+                tally.cut.fetch_add(1, Ordering::Relaxed);
+                tally.unanswered.fetch_add(1, Ordering::Relaxed);
                 lost_at.get_or_insert_with(Instant::now);
-                tokio::task::yield_now().await;
                 continue;
             }
         };
         loop {
-            if stop.load(Ordering::Relaxed) {
-                drop(tx);
-                while let Some(Ok(_)) = replies.next().await {}
-                return;
-            }
-            seq += 1;
-            if tx.send(StreamRequest { data: seq.to_string() }).await.is_err() {
-                seq -= 1;
-                break;
-            }
-            tally.sent.fetch_add(1, Ordering::Relaxed);
+            // The reply to the one request in flight, or the stream's status.
             match within("a gRPC reply", replies.next()).await {
                 Some(Ok(reply)) => {
                     assert_eq!(reply.result, format!("processed: {seq}"));
-                    tally.replied.fetch_add(1, Ordering::Relaxed);
+                    tally.replied();
                     if let Some(since) = lost_at.take() {
                         tally.gap(since);
                     }
@@ -530,6 +553,18 @@ async fn grpc_client(channel: Channel, tally: Arc<Tally>, stop: Arc<AtomicBool>)
                 }
                 None => panic!("a stream ended without a status while a request was unanswered"),
             }
+            if stop.load(Ordering::Relaxed) {
+                drop(tx);
+                while let Some(Ok(_)) = replies.next().await {}
+                return;
+            }
+            seq += 1;
+            if tx.send(StreamRequest { data: seq.to_string() }).await.is_err() {
+                // The call is over (its status comes next, with no request of ours in flight).
+                seq -= 1;
+                break;
+            }
+            tally.sent.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -626,8 +661,15 @@ async fn rolling_restart(kind: Kind) {
     let mut browser = BrowserClients::start(&balancer, &pki, 10).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let v2: Vec<Arc<Tally>> = (0..10).map(|_| Arc::default()).collect();
-    let grpc: Vec<Arc<Tally>> = (0..4).map(|_| Arc::default()).collect();
+    let advanced = Arc::new(tokio::sync::Notify::new());
+    let tally = || {
+        Arc::new(Tally {
+            advanced: advanced.clone(),
+            ..Tally::default()
+        })
+    };
+    let v2: Vec<Arc<Tally>> = (0..10).map(|_| tally()).collect();
+    let grpc: Vec<Arc<Tally>> = (0..4).map(|_| tally()).collect();
     let mut tasks = tokio::task::JoinSet::new();
     for tally in &v2 {
         tasks.spawn(v2_client(balancer.clone(), pki.clone(), tally.clone(), stop.clone()));
@@ -637,22 +679,40 @@ async fn rolling_restart(kind: Kind) {
         tasks.spawn(grpc_client(channel.clone(), tally.clone(), stop.clone()));
     }
     let all: Vec<Arc<Tally>> = v2.iter().chain(&grpc).cloned().collect();
+    // Clients announce every reply on `advanced`: the test waits for
+    // progress without polling.
     let progress = |at_least: Vec<u64>| {
         let all = all.clone();
+        let advanced = advanced.clone();
         async move {
-            within("every client gets replies", async {
-                while all
-                    .iter()
+            let behind = || {
+                all.iter()
                     .zip(&at_least)
                     .any(|(tally, &n)| tally.replied.load(Ordering::Relaxed) < n)
-                {
-                    tokio::task::yield_now().await;
+            };
+            let waited = tokio::time::timeout(support::STEP_TIMEOUT, async {
+                loop {
+                    let notified = advanced.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if !behind() {
+                        return;
+                    }
+                    notified.await;
                 }
             })
-            .await
+            .await;
+            if waited.is_err() {
+                let replied: Vec<u64> = all.iter().map(|t| t.replied.load(Ordering::Relaxed)).collect();
+                panic!("{kind:?}: clients stopped getting replies: replied {replied:?}, wanted {at_least:?}");
+            }
         }
     };
-    let replied = || all.iter().map(|t| t.replied.load(Ordering::Relaxed) + 20).collect::<Vec<_>>();
+    let replied = || {
+        all.iter()
+            .map(|t| t.replied.load(Ordering::Relaxed) + 20)
+            .collect::<Vec<_>>()
+    };
     progress(vec![20; all.len()]).await;
 
     // Restart each instance in turn: SIGTERM, wait for its exit, start it
@@ -676,26 +736,44 @@ async fn rolling_restart(kind: Kind) {
     // Nothing lost silently: every request got its reply, or its call a
     // non-OK status (counted as unanswered).
     for (name, tally) in v2.iter().map(|t| ("v2", t)).chain(grpc.iter().map(|t| ("grpc", t))) {
-        let (sent, replied, unanswered) = (
+        let (sent, replied, unanswered, lost) = (
             tally.sent.load(Ordering::Relaxed),
             tally.replied.load(Ordering::Relaxed),
             tally.unanswered.load(Ordering::Relaxed),
+            tally.lost.load(Ordering::Relaxed),
         );
-        assert_eq!(sent, replied + unanswered, "{kind:?} {name}: sent {sent}, replied {replied}, cut {unanswered}");
+        assert_eq!(lost, 0, "{kind:?} {name}: requests lost with their socket, no status");
+        assert_eq!(
+            sent,
+            replied + unanswered,
+            "{kind:?} {name}: sent {sent}, replied {replied}, cut {unanswered}"
+        );
     }
     for client in report["clients"].as_array().expect("browser clients") {
         let sent = client["sent"].as_u64().unwrap();
         let replied = client["replied"].as_u64().unwrap();
         let unanswered = client["unanswered"].as_u64().unwrap();
         assert_eq!(sent, replied + unanswered, "{kind:?} browser client: {client}");
-        assert!(client["repliedAfterRestart"].as_u64().unwrap() > 0, "{kind:?}: {client}");
+        assert!(
+            client["repliedAfterRestart"].as_u64().unwrap() > 0,
+            "{kind:?}: {client}"
+        );
     }
     for (code, took) in &exits {
         assert_eq!(*code, Some(0), "{kind:?}: the instance drained in time");
-        assert!(*took < Duration::from_secs(10), "{kind:?}: exited within --drain-timeout ({took:?})");
+        assert!(
+            *took < Duration::from_secs(10),
+            "{kind:?}: exited within --drain-timeout ({took:?})"
+        );
     }
     let sum = |tallies: &[Arc<Tally>], f: fn(&Tally) -> u64| tallies.iter().map(|t| f(t)).sum::<u64>();
-    let max_gap = |tallies: &[Arc<Tally>]| tallies.iter().map(|t| t.gap_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
+    let max_gap = |tallies: &[Arc<Tally>]| {
+        tallies
+            .iter()
+            .map(|t| t.gap_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    };
     // The figures docs/deploy.md reports (run with --nocapture to see them).
     eprintln!(
         "rolling restart behind {kind:?}: instances exited in {:?} (codes {:?}); \

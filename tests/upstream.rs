@@ -383,13 +383,19 @@ async fn health_follows_the_upstream_down_and_back() {
     health_becomes(&bridge, ServingStatus::Serving).await;
 
     let healthz = http::get(bridge.http_url("/healthz")).await;
-    assert_eq!((healthz.status.as_u16(), healthz.text()), (200, "SERVING\n".to_string()));
+    assert_eq!(
+        (healthz.status.as_u16(), healthz.text()),
+        (200, "SERVING\n".to_string())
+    );
 
     upstream.stop().await;
     health_becomes(&bridge, ServingStatus::NotServing).await;
     // The same over plain HTTP, for load balancers.
     let healthz = http::get(bridge.http_url("/healthz")).await;
-    assert_eq!((healthz.status.as_u16(), healthz.text()), (503, "NOT_SERVING\n".to_string()));
+    assert_eq!(
+        (healthz.status.as_u16(), healthz.text()),
+        (503, "NOT_SERVING\n".to_string())
+    );
     let mut client = echo_client(&bridge).await;
     let started = Instant::now();
     let status = within("call while the upstream is down", client.unary(request("down")))

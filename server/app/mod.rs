@@ -123,7 +123,14 @@ impl FromRef<AppState> for WebSocketState {
 
 impl FromRef<AppState> for health::Probe {
     fn from_ref(state: &AppState) -> Self {
-        health::Probe::new(state.v2.as_ref().expect("the router sets the backend before serving").backend.clone())
+        health::Probe::new(
+            state
+                .v2
+                .as_ref()
+                .expect("the router sets the backend before serving")
+                .backend
+                .clone(),
+        )
     }
 }
 

@@ -9,7 +9,8 @@
 //                         more replies (the restarts are over);
 //   reads  `stop`         then stops the clients and prints one JSON line:
 //                         { clients: [{ sent, replied, unanswered, cut,
-//                         repliedAfterRestart, longestOfflineMs }], summary }.
+//                         repliedAfterRestart, longestOfflineMs, longestGapMs }],
+//                         summary }: a gap is from a cut to the next reply.
 //
 // Every request is accounted for: `sent = replied + unanswered`, where an
 // unanswered request's stream ended with a non-OK status.
@@ -34,11 +35,12 @@ try {
     const url = `wss://${location.host}/ws`;
     window.tallies = [];
     for (let i = 0; i < count; i++) {
-      const tally = { sent: 0, replied: 0, unanswered: 0, cut: 0, mark: 0, longestOfflineMs: 0, stop: false };
+      const tally = { sent: 0, replied: 0, unanswered: 0, cut: 0, mark: 0, longestOfflineMs: 0, longestGapMs: 0, stop: false };
       window.tallies.push(tally);
       tally.done = (async () => {
         const client = await DataClient.connect(url, { reconnect: { initialDelayMs: 50, maxDelayMs: 500 } });
         let offlineSince = null;
+        let lostAt = null;
         client.onstatechange = (state) => {
           if (state === 'reconnecting') offlineSince ??= performance.now();
           if (state === 'open' && offlineSince !== null) {
@@ -56,6 +58,10 @@ try {
               if (reply === null) throw new Error(`stream ${seq} ended OK with a request unanswered`);
               if (reply.result !== `processed: ${seq}`) throw new Error(`reply ${reply.result} to ${seq}`);
               tally.replied++;
+              if (lostAt !== null) {
+                tally.longestGapMs = Math.max(tally.longestGapMs, performance.now() - lostAt);
+                lostAt = null;
+              }
             }
             stream.closeSend();
             const status = await stream.finished();
@@ -64,6 +70,7 @@ try {
             if (error.name !== 'StreamError' || !error.code) throw error;
             tally.unanswered++;
             tally.cut++;
+            lostAt ??= performance.now();
           }
         }
         client.close();
@@ -83,18 +90,20 @@ try {
       const clients = await page.evaluate(async () => {
         window.tallies.forEach((t) => (t.stop = true));
         await Promise.all(window.tallies.map((t) => t.done));
-        return window.tallies.map(({ sent, replied, unanswered, cut, mark, longestOfflineMs }) => ({
+        return window.tallies.map(({ sent, replied, unanswered, cut, mark, longestOfflineMs, longestGapMs }) => ({
           sent,
           replied,
           unanswered,
           cut,
           repliedAfterRestart: replied - mark,
           longestOfflineMs: Math.round(longestOfflineMs),
+          longestGapMs: Math.round(longestGapMs),
         }));
       });
       const sum = (key) => clients.reduce((total, c) => total + c[key], 0);
+      const longest = (key) => Math.max(...clients.map((c) => c[key]));
       const summary = `${clients.length} clients, ${sum('sent')} requests, ${sum('cut')} streams cut, ` +
-        `longest without a socket ${Math.max(...clients.map((c) => c.longestOfflineMs))} ms`;
+        `longest gap ${longest('longestGapMs')} ms, longest without a socket ${longest('longestOfflineMs')} ms`;
       console.log(JSON.stringify({ clients, summary }));
       break;
     }
