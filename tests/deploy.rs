@@ -438,6 +438,8 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
         let mut drained = false;
         'calls: loop {
             call += 1;
+            // Whether the server has sent anything for this call (it started it).
+            let mut started = false;
             // A window as large as the protocol allows: this client reads every reply at once.
             let open = format!(
                 r#"[{{"call":{call},"open":{{"method":"/DataService/BidirectionalStream","window":{}}}}}]"#,
@@ -465,10 +467,20 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
                     let text = match within("a v2 reply", socket.next()).await {
                         Some(Ok(Message::Text(text))) => text,
                         Some(Ok(_)) => continue,
+                        _ if !started => {
+                            // The socket closed before the server started this
+                            // call: an `open` that crossed the server's goaway
+                            // (docs/websocket-protocol-v2.md, "Drain"). Never
+                            // processed, so retried; the application sees 14.
+                            tally.unanswered.fetch_add(1, Ordering::Relaxed);
+                            tally.cut.fetch_add(1, Ordering::Relaxed);
+                            lost_at.get_or_insert_with(Instant::now);
+                            continue 'sockets;
+                        }
                         _ => {
-                            // The socket ended with the request unanswered: the
-                            // server ends every live call with a status first,
-                            // so this only happens if it broke.
+                            // The socket ended with the request of a started
+                            // call unanswered: the server ends every live call
+                            // with a status first, so only a bug gets here.
                             tally.lost.fetch_add(1, Ordering::Relaxed);
                             lost_at.get_or_insert_with(Instant::now);
                             continue 'sockets;
@@ -477,6 +489,9 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
                     let records: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
                     let mut replied = false;
                     for record in records {
+                        if record["call"] == call {
+                            started = true;
+                        }
                         if record.get("goaway").is_some() {
                             drained = true;
                         } else if record["call"] == call && record.get("message").is_some() {

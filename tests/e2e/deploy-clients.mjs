@@ -31,7 +31,9 @@ try {
   page.on('pageerror', (error) => console.log(`page error: ${error.message}`));
   await page.goto(base + '/');
   await page.evaluate(async (count) => {
-    const { DataClient } = await import('/pkg/streambridge_client.js');
+    // The page's app.js may still be loading the module: init() is idempotent.
+    const { default: init, DataClient } = await import('/pkg/streambridge_client.js');
+    await init();
     const url = `wss://${location.host}/ws`;
     window.tallies = [];
     for (let i = 0; i < count; i++) {

@@ -20,7 +20,7 @@ use std::rc::{Rc, Weak};
 use js_sys::{Function, Promise, Uint8Array};
 use prost::Message;
 use streambridge_protocol::StreamResponse;
-use streambridge_protocol::v2::{self, Encoding};
+use streambridge_protocol::v2::Encoding;
 use wasm_bindgen::prelude::*;
 
 use crate::codec::{Payload, Received};
@@ -30,6 +30,10 @@ use crate::timer::Timer;
 
 /// Shared handle to a call's state.
 pub type CallRef = Rc<RefCell<CallState>>;
+
+/// Request messages a client may send on a new call before any grant (the
+/// protocol's fixed first credit; it happens to equal the default response window).
+const INITIAL_REQUEST_CREDIT: u64 = 256;
 
 /// How a call's messages look to JavaScript.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -141,7 +145,7 @@ impl CallState {
             deadline,
             wire: Wire::Waiting,
             queued: VecDeque::new(),
-            credit: u64::from(v2::DEFAULT_WINDOW),
+            credit: INITIAL_REQUEST_CREDIT,
             half_close: HalfClose::No,
             inbox: VecDeque::new(),
             waiting: VecDeque::new(),
@@ -156,15 +160,7 @@ impl CallState {
             let timer = Timer::after(f64::from(timeout_ms), move || {
                 let Some(call) = weak.upgrade() else { return };
                 if matches!(call.borrow().wire, Wire::Waiting) {
-                    end(
-                        &call,
-                        CallStatus::new(
-                            code::DEADLINE_EXCEEDED,
-                            format!(
-                                "the call's deadline (timeoutMs {timeout_ms}) passed while waiting for a connection"
-                            ),
-                        ),
-                    );
+                    end(&call, waited_too_long(timeout_ms));
                 }
             });
             call.borrow_mut().deadline_timer = Some(timer);
@@ -198,6 +194,14 @@ impl CallState {
     }
 }
 
+/// The status of a call whose deadline passed before a socket was open.
+fn waited_too_long(timeout_ms: u32) -> CallStatus {
+    CallStatus::new(
+        code::DEADLINE_EXCEEDED,
+        format!("the call's deadline (timeoutMs {timeout_ms}) passed while waiting for a connection"),
+    )
+}
+
 /// Puts a waiting call on `connection` under a new id: its `open`, then what
 /// it queued. Ends it instead if its deadline passed while it waited.
 pub fn attach(call: &CallRef, connection: &ConnRef) {
@@ -210,13 +214,7 @@ pub fn attach(call: &CallRef, connection: &ConnRef) {
     };
     if remaining.is_some_and(|ms| ms <= 0.0) {
         let timeout_ms = call.borrow().spec.timeout_ms;
-        end(
-            call,
-            CallStatus::new(
-                code::DEADLINE_EXCEEDED,
-                format!("the call's deadline (timeoutMs {timeout_ms}) passed while waiting for a connection"),
-            ),
-        );
+        end(call, waited_too_long(timeout_ms));
         return;
     }
     let id = connection.borrow_mut().register(call.clone());

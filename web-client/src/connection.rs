@@ -36,8 +36,6 @@ pub struct Connection {
     flush_scheduled: bool,
     /// Sends the batch; queued as a microtask.
     flush: Option<Function>,
-    /// The server sent `goaway`: no new calls here.
-    pub draining: bool,
 }
 
 impl Connection {
@@ -52,7 +50,6 @@ impl Connection {
             batch: Batch::new(encoding),
             flush_scheduled: false,
             flush: None,
-            draining: false,
         }));
         let weak = Rc::downgrade(&connection);
         let flush = Closure::<dyn FnMut()>::new(move || {
@@ -163,7 +160,7 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
                 };
                 format!("connection to {url} closed before the call finished (close code {close_code}{reason})")
             } else {
-                format!("cannot connect to {url} (close code {close_code})")
+                format!("{} (close code {close_code})", session::cannot_connect(&url))
             };
             Connection::close(&connection, "", CallStatus::new(code::UNAVAILABLE, message));
             session::on_close(&session, &connection, was_open);

@@ -159,6 +159,14 @@ pub struct DataClient {
     session: SessionRef,
 }
 
+/// Freeing the client (`free()`, `using`) closes it: its calls end with
+/// CANCELLED instead of waiting forever on sockets nobody holds.
+impl Drop for DataClient {
+    fn drop(&mut self) {
+        session::close(&self.session);
+    }
+}
+
 #[wasm_bindgen]
 impl DataClient {
     /// Connects to `url` (`ws://host:port/ws` or `wss://…`). Resolves once the
@@ -219,8 +227,8 @@ impl DataClient {
         self.session.borrow_mut().set_on_state_change(callback);
     }
 
-    /// WebSockets this client holds: 1 normally, 2 for a while after a
-    /// `goaway` (the draining one and the next), 0 while reconnecting.
+    /// WebSockets this client holds, open or opening: 1 normally, 2 for a
+    /// while after a `goaway` (the draining one and the next).
     #[wasm_bindgen(getter, js_name = socketCount)]
     pub fn socket_count(&self) -> usize {
         self.session.borrow().socket_count()
@@ -277,7 +285,7 @@ impl DataClient {
             metadata: string_map(options, "metadata")?,
             timeout_ms: option_number(options, "timeoutMs")?
                 .map_or(0, |ms| ms.ceil().clamp(0.0, f64::from(u32::MAX)) as u32),
-            window: option_number(options, "window")?.map_or(window, |w| w.clamp(1.0, f64::from(u32::MAX)) as u32),
+            window: window_option(options)?.unwrap_or(window),
         };
         Ok(session::start_call(&self.session, spec))
     }
@@ -290,13 +298,28 @@ pub struct BidiStream {
     call: CallRef,
 }
 
+/// Freeing a stream or call object that has not ended cancels it: it would
+/// otherwise hold one of the socket's call slots (`--ws-max-calls`) for good.
+fn cancel_unless_ended(call: &CallRef) {
+    if !call.borrow().is_ended() {
+        cancel(call);
+    }
+}
+
+impl Drop for BidiStream {
+    fn drop(&mut self) {
+        cancel_unless_ended(&self.call);
+    }
+}
+
 #[wasm_bindgen]
 impl BidiStream {
     /// Queues one request, in order; it goes out at the end of this turn of
     /// the event loop, with everything else sent in it. Throws a
     /// `StreamError` after `closeSend` or once the stream has ended.
     pub fn send(&self, data: String) -> Result<(), JsValue> {
-        let payload = match self.call.borrow().encoding() {
+        let encoding = self.call.borrow().encoding();
+        let payload = match encoding {
             Encoding::Json => {
                 let mut json = String::with_capacity(data.len() + 12);
                 json.push_str(r#"{"data":"#);
@@ -347,6 +370,12 @@ pub struct Call {
     call: CallRef,
 }
 
+impl Drop for Call {
+    fn drop(&mut self) {
+        cancel_unless_ended(&self.call);
+    }
+}
+
 #[wasm_bindgen]
 impl Call {
     /// Queues one request message: an object in the method's proto3 JSON
@@ -354,7 +383,9 @@ impl Call {
     /// `StreamError` after `closeSend`, once the call has ended, or for a
     /// message of the wrong kind (code 3).
     pub fn send(&self, #[wasm_bindgen(unchecked_param_type = "CallMessage")] message: JsValue) -> Result<(), JsValue> {
-        let payload = match self.call.borrow().shape() {
+        // Not borrowed across `JSON.stringify`: a `toJSON` may use the call.
+        let shape = self.call.borrow().shape();
+        let payload = match shape {
             Shape::Bytes => match message.dyn_ref::<Uint8Array>() {
                 Some(bytes) => Payload::Proto(bytes.to_vec()),
                 None => return Err(invalid("with the proto codec a message is a Uint8Array")),
@@ -445,7 +476,7 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
             return Err(invalid("reconnect must be false or { initialDelayMs, maxDelayMs }"));
         }
     };
-    let window = option_number(options, "window")?.map_or(DEFAULT_WINDOW, |w| w.clamp(1.0, f64::from(u32::MAX)) as u32);
+    let window = window_option(options)?.unwrap_or(DEFAULT_WINDOW);
     Ok(Options {
         token,
         encoding,
@@ -460,6 +491,11 @@ fn option(options: Option<&JsValue>, name: &str) -> Option<JsValue> {
     Reflect::get(options, &JsValue::from_str(name))
         .ok()
         .filter(|value| !value.is_undefined() && !value.is_null())
+}
+
+/// `options.window`: a response window, at least 1.
+fn window_option(options: Option<&JsValue>) -> Result<Option<u32>, JsValue> {
+    Ok(option_number(options, "window")?.map(|w| w.clamp(1.0, f64::from(u32::MAX)) as u32))
 }
 
 fn option_number(options: Option<&JsValue>, name: &str) -> Result<Option<f64>, JsValue> {

@@ -28,7 +28,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::call::{self, CallRef, CallSpec, CallState};
 use crate::connection::{ConnRef, Connection};
-use crate::error::{CallStatus, code};
+use crate::error::{CallStatus, code, stream_error};
 use crate::timer::Timer;
 
 pub type SessionRef = Rc<RefCell<Session>>;
@@ -156,6 +156,12 @@ impl Session {
     pub fn socket_count(&self) -> usize {
         self.current.iter().count() + self.draining.len()
     }
+
+    fn is_current(&self, connection: &ConnRef) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|current| Rc::ptr_eq(current, connection))
+    }
 }
 
 fn open_connection(session: &SessionRef) -> Result<ConnRef, JsValue> {
@@ -199,17 +205,20 @@ pub fn start_call(session: &SessionRef, spec: CallSpec) -> CallRef {
 pub fn on_open(session: &SessionRef, connection: &ConnRef) {
     let waiter = {
         let mut state = session.borrow_mut();
-        if !state
-            .current
-            .as_ref()
-            .is_some_and(|current| Rc::ptr_eq(current, connection))
-        {
+        if !state.is_current(connection) {
             return;
         }
         state.attempt = 0;
         state.connect_waiter.take()
     };
     set_state(session, ClientState::Open);
+    // `onstatechange` may have closed the client.
+    if session.borrow().state == ClientState::Closed {
+        if let Some((_, reject)) = waiter {
+            let _ = reject.call1(&JsValue::NULL, &stream_error(code::CANCELLED, "the client was closed"));
+        }
+        return;
+    }
     loop {
         let Some(call) = session.borrow_mut().pending.pop_front() else {
             break;
@@ -223,14 +232,9 @@ pub fn on_open(session: &SessionRef, connection: &ConnRef) {
 
 /// The server is draining `connection`: open the next socket now.
 pub fn on_goaway(session: &SessionRef, connection: &ConnRef) {
-    connection.borrow_mut().draining = true;
     {
         let mut state = session.borrow_mut();
-        let is_current = state
-            .current
-            .as_ref()
-            .is_some_and(|current| Rc::ptr_eq(current, connection));
-        if !is_current || state.state == ClientState::Closed {
+        if !state.is_current(connection) || state.state == ClientState::Closed {
             return;
         }
         state.current = None;
@@ -244,11 +248,7 @@ pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
     let (state, reconnecting) = {
         let mut state = session.borrow_mut();
         state.draining.retain(|draining| !Rc::ptr_eq(draining, connection));
-        if !state
-            .current
-            .as_ref()
-            .is_some_and(|current| Rc::ptr_eq(current, connection))
-        {
+        if !state.is_current(connection) {
             return;
         }
         state.current = None;
@@ -257,8 +257,7 @@ pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
     match state {
         ClientState::Closed => {}
         ClientState::Connecting => {
-            let url = session.borrow().url.clone();
-            let status = CallStatus::new(code::UNAVAILABLE, format!("cannot connect to {url}"));
+            let status = CallStatus::new(code::UNAVAILABLE, cannot_connect(&session.borrow().url));
             if let Some((_, reject)) = session.borrow_mut().connect_waiter.take() {
                 let _ = reject.call1(&JsValue::NULL, &status.to_error());
             }
@@ -269,20 +268,28 @@ pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
             schedule_retry(session);
         }
         ClientState::Open | ClientState::Reconnecting => {
-            let url = session.borrow().url.clone();
             let message = if was_open {
-                format!("the connection to {url} closed and reconnect is off")
+                format!("the connection to {} closed and reconnect is off", session.borrow().url)
             } else {
-                format!("cannot connect to {url}")
+                cannot_connect(&session.borrow().url)
             };
-            shut(session, CallStatus::new(code::UNAVAILABLE, message));
+            // Sockets draining after a `goaway` keep their calls until they end.
+            stop_new_calls(session, CallStatus::new(code::UNAVAILABLE, message));
         }
     }
+}
+
+pub fn cannot_connect(url: &str) -> String {
+    format!("cannot connect to {url}")
 }
 
 /// Waits, then opens the next socket.
 fn schedule_retry(session: &SessionRef) {
     let mut state = session.borrow_mut();
+    // `onstatechange` may have closed the client.
+    if state.state == ClientState::Closed {
+        return;
+    }
     let backoff = state.options.reconnect.unwrap_or_default();
     let ceiling = (backoff.initial_ms * 2f64.powi(state.attempt.min(30) as i32)).min(backoff.max_ms);
     let delay = js_sys::Math::random() * ceiling;
@@ -316,6 +323,20 @@ pub fn close(session: &SessionRef) {
         session,
         CallStatus::new(code::CANCELLED, "cancelled: the client was closed"),
     );
+}
+
+/// `closed` for new calls: waiting ones end with `status`, no retry; sockets
+/// draining after a `goaway` keep their calls until those end.
+fn stop_new_calls(session: &SessionRef, status: CallStatus) {
+    let pending: Vec<CallRef> = {
+        let mut state = session.borrow_mut();
+        state.retry = None;
+        state.pending.drain(..).collect()
+    };
+    set_state(session, ClientState::Closed);
+    for call in pending {
+        call::end(&call, status.clone());
+    }
 }
 
 /// `closed`: every socket closed, every call (live or waiting) ends with `status`.
