@@ -27,7 +27,6 @@ use support::within;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -70,23 +69,6 @@ impl Pki {
         // HAProxy takes the certificate and its key in one file.
         std::fs::write(dir.join("tls/haproxy.pem"), cert.pem() + &key.serialize_pem()).unwrap();
         Pki { ca: ca.pem(), dir }
-    }
-
-    fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(self.ca.as_bytes()).unwrap())
-            .unwrap();
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        TlsConnector::from(Arc::new(config))
     }
 }
 
@@ -209,7 +191,7 @@ impl Balancer {
     async fn tls(&self, pki: &Pki, alpn: &[&[u8]]) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(self.addr()).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        pki.connector(alpn).connect(name, tcp).await
+        support::tls::connector(&pki.ca, alpn).connect(name, tcp).await
     }
 
     /// One HTTP/1.1 request over TLS; the status and the body.

@@ -487,8 +487,7 @@ async fn a_malformed_native_grpc_message_fails_its_call_with_a_message_and_other
 
 mod tls {
     use super::*;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    use tokio_rustls::TlsConnector;
+    use rustls::pki_types::ServerName;
     use tokio_rustls::rustls;
 
     /// A self-signed certificate for `localhost`, written where the server reads it.
@@ -513,20 +512,6 @@ mod tls {
         }
     }
 
-    fn connector(cert: &TestCert, alpn: &[&[u8]]) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        let der = CertificateDer::from_pem_slice(cert.pem.as_bytes()).unwrap();
-        roots.add(der).unwrap();
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        TlsConnector::from(Arc::new(config))
-    }
-
     async fn tls_stream(
         server: &TestServer,
         cert: &TestCert,
@@ -534,12 +519,13 @@ mod tls {
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let tcp = TcpStream::connect(server.addr).await.unwrap();
         let name = ServerName::try_from("localhost").unwrap();
-        within("TLS handshake", connector(cert, alpn).connect(name, tcp))
-            .await
-            .expect("TLS handshake")
+        within(
+            "TLS handshake",
+            support::tls::connector(&cert.pem, alpn).connect(name, tcp),
+        )
+        .await
+        .expect("TLS handshake")
     }
-
-    use rustls::pki_types::pem::PemObject;
 
     async fn tls_server(cert: &TestCert) -> TestServer {
         let dir = cert.dir.clone();

@@ -5,6 +5,7 @@
 
 pub mod http;
 pub mod process;
+pub mod tls;
 pub mod upstream;
 pub mod ws;
 pub mod ws2;

@@ -341,15 +341,13 @@ fn stop_new_calls(session: &SessionRef, status: CallStatus) {
 
 /// `closed`: every socket closed, every call (live or waiting) ends with `status`.
 fn shut(session: &SessionRef, status: CallStatus) {
+    stop_new_calls(session, status.clone());
     let (connections, calls) = {
         let mut state = session.borrow_mut();
-        state.retry = None;
         let mut connections: Vec<ConnRef> = state.draining.drain(..).collect();
         connections.extend(state.current.take());
-        state.pending.clear();
         (connections, std::mem::take(&mut state.calls))
     };
-    set_state(session, ClientState::Closed);
     for connection in connections {
         Connection::close(&connection, "client closed", status.clone());
     }

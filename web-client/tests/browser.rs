@@ -69,7 +69,12 @@ async fn read_all(stream: &BidiStream) -> Vec<String> {
 }
 
 async fn status_of(stream: &BidiStream) -> (i32, String) {
-    let status = settle(stream.finished()).await.expect("finished resolves");
+    status_from(stream.finished()).await
+}
+
+/// The `{ code, message }` a `finished()` promise resolves with.
+async fn status_from(finished: Promise) -> (i32, String) {
+    let status = settle(finished).await.expect("finished resolves");
     (
         field(&status, "code").as_f64().expect("code") as i32,
         field(&status, "message").as_string().expect("message"),
@@ -208,11 +213,7 @@ fn to_json(value: &JsValue) -> String {
 }
 
 async fn call_status(call: &Call) -> (i32, String) {
-    let status = settle(call.finished()).await.expect("finished resolves");
-    (
-        field(&status, "code").as_f64().expect("code") as i32,
-        field(&status, "message").as_string().expect("message"),
-    )
+    status_from(call.finished()).await
 }
 
 #[wasm_bindgen_test]

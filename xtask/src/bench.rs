@@ -63,9 +63,7 @@ pub fn run(args: &[String]) -> Result {
     if !quick || wants_grpc_go {
         harness.arg("--grpc-go").arg(build_grpc_go()?);
     }
-    if !Path::new(NGINX).exists() {
-        ensure_debian_packages(&["nginx-light"], "the nginx proxy peer")?;
-    }
+    ensure_binaries(&[(NGINX, "nginx-light")], "the nginx proxy peer")?;
     harness.arg("--nginx").arg(NGINX);
     let node_dir = root().join("bench/node");
     if which("node") && which("npm") {
@@ -125,8 +123,19 @@ fn ensure_go_packages() -> Result {
     ensure_debian_packages(&GO_PACKAGES, "the grpc-go peer")
 }
 
+/// Installs the Debian package of each `(binary, package)` whose binary is
+/// missing (a binary from another package, such as full nginx, will do).
+pub fn ensure_binaries(binaries: &[(&str, &str)], what: &str) -> Result {
+    let missing: Vec<&str> = binaries
+        .iter()
+        .filter(|(binary, _)| !Path::new(binary).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    ensure_debian_packages(&missing, what)
+}
+
 /// Installs whichever of `packages` is missing, with apt-get.
-pub fn ensure_debian_packages(packages: &[&str], what: &str) -> Result {
+fn ensure_debian_packages(packages: &[&str], what: &str) -> Result {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

@@ -111,12 +111,10 @@ fn test() -> Result {
 
 /// `cargo xtask test-deploy`: see the module documentation.
 fn test_deploy() -> Result {
-    let missing: Vec<&str> = [("/usr/sbin/nginx", "nginx-light"), ("/usr/sbin/haproxy", "haproxy")]
-        .into_iter()
-        .filter(|(binary, _)| !Path::new(binary).exists())
-        .map(|(_, package)| package)
-        .collect();
-    bench::ensure_debian_packages(&missing, "the deployment tests' load balancers")?;
+    bench::ensure_binaries(
+        &[("/usr/sbin/nginx", "nginx-light"), ("/usr/sbin/haproxy", "haproxy")],
+        "the deployment tests' load balancers",
+    )?;
     let python = python_venv()?;
     // The page and the WASM client go through the balancers too.
     web::build()?;
