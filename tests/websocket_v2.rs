@@ -7,7 +7,7 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, open_windowed, status};
+use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, status};
 use support::{TestServer, within};
 
 #[tokio::test]
@@ -95,7 +95,7 @@ const UPSTREAM_ECHO: Target = Target {
     message: |call, text| Rec::Raw {
         call,
         json: serde_json::json!({ "text": text }).to_string(),
-        proto: [&[0x0a, text.len() as u8][..], text.as_bytes()].concat(),
+        proto: string_field(text),
     },
     reply: |text| text.to_string(),
 };
@@ -196,42 +196,78 @@ async fn per_call_failures(server: &TestServer, target: &Target) {
     }
 }
 
+/// Both ways a call is answered: the built-in service on the socket's own
+/// task, and any other method as a gRPC call on the backend (here an
+/// upstream). Each flow-control rule is tried on both.
+async fn both_paths(
+    configure: fn(&mut streambridge::Config),
+) -> Vec<(TestServer, &'static Target, Option<EchoUpstream>)> {
+    let built_in = TestServer::start_with(configure).await;
+    let upstream = EchoUpstream::start().await;
+    let url: http::Uri = upstream.url().parse().unwrap();
+    let bridge = TestServer::start_with(move |config| {
+        configure(config);
+        config.upstream = Some(url);
+    })
+    .await;
+    vec![(built_in, &BUILT_IN, None), (bridge, &UPSTREAM_ECHO, Some(upstream))]
+}
+
+fn open_windowed_on(target: &Target, call: u32, window: u32) -> Rec {
+    Rec::Open {
+        call,
+        method: target.method.into(),
+        window,
+        timeout_ms: 0,
+    }
+}
+
 #[tokio::test]
 async fn response_credit_holds_replies_back_and_an_unread_call_stalls_only_itself() {
-    let server = TestServer::start().await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
-        socket.send(&[open_windowed(1, 2)]).await;
-        let five: Vec<Rec> = (0..5).map(|i| data(1, &format!("m{i}"))).collect();
-        socket.send(&five).await;
-        // A busy neighbour runs to its end while call 1 waits for credit.
-        socket.send(&[open(2), data(2, "x"), data(2, "y"), close_send(2)]).await;
-        let mut others = Vec::new();
-        let neighbour = socket.until_status(2, &mut others).await;
-        assert_eq!(messages(&neighbour), ["processed: x", "processed: y"]);
-        let held: Vec<_> = others.iter().filter(|g| g.call() == 1).cloned().collect();
-        assert_eq!(
-            messages(&held),
-            ["processed: m0", "processed: m1"],
-            "{enc:?}: only the credit"
-        );
-        // More credit releases the rest.
-        socket.send(&[Rec::Window { call: 1, n: 3 }, close_send(1)]).await;
-        let rest = socket.until_status(1, &mut Vec::new()).await;
-        assert_eq!(
-            messages(&rest),
-            ["processed: m2", "processed: m3", "processed: m4"],
-            "{enc:?}"
-        );
-        assert_eq!(status(&rest).0, 0);
+    for (server, target, _upstream) in both_paths(|_| {}).await {
+        let (message, reply) = (target.message, |texts: &[&str]| -> Vec<String> {
+            texts.iter().map(|t| (target.reply)(t)).collect()
+        });
+        for enc in Enc::BOTH {
+            let mut socket = V2::connect(&server, enc).await;
+            socket.send(&[open_windowed_on(target, 1, 2)]).await;
+            let five: Vec<Rec> = (0..5).map(|i| message(1, &format!("m{i}"))).collect();
+            socket.send(&five).await;
+            // A busy neighbour runs to its end while call 1 waits for credit.
+            socket
+                .send(&[
+                    open_windowed_on(target, 2, 0),
+                    message(2, "x"),
+                    message(2, "y"),
+                    close_send(2),
+                ])
+                .await;
+            let mut others = Vec::new();
+            let neighbour = socket.until_status(2, &mut others).await;
+            assert_eq!(messages(&neighbour), reply(&["x", "y"]));
+            let held: Vec<_> = others.iter().filter(|g| g.call() == 1).cloned().collect();
+            assert_eq!(messages(&held), reply(&["m0", "m1"]), "{enc:?}: only the credit");
+            // More credit releases the rest.
+            socket.send(&[Rec::Window { call: 1, n: 3 }, close_send(1)]).await;
+            let rest = socket.until_status(1, &mut Vec::new()).await;
+            assert_eq!(messages(&rest), reply(&["m2", "m3", "m4"]), "{enc:?}");
+            assert_eq!(status(&rest).0, 0);
+        }
     }
 }
 
 #[tokio::test]
 async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
-    let server = TestServer::start().await;
+    for (server, target, _upstream) in both_paths(|_| {}).await {
+        request_credit(&server, target).await;
+    }
+}
+
+async fn request_credit(server: &TestServer, target: &Target) {
+    let data = target.message;
+    let open_windowed = |call, window| open_windowed_on(target, call, window);
     for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
+        let mut socket = V2::connect(server, enc).await;
         // 600 requests in batches of 100, each sent only when the credit allows
         // (the replies' credit is no limit here).
         socket.send(&[open_windowed(1, 1000)]).await;
@@ -260,7 +296,7 @@ async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
         assert_eq!(status(&got).0, 0);
 
         // 257 requests at once, before any grant: the call ends with 8.
-        let mut socket = V2::connect(&server, enc).await;
+        let mut socket = V2::connect(server, enc).await;
         let mut batch = vec![open_windowed(1, 1000)];
         batch.extend((0..257).map(|i| data(1, &i.to_string())));
         socket.send(&batch).await;
@@ -327,13 +363,16 @@ fn echo(call: u32, text: &str) -> Rec {
     Rec::Raw {
         call,
         json: serde_json::json!({ "text": text, "repeat": 2 }).to_string(),
-        proto: {
-            let mut bytes = vec![0x0a, text.len() as u8];
-            bytes.extend_from_slice(text.as_bytes());
-            bytes.extend_from_slice(&[0x10, 2]);
-            bytes
-        },
+        proto: [string_field(text), vec![0x10, 2]].concat(),
     }
+}
+
+/// Field 1, a string, in protobuf.
+fn string_field(text: &str) -> Vec<u8> {
+    let mut bytes = vec![0x0a];
+    prost::encoding::encode_varint(text.len() as u64, &mut bytes);
+    bytes.extend_from_slice(text.as_bytes());
+    bytes
 }
 
 fn open_method(call: u32, method: &str, timeout_ms: u32) -> Rec {
@@ -521,65 +560,69 @@ async fn the_readme_example_health_and_data_on_one_socket() {
 #[tokio::test]
 async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() {
     // Call 1 may take one reply; its other requests wait in the socket's
-    // buffer (10 000 bytes) and fill it (tonic's encoder pulls replies ahead
-    // up to 32 KiB, so 60 KB of requests leave more than the buffer behind).
-    // Only the `window` record the client sends next can move call 1: the
-    // socket must read it.
-    let server = TestServer::start_with(|config| config.ws_socket_buffer = 10_000).await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
-        let mut batch = vec![open_windowed(1, 1)];
-        batch.extend((0..60).map(|i| data(1, &format!("{i:0>1000}"))));
-        socket.send(&batch).await;
-        let mut got = Vec::new();
-        while messages(&got).is_empty() {
-            got.extend(socket.batch().await.unwrap());
+    // buffer (10 000 bytes) and fill it (on the generic path tonic's encoder
+    // pulls replies ahead up to 32 KiB, so 60 KB of requests leave more than
+    // the buffer behind). Only the `window` record the client sends next can
+    // move call 1: the socket must read it.
+    for (server, target, _upstream) in both_paths(|config| config.ws_socket_buffer = 10_000).await {
+        for enc in Enc::BOTH {
+            let mut socket = V2::connect(&server, enc).await;
+            let mut batch = vec![open_windowed_on(target, 1, 1)];
+            batch.extend((0..60).map(|i| (target.message)(1, &format!("{i:0>1000}"))));
+            socket.send(&batch).await;
+            let mut got = Vec::new();
+            while messages(&got).is_empty() {
+                got.extend(socket.batch().await.unwrap());
+            }
+            socket.send(&[Rec::Window { call: 1, n: 100 }, close_send(1)]).await;
+            got.extend(socket.until_status(1, &mut Vec::new()).await);
+            assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
+            assert_eq!(status(&got).0, 0, "{enc:?}");
         }
-        socket.send(&[Rec::Window { call: 1, n: 100 }, close_send(1)]).await;
-        got.extend(socket.until_status(1, &mut Vec::new()).await);
-        assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
-        assert_eq!(status(&got).0, 0, "{enc:?}");
     }
 }
 
 #[tokio::test]
 async fn credit_saturates_and_a_zero_window_is_ignored() {
-    let server = TestServer::start().await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
-        socket
-            .send(&[
-                open_windowed(1, u32::MAX),
-                Rec::Window { call: 1, n: u32::MAX },
-                Rec::Window { call: 1, n: 0 },
-                data(1, "a"),
-                data(1, "b"),
-                close_send(1),
-            ])
-            .await;
-        let got = socket.until_status(1, &mut Vec::new()).await;
-        assert_eq!(messages(&got), ["processed: a", "processed: b"], "{enc:?}");
-        assert_eq!(status(&got).0, 0);
-        // A zero window grants nothing: a call opened with one reply of
-        // credit gets exactly one until real credit comes.
-        socket
-            .send(&[
-                open_windowed(2, 1),
-                Rec::Window { call: 2, n: 0 },
-                data(2, "x"),
-                data(2, "y"),
-                open(3),
-                data(3, "z"),
-                close_send(3),
-            ])
-            .await;
-        let mut others = Vec::new();
-        socket.until_status(3, &mut others).await;
-        let held: Vec<_> = others.iter().filter(|g| g.call() == 2).cloned().collect();
-        assert_eq!(messages(&held), ["processed: x"], "{enc:?}");
-        socket.send(&[Rec::Window { call: 2, n: 1 }, close_send(2)]).await;
-        let rest = socket.until_status(2, &mut Vec::new()).await;
-        assert_eq!(messages(&rest), ["processed: y"], "{enc:?}");
+    for (server, target, _upstream) in both_paths(|_| {}).await {
+        let (data, reply) = (target.message, target.reply);
+        let open_windowed = |call, window| open_windowed_on(target, call, window);
+        for enc in Enc::BOTH {
+            let mut socket = V2::connect(&server, enc).await;
+            socket
+                .send(&[
+                    open_windowed(1, u32::MAX),
+                    Rec::Window { call: 1, n: u32::MAX },
+                    Rec::Window { call: 1, n: 0 },
+                    data(1, "a"),
+                    data(1, "b"),
+                    close_send(1),
+                ])
+                .await;
+            let got = socket.until_status(1, &mut Vec::new()).await;
+            assert_eq!(messages(&got), [reply("a"), reply("b")], "{enc:?}");
+            assert_eq!(status(&got).0, 0);
+            // A zero window grants nothing: a call opened with one reply of
+            // credit gets exactly one until real credit comes.
+            socket
+                .send(&[
+                    open_windowed(2, 1),
+                    Rec::Window { call: 2, n: 0 },
+                    data(2, "x"),
+                    data(2, "y"),
+                    open_windowed(3, 0),
+                    data(3, "z"),
+                    close_send(3),
+                ])
+                .await;
+            let mut others = Vec::new();
+            socket.until_status(3, &mut others).await;
+            let held: Vec<_> = others.iter().filter(|g| g.call() == 2).cloned().collect();
+            assert_eq!(messages(&held), [reply("x")], "{enc:?}");
+            socket.send(&[Rec::Window { call: 2, n: 1 }, close_send(2)]).await;
+            let rest = socket.until_status(2, &mut Vec::new()).await;
+            assert_eq!(messages(&rest), [reply("y")], "{enc:?}");
+        }
     }
 }
 

@@ -51,7 +51,7 @@ pub struct AppState {
     data_service: bool,
     v2_settings: Arc<V2Settings>,
     /// Set by `router`: the backend WebSocket v2 calls are made on.
-    v2: Option<V2Context>,
+    v2: Option<Arc<V2Context>>,
     /// Set when the drain deadline cut a WebSocket v2 call.
     cut: Arc<AtomicBool>,
 }
@@ -144,12 +144,13 @@ impl FromRef<AppState> for ActiveCalls {
 /// content type (and path) and hands it to exactly one transport; both gRPC
 /// transports call `backend`.
 pub fn router(config: &Config, mut state: AppState, backend: Backend) -> TransportRouter {
-    state.v2 = Some(V2Context {
+    state.v2 = Some(Arc::new(V2Context {
         backend: backend.service.clone(),
         catalog: backend.catalog,
         settings: state.v2_settings.clone(),
         cut: state.cut.clone(),
-    });
+        data_service: state.data_service.then(|| state.calls.clone()),
+    }));
     let backend = backend.service;
     // Both gRPC transports reach the backend through the framing check.
     let framing = FramingSettings {

@@ -225,15 +225,19 @@ where
 /// Awaits a write to the socket, at most two ping intervals: a peer that
 /// accepts nothing for that long is gone, even if TCP keeps the connection
 /// (a zero window is answered forever). Returns whether the write completed.
-async fn written(settings: &CallSettings, write: impl Future<Output = Result<(), WsError>>) -> bool {
-    match tokio::time::timeout(settings.ping_interval * 2, write).await {
+///
+/// A plain function returning a mapped future, not an `async fn`: an async
+/// fn would keep `write` twice (its argument, and inside the timeout), and
+/// its state is part of every socket's task, idle or not.
+fn written(settings: &CallSettings, write: impl Future<Output = Result<(), WsError>>) -> impl Future<Output = bool> {
+    tokio::time::timeout(settings.ping_interval * 2, write).map(|outcome| match outcome {
         Ok(Ok(())) => true,
         Ok(Err(_)) => false,
         Err(_) => {
             tracing::debug!("peer accepted nothing for two ping intervals; cancelling the call");
             false
         }
-    }
+    })
 }
 
 /// What reading one frame led to.

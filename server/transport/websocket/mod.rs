@@ -85,7 +85,7 @@ pub struct WebSocketState {
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
     /// Protocol v2: the backend its calls are made on, and its limits.
-    pub v2: V2Context,
+    pub v2: Arc<V2Context>,
     /// Whether the built-in `DataService` runs in this process: protocol v1
     /// carries only that service, so without it a v1 upgrade is refused
     /// rather than answered by a service the server does not offer.
@@ -138,43 +138,48 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let settings = state.settings.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
-    // Only a v2 socket keeps the backend (its clone is a boxed service stack).
-    let v2 = matches!(protocol, Protocol::V2(_)).then(|| (state.v2.clone(), state.tasks.clone()));
-    state.tasks.spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(error) => return tracing::debug!(%error, "upgrade did not complete"),
-            };
-            // v2 carries records around each message: a message of the
-            // largest size fits in a WebSocket message with 64 KiB to spare.
-            let largest = match protocol {
-                Protocol::V1(_) => settings.max_message_size,
-                Protocol::V2(_) => settings.max_message_size.saturating_add(64 * 1024),
-            };
-            let config = WebSocketConfig::default()
-                .read_buffer_size(settings.read_buffer_size)
-                .write_buffer_size(settings.write_buffer_size)
-                .max_message_size(Some(largest))
-                .max_frame_size(Some(largest));
-            let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-            match protocol {
-                Protocol::V1(subprotocol) => {
-                    let mut guard = calls.enter(crate::transport::Transport::WebSocket);
-                    // Declared after the guard, so dropped before it: when the call
-                    // count drops, the connection's slot is already free.
-                    let _lease = lease;
-                    call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
-                }
-                Protocol::V2(encoding) => {
-                    let _lease = lease;
-                    let (context, tasks) = v2.expect("taken for every v2 socket");
-                    v2::run(socket, encoding, context, shutdown, tasks).await;
-                }
+    // v2 carries records around each message: a message of the largest size
+    // fits in a WebSocket message with 64 KiB to spare.
+    let largest = match protocol {
+        Protocol::V1(_) => settings.max_message_size,
+        Protocol::V2(_) => settings.max_message_size.saturating_add(64 * 1024),
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(settings.read_buffer_size)
+        .write_buffer_size(settings.write_buffer_size)
+        .max_message_size(Some(largest))
+        .max_frame_size(Some(largest));
+    // One task type per protocol: a task holds its future inline, so an idle
+    // v1 socket would otherwise be as large as a v2 socket's future.
+    match protocol {
+        Protocol::V1(subprotocol) => {
+            let socket_task = async move {
+                let Some(socket) = accept(on_upgrade, config).await else {
+                    return;
+                };
+                let mut guard = calls.enter(crate::transport::Transport::WebSocket);
+                // Declared after the guard, so dropped before it: when the call
+                // count drops, the connection's slot is already free.
+                let _lease = lease;
+                call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
             }
+            .instrument(span);
+            state.tasks.spawn(socket_task);
         }
-        .instrument(span),
-    );
+        Protocol::V2(encoding) => {
+            // Only a v2 socket keeps the backend (its clone is a boxed service stack).
+            let (context, tasks) = (state.v2.clone(), state.tasks.clone());
+            let socket_task = async move {
+                let Some(socket) = accept(on_upgrade, config).await else {
+                    return;
+                };
+                let _lease = lease;
+                v2::run(socket, encoding, context, shutdown, tasks).await;
+            }
+            .instrument(span);
+            state.tasks.spawn(socket_task);
+        }
+    }
 
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -186,6 +191,22 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol.name()));
     }
     response
+}
+
+/// The WebSocket on the upgraded connection, once hyper hands it over.
+async fn accept(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    config: WebSocketConfig,
+) -> Option<WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>> {
+    match on_upgrade.await {
+        Ok(upgraded) => {
+            Some(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
+        }
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            None
+        }
+    }
 }
 
 /// Checks that a request is a WebSocket (version 13) upgrade; returns the

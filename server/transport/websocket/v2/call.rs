@@ -40,14 +40,14 @@ use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 
 /// Request credit a call starts with (the protocol's).
-const REQUEST_WINDOW: u64 = v2::DEFAULT_WINDOW as u64;
+pub(super) const REQUEST_WINDOW: u64 = v2::DEFAULT_WINDOW as u64;
 
 /// The request credit the server keeps a call topped up to: whenever the
 /// credit left falls to half of this, a grant brings it back. With only the
 /// first 256 in flight, a browser and the server take turns (each idle while
 /// the other works through its batch); 1024 keeps both busy. Memory is
 /// bounded by the socket's byte budget (`--ws-socket-buffer`), not by this.
-const REQUEST_CREDIT: u64 = 1024;
+pub(super) const REQUEST_CREDIT: u64 = 1024;
 
 /// What a call task needs, handed over by the socket at `open`.
 pub struct CallSpec {
@@ -293,6 +293,15 @@ fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
     request.extensions_mut().insert(Transport::WebSocket);
     request.extensions_mut().insert(Authenticated);
     Ok(request)
+}
+
+/// Whether `open`'s metadata could be sent on as request headers (for
+/// calls that never become a gRPC request: the same refusals either way).
+pub(super) fn check_metadata(open: &v2::Open) -> Result<(), Status> {
+    if open.metadata.is_empty() {
+        return Ok(());
+    }
+    build_request(open).map(drop)
 }
 
 /// Headers a client may not set as metadata: HTTP's own, and gRPC's.

@@ -8,7 +8,9 @@
 //! message (never waiting for more, at most 64 KiB unless a single record is
 //! larger). Each call is a task of its own ([`call`]) making a gRPC request
 //! on the backend, the same one native gRPC uses: the bridge has no code per
-//! service.
+//! service. The one exception is the built-in `DataService` when this
+//! process runs it: its calls are answered on the socket's task itself
+//! ([`builtin`]), with no task, channel or gRPC framing per call.
 //!
 //! Bounds: request messages per call by the client's request credit (256
 //! plus what the server grants as the backend consumes them), request bytes
@@ -17,9 +19,10 @@
 //! flight to the writer by a bounded queue, live calls by `--ws-max-calls`.
 
 mod budget;
+mod builtin;
 mod call;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -40,9 +43,13 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 
 use self::budget::Budget;
+use self::builtin::BuiltinCall;
 use self::call::{Abort, CallSpec, Kind, encode};
 use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
+use crate::error::Error;
+use crate::ops::calls::ActiveCalls;
+use crate::transport::Transport;
 
 /// A batch is written once it reaches this size.
 const BATCH_BYTES: usize = 64 * 1024;
@@ -76,6 +83,9 @@ pub struct V2Context {
     pub settings: Arc<V2Settings>,
     /// Set when the drain deadline cut a call (the exit code says so).
     pub cut: Arc<AtomicBool>,
+    /// Set when this process runs the built-in `DataService`: its calls are
+    /// answered on the socket's task ([`builtin`]) and counted here.
+    pub data_service: Option<ActiveCalls>,
 }
 
 /// A request message as it came, decoded from JSON only by the call.
@@ -125,18 +135,60 @@ impl CallGauge {
     }
 }
 
-/// A call the socket knows: how to reach it and what the client may send.
+/// A call the socket knows: what the client may send, and where it goes.
 struct LiveCall {
-    /// `None` after `closeSend`.
-    requests: Option<mpsc::UnboundedSender<Payload>>,
-    response_credit: Arc<Semaphore>,
     /// Response credit given so far (saturates at 2^32-1).
     response_given: u64,
     /// Request messages received, and request credit granted beyond the first window.
     received: u64,
     granted: u64,
+    closed_send: bool,
+    route: Route,
+}
+
+/// Who answers a call.
+enum Route {
+    /// Its own task, a gRPC request on the backend ([`call`]).
+    Task(TaskCall),
+    /// The socket's task, through the processor ([`builtin`]).
+    Builtin(BuiltinCall),
+}
+
+/// The socket's side of a call running as a task.
+struct TaskCall {
+    /// `None` after `closeSend`.
+    requests: Option<mpsc::UnboundedSender<Payload>>,
+    response_credit: Arc<Semaphore>,
     abort: Abort,
     gauge: Arc<CallGauge>,
+}
+
+impl LiveCall {
+    /// Whether the socket may read past a full budget for this call: it
+    /// holds no budget, or it waits for response credit (which only a
+    /// record the socket has not read yet can give).
+    fn lets_socket_read(&self) -> bool {
+        match &self.route {
+            Route::Task(task) => {
+                task.gauge.held.load(Ordering::Acquire) == 0 || task.gauge.starved.load(Ordering::Acquire)
+            }
+            Route::Builtin(builtin) => builtin.lets_socket_read(),
+        }
+    }
+}
+
+/// The records of the next WebSocket message(s).
+#[derive(Default)]
+pub struct Batch {
+    records: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl Batch {
+    pub fn push(&mut self, record: Bytes) {
+        self.bytes += record.len();
+        self.records.push(record);
+    }
 }
 
 /// How the socket ends.
@@ -149,7 +201,7 @@ struct Closing {
 pub async fn run<S>(
     mut socket: WebSocketStream<S>,
     encoding: Encoding,
-    context: V2Context,
+    context: Arc<V2Context>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) where
@@ -163,8 +215,9 @@ pub async fn run<S>(
         last_open: 0,
         budget: Budget::new(settings.socket_buffer),
         lines: None,
-        batch: Vec::new(),
-        batch_bytes: 0,
+        batch: Batch::default(),
+        deadlines: BTreeSet::new(),
+        served: Vec::new(),
         closing: None,
         draining: false,
         over_budget: false,
@@ -176,7 +229,7 @@ pub async fn run<S>(
     let mut drain_deadline: Option<Instant> = None;
 
     loop {
-        if !state.batch.is_empty() {
+        if !state.batch.records.is_empty() {
             if !state.flush(&mut socket, &settings).await {
                 return state.cancel_all();
             }
@@ -192,6 +245,15 @@ pub async fn run<S>(
         }
         let reading = state.closing.is_none();
         let may_read = reading && state.may_read();
+        // One timer for both kinds of deadline: each timer in the `select!`
+        // below would add its size to every socket, idle or not.
+        let next_deadline = match (
+            drain_deadline.filter(|_| !state.calls.is_empty()),
+            state.deadlines.first(),
+        ) {
+            (Some(drain), Some(&(call, _))) => Some(drain.min(call)),
+            (drain, call) => drain.or(call.map(|&(at, _)| at)),
+        };
         tokio::select! {
             biased;
             _ = ping.tick() => {
@@ -206,7 +268,7 @@ pub async fn run<S>(
             }
             out = recv(&mut state.lines) => {
                 state.on_out(out);
-                while state.batch_bytes < BATCH_BYTES {
+                while state.batch.bytes < BATCH_BYTES {
                     match state.lines.as_mut().and_then(Lines::try_recv) {
                         Some(out) => state.on_out(out),
                         None => break,
@@ -243,16 +305,32 @@ pub async fn run<S>(
                     Encoding::Proto => v2::encode_record(&v2::ServerRecord { call: 0, kind: Some(v2::server_record::Kind::Goaway(message)) }),
                     Encoding::Json => v2::json::encode_server_record(0, v2::json::JsonServerKind::GoAway(&message)).into_bytes(),
                 });
-                state.push(record);
+                state.batch.push(record);
+                // The built-in service ends its calls at the drain, as it does on
+                // every transport (status 14: safe to retry elsewhere).
+                for call in state.builtin_calls() {
+                    state.fail(call, Error::ShuttingDown.into());
+                }
                 // Cut calls a little before the server's own deadline, so their status gets out.
                 let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
                 drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
             }
-            () = sleep_until(drain_deadline), if drain_deadline.is_some() && !state.calls.is_empty() => {
-                drain_deadline = None;
-                state.context.cut.store(true, Ordering::Relaxed);
-                for call in state.calls.values() {
-                    call.abort.abort(Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+            () = sleep_until(next_deadline), if next_deadline.is_some() => {
+                let now = Instant::now();
+                if drain_deadline.is_some_and(|at| at <= now) && !state.calls.is_empty() {
+                    drain_deadline = None;
+                    state.context.cut.store(true, Ordering::Relaxed);
+                    for call in state.calls.keys().copied().collect::<Vec<_>>() {
+                        state.fail(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                    }
+                }
+                while let Some(&(at, call)) = state.deadlines.first() && at <= now {
+                    state.deadlines.pop_first();
+                    let timeout_ms = match state.calls.get(&call).map(|live| &live.route) {
+                        Some(Route::Builtin(builtin)) => builtin.deadline.map_or(0, |(_, ms)| ms),
+                        _ => continue,
+                    };
+                    state.fail(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
                 }
             }
         }
@@ -292,7 +370,7 @@ enum Gone {
 
 struct Socket {
     encoding: Encoding,
-    context: V2Context,
+    context: Arc<V2Context>,
     calls: HashMap<u32, LiveCall>,
     last_open: u32,
     budget: Budget,
@@ -300,8 +378,11 @@ struct Socket {
     /// socket holds no channel.
     lines: Option<Lines>,
     /// Records of the next batch.
-    batch: Vec<Bytes>,
-    batch_bytes: usize,
+    batch: Batch,
+    /// When the built-in calls' deadlines pass (the generic calls keep their own).
+    deadlines: BTreeSet<(Instant, u32)>,
+    /// Built-in calls served while applying the current incoming batch.
+    served: Vec<u32>,
     /// Set by a socket error: no more reading; close once the calls are done.
     closing: Option<Closing>,
     /// `goaway` sent.
@@ -316,39 +397,117 @@ impl Socket {
     /// holding it waits for response credit (only a `window` record, which
     /// is still unread, can move them: not reading would wait forever).
     fn may_read(&self) -> bool {
-        self.budget.has_room()
-            || self
-                .calls
-                .values()
-                .filter(|call| call.gauge.held.load(Ordering::Acquire) > 0)
-                .all(|call| call.gauge.starved.load(Ordering::Acquire))
-    }
-
-    fn push(&mut self, record: Bytes) {
-        self.batch_bytes += record.len();
-        self.batch.push(record);
+        self.budget.has_room() || self.calls.values().all(LiveCall::lets_socket_read)
     }
 
     fn on_out(&mut self, out: Out) {
         match out {
-            Out::Record(record) => self.push(record),
+            Out::Record(record) => self.batch.push(record),
             Out::Records(records) => {
                 for record in records {
-                    self.push(record);
+                    self.batch.push(record);
                 }
             }
             Out::Status { call, record } => {
                 self.calls.remove(&call);
-                self.push(record);
+                self.batch.push(record);
             }
             Out::Grant { call, amount, record } => {
                 // A call that ended takes no more grants: its status was its last record.
                 if let Some(live) = self.calls.get_mut(&call) {
                     live.granted += u64::from(amount);
-                    self.push(record);
+                    self.batch.push(record);
                 }
             }
         }
+    }
+
+    /// Ends `call` with `status`: a task call is told to (it sends its
+    /// replies already due, then the status); a built-in call ends here.
+    fn fail(&mut self, call: u32, status: Status) {
+        let Some(live) = self.calls.get(&call) else { return };
+        if let Route::Task(task) = &live.route {
+            task.abort.abort(status);
+            return;
+        }
+        let Some(LiveCall {
+            route: Route::Builtin(builtin),
+            ..
+        }) = self.calls.remove(&call)
+        else {
+            unreachable!("the call was just seen to be built-in")
+        };
+        self.end_builtin(call, builtin, status);
+    }
+
+    fn end_builtin(&mut self, call: u32, builtin: BuiltinCall, status: Status) {
+        if let Some((at, _)) = builtin.deadline {
+            self.deadlines.remove(&(at, call));
+        }
+        builtin.finish(&status, &self.budget);
+        self.batch.push(encode(
+            self.encoding,
+            call,
+            Kind::Status(call::to_record_status(&status)),
+        ));
+    }
+
+    /// Lets a built-in call answer what it may; a request that does not
+    /// decode ends it. What else follows is settled once the whole incoming
+    /// batch is applied ([`Socket::settle`]).
+    fn serve(&mut self, call: u32) {
+        let Some(live) = self.calls.get_mut(&call) else { return };
+        let Route::Builtin(builtin) = &mut live.route else {
+            return;
+        };
+        match builtin.serve(call, self.encoding, &self.budget, &mut self.batch) {
+            Ok(()) => {
+                if self.served.last() != Some(&call) {
+                    self.served.push(call);
+                }
+            }
+            Err(status) => self.fail(call, status),
+        }
+    }
+
+    /// After an incoming batch: the built-in calls served during it count
+    /// the request credit they granted (its `window` records go out before
+    /// the socket reads again, so the client's next messages may use it),
+    /// and those with nothing left to answer after `closeSend` end with OK.
+    /// Not earlier: a message behind the `closeSend` in the same batch must
+    /// still meet a live call (and end it with 3).
+    fn settle(&mut self) {
+        for call in std::mem::take(&mut self.served) {
+            let Some(live) = self.calls.get_mut(&call) else {
+                continue;
+            };
+            let Route::Builtin(builtin) = &mut live.route else {
+                continue;
+            };
+            live.granted += builtin.take_unsent_grants();
+            if builtin.is_done() {
+                self.end_builtin_ok(call);
+            }
+        }
+    }
+
+    fn end_builtin_ok(&mut self, call: u32) {
+        let Some(LiveCall {
+            route: Route::Builtin(builtin),
+            ..
+        }) = self.calls.remove(&call)
+        else {
+            return;
+        };
+        self.end_builtin(call, builtin, Status::ok(""));
+    }
+
+    fn builtin_calls(&self) -> Vec<u32> {
+        self.calls
+            .iter()
+            .filter(|(_, live)| matches!(live.route, Route::Builtin(_)))
+            .map(|(call, _)| *call)
+            .collect()
     }
 
     /// Writes the gathered records, 64 KiB per WebSocket message.
@@ -356,8 +515,7 @@ impl Socket {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let records = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
+        let records = std::mem::take(&mut self.batch).records;
         let mut start = 0;
         while start < records.len() {
             let mut end = start + 1;
@@ -407,6 +565,7 @@ impl Socket {
                             break;
                         }
                     }
+                    self.settle();
                 }
                 Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
             },
@@ -417,6 +576,7 @@ impl Socket {
                             break;
                         }
                     }
+                    self.settle();
                 }
                 Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
             },
@@ -494,22 +654,34 @@ impl Socket {
             Incoming::Open(open) => return self.open(call, open),
             Incoming::Message(payload) => self.message(call, payload),
             Incoming::CloseSend => {
-                if let Some(live) = self.calls.get_mut(&call)
-                    && live.requests.take().is_none()
-                {
-                    live.abort.abort(Status::invalid_argument("closeSend after closeSend"));
+                let Some(live) = self.calls.get_mut(&call) else {
+                    return true;
+                };
+                if std::mem::replace(&mut live.closed_send, true) {
+                    self.fail(call, Status::invalid_argument("closeSend after closeSend"));
+                    return true;
+                }
+                match &mut live.route {
+                    Route::Task(task) => task.requests = None,
+                    Route::Builtin(builtin) => {
+                        builtin.close_send();
+                        self.serve(call);
+                    }
                 }
             }
-            Incoming::Cancel => {
-                if let Some(live) = self.calls.get(&call) {
-                    live.abort.abort(Status::cancelled("cancelled by the client"));
-                }
-            }
+            Incoming::Cancel => self.fail(call, Status::cancelled("cancelled by the client")),
             Incoming::Window(window) => {
-                if let Some(live) = self.calls.get_mut(&call) {
-                    let add = u64::from(window).min(u64::from(u32::MAX) - live.response_given);
-                    live.response_given += add;
-                    live.response_credit.add_permits(add as usize);
+                let Some(live) = self.calls.get_mut(&call) else {
+                    return true;
+                };
+                let add = u64::from(window).min(u64::from(u32::MAX) - live.response_given);
+                live.response_given += add;
+                match &mut live.route {
+                    Route::Task(task) => task.response_credit.add_permits(add as usize),
+                    Route::Builtin(builtin) => {
+                        builtin.add_credit(add);
+                        self.serve(call);
+                    }
                 }
             }
         }
@@ -540,31 +712,51 @@ impl Socket {
         } else {
             None
         };
-        if let Some(status) = refusal {
-            let record = encode(self.encoding, call, Kind::Status(call::to_record_status(&status)));
-            self.push(record);
-            return true;
-        }
-        let (requests_tx, requests) = mpsc::unbounded_channel();
         let response_window = if open.window == 0 {
             v2::DEFAULT_WINDOW
         } else {
             open.window
         };
+        let builtin = match &self.context.data_service {
+            Some(calls) if open.method == builtin::METHOD => Some(calls),
+            _ => None,
+        };
+        let refusal = refusal.or_else(|| builtin.and_then(|_| call::check_metadata(&open).err()));
+        if let Some(status) = refusal {
+            let record = encode(self.encoding, call, Kind::Status(call::to_record_status(&status)));
+            self.batch.push(record);
+            return true;
+        }
+        let live = |route| LiveCall {
+            response_given: u64::from(response_window),
+            received: 0,
+            granted: 0,
+            closed_send: false,
+            route,
+        };
+        if let Some(calls) = builtin {
+            let deadline = (open.timeout_ms > 0).then(|| {
+                let at = Instant::now() + Duration::from_millis(open.timeout_ms.into());
+                self.deadlines.insert((at, call));
+                (at, open.timeout_ms)
+            });
+            let guard = calls.enter(Transport::WebSocket);
+            let builtin = BuiltinCall::new(response_window, deadline, guard);
+            self.calls.insert(call, live(Route::Builtin(builtin)));
+            return true;
+        }
+        let (requests_tx, requests) = mpsc::unbounded_channel();
         let response_credit = Arc::new(Semaphore::new(response_window as usize));
         let abort = Abort::default();
         let gauge = Arc::new(CallGauge::default());
         self.calls.insert(
             call,
-            LiveCall {
+            live(Route::Task(TaskCall {
                 requests: Some(requests_tx),
                 response_credit: response_credit.clone(),
-                response_given: u64::from(response_window),
-                received: 0,
-                granted: 0,
                 abort: abort.clone(),
                 gauge: gauge.clone(),
-            },
+            })),
         );
         let lines = self.lines.get_or_insert_with(Lines::new);
         let spec = CallSpec {
@@ -589,42 +781,51 @@ impl Socket {
     fn message(&mut self, call: u32, payload: Payload) {
         let max = self.context.settings.max_message_size;
         let Some(live) = self.calls.get_mut(&call) else { return };
-        let Some(requests) = &live.requests else {
-            live.abort.abort(Status::invalid_argument("message after closeSend"));
-            return;
-        };
-        if payload.len() > max {
-            live.abort.abort(Status::resource_exhausted(format!(
+        let refusal = if live.closed_send {
+            Some(Status::invalid_argument("message after closeSend"))
+        } else if payload.len() > max {
+            Some(Status::resource_exhausted(format!(
                 "a request message of {} bytes is larger than --max-message-size ({max})",
                 payload.len()
-            )));
-            return;
+            )))
+        } else {
+            live.received += 1;
+            let credit = u64::from(v2::DEFAULT_WINDOW) + live.granted;
+            if live.received > credit {
+                Some(Status::resource_exhausted(format!(
+                    "the client sent {} request messages on a credit of {credit}: wait for window records",
+                    live.received
+                )))
+            } else if self.over_budget {
+                // Read only so that `window` records could get through: a message
+                // now would grow the buffer past its bound.
+                Some(Status::resource_exhausted(
+                    "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
+                     and every call holding it waited for response credit: grant credit (window) first",
+                ))
+            } else {
+                None
+            }
+        };
+        if let Some(status) = refusal {
+            return self.fail(call, status);
         }
-        live.received += 1;
-        let credit = u64::from(v2::DEFAULT_WINDOW) + live.granted;
-        if live.received > credit {
-            live.abort.abort(Status::resource_exhausted(format!(
-                "the client sent {} request messages on a credit of {credit}: wait for window records",
-                live.received
-            )));
-            return;
-        }
-        if self.over_budget {
-            // Read only so that `window` records could get through: a message
-            // now would grow the buffer past its bound.
-            live.abort.abort(Status::resource_exhausted(
-                "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
-                 and every call holding it waited for response credit: grant credit (window) first",
-            ));
-            return;
-        }
-        let len = payload.len();
-        self.budget.take(len);
-        live.gauge.held.fetch_add(len, Ordering::AcqRel);
-        if requests.send(payload).is_err() {
-            // The call stopped reading (it is ending): the message is dropped with it.
-            self.budget.give_back(len);
-            live.gauge.consumed(len);
+        match &mut live.route {
+            Route::Task(task) => {
+                let Some(requests) = &task.requests else { return };
+                let len = payload.len();
+                self.budget.take(len);
+                task.gauge.held.fetch_add(len, Ordering::AcqRel);
+                if requests.send(payload).is_err() {
+                    // The call stopped reading (it is ending): the message is dropped with it.
+                    self.budget.give_back(len);
+                    task.gauge.consumed(len);
+                }
+            }
+            Route::Builtin(builtin) => {
+                builtin.push(payload, &self.budget);
+                self.serve(call);
+            }
         }
     }
 
@@ -632,8 +833,8 @@ impl Socket {
     /// the socket closes with `close`.
     fn socket_error(&mut self, code: Code, message: String, close: CloseCode) {
         tracing::debug!(%message, ?close, "v2 socket error");
-        for live in self.calls.values() {
-            live.abort.abort(Status::new(code, message.clone()));
+        for call in self.calls.keys().copied().collect::<Vec<_>>() {
+            self.fail(call, Status::new(code, message.clone()));
         }
         let mut reason = message;
         // A close reason is at most 123 bytes.
@@ -652,7 +853,10 @@ impl Socket {
     /// The peer is gone: every call is cancelled, nothing more is written.
     fn cancel_all(self) {
         for live in self.calls.values() {
-            live.abort.abort(Status::cancelled("the client went away"));
+            // Built-in calls end as they are dropped (their guard records CANCELLED).
+            if let Route::Task(task) = &live.route {
+                task.abort.abort(Status::cancelled("the client went away"));
+            }
         }
     }
 }

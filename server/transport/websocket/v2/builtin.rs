@@ -1,0 +1,260 @@
+//! Calls to the built-in `DataService`, answered on the socket's own task.
+//!
+//! The generic path ([`super::call`]) makes each call a gRPC request on the
+//! backend: a task and two channels per call, tonic's framing both ways and,
+//! for JSON, transcoding through the method's descriptors. For the built-in
+//! service none of that buys anything: the socket hands each request
+//! straight to the [processor](crate::backend::processor), as protocol v1
+//! does. A call is then a few words in the socket's call table (an idle one
+//! holds no task, no channel, no buffer) and a message costs its decode, the
+//! reply and its encode.
+//!
+//! The rules are the protocol's, the same on both paths: response credit
+//! holds replies back (the requests wait, in order, counted against the
+//! socket's byte budget), request credit is topped up as requests are
+//! answered, every call ends with one `status`. `tests/websocket_v2.rs`
+//! runs each rule through this path and through the generic one.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use bytes::Bytes;
+use prost::Message;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use streambridge_protocol::StreamRequest;
+use streambridge_protocol::v2::Encoding;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::budget::Budget;
+use super::call::{Kind, REQUEST_CREDIT, REQUEST_WINDOW, encode};
+use super::{Batch, Payload};
+use crate::backend::processor;
+use crate::ops::calls::CallGuard;
+
+/// The built-in method's path, as clients name it in `open`.
+pub const METHOD: &str = "/DataService/BidirectionalStream";
+
+/// One live call to the built-in service.
+pub struct BuiltinCall {
+    /// Requests received and not yet answered: they wait for response credit.
+    waiting: VecDeque<Payload>,
+    /// Replies the client takes before it grants more.
+    credit: u64,
+    /// Requests answered.
+    answered: u64,
+    /// Request credit given: the first window plus every grant.
+    given: u64,
+    /// Grants made since the socket last asked (their `window` records are
+    /// in the batch, not yet on the wire: the client cannot have used them).
+    unsent_grants: u64,
+    /// The client sent `closeSend`: the call ends once `waiting` is empty.
+    closed_send: bool,
+    /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
+    pub deadline: Option<(Instant, u32)>,
+    /// Counts the call and its messages until it ends.
+    guard: CallGuard,
+}
+
+impl BuiltinCall {
+    pub fn new(response_window: u32, deadline: Option<(Instant, u32)>, guard: CallGuard) -> BuiltinCall {
+        BuiltinCall {
+            waiting: VecDeque::new(),
+            credit: response_window.into(),
+            answered: 0,
+            given: REQUEST_WINDOW,
+            unsent_grants: 0,
+            closed_send: false,
+            deadline,
+            guard,
+        }
+    }
+
+    /// A request message, taken from the socket's budget until it is answered.
+    pub fn push(&mut self, payload: Payload, budget: &Budget) {
+        budget.take(payload.len());
+        self.waiting.push_back(payload);
+    }
+
+    pub fn close_send(&mut self) {
+        self.closed_send = true;
+    }
+
+    pub fn add_credit(&mut self, credit: u64) {
+        self.credit += credit;
+    }
+
+    /// Whether the call holds no budget, or holds it only for want of
+    /// response credit (see `LiveCall::lets_socket_read`).
+    pub fn lets_socket_read(&self) -> bool {
+        self.waiting.is_empty() || self.credit == 0
+    }
+
+    /// Answers waiting requests while the response credit lasts, each reply
+    /// and any grant of request credit going into `batch`. An error is the
+    /// call's end: its status record is for the caller to send.
+    pub fn serve(&mut self, call: u32, encoding: Encoding, budget: &Budget, batch: &mut Batch) -> Result<(), Status> {
+        while self.credit > 0 {
+            let Some(payload) = self.waiting.pop_front() else { break };
+            budget.give_back(payload.len());
+            let request = decode(payload)?;
+            self.guard.metrics().message_received();
+            let reply = processor::reply(request);
+            let kind = match encoding {
+                Encoding::Proto => Kind::Message(Bytes::from(reply.encode_to_vec())),
+                Encoding::Json => Kind::JsonMessage(reply_json(&reply.result)),
+            };
+            batch.push(encode(encoding, call, kind));
+            self.guard.metrics().message_sent();
+            self.credit -= 1;
+            self.answered += 1;
+            // Top the request credit up once half of it is used up (as the generic path does).
+            let left = self.given - self.answered;
+            if left <= REQUEST_CREDIT / 2 {
+                let grant = REQUEST_CREDIT - left;
+                self.given += grant;
+                self.unsent_grants += grant;
+                batch.push(encode(encoding, call, Kind::Window(grant as u32)));
+            }
+        }
+        if self.waiting.is_empty() {
+            // Idle until the client sends more: a good moment to publish the counts.
+            self.guard.metrics().publish();
+        }
+        Ok(())
+    }
+
+    /// The request credit granted since the last call, now that the batch
+    /// carrying it is about to be written.
+    pub fn take_unsent_grants(&mut self) -> u64 {
+        std::mem::take(&mut self.unsent_grants)
+    }
+
+    /// Whether the call is done: the client closed its side and every
+    /// request has its reply.
+    pub fn is_done(&self) -> bool {
+        self.closed_send && self.waiting.is_empty()
+    }
+
+    /// Ends the call with `status`: requests still waiting are dropped and
+    /// give their bytes back.
+    pub fn finish(mut self, status: &Status, budget: &Budget) {
+        for payload in self.waiting.drain(..) {
+            budget.give_back(payload.len());
+        }
+        self.guard.set_code(status.code() as i32);
+    }
+}
+
+/// A request message in the socket's encoding.
+fn decode(payload: Payload) -> Result<StreamRequest, Status> {
+    match payload {
+        Payload::Proto(bytes) => StreamRequest::decode(bytes)
+            .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))),
+        Payload::Json(text) => {
+            let mut deserializer = serde_json::Deserializer::from_str(&text);
+            deserializer
+                .deserialize_map(RequestVisitor)
+                .and_then(|request| deserializer.end().map(|()| request))
+                .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in JSON: {e}")))
+        }
+    }
+}
+
+/// `StreamRequest` in proto3 JSON: an object whose `data` is a string or
+/// null (the default); other fields are ignored, as the generic path's
+/// transcoder does. Written out rather than derived so that only an object
+/// is accepted (serde's derive would take an array too).
+struct RequestVisitor;
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = StreamRequest;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a StreamRequest object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamRequest, A::Error> {
+        let mut data: Option<String> = None;
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Data if data.is_some() => return Err(de::Error::duplicate_field("data")),
+                Field::Data => data = Some(map.next_value::<Option<String>>()?.unwrap_or_default()),
+                Field::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(StreamRequest {
+            data: data.unwrap_or_default(),
+        })
+    }
+}
+
+/// A key of a `StreamRequest` object, read without allocating.
+enum Field {
+    Data,
+    Other,
+}
+
+impl<'de> de::Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Field, D::Error> {
+        struct FieldVisitor;
+        impl Visitor<'_> for FieldVisitor {
+            type Value = Field;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Field, E> {
+                Ok(if name == "data" { Field::Data } else { Field::Other })
+            }
+        }
+        deserializer.deserialize_identifier(FieldVisitor)
+    }
+}
+
+/// `StreamResponse { result }` in proto3 JSON.
+fn reply_json(result: &str) -> String {
+    let mut json = String::with_capacity(result.len() + 16);
+    json.push_str("{\"result\":");
+    json.push_str(&serde_json::to_string(result).expect("a string serialises"));
+    json.push('}');
+    json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> Result<String, String> {
+        decode(Payload::Json(text.into()))
+            .map(|r| r.data)
+            .map_err(|s| s.message().to_string())
+    }
+
+    #[test]
+    fn json_requests_follow_proto3_json() {
+        assert_eq!(json(r#"{"data":"hi"}"#), Ok("hi".into()));
+        assert_eq!(json(r#"{"data":"\u00fc\n"}"#), Ok("ü\n".into()));
+        assert_eq!(json(r#"{"data":null}"#), Ok(String::new()));
+        assert_eq!(json(r#"{}"#), Ok(String::new()));
+        assert_eq!(json(r#"{"other":[1,{"x":2}],"data":"a"}"#), Ok("a".into()));
+        for bad in [
+            r#"{"data":5}"#,
+            r#"["a"]"#,
+            r#""a""#,
+            r#"{"data":"a","data":"b"}"#,
+            r#"{"data":"a"} x"#,
+        ] {
+            assert!(json(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn replies_are_escaped_json() {
+        let reply: serde_json::Value = serde_json::from_str(&reply_json("processed: \"q\"\n")).unwrap();
+        assert_eq!(reply, serde_json::json!({ "result": "processed: \"q\"\n" }));
+    }
+}
