@@ -307,10 +307,32 @@ async fn bench_server(
                     codec,
                     sockets: 200,
                     calls: 10,
-                    window: 8,
+                    pacing: WsPacing::Window(8),
                 };
                 if timing.selects(&load.name()) {
                     outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                }
+                // At exactly the rate v1's fixed-rate scenario was offered this
+                // round, so CPU per message compares at one message rate.
+                let v1_rate = outcomes
+                    .iter()
+                    .rev()
+                    .find(|o| {
+                        o.server == Some(server)
+                            && o.payload_bytes == payload
+                            && o.scenario == format!("ws-{} 200 fixed-rate", codec.name())
+                    })
+                    .and_then(|o| o.offered_msgs_per_sec);
+                let load = Load::WsV2 {
+                    codec,
+                    sockets: 200,
+                    calls: 10,
+                    pacing: WsPacing::Rate(v1_rate.unwrap_or(0.0)),
+                };
+                if let Some(rate) = v1_rate
+                    && timing.selects(&load.name())
+                {
+                    outcomes.push(measure_load(&running, load, payload, timing, Some(rate)).await);
                 }
             }
         }

@@ -444,6 +444,20 @@ pub fn checks(outcomes: &[Outcome]) -> Vec<Check> {
                     &|r| r <= 0.6,
                 );
             }
+            let v2_rate = format!("ws2-{codec} 200x10 fixed-rate");
+            if let (Some(v2_row), Some(v1_row)) = (
+                find(outcomes, &v2_rate, p, Streambridge),
+                find(outcomes, &format!("ws-{codec} 200 fixed-rate"), p, Streambridge),
+            ) {
+                push(
+                    format!(
+                        "{v2_rate} {p} B: server CPU/msg ≤ 0.6x v1 at the same offered rate (ws-{codec} 200 fixed-rate)"
+                    ),
+                    ratio(v2_row.server_cpu_us_per_msg, v1_row.server_cpu_us_per_msg),
+                    "x",
+                    &|r| r <= 0.6,
+                );
+            }
         }
     }
     for o in outcomes

@@ -53,12 +53,13 @@ pub enum Load {
     },
     /// gRPC-Web over HTTP/1.1: `connections` clients making 10-message calls.
     GrpcWeb { connections: usize },
-    /// WebSocket protocol v2: `sockets` sockets x `calls` calls, `window` in flight each.
+    /// WebSocket protocol v2: `sockets` sockets x `calls` calls, each with
+    /// `Window(n)` in flight, or all together at `Rate(messages per second)`.
     WsV2 {
         codec: Codec,
         sockets: usize,
         calls: u32,
-        window: usize,
+        pacing: WsPacing,
     },
 }
 
@@ -114,8 +115,14 @@ impl Load {
                 codec,
                 sockets,
                 calls,
-                window,
+                pacing: WsPacing::Window(window),
             } => format!("ws2-{} {sockets}x{calls}x{window}", codec.name()),
+            Load::WsV2 {
+                codec,
+                sockets,
+                calls,
+                pacing: WsPacing::Rate(_),
+            } => format!("ws2-{} {sockets}x{calls} fixed-rate", codec.name()),
         }
     }
 }
@@ -218,19 +225,28 @@ async fn start_tasks(
             codec,
             sockets,
             calls,
-            window,
+            pacing,
         } => {
             let opened: Vec<_> = stream::iter(0..sockets)
                 .map(|_| ws2_load::connect(addr, codec))
                 .buffer_unordered(SETUP_CONCURRENCY)
                 .try_collect()
                 .await?;
-            for socket in opened {
+            for (index, socket) in opened.into_iter().enumerate() {
+                let pacing = match pacing {
+                    WsPacing::Window(window) => Pacing::Window(window),
+                    WsPacing::Rate(rate) => {
+                        // Each tick sends one message on every call of the socket.
+                        let interval = Duration::from_secs_f64(sockets as f64 * f64::from(calls) / rate);
+                        let offset = interval.mul_f64(index as f64 / sockets as f64);
+                        Pacing::Rate { interval, offset }
+                    }
+                };
                 tasks.push(tokio::spawn(ws2_load::drive(
                     socket,
                     codec,
                     calls,
-                    window,
+                    pacing,
                     payload,
                     control.clone(),
                 )));

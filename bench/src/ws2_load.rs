@@ -5,7 +5,10 @@
 //! `window` requests in flight on each, sends everything it has to send in
 //! one WebSocket message, and reads every batch that is ready before it
 //! refills, granting response credit as replies arrive, as a browser
-//! client of v2 does. Replies are matched to their call and checked.
+//! client of v2 does. Replies are matched to their call and checked. In
+//! fixed-rate mode each tick sends one message on every call, in one
+//! WebSocket message, and latency counts from the tick's intended time (as
+//! `ws_load` does: no coordinated omission).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -18,11 +21,15 @@ use streambridge_protocol::{StreamRequest, StreamResponse};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::measure::{Control, TaskStats, payload};
-use crate::ws_load::{self, Codec, Socket};
+use crate::ws_load::{self, Codec, Pacing, Socket};
 
 const METHOD: &str = "/DataService/BidirectionalStream";
 /// Response credit each call opens with, and what it grants back per batch read.
 const RESPONSE_WINDOW: u32 = 1024;
+/// In fixed-rate mode, a call with this many requests unanswered waits for
+/// replies before its socket sends more (the wait is still charged); below
+/// the request credit the server starts every call with.
+const RATE_MODE_MAX_IN_FLIGHT: usize = 200;
 
 pub fn subprotocol(codec: Codec) -> &'static str {
     match codec {
@@ -186,7 +193,7 @@ pub async fn drive(
     mut socket: Socket,
     codec: Codec,
     calls: u32,
-    window: usize,
+    pacing: Pacing,
     payload_size: usize,
     control: Control,
 ) -> Result<TaskStats, String> {
@@ -201,24 +208,55 @@ pub async fn drive(
         batch.open(call);
     }
     let mut verified = false;
+    let (window, mut next_send) = match pacing {
+        Pacing::Window(window) => (window, None),
+        Pacing::Rate { interval, offset } => (RATE_MODE_MAX_IN_FLIGHT, Some((Instant::now() + offset, interval))),
+    };
     loop {
         let sending = !control.stopped();
         if !sending && in_flight.iter().all(VecDeque::is_empty) {
             break;
         }
-        if sending {
-            let now = Instant::now();
-            for (index, queue) in in_flight.iter_mut().enumerate() {
-                while queue.len() < window {
-                    batch.message(index as u32 + 1);
-                    queue.push_back(now);
+        let first = match &mut next_send {
+            None => {
+                if sending {
+                    let now = Instant::now();
+                    for (index, queue) in in_flight.iter_mut().enumerate() {
+                        while queue.len() < window {
+                            batch.message(index as u32 + 1);
+                            queue.push_back(now);
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    socket.send(batch.take()).await.map_err(write_error)?;
+                }
+                socket.next().await
+            }
+            Some((due, interval)) => {
+                if !batch.is_empty() {
+                    socket.send(batch.take()).await.map_err(write_error)?;
+                }
+                let may_send = sending && in_flight.iter().all(|queue| queue.len() < window);
+                tokio::select! {
+                    biased;
+                    message = socket.next() => message,
+                    () = tokio::time::sleep_until((*due).into()), if may_send => {
+                        let now = Instant::now();
+                        while *due <= now && in_flight.iter().all(|queue| queue.len() < window) {
+                            for (index, queue) in in_flight.iter_mut().enumerate() {
+                                batch.message(index as u32 + 1);
+                                queue.push_back(*due);
+                            }
+                            *due += *interval;
+                        }
+                        socket.send(batch.take()).await.map_err(write_error)?;
+                        continue;
+                    }
                 }
             }
-        }
-        if !batch.is_empty() {
-            socket.send(batch.take()).await.map_err(write_error)?;
-        }
-        let mut next = socket.next().await;
+        };
+        let mut next = first;
         loop {
             let message = match next {
                 Some(Ok(message)) => message,

@@ -23,6 +23,7 @@ use crate::backend::{Backend, Services};
 use crate::config::{Config, ConfigError};
 use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
+use crate::ops::shutdown::Drain;
 use crate::policy::auth::Auth;
 use crate::policy::origin::OriginPolicy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
@@ -45,6 +46,8 @@ pub struct AppState {
     websocket: Arc<CallSettings>,
     auth: Auth,
     shutdown: CancellationToken,
+    /// The drain as calls watch it (follows `shutdown`).
+    drain: Drain,
     tasks: TaskTracker,
     /// Whether the built-in `DataService` is served in process (WebSocket
     /// protocol v1 needs it).
@@ -59,7 +62,9 @@ pub struct AppState {
 impl AppState {
     /// The state for `config`; fails if the token file cannot be read.
     pub fn new(config: &Config) -> Result<AppState, ConfigError> {
+        let shutdown = CancellationToken::new();
         Ok(AppState {
+            drain: Drain::follow(&shutdown),
             calls: ActiveCalls::default(),
             origins: OriginPolicy::new(&config.allowed_origins),
             websocket: Arc::new(CallSettings {
@@ -71,7 +76,7 @@ impl AppState {
                 ping_interval: config.ws_ping_interval,
             }),
             auth: Auth::new(config.bearer_token()?),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: TaskTracker::new(),
             data_service: true,
             v2_settings: Arc::new(V2Settings {
@@ -99,7 +104,7 @@ impl AppState {
     fn add_data_service(&self, services: &mut Services, config: &Config) {
         services.add(GrpcDataService::server(
             self.calls.clone(),
-            self.shutdown.clone(),
+            self.drain.clone(),
             config.max_message_size,
         ));
         services.register_file_descriptor_set(health::FILE_DESCRIPTOR_SET);
@@ -114,6 +119,7 @@ impl FromRef<AppState> for WebSocketState {
             settings: state.websocket.clone(),
             auth: state.auth.clone(),
             shutdown: state.shutdown.clone(),
+            drain: state.drain.clone(),
             tasks: state.tasks.clone(),
             v2: state.v2.clone().expect("the router sets the backend before serving"),
             v1_available: state.data_service,

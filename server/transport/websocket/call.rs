@@ -30,14 +30,13 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, Pro
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
-use tokio_util::sync::CancellationToken;
 
 use super::queue::{RequestQueue, request_queue};
 use crate::backend::processor;
 use crate::error::Error;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;
-use crate::ops::shutdown::DrainCheck;
+use crate::ops::shutdown::{Drain, DrainCheck};
 
 /// The limits and buffer sizes of a WebSocket call (from [`crate::Config`]).
 #[derive(Clone, Debug)]
@@ -86,12 +85,12 @@ pub async fn run<S>(
     mut socket: WebSocketStream<S>,
     subprotocol: Subprotocol,
     settings: &CallSettings,
-    shutdown: CancellationToken,
+    drain: &Drain,
     guard: &mut CallGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match exchange(&mut socket, subprotocol, settings, &shutdown, guard.metrics()).await {
+    match exchange(&mut socket, subprotocol, settings, drain, guard.metrics()).await {
         Ending::Cancelled => tracing::debug!("client left without closeSend; call cancelled"),
         Ending::Finish {
             failure,
@@ -129,7 +128,7 @@ async fn exchange<S>(
     socket: &mut WebSocketStream<S>,
     subprotocol: Subprotocol,
     settings: &CallSettings,
-    shutdown: &CancellationToken,
+    drain: &Drain,
     counters: &StreamMetrics,
 ) -> Ending
 where
@@ -140,7 +139,7 @@ where
     let mut input = Input::Open(queue);
     let mut failure = None;
     let mut framing_intact = true;
-    let mut drain = DrainCheck::new(shutdown);
+    let mut drain = DrainCheck::new(drain);
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     // Delay, not burst: after a long blocked write the next ping waits a full
     // interval, so a slow but live peer is not judged on ticks it could not see.
@@ -434,6 +433,7 @@ mod tests {
     use crate::transport::Transport;
     use tokio::io::DuplexStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_util::sync::CancellationToken;
 
     const PING: Duration = Duration::from_secs(30);
 
@@ -462,7 +462,7 @@ mod tests {
             server,
             Subprotocol::Json,
             &settings,
-            CancellationToken::new(),
+            &Drain::follow(&CancellationToken::new()),
             &mut guard,
         )
         .await;

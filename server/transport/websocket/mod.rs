@@ -36,6 +36,7 @@ use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::ops::calls::ActiveCalls;
+use crate::ops::shutdown::Drain;
 use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX};
 use crate::policy::origin::OriginPolicy;
 
@@ -82,6 +83,8 @@ pub struct WebSocketState {
     pub auth: Auth,
     /// Fires when the server starts draining.
     pub shutdown: CancellationToken,
+    /// The drain as v1 calls watch it.
+    pub drain: Drain,
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
     /// Protocol v2: the backend its calls are made on, and its limits.
@@ -138,6 +141,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let settings = state.settings.clone();
     let calls = state.calls.clone();
     let shutdown = state.shutdown.clone();
+    let drain = state.drain.clone();
     // v2 carries records around each message: a message of the largest size
     // fits in a WebSocket message with 64 KiB to spare.
     let largest = match protocol {
@@ -161,7 +165,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
                 // Declared after the guard, so dropped before it: when the call
                 // count drops, the connection's slot is already free.
                 let _lease = lease;
-                call::run(socket, subprotocol, &settings, shutdown, &mut guard).await;
+                call::run(socket, subprotocol, &settings, &drain, &mut guard).await;
             }
             .instrument(span);
             state.tasks.spawn(socket_task);
