@@ -118,7 +118,6 @@ impl FromRef<AppState> for WebSocketState {
             origins: state.origins.clone(),
             settings: state.websocket.clone(),
             auth: state.auth.clone(),
-            shutdown: state.shutdown.clone(),
             drain: state.drain.clone(),
             tasks: state.tasks.clone(),
             v2: state.v2.clone().expect("the router sets the backend before serving"),

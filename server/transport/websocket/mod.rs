@@ -30,7 +30,6 @@ use streambridge_protocol::v2::Encoding;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -81,9 +80,7 @@ pub struct WebSocketState {
     pub settings: Arc<CallSettings>,
     /// The bearer token, if any.
     pub auth: Auth,
-    /// Fires when the server starts draining.
-    pub shutdown: CancellationToken,
-    /// The drain as v1 calls watch it.
+    /// The server's drain, as every socket watches it.
     pub drain: Drain,
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
@@ -140,7 +137,6 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), subprotocol = protocol.name());
     let settings = state.settings.clone();
     let calls = state.calls.clone();
-    let shutdown = state.shutdown.clone();
     let drain = state.drain.clone();
     // v2 carries records around each message: a message of the largest size
     // fits in a WebSocket message with 64 KiB to spare.
@@ -178,7 +174,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
                     return;
                 };
                 let _lease = lease;
-                v2::run(socket, encoding, context, shutdown, tasks).await;
+                v2::run(socket, encoding, context, &drain, tasks).await;
             }
             .instrument(span);
             state.tasks.spawn(socket_task);

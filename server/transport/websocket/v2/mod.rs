@@ -38,7 +38,6 @@ use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 
@@ -49,6 +48,7 @@ use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
 use crate::error::Error;
 use crate::ops::calls::ActiveCalls;
+use crate::ops::shutdown::{Drain, DrainCheck};
 use crate::transport::Transport;
 
 /// A batch is written once it reaches this size.
@@ -202,7 +202,7 @@ pub async fn run<S>(
     mut socket: WebSocketStream<S>,
     encoding: Encoding,
     context: Arc<V2Context>,
-    shutdown: CancellationToken,
+    drain: &Drain,
     tasks: TaskTracker,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -227,6 +227,7 @@ pub async fn run<S>(
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut heard_since_ping = true;
     let mut drain_deadline: Option<Instant> = None;
+    let mut drain_check = DrainCheck::new(drain);
 
     loop {
         if !state.batch.records.is_empty() {
@@ -298,7 +299,9 @@ pub async fn run<S>(
                 }
             }
             () = state.budget.changed(), if reading && !may_read => {}
-            () = shutdown.cancelled(), if !state.draining => {
+            // Not `CancellationToken::cancelled`: polling that locks the one
+            // token every socket shares, on every turn of every socket's loop.
+            () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
                 state.draining = true;
                 let message = v2::GoAway { message: "server shutting down: finish your calls, open new ones elsewhere".into() };
                 let record = Bytes::from(match encoding {
