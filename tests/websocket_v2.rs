@@ -357,6 +357,35 @@ async fn socket_errors_end_every_call_then_close_with_the_matching_code() {
     }
 }
 
+#[tokio::test]
+async fn an_oversize_message_still_in_flight_does_not_reset_away_the_status_and_close() {
+    // The server refuses the message at its header, long before the rest of
+    // its 32 MiB has arrived. Those bytes must be read and dropped, not left
+    // unread: closing a TCP socket with unread data sends a reset, and the
+    // reset destroys what the client has not read yet (the status, the
+    // Close). The client here reads only once its whole send is through.
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = TestServer::start_with(|config| config.max_message_size = 1000).await;
+    for enc in Enc::BOTH {
+        let mut socket = V2::connect(&server, enc).await;
+        socket.send(&[open(5), data(5, "due")]).await;
+        let huge = vec![b'x'; 32 * 1024 * 1024];
+        let huge = match enc {
+            Enc::Json => Message::text(String::from_utf8(huge).unwrap()),
+            Enc::Proto => Message::binary(huge),
+        };
+        within("the whole oversize message is taken", socket.socket.send(huge))
+            .await
+            .expect("the server reads (and drops) the rest of the message instead of resetting");
+        let got = socket.read_to_close().await;
+        let mine: Vec<_> = got.iter().filter(|g| g.call() == 5).cloned().collect();
+        assert_eq!(messages(&mine), ["processed: due"], "{enc:?}");
+        assert_eq!(status(&mine).0, 8, "{enc:?}: {mine:?}");
+        assert_eq!(socket.closed.as_ref().map(|c| c.0), Some(1009), "{enc:?}");
+    }
+}
+
 /// An `EchoRequest { text, repeat: 2 }` in both encodings (its field 1 is
 /// a string, as `StreamRequest`'s is).
 fn echo(call: u32, text: &str) -> Rec {

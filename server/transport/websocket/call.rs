@@ -406,7 +406,7 @@ async fn finish<S>(
 }
 
 /// Reads and drops raw bytes until the peer closes the connection.
-async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
+pub(super) async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
     let mut sink = [0u8; 4096];
     while let Ok(1..) = io.read(&mut sink).await {}
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use streambridge_protocol::v2::{self, Encoding, client_record};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
@@ -44,6 +44,7 @@ use tonic::{Code, Status};
 use self::budget::Budget;
 use self::builtin::BuiltinCall;
 use self::call::{Abort, CallSpec, Kind, encode};
+use super::call::discard_until_eof;
 use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
 use crate::error::Error;
@@ -348,11 +349,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// Sends our Close and waits (bounded) for the peer's, so that frames still
-/// in flight are not answered with a reset.
+/// in flight are not answered with a reset (which would destroy the
+/// statuses and the Close the peer has not read yet).
 async fn close<S>(socket: &mut WebSocketStream<S>, closing: Closing, timeout: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // After a message over the size limit tungstenite cannot parse the
+    // stream any more: the rest of that message is still on its way.
+    let framing_intact = closing.code != CloseCode::Size;
     let frame = CloseFrame {
         code: closing.code,
         reason: Utf8Bytes::from(closing.reason),
@@ -361,7 +366,16 @@ where
         if socket.close(Some(frame)).await.is_err() {
             return;
         }
-        while let Some(Ok(_)) = socket.next().await {}
+        if framing_intact {
+            while let Some(Ok(_)) = socket.next().await {}
+        } else {
+            // End our side of the TCP connection (our Close is out) and drop
+            // the peer's bytes until it ends its side.
+            let io = socket.get_mut();
+            if io.shutdown().await.is_ok() {
+                discard_until_eof(io).await;
+            }
+        }
     })
     .await;
 }
