@@ -407,7 +407,9 @@ async fn finish<S>(
 
 /// Reads and drops raw bytes until the peer closes the connection.
 pub(super) async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would be part of every socket's future
+    // (4 KiB on each idle socket), for the rare connection that gets here.
+    let mut sink = vec![0u8; 4096];
     while let Ok(1..) = io.read(&mut sink).await {}
 }
 
