@@ -388,25 +388,33 @@ async fn finish<S>(
     if sent.await.is_err() {
         return;
     }
-    let drained = async {
-        if framing_intact {
-            // Frames after ours are discarded until the peer's Close ends the stream.
-            while let Some(Ok(_)) = socket.next().await {}
-        } else {
-            // The peer's Close cannot be parsed any more: end our side of the
-            // TCP connection (our Close is out) and drop its bytes until it
-            // ends its side.
-            let io = socket.get_mut();
-            if io.shutdown().await.is_ok() {
-                discard_until_eof(io).await;
-            }
+    let _ = tokio::time::timeout(close_timeout, drain_after_close(socket, framing_intact)).await;
+}
+
+/// After our Close is out: reads until the peer ends the connection, so
+/// that nothing it sent is left unread when ours drops (unread data turns
+/// the close into a TCP reset, which destroys what the peer has not read
+/// yet). Unbounded: the caller bounds it.
+pub(super) async fn drain_after_close<S>(socket: &mut WebSocketStream<S>, framing_intact: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if framing_intact {
+        // Frames after ours are discarded until the peer's Close ends the stream.
+        while let Some(Ok(_)) = socket.next().await {}
+    } else {
+        // The peer's Close cannot be parsed any more: end our side of the
+        // TCP connection (our Close is out) and drop its bytes until it
+        // ends its side.
+        let io = socket.get_mut();
+        if io.shutdown().await.is_ok() {
+            discard_until_eof(io).await;
         }
-    };
-    let _ = tokio::time::timeout(close_timeout, drained).await;
+    }
 }
 
 /// Reads and drops raw bytes until the peer closes the connection.
-pub(super) async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
+async fn discard_until_eof(io: &mut (impl AsyncRead + Unpin)) {
     // On the heap: an array here would be part of every socket's future
     // (4 KiB on each idle socket), for the rare connection that gets here.
     let mut sink = vec![0u8; 4096];

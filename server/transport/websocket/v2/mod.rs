@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use streambridge_protocol::v2::{self, Encoding, client_record};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
@@ -44,7 +44,7 @@ use tonic::{Code, Status};
 use self::budget::Budget;
 use self::builtin::BuiltinCall;
 use self::call::{Abort, CallSpec, Kind, encode};
-use super::call::discard_until_eof;
+use super::call::drain_after_close;
 use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
 use crate::error::Error;
@@ -313,7 +313,7 @@ pub async fn run<S>(
                 // The built-in service ends its calls at the drain, as it does on
                 // every transport (status 14: safe to retry elsewhere).
                 for call in state.builtin_calls() {
-                    state.fail(call, Error::ShuttingDown.into());
+                    state.end_call(call, Error::ShuttingDown.into());
                 }
                 // Cut calls a little before the server's own deadline, so their status gets out.
                 let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
@@ -325,7 +325,7 @@ pub async fn run<S>(
                     drain_deadline = None;
                     state.context.cut.store(true, Ordering::Relaxed);
                     for call in state.calls.keys().copied().collect::<Vec<_>>() {
-                        state.fail(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                        state.end_call(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
                     }
                 }
                 while let Some(&(at, call)) = state.deadlines.first() && at <= now {
@@ -334,7 +334,7 @@ pub async fn run<S>(
                         Some(Route::Builtin(builtin)) => builtin.deadline.map_or(0, |(_, ms)| ms),
                         _ => continue,
                     };
-                    state.fail(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
+                    state.end_call(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
                 }
             }
         }
@@ -363,18 +363,8 @@ where
         reason: Utf8Bytes::from(closing.reason),
     };
     let _ = tokio::time::timeout(timeout, async {
-        if socket.close(Some(frame)).await.is_err() {
-            return;
-        }
-        if framing_intact {
-            while let Some(Ok(_)) = socket.next().await {}
-        } else {
-            // End our side of the TCP connection (our Close is out) and drop
-            // the peer's bytes until it ends its side.
-            let io = socket.get_mut();
-            if io.shutdown().await.is_ok() {
-                discard_until_eof(io).await;
-            }
+        if socket.close(Some(frame)).await.is_ok() {
+            drain_after_close(socket, framing_intact).await;
         }
     })
     .await;
@@ -439,9 +429,10 @@ impl Socket {
         }
     }
 
-    /// Ends `call` with `status`: a task call is told to (it sends its
-    /// replies already due, then the status); a built-in call ends here.
-    fn fail(&mut self, call: u32, status: Status) {
+    /// Ends `call` with `status` (OK included): a task call is told to (it
+    /// sends its replies already due, then the status); a built-in call ends
+    /// here.
+    fn end_call(&mut self, call: u32, status: Status) {
         let Some(live) = self.calls.get(&call) else { return };
         if let Route::Task(task) = &live.route {
             task.abort.abort(status);
@@ -483,7 +474,7 @@ impl Socket {
                     self.served.push(call);
                 }
             }
-            Err(status) => self.fail(call, status),
+            Err(status) => self.end_call(call, status),
         }
     }
 
@@ -503,20 +494,9 @@ impl Socket {
             };
             live.granted += builtin.take_unsent_grants();
             if builtin.is_done() {
-                self.end_builtin_ok(call);
+                self.end_call(call, Status::ok(""));
             }
         }
-    }
-
-    fn end_builtin_ok(&mut self, call: u32) {
-        let Some(LiveCall {
-            route: Route::Builtin(builtin),
-            ..
-        }) = self.calls.remove(&call)
-        else {
-            return;
-        };
-        self.end_builtin(call, builtin, Status::ok(""));
     }
 
     fn builtin_calls(&self) -> Vec<u32> {
@@ -675,7 +655,7 @@ impl Socket {
                     return true;
                 };
                 if std::mem::replace(&mut live.closed_send, true) {
-                    self.fail(call, Status::invalid_argument("closeSend after closeSend"));
+                    self.end_call(call, Status::invalid_argument("closeSend after closeSend"));
                     return true;
                 }
                 match &mut live.route {
@@ -686,7 +666,7 @@ impl Socket {
                     }
                 }
             }
-            Incoming::Cancel => self.fail(call, Status::cancelled("cancelled by the client")),
+            Incoming::Cancel => self.end_call(call, Status::cancelled("cancelled by the client")),
             Incoming::Window(window) => {
                 let Some(live) = self.calls.get_mut(&call) else {
                     return true;
@@ -825,7 +805,7 @@ impl Socket {
             }
         };
         if let Some(status) = refusal {
-            return self.fail(call, status);
+            return self.end_call(call, status);
         }
         match &mut live.route {
             Route::Task(task) => {
@@ -851,7 +831,7 @@ impl Socket {
     fn socket_error(&mut self, code: Code, message: String, close: CloseCode) {
         tracing::debug!(%message, ?close, "v2 socket error");
         for call in self.calls.keys().copied().collect::<Vec<_>>() {
-            self.fail(call, Status::new(code, message.clone()));
+            self.end_call(call, Status::new(code, message.clone()));
         }
         let mut reason = message;
         // A close reason is at most 123 bytes.
