@@ -114,6 +114,15 @@ impl Metrics {
             transport: transport.to_string(),
         };
         self.active_streams.get_or_create(&label).inc();
+        self.message_counters(transport)
+    }
+
+    /// Message counters for `transport` that belong to no one call: for a
+    /// transport that counts many calls' messages in one place.
+    pub(crate) fn message_counters(&self, transport: Transport) -> StreamMetrics {
+        let label = TransportLabel {
+            transport: transport.to_string(),
+        };
         StreamMetrics {
             transport,
             received: BatchedCounter::new(self.received.get_or_create(&label).clone()),

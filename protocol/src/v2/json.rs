@@ -11,6 +11,7 @@
 //! also be a single record object.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -219,11 +220,9 @@ pub fn encode_server_record(call: u32, kind: JsonServerKind<'_>) -> String {
     match kind {
         JsonServerKind::Message(json) => {
             // The message is JSON already: spliced in, not parsed again.
-            return if call == 0 {
-                format!(r#"{{"message":{json}}}"#)
-            } else {
-                format!(r#"{{"call":{call},"message":{json}}}"#)
-            };
+            let mut out = Vec::with_capacity(json.len() + 24);
+            append_message_record(call, &mut out, |out| out.extend_from_slice(json.as_bytes()));
+            return String::from_utf8(out).expect("JSON text around JSON text");
         }
         JsonServerKind::Headers(metadata) => out.headers = Some(HeadersOut { metadata }),
         JsonServerKind::Status(status) => {
@@ -242,6 +241,19 @@ pub fn encode_server_record(call: u32, kind: JsonServerKind<'_>) -> String {
         }
     }
     serde_json::to_string(&out).expect("strings, maps of strings and integers always serialise")
+}
+
+/// A `message` record of `call`, appended to a batch being built; `message`
+/// appends the message's proto3 JSON (which must be valid JSON text).
+pub fn append_message_record(call: u32, batch: &mut Vec<u8>, message: impl FnOnce(&mut Vec<u8>)) {
+    if call == 0 {
+        batch.extend_from_slice(br#"{"message":"#);
+    } else {
+        write!(batch, r#"{{"call":{call}"#).expect("a Vec grows to fit");
+        batch.extend_from_slice(br#","message":"#);
+    }
+    message(batch);
+    batch.push(b'}');
 }
 
 /// Joins encoded records into one batch.

@@ -6,7 +6,8 @@
 //!   [`ServerBatch`] / [`ServerRecord`] from the server, and what they carry.
 //! - [`Encoding`]: the two subprotocols and their names.
 //! - [`encode_record`]: one record as the bytes of a `ServerBatch` entry, so a
-//!   batch is the concatenation of its records.
+//!   batch is the concatenation of its records ([`append_record`] and
+//!   [`append_message_record`] write them straight into a batch).
 //! - `json` (feature `json`): the proto3 JSON encoding of the records, with
 //!   each `message` left as the method's own JSON.
 
@@ -60,12 +61,43 @@ impl fmt::Display for Encoding {
 /// concatenating such entries gives the encoded batch.
 pub fn encode_record(record: &ServerRecord) -> Vec<u8> {
     let mut out = Vec::with_capacity(record.encoded_len() + 6);
-    prost::encoding::message::encode(1, record, &mut out);
+    append_record(record, &mut out);
     out
 }
 
-/// A client batch from the bytes of a binary WebSocket message.
-pub fn decode_client_batch(bytes: &[u8]) -> Result<ClientBatch, crate::DecodeError> {
+/// [`encode_record`], appended to a batch being built.
+pub fn append_record(record: &ServerRecord, batch: &mut Vec<u8>) {
+    prost::encoding::message::encode(1, record, batch);
+}
+
+/// A `message` record of `call` carrying `message`, appended to a batch
+/// being built: the bytes [`encode_record`] gives for that record, without
+/// first encoding the message into a buffer of its own.
+pub fn append_message_record(call: u32, message: &impl Message, batch: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let message_len = message.encoded_len();
+    // Fields in number order, defaults left out, as prost writes a `ServerRecord`.
+    let call_len = if call == 0 {
+        0
+    } else {
+        key_len(1) + encoded_len_varint(call.into())
+    };
+    let record_len = call_len + key_len(3) + encoded_len_varint(message_len as u64) + message_len;
+    encode_key(1, WireType::LengthDelimited, batch);
+    encode_varint(record_len as u64, batch);
+    if call != 0 {
+        encode_key(1, WireType::Varint, batch);
+        encode_varint(call.into(), batch);
+    }
+    encode_key(3, WireType::LengthDelimited, batch);
+    encode_varint(message_len as u64, batch);
+    message.encode(batch).expect("a Vec grows to fit");
+}
+
+/// A client batch from the bytes of a binary WebSocket message. From
+/// [`Bytes`](prost::bytes::Bytes), each record's `message` is a view into
+/// them, not a copy.
+pub fn decode_client_batch(bytes: impl prost::bytes::Buf) -> Result<ClientBatch, crate::DecodeError> {
     ClientBatch::decode(bytes).map_err(|e| crate::DecodeError(format!("invalid ClientBatch: {e}")))
 }
 
@@ -98,6 +130,25 @@ mod tests {
             .encode_to_vec()
         );
         assert_eq!(ServerBatch::decode(&joined[..]).unwrap().records, records);
+    }
+
+    #[test]
+    fn a_message_record_appended_in_place_is_the_record_prost_encodes() {
+        // Call 0 leaves the field out; lengths cross the one-byte varint limit.
+        for call in [0, 1, 127, 128, u32::MAX] {
+            for size in [0, 1, 114, 115, 200, 20_000] {
+                let message = crate::StreamResponse {
+                    result: "r".repeat(size),
+                };
+                let mut batch = b"earlier".to_vec();
+                append_message_record(call, &message, &mut batch);
+                let expected = encode_record(&ServerRecord {
+                    call,
+                    kind: Some(server_record::Kind::Message(message.encode_to_vec().into())),
+                });
+                assert_eq!(batch[7..], expected[..], "call {call}, {size} bytes");
+            }
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {

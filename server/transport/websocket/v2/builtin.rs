@@ -18,24 +18,28 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use bytes::Bytes;
 use prost::Message;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use streambridge_protocol::StreamRequest;
-use streambridge_protocol::v2::Encoding;
+use streambridge_protocol::v2::{self, Encoding};
 use tokio::time::Instant;
 use tonic::Status;
 
 use super::budget::Budget;
-use super::call::{Kind, REQUEST_CREDIT, REQUEST_WINDOW, encode};
+use super::call::{Kind, REQUEST_CREDIT, REQUEST_WINDOW};
 use super::{Batch, Payload};
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
+use crate::ops::metrics::StreamMetrics;
 
 /// The built-in method's path, as clients name it in `open`.
 pub const METHOD: &str = "/DataService/BidirectionalStream";
 
-/// One live call to the built-in service.
+/// One live call to the built-in service. Kept small, the parts a message
+/// touches inline: at a steady rate every socket's calls have gone cold in
+/// the cache by the time its next batch comes, and each cache line a
+/// message touches is a miss (measured: the call table lookup was most of
+/// the socket's own time at v1's message rate; docs/benchmarks.md).
 pub struct BuiltinCall {
     /// Requests received and not yet answered: they wait for response credit.
     waiting: VecDeque<Payload>,
@@ -50,9 +54,14 @@ pub struct BuiltinCall {
     unsent_grants: u64,
     /// The client sent `closeSend`: the call ends once `waiting` is empty.
     closed_send: bool,
+    /// What only the call's start and end need.
+    ends: Box<Ends>,
+}
+
+struct Ends {
     /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
-    pub deadline: Option<(Instant, u32)>,
-    /// Counts the call and its messages until it ends.
+    deadline: Option<(Instant, u32)>,
+    /// Counts the call until it ends (its messages are counted by the socket).
     guard: CallGuard,
 }
 
@@ -65,15 +74,25 @@ impl BuiltinCall {
             given: REQUEST_WINDOW,
             unsent_grants: 0,
             closed_send: false,
-            deadline,
-            guard,
+            ends: Box::new(Ends { deadline, guard }),
         }
     }
 
-    /// A request message, taken from the socket's budget until it is answered.
-    pub fn push(&mut self, payload: Payload, budget: &Budget) {
-        budget.take(payload.len());
+    pub fn deadline(&self) -> Option<(Instant, u32)> {
+        self.ends.deadline
+    }
+
+    /// A request message: answered at once if nothing waits before it and
+    /// the client has credit for the reply, else it waits, taken from the
+    /// socket's budget until it is answered. An error is the call's end:
+    /// its status record is for the caller to send.
+    pub fn receive(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+        if self.waiting.is_empty() && self.credit > 0 {
+            return self.answer(call, payload, socket);
+        }
+        socket.budget.take(payload.len());
         self.waiting.push_back(payload);
+        Ok(())
     }
 
     pub fn close_send(&mut self) {
@@ -90,36 +109,37 @@ impl BuiltinCall {
         self.waiting.is_empty() || self.credit == 0
     }
 
-    /// Answers waiting requests while the response credit lasts, each reply
-    /// and any grant of request credit going into `batch`. An error is the
-    /// call's end: its status record is for the caller to send.
-    pub fn serve(&mut self, call: u32, encoding: Encoding, budget: &Budget, batch: &mut Batch) -> Result<(), Status> {
+    /// Answers waiting requests while the response credit lasts.
+    pub fn serve(&mut self, call: u32, socket: &mut SocketSide<'_>) -> Result<(), Status> {
         while self.credit > 0 {
             let Some(payload) = self.waiting.pop_front() else { break };
-            budget.give_back(payload.len());
-            let request = decode(payload)?;
-            self.guard.metrics().message_received();
-            let reply = processor::reply(request);
-            let kind = match encoding {
-                Encoding::Proto => Kind::Message(Bytes::from(reply.encode_to_vec())),
-                Encoding::Json => Kind::JsonMessage(reply_json(&reply.result)),
-            };
-            batch.push(encode(encoding, call, kind));
-            self.guard.metrics().message_sent();
-            self.credit -= 1;
-            self.answered += 1;
-            // Top the request credit up once half of it is used up (as the generic path does).
-            let left = self.given - self.answered;
-            if left <= REQUEST_CREDIT / 2 {
-                let grant = REQUEST_CREDIT - left;
-                self.given += grant;
-                self.unsent_grants += grant;
-                batch.push(encode(encoding, call, Kind::Window(grant as u32)));
-            }
+            socket.budget.give_back(payload.len());
+            self.answer(call, payload, socket)?;
         }
-        if self.waiting.is_empty() {
-            // Idle until the client sends more: a good moment to publish the counts.
-            self.guard.metrics().publish();
+        Ok(())
+    }
+
+    /// One reply, and a grant of request credit when it is due, into the batch.
+    fn answer(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+        let request = decode(payload)?;
+        socket.messages.message_received();
+        let reply = processor::reply(request);
+        // Encoded straight into the outgoing message: no buffer per reply.
+        let encoding = socket.batch.encoding();
+        socket.batch.append(|out| match encoding {
+            Encoding::Proto => v2::append_message_record(call, &reply, out),
+            Encoding::Json => v2::json::append_message_record(call, out, |out| append_reply_json(&reply.result, out)),
+        });
+        socket.messages.message_sent();
+        self.credit -= 1;
+        self.answered += 1;
+        // Top the request credit up once half of it is used up (as the generic path does).
+        let left = self.given - self.answered;
+        if left <= REQUEST_CREDIT / 2 {
+            let grant = REQUEST_CREDIT - left;
+            self.given += grant;
+            self.unsent_grants += grant;
+            socket.batch.record(call, Kind::Window(grant as u32));
         }
         Ok(())
     }
@@ -142,8 +162,18 @@ impl BuiltinCall {
         for payload in self.waiting.drain(..) {
             budget.give_back(payload.len());
         }
-        self.guard.set_code(status.code() as i32);
+        self.ends.guard.set_code(status.code() as i32);
     }
+}
+
+/// What a built-in call writes to and counts in: its socket's.
+pub struct SocketSide<'a> {
+    pub budget: &'a Budget,
+    pub batch: &'a mut Batch,
+    /// The socket's tally of its built-in calls' messages, published once
+    /// per incoming batch (one per call would touch each call's own
+    /// counters: more cache lines per message).
+    pub messages: &'a StreamMetrics,
 }
 
 /// A request message in the socket's encoding.
@@ -215,13 +245,11 @@ impl<'de> de::Deserialize<'de> for Field {
     }
 }
 
-/// `StreamResponse { result }` in proto3 JSON.
-fn reply_json(result: &str) -> String {
-    let mut json = String::with_capacity(result.len() + 16);
-    json.push_str("{\"result\":");
-    json.push_str(&serde_json::to_string(result).expect("a string serialises"));
-    json.push('}');
-    json
+/// `StreamResponse { result }` in proto3 JSON, appended to `out`.
+fn append_reply_json(result: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(br#"{"result":"#);
+    serde_json::to_writer(&mut *out, result).expect("a string serialises into a Vec");
+    out.push(b'}');
 }
 
 #[cfg(test)]
@@ -254,7 +282,9 @@ mod tests {
 
     #[test]
     fn replies_are_escaped_json() {
-        let reply: serde_json::Value = serde_json::from_str(&reply_json("processed: \"q\"\n")).unwrap();
+        let mut out = Vec::new();
+        append_reply_json("processed: \"q\"\n", &mut out);
+        let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(reply, serde_json::json!({ "result": "processed: \"q\"\n" }));
     }
 }

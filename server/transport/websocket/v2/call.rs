@@ -448,10 +448,19 @@ pub enum Kind {
     JsonMessage(String),
     Status(v2::Status),
     Window(u32),
+    GoAway(v2::GoAway),
 }
 
-/// One record in the socket's encoding, ready to be joined into a batch.
+/// One record in the socket's encoding, for the socket to add to a batch.
 pub fn encode(encoding: Encoding, call: u32, kind: Kind) -> Bytes {
+    let mut out = Vec::new();
+    append(encoding, call, kind, &mut out);
+    Bytes::from(out)
+}
+
+/// One record in the socket's encoding, appended to a batch being built
+/// (see [`super::Batch`]; the separators between JSON records are its job).
+pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
     use streambridge_protocol::v2::json::{JsonServerKind, encode_server_record};
     match encoding {
         Encoding::Proto => {
@@ -461,21 +470,26 @@ pub fn encode(encoding: Encoding, call: u32, kind: Kind) -> Bytes {
                 Kind::JsonMessage(json) => server_record::Kind::Message(Bytes::from(json)),
                 Kind::Status(status) => server_record::Kind::Status(status),
                 Kind::Window(window) => server_record::Kind::Window(window),
+                Kind::GoAway(goaway) => server_record::Kind::Goaway(goaway),
             };
-            Bytes::from(v2::encode_record(&v2::ServerRecord { call, kind: Some(kind) }))
+            v2::append_record(&v2::ServerRecord { call, kind: Some(kind) }, out);
         }
-        Encoding::Json => Bytes::from(match kind {
-            Kind::Headers(metadata) => encode_server_record(call, JsonServerKind::Headers(&metadata)),
-            Kind::Message(message) => {
-                // Only a json socket without descriptors would get here; never in practice.
-                let json = serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(&message))
-                    .expect("a string serialises");
-                encode_server_record(call, JsonServerKind::Message(&json))
+        Encoding::Json => out.extend_from_slice(
+            match kind {
+                Kind::Headers(metadata) => encode_server_record(call, JsonServerKind::Headers(&metadata)),
+                Kind::Message(message) => {
+                    // Only a json socket without descriptors would get here; never in practice.
+                    let json = serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(&message))
+                        .expect("a string serialises");
+                    encode_server_record(call, JsonServerKind::Message(&json))
+                }
+                Kind::JsonMessage(json) => encode_server_record(call, JsonServerKind::Message(&json)),
+                Kind::Status(status) => encode_server_record(call, JsonServerKind::Status(&status)),
+                Kind::Window(window) => encode_server_record(call, JsonServerKind::Window(window)),
+                Kind::GoAway(goaway) => encode_server_record(call, JsonServerKind::GoAway(&goaway)),
             }
-            Kind::JsonMessage(json) => encode_server_record(call, JsonServerKind::Message(&json)),
-            Kind::Status(status) => encode_server_record(call, JsonServerKind::Status(&status)),
-            Kind::Window(window) => encode_server_record(call, JsonServerKind::Window(window)),
-        }),
+            .as_bytes(),
+        ),
     }
 }
 

@@ -42,13 +42,14 @@ use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 
 use self::budget::Budget;
-use self::builtin::BuiltinCall;
-use self::call::{Abort, CallSpec, Kind, encode};
+use self::builtin::{BuiltinCall, SocketSide};
+use self::call::{Abort, CallSpec, Kind};
 use super::call::drain_after_close;
 use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
 use crate::error::Error;
 use crate::ops::calls::ActiveCalls;
+use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
 use crate::transport::Transport;
 
@@ -147,10 +148,16 @@ struct LiveCall {
     route: Route,
 }
 
+/// The live calls of a socket by id. Looked up for every record: hashed
+/// with foldhash (ids are small integers, and at most `--ws-max-calls` of
+/// them live at once, so the DoS resistance of SipHash buys nothing).
+type CallTable = HashMap<u32, LiveCall, foldhash::fast::RandomState>;
+
 /// Who answers a call.
 enum Route {
-    /// Its own task, a gRPC request on the backend ([`call`]).
-    Task(TaskCall),
+    /// Its own task, a gRPC request on the backend ([`call`]). Boxed: the
+    /// built-in route is the one that must stay small.
+    Task(Box<TaskCall>),
     /// The socket's task, through the processor ([`builtin`]).
     Builtin(BuiltinCall),
 }
@@ -178,17 +185,93 @@ impl LiveCall {
     }
 }
 
-/// The records of the next WebSocket message(s).
-#[derive(Default)]
+/// The next WebSocket message(s), each record encoded straight into the
+/// message's bytes as it comes: a proto batch is its records one after the
+/// other, a json batch their comma-separated list in brackets. A message is
+/// full at [`BATCH_BYTES`] (a larger single record goes alone).
 pub struct Batch {
-    records: Vec<Bytes>,
-    bytes: usize,
+    encoding: Encoding,
+    /// Finished messages, in order, before `open` (only after a burst of
+    /// more than [`BATCH_BYTES`]).
+    full: Vec<Vec<u8>>,
+    /// The message being filled (a json one without its closing bracket);
+    /// empty when there is nothing in it.
+    open: Vec<u8>,
 }
 
 impl Batch {
-    pub fn push(&mut self, record: Bytes) {
-        self.bytes += record.len();
-        self.records.push(record);
+    fn new(encoding: Encoding) -> Batch {
+        Batch {
+            encoding,
+            full: Vec::new(),
+            open: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.full.is_empty() && self.open.is_empty()
+    }
+
+    /// Enough for a message: no point gathering more before writing.
+    fn is_full(&self) -> bool {
+        !self.full.is_empty() || self.open.len() >= BATCH_BYTES
+    }
+
+    /// Adds one record; `write` appends its encoding.
+    pub fn append(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let json = self.encoding == Encoding::Json;
+        if self.open.is_empty() {
+            // Room for a typical batch of small records without regrowing.
+            self.open.reserve(1024);
+            if json {
+                self.open.push(b'[');
+            }
+        } else if json {
+            self.open.push(b',');
+        }
+        let start = self.open.len();
+        write(&mut self.open);
+        let first = start == usize::from(json);
+        if !first && self.open.len() > BATCH_BYTES {
+            // This record starts the next message.
+            let mut next = Vec::with_capacity(self.open.len() - start + 1);
+            if json {
+                next.push(b'[');
+            }
+            next.extend_from_slice(&self.open[start..]);
+            self.open.truncate(start - usize::from(json));
+            let done = std::mem::replace(&mut self.open, next);
+            self.full.push(self.finished(done));
+        }
+    }
+
+    /// Adds a record encoded elsewhere (by a call's task).
+    pub fn append_encoded(&mut self, record: &[u8]) {
+        self.append(|out| out.extend_from_slice(record));
+    }
+
+    /// Adds a record of `call`.
+    pub fn record(&mut self, call: u32, kind: Kind) {
+        let encoding = self.encoding;
+        self.append(|out| call::append(encoding, call, kind, out));
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn finished(&self, mut message: Vec<u8>) -> Vec<u8> {
+        if self.encoding == Encoding::Json {
+            message.push(b']');
+        }
+        message
+    }
+
+    /// The messages to write, in order; the batch is empty after.
+    fn take(&mut self) -> impl Iterator<Item = Vec<u8>> + use<> {
+        let open = std::mem::take(&mut self.open);
+        let last = (!open.is_empty()).then(|| self.finished(open));
+        std::mem::take(&mut self.full).into_iter().chain(last)
     }
 }
 
@@ -212,13 +295,14 @@ pub async fn run<S>(
     let mut state = Socket {
         encoding,
         context,
-        calls: HashMap::new(),
+        calls: CallTable::default(),
         last_open: 0,
         budget: Budget::new(settings.socket_buffer),
         lines: None,
-        batch: Batch::default(),
+        batch: Batch::new(encoding),
         deadlines: BTreeSet::new(),
         served: Vec::new(),
+        messages: None,
         closing: None,
         draining: false,
         over_budget: false,
@@ -231,7 +315,7 @@ pub async fn run<S>(
     let mut drain_check = DrainCheck::new(drain);
 
     loop {
-        if !state.batch.records.is_empty() {
+        if !state.batch.is_empty() {
             if !state.flush(&mut socket, &settings).await {
                 return state.cancel_all();
             }
@@ -270,7 +354,7 @@ pub async fn run<S>(
             }
             out = recv(&mut state.lines) => {
                 state.on_out(out);
-                while state.batch.bytes < BATCH_BYTES {
+                while !state.batch.is_full() {
                     match state.lines.as_mut().and_then(Lines::try_recv) {
                         Some(out) => state.on_out(out),
                         None => break,
@@ -304,12 +388,8 @@ pub async fn run<S>(
             // token every socket shares, on every turn of every socket's loop.
             () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
                 state.draining = true;
-                let message = v2::GoAway { message: "server shutting down: finish your calls, open new ones elsewhere".into() };
-                let record = Bytes::from(match encoding {
-                    Encoding::Proto => v2::encode_record(&v2::ServerRecord { call: 0, kind: Some(v2::server_record::Kind::Goaway(message)) }),
-                    Encoding::Json => v2::json::encode_server_record(0, v2::json::JsonServerKind::GoAway(&message)).into_bytes(),
-                });
-                state.batch.push(record);
+                let message = "server shutting down: finish your calls, open new ones elsewhere".into();
+                state.batch.record(0, Kind::GoAway(v2::GoAway { message }));
                 // The built-in service ends its calls at the drain, as it does on
                 // every transport (status 14: safe to retry elsewhere).
                 for call in state.builtin_calls() {
@@ -331,7 +411,7 @@ pub async fn run<S>(
                 while let Some(&(at, call)) = state.deadlines.first() && at <= now {
                     state.deadlines.pop_first();
                     let timeout_ms = match state.calls.get(&call).map(|live| &live.route) {
-                        Some(Route::Builtin(builtin)) => builtin.deadline.map_or(0, |(_, ms)| ms),
+                        Some(Route::Builtin(builtin)) => builtin.deadline().map_or(0, |(_, ms)| ms),
                         _ => continue,
                     };
                     state.end_call(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
@@ -339,6 +419,15 @@ pub async fn run<S>(
             }
         }
     }
+}
+
+/// Message counters for a socket's built-in calls.
+fn builtin_messages(context: &V2Context) -> StreamMetrics {
+    let calls = context
+        .data_service
+        .as_ref()
+        .expect("built-in calls only where the service runs");
+    calls.metrics().message_counters(Transport::WebSocket)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -378,7 +467,7 @@ enum Gone {
 struct Socket {
     encoding: Encoding,
     context: Arc<V2Context>,
-    calls: HashMap<u32, LiveCall>,
+    calls: CallTable,
     last_open: u32,
     budget: Budget,
     /// From the calls to the writer; made at the first `open`, so an idle
@@ -390,6 +479,8 @@ struct Socket {
     deadlines: BTreeSet<(Instant, u32)>,
     /// Built-in calls served while applying the current incoming batch.
     served: Vec<u32>,
+    /// The built-in calls' message counts (made at the first message).
+    messages: Option<StreamMetrics>,
     /// Set by a socket error: no more reading; close once the calls are done.
     closing: Option<Closing>,
     /// `goaway` sent.
@@ -409,21 +500,21 @@ impl Socket {
 
     fn on_out(&mut self, out: Out) {
         match out {
-            Out::Record(record) => self.batch.push(record),
+            Out::Record(record) => self.batch.append_encoded(&record),
             Out::Records(records) => {
                 for record in records {
-                    self.batch.push(record);
+                    self.batch.append_encoded(&record);
                 }
             }
             Out::Status { call, record } => {
                 self.calls.remove(&call);
-                self.batch.push(record);
+                self.batch.append_encoded(&record);
             }
             Out::Grant { call, amount, record } => {
                 // A call that ended takes no more grants: its status was its last record.
                 if let Some(live) = self.calls.get_mut(&call) {
                     live.granted += u64::from(amount);
-                    self.batch.push(record);
+                    self.batch.append_encoded(&record);
                 }
             }
         }
@@ -449,15 +540,11 @@ impl Socket {
     }
 
     fn end_builtin(&mut self, call: u32, builtin: BuiltinCall, status: Status) {
-        if let Some((at, _)) = builtin.deadline {
+        if let Some((at, _)) = builtin.deadline() {
             self.deadlines.remove(&(at, call));
         }
         builtin.finish(&status, &self.budget);
-        self.batch.push(encode(
-            self.encoding,
-            call,
-            Kind::Status(call::to_record_status(&status)),
-        ));
+        self.batch.record(call, Kind::Status(call::to_record_status(&status)));
     }
 
     /// Lets a built-in call answer what it may; a request that does not
@@ -468,7 +555,19 @@ impl Socket {
         let Route::Builtin(builtin) = &mut live.route else {
             return;
         };
-        match builtin.serve(call, self.encoding, &self.budget, &mut self.batch) {
+        let mut side = SocketSide {
+            budget: &self.budget,
+            batch: &mut self.batch,
+            messages: self.messages.get_or_insert_with(|| builtin_messages(&self.context)),
+        };
+        let served = builtin.serve(call, &mut side);
+        self.after_serving(call, served);
+    }
+
+    /// Notes that a built-in call was served during this incoming batch, or
+    /// ends it.
+    fn after_serving(&mut self, call: u32, served: Result<(), Status>) {
+        match served {
             Ok(()) => {
                 if self.served.last() != Some(&call) {
                     self.served.push(call);
@@ -497,6 +596,9 @@ impl Socket {
                 self.end_call(call, Status::ok(""));
             }
         }
+        if let Some(messages) = &self.messages {
+            messages.publish();
+        }
     }
 
     fn builtin_calls(&self) -> Vec<u32> {
@@ -512,28 +614,11 @@ impl Socket {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let records = std::mem::take(&mut self.batch).records;
-        let mut start = 0;
-        while start < records.len() {
-            let mut end = start + 1;
-            let mut size = records[start].len();
-            while end < records.len() && size + records[end].len() <= BATCH_BYTES {
-                size += records[end].len();
-                end += 1;
-            }
+        for bytes in self.batch.take() {
             let message = match self.encoding {
-                Encoding::Proto => Message::Binary(records[start..end].concat().into()),
+                Encoding::Proto => Message::Binary(bytes.into()),
                 Encoding::Json => {
-                    let mut text = Vec::with_capacity(size + end - start + 1);
-                    text.push(b'[');
-                    for (i, record) in records[start..end].iter().enumerate() {
-                        if i > 0 {
-                            text.push(b',');
-                        }
-                        text.extend_from_slice(record);
-                    }
-                    text.push(b']');
-                    Message::Text(Utf8Bytes::try_from(Bytes::from(text)).expect("records are JSON text"))
+                    Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
                 }
             };
             if !matches!(
@@ -542,7 +627,6 @@ impl Socket {
             ) {
                 return false;
             }
-            start = end;
         }
         matches!(
             tokio::time::timeout(settings.ping_interval * 2, socket.flush()).await,
@@ -555,7 +639,7 @@ impl Socket {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match (message, self.encoding) {
-            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(&bytes) {
+            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(bytes) {
                 Ok(batch) => {
                     for record in batch.records {
                         if !self.on_proto_record(record) {
@@ -720,8 +804,7 @@ impl Socket {
         };
         let refusal = refusal.or_else(|| builtin.and_then(|_| call::check_metadata(&open).err()));
         if let Some(status) = refusal {
-            let record = encode(self.encoding, call, Kind::Status(call::to_record_status(&status)));
-            self.batch.push(record);
+            self.batch.record(call, Kind::Status(call::to_record_status(&status)));
             return true;
         }
         let live = |route| LiveCall {
@@ -748,12 +831,12 @@ impl Socket {
         let gauge = Arc::new(CallGauge::default());
         self.calls.insert(
             call,
-            live(Route::Task(TaskCall {
+            live(Route::Task(Box::new(TaskCall {
                 requests: Some(requests_tx),
                 response_credit: response_credit.clone(),
                 abort: abort.clone(),
                 gauge: gauge.clone(),
-            })),
+            }))),
         );
         let lines = self.lines.get_or_insert_with(Lines::new);
         let spec = CallSpec {
@@ -820,8 +903,13 @@ impl Socket {
                 }
             }
             Route::Builtin(builtin) => {
-                builtin.push(payload, &self.budget);
-                self.serve(call);
+                let mut side = SocketSide {
+                    budget: &self.budget,
+                    batch: &mut self.batch,
+                    messages: self.messages.get_or_insert_with(|| builtin_messages(&self.context)),
+                };
+                let served = builtin.receive(call, payload, &mut side);
+                self.after_serving(call, served);
             }
         }
     }
