@@ -35,30 +35,32 @@ use crate::ops::metrics::StreamMetrics;
 /// The built-in method's path, as clients name it in `open`.
 pub const METHOD: &str = "/DataService/BidirectionalStream";
 
-/// One live call to the built-in service. Kept small, the parts a message
-/// touches inline: at a steady rate every socket's calls have gone cold in
-/// the cache by the time its next batch comes, and each cache line a
-/// message touches is a miss (measured: the call table lookup was most of
-/// the socket's own time at v1's message rate; docs/benchmarks.md).
+/// One live call to the built-in service: a few words inline in the
+/// socket's call table (what a message touches), the rest boxed. At a
+/// steady rate every socket's calls have gone cold in the cache by the time
+/// its next batch comes, so each cache line a message touches is a miss
+/// (measured: the call table was most of the socket task's own time at v1's
+/// message rate; docs/benchmarks.md).
 pub struct BuiltinCall {
-    /// Requests received and not yet answered: they wait for response credit.
-    waiting: VecDeque<Payload>,
-    /// Replies the client takes before it grants more.
-    credit: u64,
-    /// Requests answered.
-    answered: u64,
-    /// Request credit given: the first window plus every grant.
-    given: u64,
+    /// Replies the client takes before it grants more (saturates at 2^32-1).
+    credit: u32,
+    /// Request credit given less requests answered: topped up to
+    /// [`REQUEST_CREDIT`] when half of it is used up.
+    request_left: u32,
     /// Grants made since the socket last asked (their `window` records are
     /// in the batch, not yet on the wire: the client cannot have used them).
-    unsent_grants: u64,
-    /// The client sent `closeSend`: the call ends once `waiting` is empty.
+    unsent_grants: u32,
+    /// The client sent `closeSend`: the call ends once nothing waits.
     closed_send: bool,
-    /// What only the call's start and end need.
-    ends: Box<Ends>,
+    /// Requests wait in `rest.waiting` (for response credit).
+    queued: bool,
+    rest: Box<Rest>,
 }
 
-struct Ends {
+/// What a message seldom touches.
+struct Rest {
+    /// Requests received and not yet answered, in order.
+    waiting: VecDeque<Payload>,
     /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
     deadline: Option<(Instant, u32)>,
     /// Counts the call until it ends (its messages are counted by the socket).
@@ -68,18 +70,21 @@ struct Ends {
 impl BuiltinCall {
     pub fn new(response_window: u32, deadline: Option<(Instant, u32)>, guard: CallGuard) -> BuiltinCall {
         BuiltinCall {
-            waiting: VecDeque::new(),
-            credit: response_window.into(),
-            answered: 0,
-            given: REQUEST_WINDOW,
+            credit: response_window,
+            request_left: REQUEST_WINDOW as u32,
             unsent_grants: 0,
             closed_send: false,
-            ends: Box::new(Ends { deadline, guard }),
+            queued: false,
+            rest: Box::new(Rest {
+                waiting: VecDeque::new(),
+                deadline,
+                guard,
+            }),
         }
     }
 
     pub fn deadline(&self) -> Option<(Instant, u32)> {
-        self.ends.deadline
+        self.rest.deadline
     }
 
     /// A request message: answered at once if nothing waits before it and
@@ -87,11 +92,12 @@ impl BuiltinCall {
     /// socket's budget until it is answered. An error is the call's end:
     /// its status record is for the caller to send.
     pub fn receive(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        if self.waiting.is_empty() && self.credit > 0 {
+        if !self.queued && self.credit > 0 {
             return self.answer(call, payload, socket);
         }
         socket.budget.take(payload.len());
-        self.waiting.push_back(payload);
+        self.rest.waiting.push_back(payload);
+        self.queued = true;
         Ok(())
     }
 
@@ -99,20 +105,23 @@ impl BuiltinCall {
         self.closed_send = true;
     }
 
-    pub fn add_credit(&mut self, credit: u64) {
-        self.credit += credit;
+    pub fn add_credit(&mut self, credit: u32) {
+        self.credit = self.credit.saturating_add(credit);
     }
 
     /// Whether the call holds no budget, or holds it only for want of
     /// response credit (see `LiveCall::lets_socket_read`).
     pub fn lets_socket_read(&self) -> bool {
-        self.waiting.is_empty() || self.credit == 0
+        !self.queued || self.credit == 0
     }
 
     /// Answers waiting requests while the response credit lasts.
     pub fn serve(&mut self, call: u32, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        while self.credit > 0 {
-            let Some(payload) = self.waiting.pop_front() else { break };
+        while self.queued && self.credit > 0 {
+            let Some(payload) = self.rest.waiting.pop_front() else {
+                break;
+            };
+            self.queued = !self.rest.waiting.is_empty();
             socket.budget.give_back(payload.len());
             self.answer(call, payload, socket)?;
         }
@@ -132,37 +141,36 @@ impl BuiltinCall {
         });
         socket.messages.message_sent();
         self.credit -= 1;
-        self.answered += 1;
+        self.request_left -= 1;
         // Top the request credit up once half of it is used up (as the generic path does).
-        let left = self.given - self.answered;
-        if left <= REQUEST_CREDIT / 2 {
-            let grant = REQUEST_CREDIT - left;
-            self.given += grant;
+        if u64::from(self.request_left) <= REQUEST_CREDIT / 2 {
+            let grant = REQUEST_CREDIT as u32 - self.request_left;
+            self.request_left += grant;
             self.unsent_grants += grant;
-            socket.batch.record(call, Kind::Window(grant as u32));
+            socket.batch.record(call, Kind::Window(grant));
         }
         Ok(())
     }
 
     /// The request credit granted since the last call, now that the batch
     /// carrying it is about to be written.
-    pub fn take_unsent_grants(&mut self) -> u64 {
+    pub fn take_unsent_grants(&mut self) -> u32 {
         std::mem::take(&mut self.unsent_grants)
     }
 
     /// Whether the call is done: the client closed its side and every
     /// request has its reply.
     pub fn is_done(&self) -> bool {
-        self.closed_send && self.waiting.is_empty()
+        self.closed_send && !self.queued
     }
 
     /// Ends the call with `status`: requests still waiting are dropped and
     /// give their bytes back.
     pub fn finish(mut self, status: &Status, budget: &Budget) {
-        for payload in self.waiting.drain(..) {
+        for payload in self.rest.waiting.drain(..) {
             budget.give_back(payload.len());
         }
-        self.ends.guard.set_code(status.code() as i32);
+        self.rest.guard.set_code(status.code() as i32);
     }
 }
 

@@ -138,12 +138,12 @@ impl CallGauge {
 }
 
 /// A call the socket knows: what the client may send, and where it goes.
+/// Small on purpose (see [`BuiltinCall`]): the socket looks it up for every
+/// record.
 struct LiveCall {
-    /// Response credit given so far (saturates at 2^32-1).
-    response_given: u64,
-    /// Request messages received, and request credit granted beyond the first window.
-    received: u64,
-    granted: u64,
+    /// Request messages the client may still send: 256 at `open`, plus
+    /// every grant written to it, less every message it sent.
+    request_credit: u32,
     closed_send: bool,
     route: Route,
 }
@@ -513,7 +513,7 @@ impl Socket {
             Out::Grant { call, amount, record } => {
                 // A call that ended takes no more grants: its status was its last record.
                 if let Some(live) = self.calls.get_mut(&call) {
-                    live.granted += u64::from(amount);
+                    live.request_credit = live.request_credit.saturating_add(amount);
                     self.batch.append_encoded(&record);
                 }
             }
@@ -591,7 +591,7 @@ impl Socket {
             let Route::Builtin(builtin) = &mut live.route else {
                 continue;
             };
-            live.granted += builtin.take_unsent_grants();
+            live.request_credit = live.request_credit.saturating_add(builtin.take_unsent_grants());
             if builtin.is_done() {
                 self.end_call(call, Status::ok(""));
             }
@@ -755,12 +755,14 @@ impl Socket {
                 let Some(live) = self.calls.get_mut(&call) else {
                     return true;
                 };
-                let add = u64::from(window).min(u64::from(u32::MAX) - live.response_given);
-                live.response_given += add;
                 match &mut live.route {
-                    Route::Task(task) => task.response_credit.add_permits(add as usize),
+                    Route::Task(task) => {
+                        // Unused credit saturates at 2^32-1.
+                        let room = (u32::MAX as usize).saturating_sub(task.response_credit.available_permits());
+                        task.response_credit.add_permits((window as usize).min(room));
+                    }
                     Route::Builtin(builtin) => {
-                        builtin.add_credit(add);
+                        builtin.add_credit(window);
                         self.serve(call);
                     }
                 }
@@ -808,9 +810,7 @@ impl Socket {
             return true;
         }
         let live = |route| LiveCall {
-            response_given: u64::from(response_window),
-            received: 0,
-            granted: 0,
+            request_credit: v2::DEFAULT_WINDOW,
             closed_send: false,
             route,
         };
@@ -868,24 +868,21 @@ impl Socket {
                 "a request message of {} bytes is larger than --max-message-size ({max})",
                 payload.len()
             )))
+        } else if live.request_credit == 0 {
+            Some(Status::resource_exhausted(
+                "a request message beyond the call's request credit (256 plus the window records sent): \
+                 wait for window records",
+            ))
+        } else if self.over_budget {
+            // Read only so that `window` records could get through: a message
+            // now would grow the buffer past its bound.
+            Some(Status::resource_exhausted(
+                "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
+                 and every call holding it waited for response credit: grant credit (window) first",
+            ))
         } else {
-            live.received += 1;
-            let credit = u64::from(v2::DEFAULT_WINDOW) + live.granted;
-            if live.received > credit {
-                Some(Status::resource_exhausted(format!(
-                    "the client sent {} request messages on a credit of {credit}: wait for window records",
-                    live.received
-                )))
-            } else if self.over_budget {
-                // Read only so that `window` records could get through: a message
-                // now would grow the buffer past its bound.
-                Some(Status::resource_exhausted(
-                    "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
-                     and every call holding it waited for response credit: grant credit (window) first",
-                ))
-            } else {
-                None
-            }
+            live.request_credit -= 1;
+            None
         };
         if let Some(status) = refusal {
             return self.end_call(call, status);
