@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::io::Write as _;
 
 use base64::Engine;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
@@ -94,12 +97,15 @@ fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, 
 }
 
 /// Decodes one text WebSocket message from the client: an array of records,
-/// or one record object.
+/// or one record object. One pass over the text: each record's `message` is
+/// left as a slice of it.
 pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, DecodeError> {
-    let invalid = |e: serde_json::Error| DecodeError(format!("invalid JSON batch: {e}"));
-    let records: Vec<&RawValue> = match text.trim_start().as_bytes().first() {
-        Some(b'[') => serde_json::from_str(text).map_err(invalid)?,
-        Some(b'{') => vec![serde_json::from_str(text).map_err(invalid)?],
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let records = match text.trim_start().as_bytes().first() {
+        Some(b'[') => deserializer.deserialize_seq(BatchVisitor),
+        Some(b'{') => RecordSeed { index: 0 }
+            .deserialize(&mut deserializer)
+            .map(|record| vec![record]),
         _ => {
             return Err(DecodeError(
                 "a batch is a JSON array of records (or one record object)".into(),
@@ -107,21 +113,68 @@ pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, Deco
         }
     };
     records
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| decode_record(index, raw))
-        .collect()
+        .and_then(|records| deserializer.end().map(|()| records))
+        .map_err(|e| DecodeError(format!("invalid JSON batch: {e}")))
 }
 
-fn decode_record(index: usize, raw: &RawValue) -> Result<JsonClientRecord<'_>, DecodeError> {
-    if !raw.get().starts_with('{') {
-        return Err(DecodeError(format!("record {index} is not an object")));
+/// The records of a batch array, each an object.
+struct BatchVisitor;
+
+impl<'de> Visitor<'de> for BatchVisitor {
+    type Value = Vec<JsonClientRecord<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of records")
     }
-    let record: RecordMirror<'_> =
-        serde_json::from_str(raw.get()).map_err(|e| DecodeError(format!("record {index}: {e}")))?;
-    let mut kinds = Vec::with_capacity(1);
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(record) = seq.next_element_seed(RecordSeed { index: records.len() })? {
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+/// Record `index` of a batch: an object (serde's derive would take an
+/// array for a struct too), with exactly one kind.
+struct RecordSeed {
+    index: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for RecordSeed {
+    type Value = JsonClientRecord<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        let index = self.index;
+        let record = deserializer
+            .deserialize_map(self)
+            .map_err(|e| serde::de::Error::custom(format_args!("record {index}: {e}")))?;
+        to_record(index, record).map_err(|e| serde::de::Error::custom(e.0))
+    }
+}
+
+impl<'de> Visitor<'de> for RecordSeed {
+    type Value = RecordMirror<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a record object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        RecordMirror::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+fn to_record(index: usize, record: RecordMirror<'_>) -> Result<JsonClientRecord<'_>, DecodeError> {
+    let mut kind = None;
+    let mut kinds = 0;
+    let mut found = |k| {
+        kinds += 1;
+        kind = Some(k);
+    };
     if let Some(open) = record.open {
-        kinds.push(JsonClientKind::Open(Open {
+        found(JsonClientKind::Open(Open {
             method: open.method.unwrap_or_default(),
             metadata: open.metadata.unwrap_or_default(),
             timeout_ms: open.timeout_ms.unwrap_or_default(),
@@ -129,24 +182,23 @@ fn decode_record(index: usize, raw: &RawValue) -> Result<JsonClientRecord<'_>, D
         }));
     }
     if let Some(message) = record.message {
-        kinds.push(JsonClientKind::Message(message.get()));
+        found(JsonClientKind::Message(message.get()));
     }
     if record.close_send.is_some() {
-        kinds.push(JsonClientKind::CloseSend);
+        found(JsonClientKind::CloseSend);
     }
     if record.cancel.is_some() {
-        kinds.push(JsonClientKind::Cancel);
+        found(JsonClientKind::Cancel);
     }
     if let Some(window) = record.window {
-        kinds.push(JsonClientKind::Window(window));
+        found(JsonClientKind::Window(window));
     }
-    if kinds.len() > 1 {
+    if kinds > 1 {
         return Err(DecodeError(format!(
-            "record {index} has {} kinds; exactly one of open, message, closeSend, cancel, window is allowed",
-            kinds.len()
+            "record {index} has {kinds} kinds; exactly one of open, message, closeSend, cancel, window is allowed"
         )));
     }
-    let kind = kinds.pop().ok_or_else(|| {
+    let kind = kind.ok_or_else(|| {
         DecodeError(format!(
             "record {index} has no kind; exactly one of open, message, closeSend, cancel, window is required"
         ))
@@ -305,7 +357,11 @@ mod tests {
     fn refuses_what_is_not_exactly_one_record_kind() {
         for (text, says) in [
             ("5", "JSON array"),
-            ("[1]", "record 0 is not an object"),
+            ("[1]", "record 0: invalid type: integer `1`, expected a record object"),
+            (
+                r#"[{"call":1,"cancel":{}},[1,{}]]"#,
+                "record 1: invalid type: sequence, expected a record object",
+            ),
             (r#"[{"call":1}]"#, "record 0 has no kind"),
             (r#"[{"call":1,"cancel":{},"window":2}]"#, "record 0 has 2 kinds"),
             (r#"[{"call":1,"window":-1}]"#, "record 0"),

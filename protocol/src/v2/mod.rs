@@ -98,7 +98,38 @@ pub fn append_message_record(call: u32, message: &impl Message, batch: &mut Vec<
 /// [`Bytes`](prost::bytes::Bytes), each record's `message` is a view into
 /// them, not a copy.
 pub fn decode_client_batch(bytes: impl prost::bytes::Buf) -> Result<ClientBatch, crate::DecodeError> {
-    ClientBatch::decode(bytes).map_err(|e| crate::DecodeError(format!("invalid ClientBatch: {e}")))
+    // Sized up front: pushed one by one, the records would grow the Vec
+    // several times for every batch.
+    let mut batch = ClientBatch {
+        records: Vec::with_capacity(count_records(bytes.chunk())),
+    };
+    batch
+        .merge(bytes)
+        .map_err(|e| crate::DecodeError(format!("invalid ClientBatch: {e}")))?;
+    Ok(batch)
+}
+
+/// The `records` entries of an encoded `ClientBatch`, counted without
+/// decoding them (as far as the framing holds: decoding reports the rest).
+fn count_records(mut bytes: &[u8]) -> usize {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut count = 0;
+    while !bytes.is_empty() {
+        let Ok((tag, wire_type)) = decode_key(&mut bytes) else {
+            break;
+        };
+        if tag == 1 && wire_type == WireType::LengthDelimited {
+            let Ok(len) = decode_varint(&mut bytes) else { break };
+            let Some(rest) = usize::try_from(len).ok().and_then(|len| bytes.get(len..)) else {
+                break;
+            };
+            bytes = rest;
+            count += 1;
+        } else if skip_field(wire_type, tag, &mut bytes, DecodeContext::default()).is_err() {
+            break;
+        }
+    }
+    count
 }
 
 #[cfg(test)]
@@ -149,6 +180,26 @@ mod tests {
                 assert_eq!(batch[7..], expected[..], "call {call}, {size} bytes");
             }
         }
+    }
+
+    #[test]
+    fn records_are_counted_before_decoding() {
+        let record = |call| ClientRecord {
+            call,
+            kind: Some(client_record::Kind::Window(1)),
+        };
+        let batch = ClientBatch {
+            records: (1..=10).map(record).collect(),
+        };
+        let mut bytes = batch.encode_to_vec();
+        assert_eq!(count_records(&bytes), 10);
+        // Unknown fields of the batch are skipped, not counted.
+        bytes.extend_from_slice(&[0x10, 0x05]);
+        assert_eq!(count_records(&bytes), 10);
+        assert_eq!(decode_client_batch(&bytes[..]).unwrap(), batch);
+        // Broken framing stops the count; decoding reports it.
+        assert_eq!(count_records(&[0x0a, 0x09, 0x08]), 0);
+        assert!(decode_client_batch(&[0x0a, 0x09, 0x08][..]).is_err());
     }
 
     fn hex(bytes: &[u8]) -> String {

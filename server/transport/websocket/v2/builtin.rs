@@ -190,7 +190,7 @@ fn decode(payload: Payload) -> Result<StreamRequest, Status> {
         Payload::Proto(bytes) => StreamRequest::decode(bytes)
             .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))),
         Payload::Json(text) => {
-            let mut deserializer = serde_json::Deserializer::from_str(&text);
+            let mut deserializer = serde_json::Deserializer::from_slice(&text);
             deserializer
                 .deserialize_map(RequestVisitor)
                 .and_then(|request| deserializer.end().map(|()| request))
@@ -265,7 +265,7 @@ mod tests {
     use super::*;
 
     fn json(text: &str) -> Result<String, String> {
-        decode(Payload::Json(text.into()))
+        decode(Payload::Json(bytes::Bytes::copy_from_slice(text.as_bytes())))
             .map(|r| r.data)
             .map_err(|s| s.message().to_string())
     }

@@ -432,9 +432,9 @@ fn decodes_as(message: &MessageDescriptor, mut bytes: &[u8], depth: u32) -> bool
 }
 
 /// A request message from proto3 JSON; unknown fields are ignored.
-fn from_json(input: &MessageDescriptor, text: &str) -> Result<Vec<u8>, Status> {
+fn from_json(input: &MessageDescriptor, text: &[u8]) -> Result<Vec<u8>, Status> {
     let options = DeserializeOptions::new().deny_unknown_fields(false);
-    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
     let message = DynamicMessage::deserialize_with_options(input.clone(), &mut deserializer, &options)
         .and_then(|m| deserializer.end().map(|()| m))
         .map_err(|e| Status::invalid_argument(format!("message is not a valid {} in JSON: {e}", input.full_name())))?;
@@ -566,7 +566,7 @@ impl RequestBody {
                         return Err(status);
                     }
                 },
-                None => Bytes::from(text),
+                None => text,
             },
         };
         self.consumed += 1;

@@ -90,10 +90,12 @@ pub struct V2Context {
     pub data_service: Option<ActiveCalls>,
 }
 
-/// A request message as it came, decoded from JSON only by the call.
+/// A request message as it came (a view into the WebSocket message that
+/// brought it), decoded from JSON only by the call.
 pub enum Payload {
     Proto(Bytes),
-    Json(String),
+    /// JSON text, valid UTF-8.
+    Json(Bytes),
 }
 
 impl Payload {
@@ -609,27 +611,28 @@ impl Socket {
             .collect()
     }
 
-    /// Writes the gathered records, 64 KiB per WebSocket message.
+    /// Writes the gathered records, 64 KiB per WebSocket message. A peer
+    /// that takes none of it for two ping intervals is gone.
     async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        for bytes in self.batch.take() {
-            let message = match self.encoding {
-                Encoding::Proto => Message::Binary(bytes.into()),
-                Encoding::Json => {
-                    Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
-                }
-            };
-            if !matches!(
-                tokio::time::timeout(settings.ping_interval * 2, socket.feed(message)).await,
-                Ok(Ok(()))
-            ) {
-                return false;
+        let encoding = self.encoding;
+        let messages = self.batch.take();
+        let write = async {
+            for bytes in messages {
+                let message = match encoding {
+                    Encoding::Proto => Message::Binary(bytes.into()),
+                    Encoding::Json => {
+                        Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
+                    }
+                };
+                socket.feed(message).await?;
             }
-        }
+            socket.flush().await
+        };
         matches!(
-            tokio::time::timeout(settings.ping_interval * 2, socket.flush()).await,
+            tokio::time::timeout(settings.ping_interval * 2, write).await,
             Ok(Ok(()))
         )
     }
@@ -653,7 +656,7 @@ impl Socket {
             (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
                 Ok(batch) => {
                     for record in batch {
-                        if !self.on_json_record(record) {
+                        if !self.on_json_record(record, text.as_ref()) {
                             break;
                         }
                     }
@@ -709,11 +712,12 @@ impl Socket {
         self.on_record(record.call, kind)
     }
 
-    fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>) -> bool {
+    /// A record of `whole`, the text message it came in.
+    fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>, whole: &Bytes) -> bool {
         use v2::json::JsonClientKind;
         let kind = match record.kind {
             JsonClientKind::Open(open) => Incoming::Open(open),
-            JsonClientKind::Message(text) => Incoming::Message(Payload::Json(text.to_string())),
+            JsonClientKind::Message(text) => Incoming::Message(Payload::Json(whole.slice_ref(text.as_bytes()))),
             JsonClientKind::CloseSend => Incoming::CloseSend,
             JsonClientKind::Cancel => Incoming::Cancel,
             JsonClientKind::Window(window) => Incoming::Window(window),
