@@ -94,6 +94,13 @@ struct Args {
     /// of pinning the load generator to CPU 0 and the server to CPU 1.
     #[arg(long)]
     no_pin: bool,
+    /// Keep the load generator's CPU busy (a task yielding in a loop), so
+    /// that it never sleeps: on loopback the server's writes then do not pay
+    /// for waking an idle CPU, which a remote client's would not either. A
+    /// diagnostic (docs/benchmarks.md, "At the same message rate"); reported
+    /// runs do not use it.
+    #[arg(long)]
+    busy_load_generator: bool,
     /// The command line to record in the report.
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -117,6 +124,7 @@ fn run(args: &Args) -> Result<(), String> {
         measure: Duration::from_secs_f64(args.seconds.unwrap_or(if args.quick { 1.0 } else { 5.0 })),
         idle_calls: args.idle_calls.unwrap_or(if args.quick { 200 } else { 10_000 }),
         only: args.only.clone(),
+        busy_load_generator: args.busy_load_generator,
     };
     // The clients' ends are here, the servers' in their own processes.
     if timing.idle_calls + 100 > fd_limit as usize {
@@ -381,7 +389,10 @@ async fn measure_load(
         rounds: 1,
         ..Outcome::default()
     };
-    match scenarios::run_load(server, load, payload, timing).await {
+    let busy = timing.busy_load_generator.then(scenarios::keep_busy);
+    let result = scenarios::run_load(server, load, payload, timing).await;
+    drop(busy);
+    match result {
         Ok(measured) => {
             let per_reply = match load {
                 Load::GrpcWeb { .. } => grpc_web_load::MESSAGES_PER_CALL as u64,

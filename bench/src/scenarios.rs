@@ -27,6 +27,27 @@ pub struct Timing {
     pub idle_calls: usize,
     /// Only scenarios whose name contains this text run (profiling).
     pub only: Option<String>,
+    /// `--busy-load-generator`: see [`keep_busy`].
+    pub busy_load_generator: bool,
+}
+
+/// Keeps the load generator's runtime from ever sleeping until the returned
+/// guard is dropped: a task that yields in a loop is always ready to run.
+pub fn keep_busy() -> impl Drop {
+    let task = tokio::spawn(async {
+        loop {
+            tokio::task::yield_now().await;
+        }
+    });
+    AbortOnDrop(task)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Timing {

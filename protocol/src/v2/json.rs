@@ -73,27 +73,57 @@ struct OpenMirror {
 }
 
 /// A proto3 JSON `uint32`: a number or a string of digits; `null` is unset.
+/// A visitor rather than an untagged enum: serde buffers an untagged
+/// enum's value before trying each variant, and every record has a `call`.
 fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Number<'a> {
-        Int(u64),
-        Float(f64),
-        Text(&'a str),
+    struct ProtoU32;
+
+    impl<'de> Visitor<'de> for ProtoU32 {
+        type Value = Option<u32>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a uint32 (a number, or a string of digits)")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<u32>, D::Error> {
+            deserializer.deserialize_any(self)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Option<u32>, E> {
+            u32::try_from(n)
+                .map(Some)
+                .map_err(|_| E::custom(format!("{n} is out of range for a uint32")))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Option<u32>, E> {
+            Err(E::custom(format!("{n} is not a uint32")))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Option<u32>, E> {
+            if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) {
+                Ok(Some(f as u32))
+            } else {
+                Err(E::custom(format!("{f} is not a uint32")))
+            }
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Option<u32>, E> {
+            let n: u64 = text
+                .parse()
+                .map_err(|_| E::custom(format!("{text:?} is not a uint32")))?;
+            self.visit_u64(n)
+        }
     }
-    let number: Option<Number<'_>> = Option::deserialize(deserializer)?;
-    let value = match number {
-        None => return Ok(None),
-        Some(Number::Int(n)) => n,
-        Some(Number::Float(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => f as u64,
-        Some(Number::Text(text)) => text
-            .parse::<u64>()
-            .map_err(|_| serde::de::Error::custom(format!("{text:?} is not a uint32")))?,
-        Some(Number::Float(f)) => return Err(serde::de::Error::custom(format!("{f} is not a uint32"))),
-    };
-    u32::try_from(value)
-        .map(Some)
-        .map_err(|_| serde::de::Error::custom(format!("{value} is out of range for a uint32")))
+
+    deserializer.deserialize_option(ProtoU32)
 }
 
 /// Decodes one text WebSocket message from the client: an array of records,
@@ -370,6 +400,37 @@ mod tests {
         ] {
             let error = decode_client_batch(text).unwrap_err();
             assert!(error.0.contains(says), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn uint32_fields_take_numbers_and_strings_of_digits() {
+        let window = |value: &str| match decode_client_batch(&format!(r#"[{{"call":1,"window":{value}}}]"#)) {
+            Ok(batch) => match batch[0].kind {
+                JsonClientKind::Window(n) => Ok(n),
+                _ => Err("not a window".to_string()),
+            },
+            Err(e) => Err(e.0),
+        };
+        for (value, n) in [
+            ("7", 7),
+            (r#""7""#, 7),
+            ("7.0", 7),
+            ("1e2", 100),
+            ("4294967295", u32::MAX),
+        ] {
+            assert_eq!(window(value), Ok(n), "{value}");
+        }
+        for (value, says) in [
+            ("-1", "-1 is not a uint32"),
+            ("1.5", "1.5 is not a uint32"),
+            (r#""x""#, r#""x" is not a uint32"#),
+            ("4294967296", "out of range"),
+            (r#""4294967296""#, "out of range"),
+            ("true", "expected a uint32"),
+        ] {
+            let error = window(value).unwrap_err();
+            assert!(error.contains(says), "{value}: {error}");
         }
     }
 

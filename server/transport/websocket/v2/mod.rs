@@ -994,3 +994,70 @@ enum Incoming {
     Cancel,
     Window(u32),
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Appends a `message` record of `size` bytes for `call`.
+    fn message(batch: &mut Batch, call: u32, size: usize) {
+        let kind = match batch.encoding() {
+            Encoding::Proto => Kind::Message(Bytes::from(vec![b'x'; size])),
+            Encoding::Json => Kind::JsonMessage(format!("\"{}\"", "x".repeat(size))),
+        };
+        batch.record(call, kind);
+    }
+
+    /// The WebSocket messages a batch makes: for each, its size and the
+    /// calls of its records, in order (each message decoded on its own).
+    fn written(batch: &mut Batch) -> Vec<(usize, Vec<u32>)> {
+        let encoding = batch.encoding();
+        batch
+            .take()
+            .map(|bytes| {
+                let calls = match encoding {
+                    Encoding::Proto => v2::ServerBatch::decode(&bytes[..])
+                        .expect("a ServerBatch")
+                        .records
+                        .iter()
+                        .map(|r| r.call)
+                        .collect(),
+                    Encoding::Json => serde_json::from_slice::<Vec<serde_json::Value>>(&bytes)
+                        .expect("a JSON array")
+                        .iter()
+                        .map(|r| r["call"].as_u64().unwrap() as u32)
+                        .collect(),
+                };
+                (bytes.len(), calls)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_becomes_messages_of_at_most_64_kib_in_record_order() {
+        for encoding in [Encoding::Proto, Encoding::Json] {
+            let mut batch = Batch::new(encoding);
+            assert!(batch.is_empty() && !batch.is_full());
+            for call in 1..=5 {
+                message(&mut batch, call, 20_000);
+            }
+            assert!(batch.is_full(), "{encoding:?}: 100 KB is more than a message");
+            let messages = written(&mut batch);
+            assert!(batch.is_empty());
+            let calls: Vec<_> = messages.iter().map(|(_, calls)| calls.clone()).collect();
+            assert_eq!(calls, [vec![1, 2, 3], vec![4, 5]], "{encoding:?}");
+            assert!(messages.iter().all(|(size, _)| *size <= BATCH_BYTES), "{encoding:?}");
+
+            // A record larger than a message goes alone, between its neighbours.
+            message(&mut batch, 6, 10);
+            message(&mut batch, 7, 100_000);
+            message(&mut batch, 8, 10);
+            batch.record(9, Kind::Window(5));
+            let calls: Vec<_> = written(&mut batch).into_iter().map(|(_, calls)| calls).collect();
+            assert_eq!(calls, [vec![6], vec![7], vec![8, 9]], "{encoding:?}");
+            assert_eq!(batch.take().count(), 0, "{encoding:?}: nothing left");
+        }
+    }
+}
