@@ -424,12 +424,12 @@ pub async fn run<S>(
 }
 
 /// Message counters for a socket's built-in calls.
-fn builtin_messages(context: &V2Context) -> StreamMetrics {
+fn builtin_messages(context: &V2Context) -> Box<StreamMetrics> {
     let calls = context
         .data_service
         .as_ref()
         .expect("built-in calls only where the service runs");
-    calls.metrics().message_counters(Transport::WebSocket)
+    Box::new(calls.metrics().message_counters(Transport::WebSocket))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -482,7 +482,8 @@ struct Socket {
     /// Built-in calls served while applying the current incoming batch.
     served: Vec<u32>,
     /// The built-in calls' message counts (made at the first message).
-    messages: Option<StreamMetrics>,
+    /// Boxed: inline, its 40 bytes would be in every idle socket's task.
+    messages: Option<Box<StreamMetrics>>,
     /// Set by a socket error: no more reading; close once the calls are done.
     closing: Option<Closing>,
     /// `goaway` sent.
