@@ -96,7 +96,7 @@ impl BuiltinCall {
             return self.answer(call, payload, socket);
         }
         socket.budget.take(payload.len());
-        self.rest.waiting.push_back(payload);
+        self.rest.waiting.push_back(payload.detached());
         self.queued = true;
         Ok(())
     }
@@ -268,6 +268,42 @@ mod tests {
         decode(Payload::Json(bytes::Bytes::copy_from_slice(text.as_bytes())))
             .map(|r| r.data)
             .map_err(|s| s.message().to_string())
+    }
+
+    #[test]
+    fn a_request_that_waits_holds_its_own_bytes_not_its_whole_message() {
+        use crate::ops::calls::ActiveCalls;
+        use crate::transport::Transport;
+
+        let calls = ActiveCalls::default();
+        let budget = Budget::new(1 << 20);
+        let mut batch = Batch::new(Encoding::Proto);
+        let messages = calls.metrics().message_counters(Transport::WebSocket);
+        let mut socket = SocketSide {
+            budget: &budget,
+            batch: &mut batch,
+            messages: &messages,
+        };
+        // No response credit: the request has to wait.
+        let mut call = BuiltinCall::new(0, None, calls.enter(Transport::WebSocket));
+        let request = StreamRequest { data: "hi".into() }.encode_to_vec();
+        let mut whole = vec![0u8; 1 << 20];
+        whole[..request.len()].copy_from_slice(&request);
+        let whole = bytes::Bytes::from(whole);
+        call.receive(1, Payload::Proto(whole.slice(..request.len())), &mut socket)
+            .unwrap();
+        assert_eq!(budget.held(), request.len());
+        let Some(Payload::Proto(waiting)) = call.rest.waiting.front() else {
+            panic!("the request waits")
+        };
+        assert_eq!(waiting[..], request[..]);
+        let inside = whole.as_ptr_range();
+        assert!(
+            !inside.contains(&waiting.as_ptr()),
+            "a view would keep the 1 MiB message alive"
+        );
+        call.finish(&Status::cancelled(""), &budget);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]

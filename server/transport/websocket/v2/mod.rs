@@ -90,8 +90,9 @@ pub struct V2Context {
     pub data_service: Option<ActiveCalls>,
 }
 
-/// A request message as it came (a view into the WebSocket message that
-/// brought it), decoded from JSON only by the call.
+/// A request message as it came, decoded from JSON only by the call. At
+/// first a view into the WebSocket message that brought it; one that has to
+/// wait is [detached](Payload::detached) first.
 pub enum Payload {
     Proto(Bytes),
     /// JSON text, valid UTF-8.
@@ -103,6 +104,17 @@ impl Payload {
         match self {
             Payload::Proto(bytes) => bytes.len(),
             Payload::Json(text) => text.len(),
+        }
+    }
+
+    /// The message in its own allocation. A view would keep the whole
+    /// WebSocket message alive, and the socket's budget
+    /// (`--ws-socket-buffer`) counts only this message's bytes: a small
+    /// request padded into a 4 MiB batch could pin 4 MiB per request.
+    pub fn detached(self) -> Payload {
+        match self {
+            Payload::Proto(bytes) => Payload::Proto(Bytes::copy_from_slice(&bytes)),
+            Payload::Json(text) => Payload::Json(Bytes::copy_from_slice(&text)),
         }
     }
 }
@@ -216,7 +228,7 @@ impl Batch {
 
     /// Enough for a message: no point gathering more before writing.
     fn is_full(&self) -> bool {
-        !self.full.is_empty() || self.open.len() >= BATCH_BYTES
+        !self.full.is_empty() || self.open.len() + usize::from(self.encoding == Encoding::Json) >= BATCH_BYTES
     }
 
     /// Adds one record; `write` appends its encoding.
@@ -234,7 +246,8 @@ impl Batch {
         let start = self.open.len();
         write(&mut self.open);
         let first = start == usize::from(json);
-        if !first && self.open.len() > BATCH_BYTES {
+        // A json message still needs its closing bracket.
+        if !first && self.open.len() + usize::from(json) > BATCH_BYTES {
             // This record starts the next message.
             let mut next = Vec::with_capacity(self.open.len() - start + 1);
             if json {
@@ -613,29 +626,33 @@ impl Socket {
     }
 
     /// Writes the gathered records, 64 KiB per WebSocket message. A peer
-    /// that takes none of it for two ping intervals is gone.
+    /// that takes none of a message for two ping intervals is gone (the
+    /// last message and the flush share one deadline: the usual batch is one
+    /// message, and a deadline costs a timer).
     async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let encoding = self.encoding;
-        let messages = self.batch.take();
-        let write = async {
-            for bytes in messages {
-                let message = match encoding {
-                    Encoding::Proto => Message::Binary(bytes.into()),
-                    Encoding::Json => {
-                        Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
-                    }
-                };
+        let deadline = settings.ping_interval * 2;
+        let mut messages = self.batch.take().peekable();
+        while let Some(bytes) = messages.next() {
+            let message = match encoding {
+                Encoding::Proto => Message::Binary(bytes.into()),
+                Encoding::Json => {
+                    Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
+                }
+            };
+            let last = messages.peek().is_none();
+            let write = async {
                 socket.feed(message).await?;
+                if last { socket.flush().await } else { Ok(()) }
+            };
+            if !matches!(tokio::time::timeout(deadline, write).await, Ok(Ok(()))) {
+                return false;
             }
-            socket.flush().await
-        };
-        matches!(
-            tokio::time::timeout(settings.ping_interval * 2, write).await,
-            Ok(Ok(()))
-        )
+        }
+        true
     }
 
     async fn on_message<S>(&mut self, message: Message, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> Gone
@@ -898,7 +915,8 @@ impl Socket {
                 let len = payload.len();
                 self.budget.take(len);
                 task.gauge.held.fetch_add(len, Ordering::AcqRel);
-                if requests.send(payload).is_err() {
+                // It waits in the channel until the call's task takes it.
+                if requests.send(payload.detached()).is_err() {
                     // The call stopped reading (it is ending): the message is dropped with it.
                     self.budget.give_back(len);
                     task.gauge.consumed(len);
@@ -1059,6 +1077,28 @@ mod tests {
             let calls: Vec<_> = written(&mut batch).into_iter().map(|(_, calls)| calls).collect();
             assert_eq!(calls, [vec![6], vec![7], vec![8, 9]], "{encoding:?}");
             assert_eq!(batch.take().count(), 0, "{encoding:?}: nothing left");
+
+            // Two records that fill a message to the byte, brackets included, share
+            // it; one byte more and the second starts the next.
+            let mut alone = |size| {
+                message(&mut batch, 1, size);
+                written(&mut batch)[0].0
+            };
+            let json = usize::from(encoding == Encoding::Json);
+            // Two records in one message: their sizes alone, less one bracket pair, plus a comma.
+            let together = |a: usize, b: usize| a + b - json;
+            let first = alone(30_000);
+            let second = (BATCH_BYTES - first - 64..BATCH_BYTES)
+                .find(|&size| together(first, alone(size)) == BATCH_BYTES)
+                .expect("a size that fills the message");
+            for (extra, expected) in [(0, vec![vec![1, 2]]), (1, vec![vec![1], vec![2]])] {
+                message(&mut batch, 1, 30_000);
+                message(&mut batch, 2, second + extra);
+                let messages = written(&mut batch);
+                let calls: Vec<_> = messages.iter().map(|(_, calls)| calls.clone()).collect();
+                assert_eq!(calls, expected, "{encoding:?}, {extra} byte(s) over");
+                assert!(messages.iter().all(|(size, _)| *size <= BATCH_BYTES), "{encoding:?}");
+            }
         }
     }
 }
