@@ -1054,6 +1054,16 @@ mod tests {
             .collect()
     }
 
+    /// The socket looks a call up for every record, usually with the table
+    /// cold in the cache, so each cache line an entry spans can be a miss per
+    /// message (docs/benchmarks.md, "Cache lines and syscalls at the same
+    /// rate": entries of 120 bytes were the socket's largest cost). Grow an
+    /// entry on purpose, not by accident.
+    #[test]
+    fn a_call_table_entry_stays_small() {
+        assert!(std::mem::size_of::<(u32, LiveCall)>() <= 40);
+    }
+
     #[test]
     fn a_batch_becomes_messages_of_at_most_64_kib_in_record_order() {
         for encoding in [Encoding::Proto, Encoding::Json] {
