@@ -88,6 +88,10 @@ fn target_dir() -> PathBuf {
 fn cargo() -> Command {
     let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(root());
+    // `cargo run -p xtask` sets it to xtask's directory, and ring's build
+    // script reruns when it changes: every build from here and every build
+    // from a shell then rebuilt ring, rustls and tonic for the other.
+    command.env_remove("CARGO_MANIFEST_DIR");
     command
 }
 
