@@ -88,10 +88,19 @@ fn target_dir() -> PathBuf {
 fn cargo() -> Command {
     let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(root());
-    // `cargo run -p xtask` sets it to xtask's directory, and ring's build
-    // script reruns when it changes: every build from here and every build
-    // from a shell then rebuilt ring, rustls and tonic for the other.
-    command.env_remove("CARGO_MANIFEST_DIR");
+    // `cargo run -p xtask` describes xtask to it (`CARGO_MANIFEST_DIR`,
+    // `CARGO_PKG_NAME`, ...), and ring's build script reruns when any of
+    // those change: every build from here and every build from a shell then
+    // rebuilt ring, rustls and tonic for the other.
+    for (name, _) in env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
     command
 }
 
