@@ -339,19 +339,6 @@ pub fn append_message_record(call: u32, batch: &mut Vec<u8>, message: impl FnOnc
     batch.push(b'}');
 }
 
-/// Joins encoded records into one batch.
-pub fn join_batch<'a>(records: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = String::from("[");
-    for (i, record) in records.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(record);
-    }
-    out.push(']');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,7 +469,6 @@ mod tests {
             encode_server_record(2, JsonServerKind::Window(128)),
             r#"{"call":2,"window":128}"#
         );
-        assert_eq!(join_batch(["{}", "{}"]), "[{},{}]");
         for (call, expected) in [
             (0, r#"{"message":{}}"#),
             (10, r#"{"call":10,"message":{}}"#),

@@ -436,6 +436,22 @@ pub async fn run<S>(
     }
 }
 
+/// What a built-in call is served with: the socket's budget, batch and
+/// message tally (made at its first built-in message). Fields, not
+/// `&mut Socket`: the call itself is borrowed from the socket's table.
+fn socket_side<'a>(
+    budget: &'a Budget,
+    batch: &'a mut Batch,
+    messages: &'a mut Option<Box<StreamMetrics>>,
+    context: &V2Context,
+) -> SocketSide<'a> {
+    SocketSide {
+        budget,
+        batch,
+        messages: messages.get_or_insert_with(|| builtin_messages(context)),
+    }
+}
+
 /// Message counters for a socket's built-in calls.
 fn builtin_messages(context: &V2Context) -> Box<StreamMetrics> {
     let calls = context
@@ -571,11 +587,7 @@ impl Socket {
         let Route::Builtin(builtin) = &mut live.route else {
             return;
         };
-        let mut side = SocketSide {
-            budget: &self.budget,
-            batch: &mut self.batch,
-            messages: self.messages.get_or_insert_with(|| builtin_messages(&self.context)),
-        };
+        let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
         let served = builtin.serve(call, &mut side);
         self.after_serving(call, served);
     }
@@ -923,11 +935,7 @@ impl Socket {
                 }
             }
             Route::Builtin(builtin) => {
-                let mut side = SocketSide {
-                    budget: &self.budget,
-                    batch: &mut self.batch,
-                    messages: self.messages.get_or_insert_with(|| builtin_messages(&self.context)),
-                };
+                let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
                 let served = builtin.receive(call, payload, &mut side);
                 self.after_serving(call, served);
             }
