@@ -99,8 +99,54 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// A [`StreamRequest`] whose `data` is a view into the bytes it was decoded
+/// from (a [`Bytes`](prost::bytes::Bytes)), not a `String` of its own: the
+/// same field, so the same wire form. What a server that answers in place
+/// decodes a request as (the v2 socket's built-in calls).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StreamRequestView {
+    #[prost(bytes = "bytes", tag = "1")]
+    data: prost::bytes::Bytes,
+}
+
+impl StreamRequestView {
+    /// The request's `data`; an error if it is not UTF-8 (a `string` field
+    /// must be, and prost refuses a `StreamRequest` whose `data` is not).
+    pub fn data(&self) -> Result<&str, DecodeError> {
+        std::str::from_utf8(&self.data).map_err(|_| DecodeError("data is not valid UTF-8".into()))
+    }
+}
+
 /// The error for a client frame whose `oneof frame` is empty: well-formed, but
 /// neither a request nor a half-close.
 fn empty_client_frame() -> DecodeError {
     DecodeError("ClientFrame has neither request nor closeSend; exactly one is required".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use prost::bytes::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn a_request_view_reads_what_a_stream_request_encodes() {
+        for data in ["", "hi", "ü and 💡", &"x".repeat(300)] {
+            let bytes = Bytes::from(StreamRequest { data: data.into() }.encode_to_vec());
+            let view = StreamRequestView::decode(bytes.clone()).unwrap();
+            assert_eq!(view.data(), Ok(data));
+            assert_eq!(view.encode_to_vec(), bytes);
+            // A view, not a copy.
+            assert!(data.is_empty() || bytes.as_ptr_range().contains(&view.data.as_ptr()));
+        }
+        // Unknown fields are skipped, as StreamRequest skips them.
+        let mut unknown = StreamRequest { data: "a".into() }.encode_to_vec();
+        unknown.extend_from_slice(&[0x10, 0x05]);
+        assert_eq!(StreamRequestView::decode(&unknown[..]).unwrap().data(), Ok("a"));
+        // `data` that is not UTF-8: refused by both.
+        let not_utf8 = [0x0a, 0x02, 0xc3, 0x28];
+        assert!(StreamRequest::decode(&not_utf8[..]).is_err());
+        assert!(StreamRequestView::decode(&not_utf8[..]).unwrap().data().is_err());
+    }
 }

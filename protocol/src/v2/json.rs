@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use base64::Engine;
 use std::fmt;
 
-use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
@@ -32,7 +32,8 @@ pub struct JsonClientRecord<'a> {
 /// The kind of a client record.
 #[derive(Debug, PartialEq)]
 pub enum JsonClientKind<'a> {
-    Open(Open),
+    /// Boxed: a batch is mostly messages, and a record is as large as its largest kind.
+    Open(Box<Open>),
     /// The request message as JSON text, to be transcoded with the method's input type.
     Message(&'a str),
     CloseSend,
@@ -40,20 +41,57 @@ pub enum JsonClientKind<'a> {
     Window(u32),
 }
 
-#[derive(Deserialize)]
-struct RecordMirror<'a> {
-    #[serde(default, deserialize_with = "proto_u32")]
+/// A key of a record object (proto3 JSON parsers take the original field
+/// names as well as the lowerCamelCase ones).
+#[derive(Clone, Copy, PartialEq)]
+enum RecordKey {
+    Call,
+    Open,
+    Message,
+    CloseSend,
+    Cancel,
+    Window,
+    Other,
+}
+
+impl RecordKey {
+    const NAMES: [&str; 6] = ["call", "open", "message", "closeSend", "cancel", "window"];
+}
+
+impl<'de> Deserialize<'de> for RecordKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RecordKey, D::Error> {
+        struct KeyVisitor;
+
+        impl Visitor<'_> for KeyVisitor {
+            type Value = RecordKey;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<RecordKey, E> {
+                Ok(match key {
+                    "call" => RecordKey::Call,
+                    "open" => RecordKey::Open,
+                    "message" => RecordKey::Message,
+                    "closeSend" | "close_send" => RecordKey::CloseSend,
+                    "cancel" => RecordKey::Cancel,
+                    "window" => RecordKey::Window,
+                    _ => RecordKey::Other,
+                })
+            }
+        }
+
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+/// What a record object holds, before its kinds are counted.
+struct RecordFields<'a> {
     call: Option<u32>,
-    #[serde(default)]
-    open: Option<OpenMirror>,
-    #[serde(borrow, default)]
-    message: Option<&'a RawValue>,
-    #[serde(default, rename = "closeSend", alias = "close_send")]
-    close_send: Option<Empty>,
-    #[serde(default)]
-    cancel: Option<Empty>,
-    #[serde(default, deserialize_with = "proto_u32")]
-    window: Option<u32>,
+    /// The last kind present (a `null` value is absent).
+    kind: Option<JsonClientKind<'a>>,
+    kinds: usize,
 }
 
 #[derive(Deserialize)]
@@ -71,58 +109,78 @@ struct OpenMirror {
     window: Option<u32>,
 }
 
+impl OpenMirror {
+    fn into_open(self) -> Open {
+        Open {
+            method: self.method.unwrap_or_default(),
+            metadata: self.metadata.unwrap_or_default(),
+            timeout_ms: self.timeout_ms.unwrap_or_default(),
+            window: self.window.unwrap_or_default(),
+        }
+    }
+}
+
+/// [`ProtoU32`], for serde's `deserialize_with`.
+fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    ProtoU32.deserialize(deserializer)
+}
+
 /// A proto3 JSON `uint32`: a number or a string of digits; `null` is unset.
 /// A visitor rather than an untagged enum: serde buffers an untagged
 /// enum's value before trying each variant, and every record has a `call`.
-fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
-    struct ProtoU32;
+struct ProtoU32;
 
-    impl<'de> Visitor<'de> for ProtoU32 {
-        type Value = Option<u32>;
+impl<'de> DeserializeSeed<'de> for ProtoU32 {
+    type Value = Option<u32>;
 
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a uint32 (a number, or a string of digits)")
-        }
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<u32>, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
 
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
-            Ok(None)
-        }
+impl<'de> Visitor<'de> for ProtoU32 {
+    type Value = Option<u32>;
 
-        fn visit_none<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
-            Ok(None)
-        }
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a uint32 (a number, or a string of digits)")
+    }
 
-        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<u32>, D::Error> {
-            deserializer.deserialize_any(self)
-        }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
+        Ok(None)
+    }
 
-        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Option<u32>, E> {
-            u32::try_from(n)
-                .map(Some)
-                .map_err(|_| E::custom(format!("{n} is out of range for a uint32")))
-        }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
+        Ok(None)
+    }
 
-        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Option<u32>, E> {
-            Err(E::custom(format!("{n} is not a uint32")))
-        }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<u32>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
 
-        fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Option<u32>, E> {
-            if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) {
-                Ok(Some(f as u32))
-            } else {
-                Err(E::custom(format!("{f} is not a uint32")))
-            }
-        }
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Option<u32>, E> {
+        u32::try_from(n)
+            .map(Some)
+            .map_err(|_| E::custom(format!("{n} is out of range for a uint32")))
+    }
 
-        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Option<u32>, E> {
-            let n: u64 = text
-                .parse()
-                .map_err(|_| E::custom(format!("{text:?} is not a uint32")))?;
-            self.visit_u64(n)
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Option<u32>, E> {
+        Err(E::custom(format!("{n} is not a uint32")))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Option<u32>, E> {
+        if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) {
+            Ok(Some(f as u32))
+        } else {
+            Err(E::custom(format!("{f} is not a uint32")))
         }
     }
 
-    deserializer.deserialize_option(ProtoU32)
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Option<u32>, E> {
+        let n: u64 = text
+            .parse()
+            .map_err(|_| E::custom(format!("{text:?} is not a uint32")))?;
+        self.visit_u64(n)
+    }
 }
 
 /// Decodes one text WebSocket message from the client: an array of records,
@@ -131,7 +189,11 @@ fn proto_u32<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, 
 pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, DecodeError> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let records = match text.trim_start().as_bytes().first() {
-        Some(b'[') => deserializer.deserialize_seq(BatchVisitor),
+        // Room for as many records as the text could hold (the smallest,
+        // `{"window":1}`, is 12 bytes): no regrowing while decoding.
+        Some(b'[') => deserializer.deserialize_seq(BatchVisitor {
+            capacity: (text.len() / 12).min(4096),
+        }),
         Some(b'{') => RecordSeed { index: 0 }
             .deserialize(&mut deserializer)
             .map(|record| vec![record]),
@@ -147,7 +209,9 @@ pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, Deco
 }
 
 /// The records of a batch array, each an object.
-struct BatchVisitor;
+struct BatchVisitor {
+    capacity: usize,
+}
 
 impl<'de> Visitor<'de> for BatchVisitor {
     type Value = Vec<JsonClientRecord<'de>>;
@@ -157,7 +221,7 @@ impl<'de> Visitor<'de> for BatchVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut records = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        let mut records = Vec::with_capacity(self.capacity);
         while let Some(record) = seq.next_element_seed(RecordSeed { index: records.len() })? {
             records.push(record);
         }
@@ -176,64 +240,75 @@ impl<'de> DeserializeSeed<'de> for RecordSeed {
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         let index = self.index;
-        let record = deserializer
+        let fields = deserializer
             .deserialize_map(self)
             .map_err(|e| serde::de::Error::custom(format_args!("record {index}: {e}")))?;
-        to_record(index, record).map_err(|e| serde::de::Error::custom(e.0))
+        to_record(index, fields).map_err(|e| serde::de::Error::custom(e.0))
     }
 }
 
 impl<'de> Visitor<'de> for RecordSeed {
-    type Value = RecordMirror<'de>;
+    type Value = RecordFields<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a record object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        RecordMirror::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    /// Each field as it comes, straight into its kind; a `null` value is an
+    /// absent field, a field given twice an error (as serde's derive has it).
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = RecordFields {
+            call: None,
+            kind: None,
+            kinds: 0,
+        };
+        let mut seen = [false; RecordKey::NAMES.len()];
+        while let Some(key) = map.next_key::<RecordKey>()? {
+            if key != RecordKey::Other && std::mem::replace(&mut seen[key as usize], true) {
+                return Err(serde::de::Error::duplicate_field(RecordKey::NAMES[key as usize]));
+            }
+            let kind = match key {
+                RecordKey::Call => {
+                    fields.call = map.next_value_seed(ProtoU32)?;
+                    None
+                }
+                RecordKey::Open => map
+                    .next_value::<Option<OpenMirror>>()?
+                    .map(|open| JsonClientKind::Open(Box::new(open.into_open()))),
+                RecordKey::Message => map
+                    .next_value::<Option<&'de RawValue>>()?
+                    .map(|message| JsonClientKind::Message(message.get())),
+                RecordKey::CloseSend => map.next_value::<Option<Empty>>()?.map(|_| JsonClientKind::CloseSend),
+                RecordKey::Cancel => map.next_value::<Option<Empty>>()?.map(|_| JsonClientKind::Cancel),
+                RecordKey::Window => map.next_value_seed(ProtoU32)?.map(JsonClientKind::Window),
+                RecordKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    None
+                }
+            };
+            if kind.is_some() {
+                fields.kinds += 1;
+                fields.kind = kind;
+            }
+        }
+        Ok(fields)
     }
 }
 
-fn to_record(index: usize, record: RecordMirror<'_>) -> Result<JsonClientRecord<'_>, DecodeError> {
-    let mut kind = None;
-    let mut kinds = 0;
-    let mut found = |k| {
-        kinds += 1;
-        kind = Some(k);
-    };
-    if let Some(open) = record.open {
-        found(JsonClientKind::Open(Open {
-            method: open.method.unwrap_or_default(),
-            metadata: open.metadata.unwrap_or_default(),
-            timeout_ms: open.timeout_ms.unwrap_or_default(),
-            window: open.window.unwrap_or_default(),
-        }));
-    }
-    if let Some(message) = record.message {
-        found(JsonClientKind::Message(message.get()));
-    }
-    if record.close_send.is_some() {
-        found(JsonClientKind::CloseSend);
-    }
-    if record.cancel.is_some() {
-        found(JsonClientKind::Cancel);
-    }
-    if let Some(window) = record.window {
-        found(JsonClientKind::Window(window));
-    }
-    if kinds > 1 {
+fn to_record(index: usize, fields: RecordFields<'_>) -> Result<JsonClientRecord<'_>, DecodeError> {
+    if fields.kinds > 1 {
         return Err(DecodeError(format!(
-            "record {index} has {kinds} kinds; exactly one of open, message, closeSend, cancel, window is allowed"
+            "record {index} has {} kinds; exactly one of open, message, closeSend, cancel, window is allowed",
+            fields.kinds
         )));
     }
-    let kind = kind.ok_or_else(|| {
+    let kind = fields.kind.ok_or_else(|| {
         DecodeError(format!(
             "record {index} has no kind; exactly one of open, message, closeSend, cancel, window is required"
         ))
     })?;
     Ok(JsonClientRecord {
-        call: record.call.unwrap_or_default(),
+        call: fields.call.unwrap_or_default(),
         kind,
     })
 }
@@ -384,6 +459,12 @@ mod tests {
             (r#"[{"call":1,"cancel":{},"window":2}]"#, "record 0 has 2 kinds"),
             (r#"[{"call":1,"window":-1}]"#, "record 0"),
             (r#"[{"call":4294967296,"cancel":{}}]"#, "out of range"),
+            (r#"[{"call":1,"call":2,"cancel":{}}]"#, "record 0: duplicate field `call`"),
+            (
+                r#"[{"call":1,"closeSend":{},"close_send":{}}]"#,
+                "record 0: duplicate field `closeSend`",
+            ),
+            (r#"[{"call":1,"window":null,"window":2}]"#, "record 0: duplicate field `window`"),
             ("[{", "invalid JSON batch"),
         ] {
             let error = decode_client_batch(text).unwrap_err();

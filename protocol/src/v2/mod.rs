@@ -7,7 +7,8 @@
 //! - [`Encoding`]: the two subprotocols and their names.
 //! - [`encode_record`]: one record as the bytes of a `ServerBatch` entry, so a
 //!   batch is the concatenation of its records ([`append_record`] and
-//!   [`append_message_record`] write them straight into a batch).
+//!   [`append_message_record`] write them straight into a batch;
+//!   [`append_stream_response_record`] a built-in reply from its pieces).
 //! - `json` (feature `json`): the proto3 JSON encoding of the records, with
 //!   each `message` left as the method's own JSON.
 
@@ -19,6 +20,7 @@ pub mod json;
 use std::fmt;
 
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 /// The response credit of a call whose `open.window` is 0, and the request
 /// credit every call starts with.
@@ -74,8 +76,36 @@ pub fn append_record(record: &ServerRecord, batch: &mut Vec<u8>) {
 /// being built: the bytes [`encode_record`] gives for that record, without
 /// first encoding the message into a buffer of its own.
 pub fn append_message_record(call: u32, message: &impl Message, batch: &mut Vec<u8>) {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let message_len = message.encoded_len();
+    append_message_record_with(call, message.encoded_len(), batch, |batch| {
+        message.encode(batch).expect("a Vec grows to fit")
+    });
+}
+
+/// A `message` record of `call` carrying a `StreamResponse` whose `result`
+/// is `result`'s pieces joined: the bytes [`append_message_record`] gives
+/// for that response, without the `String` (the server answers its built-in
+/// calls so, from the request's bytes).
+pub fn append_stream_response_record(call: u32, result: &[&str], batch: &mut Vec<u8>) {
+    let result_len: usize = result.iter().map(|piece| piece.len()).sum();
+    // proto3 leaves an empty string out.
+    let message_len = if result_len == 0 {
+        0
+    } else {
+        key_len(1) + encoded_len_varint(result_len as u64) + result_len
+    };
+    append_message_record_with(call, message_len, batch, |batch| {
+        if result_len > 0 {
+            encode_key(1, WireType::LengthDelimited, batch);
+            encode_varint(result_len as u64, batch);
+            for piece in result {
+                batch.extend_from_slice(piece.as_bytes());
+            }
+        }
+    });
+}
+
+/// A `message` record of `call` whose message, `message_len` bytes, `write` appends.
+fn append_message_record_with(call: u32, message_len: usize, batch: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
     // Fields in number order, defaults left out, as prost writes a `ServerRecord`.
     let call_len = if call == 0 {
         0
@@ -91,7 +121,9 @@ pub fn append_message_record(call: u32, message: &impl Message, batch: &mut Vec<
     }
     encode_key(3, WireType::LengthDelimited, batch);
     encode_varint(message_len as u64, batch);
-    message.encode(batch).expect("a Vec grows to fit");
+    let start = batch.len();
+    write(batch);
+    debug_assert_eq!(batch.len() - start, message_len, "the message is as long as announced");
 }
 
 /// A client batch from the bytes of a binary WebSocket message. From
@@ -112,7 +144,7 @@ pub fn decode_client_batch(bytes: impl prost::bytes::Buf) -> Result<ClientBatch,
 /// The `records` entries of an encoded `ClientBatch`, counted without
 /// decoding them (as far as the framing holds: decoding reports the rest).
 fn count_records(mut bytes: &[u8]) -> usize {
-    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    use prost::encoding::{DecodeContext, decode_key, decode_varint, skip_field};
     let mut count = 0;
     while !bytes.is_empty() {
         let Ok((tag, wire_type)) = decode_key(&mut bytes) else {
@@ -178,6 +210,13 @@ mod tests {
                     kind: Some(server_record::Kind::Message(message.encode_to_vec().into())),
                 });
                 assert_eq!(batch[7..], expected[..], "call {call}, {size} bytes");
+                // The same response from its pieces, split anywhere.
+                for cut in [0, size / 2, size] {
+                    let (head, tail) = message.result.split_at(cut);
+                    let mut batch = b"earlier".to_vec();
+                    append_stream_response_record(call, &[head, tail], &mut batch);
+                    assert_eq!(batch[7..], expected[..], "call {call}, {size} bytes cut at {cut}");
+                }
             }
         }
     }

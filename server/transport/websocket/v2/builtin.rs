@@ -15,13 +15,14 @@
 //! answered, every call ends with one `status`. `tests/websocket_v2.rs`
 //! runs each rule through this path and through the generic one.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 
 use prost::Message;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use streambridge_protocol::StreamRequest;
-use streambridge_protocol::v2::{self, Encoding};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use streambridge_protocol::StreamRequestView;
+use streambridge_protocol::v2;
 use tokio::time::Instant;
 use tonic::Status;
 
@@ -130,15 +131,8 @@ impl BuiltinCall {
 
     /// One reply, and a grant of request credit when it is due, into the batch.
     fn answer(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        let request = decode(payload)?;
+        append_reply(call, &payload, socket.batch)?;
         socket.messages.message_received();
-        let reply = processor::reply(request);
-        // Encoded straight into the outgoing message: no buffer per reply.
-        let encoding = socket.batch.encoding();
-        socket.batch.append(|out| match encoding {
-            Encoding::Proto => v2::append_message_record(call, &reply, out),
-            Encoding::Json => v2::json::append_message_record(call, out, |out| append_reply_json(&reply.result, out)),
-        });
         socket.messages.message_sent();
         self.credit -= 1;
         self.request_left -= 1;
@@ -184,48 +178,104 @@ pub struct SocketSide<'a> {
     pub messages: &'a StreamMetrics,
 }
 
-/// A request message in the socket's encoding.
-fn decode(payload: Payload) -> Result<StreamRequest, Status> {
+/// The processor's reply to the request in `payload`, as a `message`
+/// record of `call` in the batch; an error if the request does not decode.
+/// Written straight from the request's bytes: neither the request's `data`
+/// nor the reply's `result` gets a `String` of its own.
+fn append_reply(call: u32, payload: &Payload, batch: &mut Batch) -> Result<(), Status> {
     match payload {
-        Payload::Proto(bytes) => StreamRequest::decode(bytes)
-            .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))),
+        Payload::Proto(bytes) => {
+            let invalid = |e: &dyn fmt::Display| {
+                Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
+            };
+            let request = StreamRequestView::decode(bytes.clone()).map_err(|e| invalid(&e))?;
+            let data = request.data().map_err(|e| invalid(&e))?;
+            batch.append(|out| v2::append_stream_response_record(call, &processor::result_pieces(data), out));
+        }
         Payload::Json(text) => {
-            let mut deserializer = serde_json::Deserializer::from_slice(&text);
-            deserializer
-                .deserialize_map(RequestVisitor)
-                .and_then(|request| deserializer.end().map(|()| request))
-                .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in JSON: {e}")))
+            let data = json_data(text)?;
+            batch.append(|out| {
+                v2::json::append_message_record(call, out, |out| {
+                    append_reply_json(&processor::result_pieces(&data), out)
+                })
+            });
         }
     }
+    Ok(())
+}
+
+/// A `StreamRequest`'s `data`, from the request's proto3 JSON.
+fn json_data(text: &[u8]) -> Result<Cow<'_, str>, Status> {
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    deserializer
+        .deserialize_map(RequestVisitor)
+        .and_then(|data| deserializer.end().map(|()| data))
+        .map_err(|e| Status::invalid_argument(format!("message is not a valid StreamRequest in JSON: {e}")))
 }
 
 /// `StreamRequest` in proto3 JSON: an object whose `data` is a string or
 /// null (the default); other fields are ignored, as the generic path's
 /// transcoder does. Written out rather than derived so that only an object
-/// is accepted (serde's derive would take an array too).
+/// is accepted (serde's derive would take an array too), and so that `data`
+/// is borrowed from the text when it has no escapes.
 struct RequestVisitor;
 
 impl<'de> Visitor<'de> for RequestVisitor {
-    type Value = StreamRequest;
+    /// The request's `data`.
+    type Value = Cow<'de, str>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a StreamRequest object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<StreamRequest, A::Error> {
-        let mut data: Option<String> = None;
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Cow<'de, str>, A::Error> {
+        let mut data = None;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
                 Field::Data if data.is_some() => return Err(de::Error::duplicate_field("data")),
-                Field::Data => data = Some(map.next_value::<Option<String>>()?.unwrap_or_default()),
+                Field::Data => data = Some(map.next_value_seed(DataSeed)?),
                 Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(StreamRequest {
-            data: data.unwrap_or_default(),
-        })
+        Ok(data.unwrap_or_default())
+    }
+}
+
+/// The value of `data`: a string, borrowed where it can be, or null ("").
+struct DataSeed;
+
+impl<'de> DeserializeSeed<'de> for DataSeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Cow<'de, str>, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DataSeed {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or null")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(""))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Cow<'de, str>, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, data: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(data))
+    }
+
+    fn visit_str<E: de::Error>(self, data: &str) -> Result<Cow<'de, str>, E> {
+        // Unescaped into a scratch buffer: this one has to be copied.
+        Ok(Cow::Owned(data.to_owned()))
     }
 }
 
@@ -253,10 +303,22 @@ impl<'de> de::Deserialize<'de> for Field {
     }
 }
 
-/// `StreamResponse { result }` in proto3 JSON, appended to `out`.
-fn append_reply_json(result: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(br#"{"result":"#);
-    serde_json::to_writer(&mut *out, result).expect("a string serialises into a Vec");
+/// `StreamResponse { result }` in proto3 JSON, `result` being `pieces`
+/// joined, appended to `out`.
+fn append_reply_json(pieces: &[&str], out: &mut Vec<u8>) {
+    out.extend_from_slice(br#"{"result":""#);
+    // JSON escapes only `"`, `\` and control characters: text without them
+    // is its own JSON string (the usual reply), copied as it is.
+    let plain = |piece: &&str| !piece.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    if pieces.iter().all(plain) {
+        for piece in pieces {
+            out.extend_from_slice(piece.as_bytes());
+        }
+        out.push(b'"');
+    } else {
+        out.pop();
+        serde_json::to_writer(&mut *out, &pieces.concat()).expect("a string serialises into a Vec");
+    }
     out.push(b'}');
 }
 
@@ -265,8 +327,8 @@ mod tests {
     use super::*;
 
     fn json(text: &str) -> Result<String, String> {
-        decode(Payload::Json(bytes::Bytes::copy_from_slice(text.as_bytes())))
-            .map(|r| r.data)
+        json_data(text.as_bytes())
+            .map(Cow::into_owned)
             .map_err(|s| s.message().to_string())
     }
 
@@ -277,7 +339,7 @@ mod tests {
 
         let calls = ActiveCalls::default();
         let budget = Budget::new(1 << 20);
-        let mut batch = Batch::new(Encoding::Proto);
+        let mut batch = Batch::new(v2::Encoding::Proto);
         let messages = calls.metrics().message_counters(Transport::WebSocket);
         let mut socket = SocketSide {
             budget: &budget,
@@ -286,7 +348,7 @@ mod tests {
         };
         // No response credit: the request has to wait.
         let mut call = BuiltinCall::new(0, None, calls.enter(Transport::WebSocket));
-        let request = StreamRequest { data: "hi".into() }.encode_to_vec();
+        let request = streambridge_protocol::StreamRequest { data: "hi".into() }.encode_to_vec();
         let mut whole = vec![0u8; 1 << 20];
         whole[..request.len()].copy_from_slice(&request);
         let whole = bytes::Bytes::from(whole);
@@ -319,6 +381,7 @@ mod tests {
             r#""a""#,
             r#"{"data":"a","data":"b"}"#,
             r#"{"data":"a"} x"#,
+            r#"{"data":"\ud800"}"#,
         ] {
             assert!(json(bad).is_err(), "{bad} was accepted");
         }
@@ -326,9 +389,33 @@ mod tests {
 
     #[test]
     fn replies_are_escaped_json() {
-        let mut out = Vec::new();
-        append_reply_json("processed: \"q\"\n", &mut out);
-        let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(reply, serde_json::json!({ "result": "processed: \"q\"\n" }));
+        for data in [
+            "hi",
+            "",
+            "\"q\"",
+            "back\\slash",
+            "line\n",
+            "\u{1}",
+            "\u{7f}",
+            "ü 💡",
+            "</script>",
+        ] {
+            let mut out = Vec::new();
+            append_reply_json(&processor::result_pieces(data), &mut out);
+            let result = format!("processed: {data}");
+            let reply: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(reply, serde_json::json!({ "result": result }), "{data:?}");
+            // Byte for byte what serde writes.
+            assert_eq!(
+                out,
+                serde_json::to_vec(&serde_json::json!({ "result": result })).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn data_without_escapes_is_borrowed_from_the_request() {
+        assert!(matches!(json_data(br#"{"data":"hi"}"#), Ok(Cow::Borrowed("hi"))));
+        assert!(matches!(json_data(br#"{"data":"h\u0069"}"#), Ok(Cow::Owned(data)) if data == "hi"));
     }
 }

@@ -271,10 +271,6 @@ impl Batch {
         self.append(|out| call::append(encoding, call, kind, out));
     }
 
-    pub fn encoding(&self) -> Encoding {
-        self.encoding
-    }
-
     fn finished(&self, mut message: Vec<u8>) -> Vec<u8> {
         if self.encoding == Encoding::Json {
             message.push(b']');
@@ -746,7 +742,7 @@ impl Socket {
     fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>, whole: &Bytes) -> bool {
         use v2::json::JsonClientKind;
         let kind = match record.kind {
-            JsonClientKind::Open(open) => Incoming::Open(open),
+            JsonClientKind::Open(open) => Incoming::Open(*open),
             JsonClientKind::Message(text) => Incoming::Message(Payload::Json(whole.slice_ref(text.as_bytes()))),
             JsonClientKind::CloseSend => Incoming::CloseSend,
             JsonClientKind::Cancel => Incoming::Cancel,
@@ -1030,7 +1026,7 @@ mod tests {
 
     /// Appends a `message` record of `size` bytes for `call`.
     fn message(batch: &mut Batch, call: u32, size: usize) {
-        let kind = match batch.encoding() {
+        let kind = match batch.encoding {
             Encoding::Proto => Kind::Message(Bytes::from(vec![b'x'; size])),
             Encoding::Json => Kind::JsonMessage(format!("\"{}\"", "x".repeat(size))),
         };
@@ -1040,7 +1036,7 @@ mod tests {
     /// The WebSocket messages a batch makes: for each, its size and the
     /// calls of its records, in order (each message decoded on its own).
     fn written(batch: &mut Batch) -> Vec<(usize, Vec<u32>)> {
-        let encoding = batch.encoding();
+        let encoding = batch.encoding;
         batch
             .take()
             .map(|bytes| {
