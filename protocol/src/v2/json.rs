@@ -190,9 +190,11 @@ pub fn decode_client_batch(text: &str) -> Result<Vec<JsonClientRecord<'_>>, Deco
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let records = match text.trim_start().as_bytes().first() {
         // Room for as many records as the text could hold (the smallest,
-        // `{"window":1}`, is 12 bytes): no regrowing while decoding.
+        // `{"window":1}`, is 12 bytes), up to a few hundred: a batch of small
+        // records is decoded without regrowing, one of large records does
+        // not take a large allocation for a few of them.
         Some(b'[') => deserializer.deserialize_seq(BatchVisitor {
-            capacity: (text.len() / 12).min(4096),
+            capacity: (text.len() / 12).min(256),
         }),
         Some(b'{') => RecordSeed { index: 0 }
             .deserialize(&mut deserializer)

@@ -309,7 +309,15 @@ fn append_reply_json(pieces: &[&str], out: &mut Vec<u8>) {
     out.extend_from_slice(br#"{"result":""#);
     // JSON escapes only `"`, `\` and control characters: text without them
     // is its own JSON string (the usual reply), copied as it is.
-    let plain = |piece: &&str| !piece.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    // (Checked 64 bytes at a time without branching, which the compiler
+    // vectorises: a byte-by-byte search is slower than the escaping.)
+    let plain = |piece: &&str| {
+        piece.as_bytes().chunks(64).all(|chunk| {
+            chunk
+                .iter()
+                .fold(true, |plain, &b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'))
+        })
+    };
     if pieces.iter().all(plain) {
         for piece in pieces {
             out.extend_from_slice(piece.as_bytes());
