@@ -28,7 +28,7 @@ use tonic::Status;
 
 use super::budget::Budget;
 use super::call::{Kind, REQUEST_CREDIT, REQUEST_WINDOW};
-use super::{Batch, Payload};
+use super::{Batch, Payload, Request};
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;
@@ -92,12 +92,12 @@ impl BuiltinCall {
     /// the client has credit for the reply, else it waits, taken from the
     /// socket's budget until it is answered. An error is the call's end:
     /// its status record is for the caller to send.
-    pub fn receive(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+    pub fn receive(&mut self, call: u32, request: Request<'_>, socket: &mut SocketSide<'_>) -> Result<(), Status> {
         if !self.queued && self.credit > 0 {
-            return self.answer(call, payload, socket);
+            return self.answer(call, &request, socket);
         }
-        socket.budget.take(payload.len());
-        self.rest.waiting.push_back(payload.detached());
+        socket.budget.take(request.len());
+        self.rest.waiting.push_back(request.detached());
         self.queued = true;
         Ok(())
     }
@@ -124,14 +124,14 @@ impl BuiltinCall {
             };
             self.queued = !self.rest.waiting.is_empty();
             socket.budget.give_back(payload.len());
-            self.answer(call, payload, socket)?;
+            self.answer(call, &payload.as_request(), socket)?;
         }
         Ok(())
     }
 
     /// One reply, and a grant of request credit when it is due, into the batch.
-    fn answer(&mut self, call: u32, payload: Payload, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        append_reply(call, &payload, socket.batch)?;
+    fn answer(&mut self, call: u32, request: &Request<'_>, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+        append_reply(call, request, socket.batch)?;
         socket.messages.message_received();
         socket.messages.message_sent();
         self.credit -= 1;
@@ -158,6 +158,12 @@ impl BuiltinCall {
         self.closed_send && !self.queued
     }
 
+    /// Whether the socket has to come back to the call once the incoming
+    /// batch is applied: it granted request credit, or it is done.
+    pub fn needs_settling(&self) -> bool {
+        self.unsent_grants > 0 || self.is_done()
+    }
+
     /// Ends the call with `status`: requests still waiting are dropped and
     /// give their bytes back.
     pub fn finish(mut self, status: &Status, budget: &Budget) {
@@ -178,13 +184,13 @@ pub struct SocketSide<'a> {
     pub messages: &'a StreamMetrics,
 }
 
-/// The processor's reply to the request in `payload`, as a `message`
-/// record of `call` in the batch; an error if the request does not decode.
-/// Written straight from the request's bytes: neither the request's `data`
-/// nor the reply's `result` gets a `String` of its own.
-fn append_reply(call: u32, payload: &Payload, batch: &mut Batch) -> Result<(), Status> {
-    match payload {
-        Payload::Proto(bytes) => {
+/// The processor's reply to `request`, as a `message` record of `call` in
+/// the batch; an error if the request does not decode. Written straight
+/// from the request's bytes: neither the request's `data` nor the reply's
+/// `result` gets a `String` of its own.
+fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(), Status> {
+    match request {
+        Request::Proto(bytes) => {
             let invalid = |e: &dyn fmt::Display| {
                 Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
             };
@@ -192,7 +198,7 @@ fn append_reply(call: u32, payload: &Payload, batch: &mut Batch) -> Result<(), S
             let data = request.data().map_err(|e| invalid(&e))?;
             batch.append(|out| v2::append_stream_response_record(call, &processor::result_pieces(data), out));
         }
-        Payload::Json(text) => {
+        Request::Json(text) => {
             let data = json_data(text)?;
             batch.append(|out| {
                 v2::json::append_message_record(call, out, |out| {
@@ -205,8 +211,8 @@ fn append_reply(call: u32, payload: &Payload, batch: &mut Batch) -> Result<(), S
 }
 
 /// A `StreamRequest`'s `data`, from the request's proto3 JSON.
-fn json_data(text: &[u8]) -> Result<Cow<'_, str>, Status> {
-    let mut deserializer = serde_json::Deserializer::from_slice(text);
+fn json_data(text: &str) -> Result<Cow<'_, str>, Status> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
     deserializer
         .deserialize_map(RequestVisitor)
         .and_then(|data| deserializer.end().map(|()| data))
@@ -335,8 +341,7 @@ mod tests {
     use super::*;
 
     fn json(text: &str) -> Result<String, String> {
-        json_data(text.as_bytes())
-            .map(Cow::into_owned)
+        json_data(text).map(Cow::into_owned)
             .map_err(|s| s.message().to_string())
     }
 
@@ -360,7 +365,7 @@ mod tests {
         let mut whole = vec![0u8; 1 << 20];
         whole[..request.len()].copy_from_slice(&request);
         let whole = bytes::Bytes::from(whole);
-        call.receive(1, Payload::Proto(whole.slice(..request.len())), &mut socket)
+        call.receive(1, Request::Proto(whole.slice(..request.len())), &mut socket)
             .unwrap();
         assert_eq!(budget.held(), request.len());
         let Some(Payload::Proto(waiting)) = call.rest.waiting.front() else {
@@ -423,7 +428,7 @@ mod tests {
 
     #[test]
     fn data_without_escapes_is_borrowed_from_the_request() {
-        assert!(matches!(json_data(br#"{"data":"hi"}"#), Ok(Cow::Borrowed("hi"))));
-        assert!(matches!(json_data(br#"{"data":"h\u0069"}"#), Ok(Cow::Owned(data)) if data == "hi"));
+        assert!(matches!(json_data(r#"{"data":"hi"}"#), Ok(Cow::Borrowed("hi"))));
+        assert!(matches!(json_data(r#"{"data":"h\u0069"}"#), Ok(Cow::Owned(data)) if data == "hi"));
     }
 }

@@ -559,14 +559,14 @@ impl RequestBody {
                 _ => bytes,
             },
             Payload::Json(text) => match &self.input {
-                Some(input) => match from_json(input, &text) {
+                Some(input) => match from_json(input, text.as_bytes()) {
                     Ok(bytes) => Bytes::from(bytes),
                     Err(status) => {
                         self.abort.abort(status.clone());
                         return Err(status);
                     }
                 },
-                None => text,
+                None => Bytes::from(text),
             },
         };
         self.consumed += 1;

@@ -91,20 +91,22 @@ pub struct V2Context {
     pub data_service: Option<ActiveCalls>,
 }
 
-/// A request message as it came, decoded from JSON only by the call. At
-/// first a view into the WebSocket message that brought it; one that has to
-/// wait is [detached](Payload::detached) first.
-pub enum Payload {
+/// A request message as it came, while its batch is applied: a view into
+/// the WebSocket message that brought it. What has to wait is
+/// [detached](Request::detached) first.
+pub enum Request<'a> {
+    /// A slice of the binary message (prost decodes `bytes` fields so).
     Proto(Bytes),
-    /// JSON text, valid UTF-8.
-    Json(Bytes),
+    /// A slice of the text message: no copy, no reference count, and
+    /// already checked as UTF-8.
+    Json(&'a str),
 }
 
-impl Payload {
+impl Request<'_> {
     fn len(&self) -> usize {
         match self {
-            Payload::Proto(bytes) => bytes.len(),
-            Payload::Json(text) => text.len(),
+            Request::Proto(bytes) => bytes.len(),
+            Request::Json(text) => text.len(),
         }
     }
 
@@ -112,10 +114,34 @@ impl Payload {
     /// WebSocket message alive, and the socket's budget
     /// (`--ws-socket-buffer`) counts only this message's bytes: a small
     /// request padded into a 4 MiB batch could pin 4 MiB per request.
-    pub fn detached(self) -> Payload {
+    pub fn detached(&self) -> Payload {
         match self {
-            Payload::Proto(bytes) => Payload::Proto(Bytes::copy_from_slice(&bytes)),
-            Payload::Json(text) => Payload::Json(Bytes::copy_from_slice(&text)),
+            Request::Proto(bytes) => Payload::Proto(Bytes::copy_from_slice(bytes)),
+            Request::Json(text) => Payload::Json((*text).to_owned()),
+        }
+    }
+}
+
+/// A request message that waits (for response credit, or for its call's
+/// task), in an allocation of its own; decoded from JSON only by the call.
+pub enum Payload {
+    Proto(Bytes),
+    Json(String),
+}
+
+impl Payload {
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Proto(bytes) => bytes.len(),
+            Payload::Json(text) => text.len(),
+        }
+    }
+
+    /// The message as a [`Request`] again, to be answered.
+    pub fn as_request(&self) -> Request<'_> {
+        match self {
+            Payload::Proto(bytes) => Request::Proto(bytes.clone()),
+            Payload::Json(text) => Request::Json(text),
         }
     }
 }
@@ -313,7 +339,7 @@ pub async fn run<S>(
         lines: None,
         batch: Batch::new(encoding),
         deadlines: BTreeSet::new(),
-        served: Vec::new(),
+        unsettled: Vec::new(),
         messages: None,
         closing: None,
         draining: false,
@@ -505,8 +531,9 @@ struct Socket {
     batch: Batch,
     /// When the built-in calls' deadlines pass (the generic calls keep their own).
     deadlines: BTreeSet<(Instant, u32)>,
-    /// Built-in calls served while applying the current incoming batch.
-    served: Vec<u32>,
+    /// Built-in calls with something to settle once the current incoming
+    /// batch is applied (a grant to count, or their end).
+    unsettled: Vec<u32>,
     /// The built-in calls' message counts (made at the first message).
     /// Boxed: inline, its 40 bytes would be in every idle socket's task.
     messages: Option<Box<StreamMetrics>>,
@@ -585,31 +612,33 @@ impl Socket {
             return;
         };
         let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
-        let served = builtin.serve(call, &mut side);
+        let served = builtin.serve(call, &mut side).map(|()| builtin.needs_settling());
         self.after_serving(call, served);
     }
 
-    /// Notes that a built-in call was served during this incoming batch, or
-    /// ends it.
-    fn after_serving(&mut self, call: u32, served: Result<(), Status>) {
+    /// Notes that a built-in call has something to settle after this
+    /// incoming batch (most messages leave nothing: then the call is not
+    /// looked up again), or ends it.
+    fn after_serving(&mut self, call: u32, served: Result<bool, Status>) {
         match served {
-            Ok(()) => {
-                if self.served.last() != Some(&call) {
-                    self.served.push(call);
+            Ok(true) => {
+                if self.unsettled.last() != Some(&call) {
+                    self.unsettled.push(call);
                 }
             }
+            Ok(false) => {}
             Err(status) => self.end_call(call, status),
         }
     }
 
-    /// After an incoming batch: the built-in calls served during it count
+    /// After an incoming batch: the built-in calls that granted during it count
     /// the request credit they granted (its `window` records go out before
     /// the socket reads again, so the client's next messages may use it),
     /// and those with nothing left to answer after `closeSend` end with OK.
     /// Not earlier: a message behind the `closeSend` in the same batch must
     /// still meet a live call (and end it with 3).
     fn settle(&mut self) {
-        for call in std::mem::take(&mut self.served) {
+        for call in std::mem::take(&mut self.unsettled) {
             let Some(live) = self.calls.get_mut(&call) else {
                 continue;
             };
@@ -689,7 +718,7 @@ impl Socket {
             (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
                 Ok(batch) => {
                     for record in batch {
-                        if !self.on_json_record(record, text.as_ref()) {
+                        if !self.on_json_record(record) {
                             break;
                         }
                     }
@@ -729,7 +758,7 @@ impl Socket {
     fn on_proto_record(&mut self, record: v2::ClientRecord) -> bool {
         let kind = match record.kind {
             Some(client_record::Kind::Open(open)) => Incoming::Open(open),
-            Some(client_record::Kind::Message(bytes)) => Incoming::Message(Payload::Proto(bytes)),
+            Some(client_record::Kind::Message(bytes)) => Incoming::Message(Request::Proto(bytes)),
             Some(client_record::Kind::CloseSend(_)) => Incoming::CloseSend,
             Some(client_record::Kind::Cancel(_)) => Incoming::Cancel,
             Some(client_record::Kind::Window(window)) => Incoming::Window(window),
@@ -745,12 +774,11 @@ impl Socket {
         self.on_record(record.call, kind)
     }
 
-    /// A record of `whole`, the text message it came in.
-    fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>, whole: &Bytes) -> bool {
+    fn on_json_record(&mut self, record: v2::json::JsonClientRecord<'_>) -> bool {
         use v2::json::JsonClientKind;
         let kind = match record.kind {
             JsonClientKind::Open(open) => Incoming::Open(*open),
-            JsonClientKind::Message(text) => Incoming::Message(Payload::Json(whole.slice_ref(text.as_bytes()))),
+            JsonClientKind::Message(text) => Incoming::Message(Request::Json(text)),
             JsonClientKind::CloseSend => Incoming::CloseSend,
             JsonClientKind::Cancel => Incoming::Cancel,
             JsonClientKind::Window(window) => Incoming::Window(window),
@@ -759,7 +787,7 @@ impl Socket {
     }
 
     /// Applies one record; false once the socket has failed.
-    fn on_record(&mut self, call: u32, kind: Incoming) -> bool {
+    fn on_record(&mut self, call: u32, kind: Incoming<'_>) -> bool {
         if call == 0 {
             self.socket_error(
                 Code::InvalidArgument,
@@ -895,15 +923,15 @@ impl Socket {
         true
     }
 
-    fn message(&mut self, call: u32, payload: Payload) {
+    fn message(&mut self, call: u32, request: Request<'_>) {
         let max = self.context.settings.max_message_size;
         let Some(live) = self.calls.get_mut(&call) else { return };
         let refusal = if live.closed_send {
             Some(Status::invalid_argument("message after closeSend"))
-        } else if payload.len() > max {
+        } else if request.len() > max {
             Some(Status::resource_exhausted(format!(
                 "a request message of {} bytes is larger than --max-message-size ({max})",
-                payload.len()
+                request.len()
             )))
         } else if live.request_credit == 0 {
             Some(Status::resource_exhausted(
@@ -927,11 +955,11 @@ impl Socket {
         match &mut live.route {
             Route::Task(task) => {
                 let Some(requests) = &task.requests else { return };
-                let len = payload.len();
+                let len = request.len();
                 self.budget.take(len);
                 task.gauge.held.fetch_add(len, Ordering::AcqRel);
                 // It waits in the channel until the call's task takes it.
-                if requests.send(payload.detached()).is_err() {
+                if requests.send(request.detached()).is_err() {
                     // The call stopped reading (it is ending): the message is dropped with it.
                     self.budget.give_back(len);
                     task.gauge.consumed(len);
@@ -939,7 +967,7 @@ impl Socket {
             }
             Route::Builtin(builtin) => {
                 let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
-                let served = builtin.receive(call, payload, &mut side);
+                let served = builtin.receive(call, request, &mut side).map(|()| builtin.needs_settling());
                 self.after_serving(call, served);
             }
         }
@@ -1017,9 +1045,9 @@ async fn recv(lines: &mut Option<Lines>) -> Out {
     }
 }
 
-enum Incoming {
+enum Incoming<'a> {
     Open(v2::Open),
-    Message(Payload),
+    Message(Request<'a>),
     CloseSend,
     Cancel,
     Window(u32),
