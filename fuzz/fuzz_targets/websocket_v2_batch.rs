@@ -1,7 +1,9 @@
 //! WebSocket protocol v2 batches, as a client sends them: the decoders of
 //! both encodings must never panic; a proto batch they accept must survive
 //! an encode/decode round trip unchanged and decode the same from `Bytes`; a JSON batch they accept has
-//! exactly one kind per record, and its `message`s are JSON texts.
+//! exactly one kind per record, and its `message`s are JSON texts. The
+//! bytes are also a built-in request: the borrowing decoder the server
+//! answers with must agree with prost's `StreamRequest` on them.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,6 +11,9 @@ use prost::Message;
 use streambridge_protocol::v2::{self, json};
 
 fuzz_target!(|data: &[u8]| {
+    let borrowed = streambridge_protocol::stream_request_data(data).map(str::to_owned).ok();
+    let prost = streambridge_protocol::StreamRequest::decode(data).map(|request| request.data).ok();
+    assert_eq!(borrowed, prost, "StreamRequest data");
     if let Ok(batch) = v2::decode_client_batch(data) {
         let again = v2::decode_client_batch(&batch.encode_to_vec()[..]).expect("re-encoded batch decodes");
         assert_eq!(again, batch);

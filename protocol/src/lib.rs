@@ -99,22 +99,35 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-/// A [`StreamRequest`] whose `data` is a view into the bytes it was decoded
-/// from (a [`Bytes`](prost::bytes::Bytes)), not a `String` of its own: the
-/// same field, so the same wire form. What a server that answers in place
-/// decodes a request as (the v2 socket's built-in calls).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StreamRequestView {
-    #[prost(bytes = "bytes", tag = "1")]
-    data: prost::bytes::Bytes,
-}
-
-impl StreamRequestView {
-    /// The request's `data`; an error if it is not UTF-8 (a `string` field
-    /// must be, and prost refuses a `StreamRequest` whose `data` is not).
-    pub fn data(&self) -> Result<&str, DecodeError> {
-        std::str::from_utf8(&self.data).map_err(|_| DecodeError("data is not valid UTF-8".into()))
+/// The `data` of the [`StreamRequest`] encoded in `message`, borrowed from
+/// it: what `StreamRequest::decode` gives (the last `data` field wins,
+/// unknown fields are skipped, what prost refuses is refused), without a
+/// `String` or a reference count. How the v2 socket reads a request to its
+/// built-in calls, which it answers at once.
+pub fn stream_request_data(mut message: &[u8]) -> Result<&str, DecodeError> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let refused = |e: prost::DecodeError| DecodeError(e.to_string());
+    let mut data = "";
+    while !message.is_empty() {
+        let (tag, wire_type) = decode_key(&mut message).map_err(refused)?;
+        if tag != 1 {
+            skip_field(wire_type, tag, &mut message, DecodeContext::default()).map_err(refused)?;
+            continue;
+        }
+        if wire_type != WireType::LengthDelimited {
+            return Err(DecodeError(format!(
+                "data has wire type {wire_type:?}, not LengthDelimited"
+            )));
+        }
+        let len = decode_varint(&mut message).map_err(refused)?;
+        let Some(len) = usize::try_from(len).ok().filter(|&len| len <= message.len()) else {
+            return Err(DecodeError("data runs past the end of the message".into()));
+        };
+        let (value, rest) = message.split_at(len);
+        data = std::str::from_utf8(value).map_err(|_| DecodeError("data is not valid UTF-8".into()))?;
+        message = rest;
     }
+    Ok(data)
 }
 
 /// The error for a client frame whose `oneof frame` is empty: well-formed, but
@@ -126,27 +139,42 @@ fn empty_client_frame() -> DecodeError {
 #[cfg(test)]
 mod tests {
     use prost::Message;
-    use prost::bytes::Bytes;
 
     use super::*;
 
+    /// Every input the borrowing decoder takes or refuses, prost takes or
+    /// refuses alike, with the same `data`.
     #[test]
-    fn a_request_view_reads_what_a_stream_request_encodes() {
-        for data in ["", "hi", "ü and 💡", &"x".repeat(300)] {
-            let bytes = Bytes::from(StreamRequest { data: data.into() }.encode_to_vec());
-            let view = StreamRequestView::decode(bytes.clone()).unwrap();
-            assert_eq!(view.data(), Ok(data));
-            assert_eq!(view.encode_to_vec(), bytes);
-            // A view, not a copy.
-            assert!(data.is_empty() || bytes.as_ptr_range().contains(&view.data.as_ptr()));
+    fn request_data_is_what_prost_decodes() {
+        let encoded = |data: &str| StreamRequest { data: data.into() }.encode_to_vec();
+        let mut inputs: Vec<Vec<u8>> = ["", "hi", "ü and 💡", &"x".repeat(300)].map(encoded).to_vec();
+        let two = [encoded("first"), encoded("second")].concat();
+        inputs.extend([
+            two.clone(),
+            // Unknown fields of each wire type around `data`.
+            [
+                &[0x10, 0x05][..],
+                &encoded("a"),
+                &[0x1d, 1, 2, 3, 4],
+                &[0x21, 1, 2, 3, 4, 5, 6, 7, 8],
+            ]
+            .concat(),
+            [&[0x2a, 0x02, b'z', b'z'][..], &encoded("b")].concat(),
+            // Refused: not UTF-8 (also when a later field is), a wrong wire
+            // type, tag 0, cut short, a length past the end.
+            vec![0x0a, 0x02, 0xc3, 0x28],
+            [&[0x0a, 0x01, 0xff][..], &encoded("ok")].concat(),
+            vec![0x08, 0x01],
+            vec![0x00, 0x01],
+            two[..two.len() - 1].to_vec(),
+            vec![0x0a, 0x05, b'a'],
+            vec![0x0a],
+        ]);
+        for input in inputs {
+            let ours = stream_request_data(&input).map(str::to_owned).map_err(|_| ());
+            let prost = StreamRequest::decode(&input[..]).map(|r| r.data).map_err(|_| ());
+            assert_eq!(ours, prost, "{input:x?}");
         }
-        // Unknown fields are skipped, as StreamRequest skips them.
-        let mut unknown = StreamRequest { data: "a".into() }.encode_to_vec();
-        unknown.extend_from_slice(&[0x10, 0x05]);
-        assert_eq!(StreamRequestView::decode(&unknown[..]).unwrap().data(), Ok("a"));
-        // `data` that is not UTF-8: refused by both.
-        let not_utf8 = [0x0a, 0x02, 0xc3, 0x28];
-        assert!(StreamRequest::decode(&not_utf8[..]).is_err());
-        assert!(StreamRequestView::decode(&not_utf8[..]).unwrap().data().is_err());
+        assert_eq!(stream_request_data(&two), Ok("second"));
     }
 }

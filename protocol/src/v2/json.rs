@@ -461,12 +461,18 @@ mod tests {
             (r#"[{"call":1,"cancel":{},"window":2}]"#, "record 0 has 2 kinds"),
             (r#"[{"call":1,"window":-1}]"#, "record 0"),
             (r#"[{"call":4294967296,"cancel":{}}]"#, "out of range"),
-            (r#"[{"call":1,"call":2,"cancel":{}}]"#, "record 0: duplicate field `call`"),
+            (
+                r#"[{"call":1,"call":2,"cancel":{}}]"#,
+                "record 0: duplicate field `call`",
+            ),
             (
                 r#"[{"call":1,"closeSend":{},"close_send":{}}]"#,
                 "record 0: duplicate field `closeSend`",
             ),
-            (r#"[{"call":1,"window":null,"window":2}]"#, "record 0: duplicate field `window`"),
+            (
+                r#"[{"call":1,"window":null,"window":2}]"#,
+                "record 0: duplicate field `window`",
+            ),
             ("[{", "invalid JSON batch"),
         ] {
             let error = decode_client_batch(text).unwrap_err();

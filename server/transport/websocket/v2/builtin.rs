@@ -19,9 +19,7 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 
-use prost::Message;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use streambridge_protocol::StreamRequestView;
 use streambridge_protocol::v2;
 use tokio::time::Instant;
 use tonic::Status;
@@ -191,11 +189,9 @@ pub struct SocketSide<'a> {
 fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(), Status> {
     match request {
         Request::Proto(bytes) => {
-            let invalid = |e: &dyn fmt::Display| {
+            let data = streambridge_protocol::stream_request_data(bytes).map_err(|e| {
                 Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
-            };
-            let request = StreamRequestView::decode(bytes.clone()).map_err(|e| invalid(&e))?;
-            let data = request.data().map_err(|e| invalid(&e))?;
+            })?;
             batch.append(|out| v2::append_stream_response_record(call, &processor::result_pieces(data), out));
         }
         Request::Json(text) => {
@@ -338,10 +334,13 @@ fn append_reply_json(pieces: &[&str], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     fn json(text: &str) -> Result<String, String> {
-        json_data(text).map(Cow::into_owned)
+        json_data(text)
+            .map(Cow::into_owned)
             .map_err(|s| s.message().to_string())
     }
 

@@ -967,7 +967,9 @@ impl Socket {
             }
             Route::Builtin(builtin) => {
                 let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
-                let served = builtin.receive(call, request, &mut side).map(|()| builtin.needs_settling());
+                let served = builtin
+                    .receive(call, request, &mut side)
+                    .map(|()| builtin.needs_settling());
                 self.after_serving(call, served);
             }
         }
