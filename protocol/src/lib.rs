@@ -164,7 +164,8 @@ mod tests {
             // type, tag 0, cut short, a length past the end.
             vec![0x0a, 0x02, 0xc3, 0x28],
             [&[0x0a, 0x01, 0xff][..], &encoded("ok")].concat(),
-            vec![0x08, 0x01],
+            vec![0x08, 0x01, b'A'],
+            vec![0x0d, 0x01, b'A', b'B', b'C'],
             vec![0x00, 0x01],
             two[..two.len() - 1].to_vec(),
             vec![0x0a, 0x05, b'a'],
