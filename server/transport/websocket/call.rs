@@ -81,43 +81,51 @@ enum Ending {
 }
 
 /// Runs the call on `socket` to its end.
-pub async fn run<S>(
+///
+/// Not an `async fn`: one moves its arguments into locals of its future and
+/// keeps their first slots as well (rust-lang/rust#62958), which for the
+/// socket is 328 bytes of every idle socket's task.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+pub fn run<S>(
     mut socket: WebSocketStream<S>,
     subprotocol: Subprotocol,
     settings: &CallSettings,
     drain: &Drain,
     guard: &mut CallGuard,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match exchange(&mut socket, subprotocol, settings, drain, guard.metrics()).await {
-        Ending::Cancelled => tracing::debug!("client left without closeSend; call cancelled"),
-        Ending::Finish {
-            failure,
-            framing_intact,
-        } => {
-            if let Some(error) = &failure {
-                tracing::debug!(%error, code = ?error.code(), "call failed");
-            }
-            guard.set_code(
-                failure
-                    .as_ref()
-                    .map_or(streambridge_protocol::code::OK, |error| error.code() as i32),
-            );
-            let closing = finish(
-                &mut socket,
-                subprotocol,
+    async move {
+        match exchange(&mut socket, subprotocol, settings, drain, guard.metrics()).await {
+            Ending::Cancelled => tracing::debug!("client left without closeSend; call cancelled"),
+            Ending::Finish {
                 failure,
                 framing_intact,
-                settings.close_timeout,
-            );
-            // Boxed: the close handshake is the largest state of a call and runs
-            // once at its end; inline it would weigh on every idle socket.
-            if tokio::time::timeout(settings.close_timeout * 2, Box::pin(closing))
-                .await
-                .is_err()
-            {
-                tracing::debug!("peer did not complete the close handshake in time");
+            } => {
+                if let Some(error) = &failure {
+                    tracing::debug!(%error, code = ?error.code(), "call failed");
+                }
+                guard.set_code(
+                    failure
+                        .as_ref()
+                        .map_or(streambridge_protocol::code::OK, |error| error.code() as i32),
+                );
+                let closing = finish(
+                    &mut socket,
+                    subprotocol,
+                    failure,
+                    framing_intact,
+                    settings.close_timeout,
+                );
+                // Boxed: the close handshake is the largest state of a call and runs
+                // once at its end; inline it would weigh on every idle socket.
+                if tokio::time::timeout(settings.close_timeout * 2, Box::pin(closing))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("peer did not complete the close handshake in time");
+                }
             }
         }
     }

@@ -320,139 +320,147 @@ struct Closing {
 }
 
 /// Runs a v2 socket until it closes.
-pub async fn run<S>(
+///
+/// Not an `async fn`: one moves its arguments into locals of its future and
+/// keeps their first slots as well (rust-lang/rust#62958), which for the
+/// socket is 328 bytes of every idle socket's task.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+pub fn run<S>(
     mut socket: WebSocketStream<S>,
     encoding: Encoding,
     context: Arc<V2Context>,
     drain: &Drain,
     tasks: TaskTracker,
-) where
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let settings = context.settings.clone();
-    let mut state = Socket {
-        encoding,
-        context,
-        calls: CallTable::default(),
-        last_open: 0,
-        budget: Budget::new(settings.socket_buffer),
-        lines: None,
-        batch: Batch::new(encoding),
-        deadlines: BTreeSet::new(),
-        unsettled: Vec::new(),
-        messages: None,
-        closing: None,
-        draining: false,
-        over_budget: false,
-        tasks,
-    };
-    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut heard_since_ping = true;
-    let mut drain_deadline: Option<Instant> = None;
-    let mut drain_check = DrainCheck::new(drain);
-
-    loop {
-        if !state.batch.is_empty() {
-            if !state.flush(&mut socket, &settings).await {
-                return state.cancel_all();
-            }
-            heard_since_ping = true;
-        }
-        if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
-            let closing = state.closing.take().unwrap_or(Closing {
-                code: CloseCode::Away,
-                reason: "server shutting down".into(),
-            });
-            close(&mut socket, closing, settings.close_timeout).await;
-            return;
-        }
-        let reading = state.closing.is_none();
-        let may_read = reading && state.may_read();
-        // One timer for both kinds of deadline: each timer in the `select!`
-        // below would add its size to every socket, idle or not.
-        let next_deadline = match (
-            drain_deadline.filter(|_| !state.calls.is_empty()),
-            state.deadlines.first(),
-        ) {
-            (Some(drain), Some(&(call, _))) => Some(drain.min(call)),
-            (drain, call) => drain.or(call.map(|&(at, _)| at)),
+    async move {
+        let settings = context.settings.clone();
+        let mut state = Socket {
+            encoding,
+            context,
+            calls: CallTable::default(),
+            last_open: 0,
+            budget: Budget::new(settings.socket_buffer),
+            lines: None,
+            batch: Batch::new(encoding),
+            deadlines: BTreeSet::new(),
+            unsettled: Vec::new(),
+            messages: None,
+            closing: None,
+            draining: false,
+            over_budget: false,
+            tasks,
         };
-        tokio::select! {
-            biased;
-            _ = ping.tick() => {
-                if !heard_since_ping {
-                    tracing::debug!("peer did not answer the last ping; cancelling its calls");
+        let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heard_since_ping = true;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut drain_check = DrainCheck::new(drain);
+
+        loop {
+            if !state.batch.is_empty() {
+                if !state.flush(&mut socket, &settings).await {
                     return state.cancel_all();
                 }
-                heard_since_ping = false;
-                if !matches!(tokio::time::timeout(settings.ping_interval * 2, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
-                    return state.cancel_all();
-                }
+                heard_since_ping = true;
             }
-            out = recv(&mut state.lines) => {
-                state.on_out(out);
-                while !state.batch.is_full() {
-                    match state.lines.as_mut().and_then(Lines::try_recv) {
-                        Some(out) => state.on_out(out),
-                        None => break,
+            if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
+                let closing = state.closing.take().unwrap_or(Closing {
+                    code: CloseCode::Away,
+                    reason: "server shutting down".into(),
+                });
+                close(&mut socket, closing, settings.close_timeout).await;
+                return;
+            }
+            let reading = state.closing.is_none();
+            let may_read = reading && state.may_read();
+            // One timer for both kinds of deadline: each timer in the `select!`
+            // below would add its size to every socket, idle or not.
+            let next_deadline = match (
+                drain_deadline.filter(|_| !state.calls.is_empty()),
+                state.deadlines.first(),
+            ) {
+                (Some(drain), Some(&(call, _))) => Some(drain.min(call)),
+                (drain, call) => drain.or(call.map(|&(at, _)| at)),
+            };
+            tokio::select! {
+                biased;
+                _ = ping.tick() => {
+                    if !heard_since_ping {
+                        tracing::debug!("peer did not answer the last ping; cancelling its calls");
+                        return state.cancel_all();
+                    }
+                    heard_since_ping = false;
+                    if !matches!(tokio::time::timeout(settings.ping_interval * 2, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                        return state.cancel_all();
                     }
                 }
-            }
-            frame = socket.next(), if may_read => {
-                heard_since_ping = true;
-                state.over_budget = !state.budget.has_room();
-                match frame {
-                    Some(Ok(message)) => {
-                        if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
-                            return state.cancel_all();
+                out = recv(&mut state.lines) => {
+                    state.on_out(out);
+                    while !state.batch.is_full() {
+                        match state.lines.as_mut().and_then(Lines::try_recv) {
+                            Some(out) => state.on_out(out),
+                            None => break,
                         }
                     }
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => state.socket_error(
-                        Code::ResourceExhausted,
-                        format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
-                        CloseCode::Size,
-                    ),
-                    Some(Err(WsError::Utf8(_))) => state.socket_error(
-                        Code::InvalidArgument,
-                        "a text message is not valid UTF-8".into(),
-                        CloseCode::Invalid,
-                    ),
-                    Some(Err(_)) | None => return state.cancel_all(),
                 }
-            }
-            () = state.budget.changed(), if reading && !may_read => {}
-            // Not `CancellationToken::cancelled`: polling that locks the one
-            // token every socket shares, on every turn of every socket's loop.
-            () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
-                state.draining = true;
-                let message = "server shutting down: finish your calls, open new ones elsewhere".into();
-                state.batch.record(0, Kind::GoAway(v2::GoAway { message }));
-                // The built-in service ends its calls at the drain, as it does on
-                // every transport (status 14: safe to retry elsewhere).
-                for call in state.builtin_calls() {
-                    state.end_call(call, Error::ShuttingDown.into());
-                }
-                // Cut calls a little before the server's own deadline, so their status gets out.
-                let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
-                drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
-            }
-            () = sleep_until(next_deadline), if next_deadline.is_some() => {
-                let now = Instant::now();
-                if drain_deadline.is_some_and(|at| at <= now) && !state.calls.is_empty() {
-                    drain_deadline = None;
-                    state.context.cut.store(true, Ordering::Relaxed);
-                    for call in state.calls.keys().copied().collect::<Vec<_>>() {
-                        state.end_call(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                frame = socket.next(), if may_read => {
+                    heard_since_ping = true;
+                    state.over_budget = !state.budget.has_room();
+                    match frame {
+                        Some(Ok(message)) => {
+                            if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
+                                return state.cancel_all();
+                            }
+                        }
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => state.socket_error(
+                            Code::ResourceExhausted,
+                            format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
+                            CloseCode::Size,
+                        ),
+                        Some(Err(WsError::Utf8(_))) => state.socket_error(
+                            Code::InvalidArgument,
+                            "a text message is not valid UTF-8".into(),
+                            CloseCode::Invalid,
+                        ),
+                        Some(Err(_)) | None => return state.cancel_all(),
                     }
                 }
-                while let Some(&(at, call)) = state.deadlines.first() && at <= now {
-                    state.deadlines.pop_first();
-                    let timeout_ms = match state.calls.get(&call).map(|live| &live.route) {
-                        Some(Route::Builtin(builtin)) => builtin.deadline().map_or(0, |(_, ms)| ms),
-                        _ => continue,
-                    };
-                    state.end_call(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
+                () = state.budget.changed(), if reading && !may_read => {}
+                // Not `CancellationToken::cancelled`: polling that locks the one
+                // token every socket shares, on every turn of every socket's loop.
+                () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
+                    state.draining = true;
+                    let message = "server shutting down: finish your calls, open new ones elsewhere".into();
+                    state.batch.record(0, Kind::GoAway(v2::GoAway { message }));
+                    // The built-in service ends its calls at the drain, as it does on
+                    // every transport (status 14: safe to retry elsewhere).
+                    for call in state.builtin_calls() {
+                        state.end_call(call, Error::ShuttingDown.into());
+                    }
+                    // Cut calls a little before the server's own deadline, so their status gets out.
+                    let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
+                    drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
+                }
+                () = sleep_until(next_deadline), if next_deadline.is_some() => {
+                    let now = Instant::now();
+                    if drain_deadline.is_some_and(|at| at <= now) && !state.calls.is_empty() {
+                        drain_deadline = None;
+                        state.context.cut.store(true, Ordering::Relaxed);
+                        for call in state.calls.keys().copied().collect::<Vec<_>>() {
+                            state.end_call(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                        }
+                    }
+                    while let Some(&(at, call)) = state.deadlines.first() && at <= now {
+                        state.deadlines.pop_first();
+                        let timeout_ms = match state.calls.get(&call).map(|live| &live.route) {
+                            Some(Route::Builtin(builtin)) => builtin.deadline().map_or(0, |(_, ms)| ms),
+                            _ => continue,
+                        };
+                        state.end_call(call, Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed")));
+                    }
                 }
             }
         }
