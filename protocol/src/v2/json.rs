@@ -55,6 +55,7 @@ enum RecordKey {
 }
 
 impl RecordKey {
+    /// The names of the fields, indexed by `key as usize` (in the order of the variants).
     const NAMES: [&str; 6] = ["call", "open", "message", "closeSend", "cancel", "window"];
 }
 

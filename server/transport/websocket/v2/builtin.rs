@@ -210,8 +210,8 @@ fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(
 fn json_data(text: &str) -> Result<Cow<'_, str>, Status> {
     // The form clients write, `{"data":"…"}` with nothing escaped, needs no
     // parser: its value is the text between the quotes (the batch decoder
-    // has just scanned this text once; a second full parse was a tenth of
-    // a JSON message's cost). Anything else is parsed.
+    // has just scanned this text once; the second full parse was ~5 % of
+    // the server's time at v1's message rate). Anything else is parsed.
     if let Some(data) = text
         .strip_prefix(r#"{"data":""#)
         .and_then(|rest| rest.strip_suffix(r#""}"#))
@@ -323,8 +323,8 @@ impl<'de> de::Deserialize<'de> for Field {
 
 /// Whether `text`, put between quotes, is a JSON string whose value is
 /// `text` itself: JSON escapes only `"`, `\` and control characters.
-/// (Checked 64 bytes at a time without branching, which the compiler
-/// vectorises: a byte-by-byte search costs more than the escaping.)
+/// (Checked 64 bytes at a time without a branch per byte, a shape the
+/// compiler can vectorise: it runs over every reply.)
 fn is_plain_json_string(text: &str) -> bool {
     text.as_bytes().chunks(64).all(|chunk| {
         chunk
