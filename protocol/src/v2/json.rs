@@ -43,48 +43,23 @@ pub enum JsonClientKind<'a> {
 
 /// A key of a record object (proto3 JSON parsers take the original field
 /// names as well as the lowerCamelCase ones).
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
 enum RecordKey {
     Call,
     Open,
     Message,
+    #[serde(alias = "close_send")]
     CloseSend,
     Cancel,
     Window,
+    #[serde(other)]
     Other,
 }
 
 impl RecordKey {
     /// The names of the fields, indexed by `key as usize` (in the order of the variants).
     const NAMES: [&str; 6] = ["call", "open", "message", "closeSend", "cancel", "window"];
-}
-
-impl<'de> Deserialize<'de> for RecordKey {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RecordKey, D::Error> {
-        struct KeyVisitor;
-
-        impl Visitor<'_> for KeyVisitor {
-            type Value = RecordKey;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-
-            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<RecordKey, E> {
-                Ok(match key {
-                    "call" => RecordKey::Call,
-                    "open" => RecordKey::Open,
-                    "message" => RecordKey::Message,
-                    "closeSend" | "close_send" => RecordKey::CloseSend,
-                    "cancel" => RecordKey::Cancel,
-                    "window" => RecordKey::Window,
-                    _ => RecordKey::Other,
-                })
-            }
-        }
-
-        deserializer.deserialize_identifier(KeyVisitor)
-    }
 }
 
 /// What a record object holds, before its kinds are counted.
