@@ -231,6 +231,7 @@ impl LiveCall {
 /// other, a json batch their comma-separated list in brackets. A message is
 /// full at [`BATCH_BYTES`] (a larger single record goes alone).
 pub struct Batch {
+    /// The socket's encoding (kept here only: the socket reads it from its batch).
     encoding: Encoding,
     /// Finished messages, in order, before `open` (only after a burst of
     /// more than [`BATCH_BYTES`]).
@@ -338,7 +339,6 @@ where
     async move {
         let settings = context.settings.clone();
         let mut state = Socket {
-            encoding,
             context,
             calls: CallTable::default(),
             last_open: 0,
@@ -527,7 +527,6 @@ enum Gone {
 }
 
 struct Socket {
-    encoding: Encoding,
     context: Arc<V2Context>,
     calls: CallTable,
     last_open: u32,
@@ -679,7 +678,7 @@ impl Socket {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let encoding = self.encoding;
+        let encoding = self.batch.encoding;
         let deadline = settings.ping_interval * 2;
         let mut messages = self.batch.take().peekable();
         while let Some(bytes) = messages.next() {
@@ -711,7 +710,7 @@ impl Socket {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        match (message, self.encoding) {
+        match (message, self.batch.encoding) {
             (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(bytes) {
                 Ok(batch) => {
                     for record in batch.records {
@@ -915,7 +914,7 @@ impl Socket {
         let spec = CallSpec {
             call,
             open,
-            encoding: self.encoding,
+            encoding: self.batch.encoding,
             requests,
             response_credit,
             abort,
