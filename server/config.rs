@@ -197,6 +197,13 @@ pub struct Config {
     /// Repeatable.
     #[arg(long = "descriptor-set", env = "STREAMBRIDGE_DESCRIPTOR_SETS", value_delimiter = ',')]
     pub descriptor_sets: Vec<PathBuf>,
+
+    /// Upstream mode: reflection requests the bridge may send the upstream
+    /// per second (in bursts of as many) to describe methods for the JSON
+    /// encoding; a look-up past it fails with UNAVAILABLE. Answers are
+    /// cached, so this bounds only names not seen before.
+    #[arg(long, env = "STREAMBRIDGE_REFLECTION_LOOKUPS_PER_SECOND", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reflection_lookups_per_second: u32,
 }
 
 impl Config {

@@ -133,6 +133,7 @@ impl ServerBuilder {
                     &state.auth,
                     state.shutdown.clone(),
                     &sets,
+                    config.reflection_lookups_per_second,
                     state.calls.clone(),
                 )
                 .map_err(StartError::Descriptors)?

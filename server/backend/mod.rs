@@ -40,6 +40,50 @@ pub type GrpcResponse = Response<tonic::body::Body>;
 /// The backend, type-erased: what every transport calls.
 pub type GrpcService = BoxCloneSyncService<GrpcRequest, GrpcResponse, Infallible>;
 
+/// A response extension a backend may attach: cancelled when whatever
+/// carries the response (the upstream's connection) is gone. A caller that
+/// stops reading the body for a while (a WebSocket call waiting for its
+/// client's credit) watches it, so such a call ends at once too, not only
+/// when it reads again. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ConnectionLost {
+    token: CancellationToken,
+    /// What was lost, for the status (`upstream http://…`).
+    what: std::sync::Arc<str>,
+}
+
+impl ConnectionLost {
+    /// A token for a connection to `what`.
+    pub fn new(what: std::sync::Arc<str>) -> ConnectionLost {
+        ConnectionLost {
+            token: CancellationToken::new(),
+            what,
+        }
+    }
+
+    /// Marks the connection gone; true the first time.
+    pub fn lose(&self) -> bool {
+        let first = !self.token.is_cancelled();
+        self.token.cancel();
+        first
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_lost(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves once the connection is gone.
+    pub async fn lost(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// The status of a call that was on it: UNAVAILABLE, naming it.
+    pub fn status(&self) -> tonic::Status {
+        tonic::Status::unavailable(format!("{}: the connection to it was lost during the call", self.what))
+    }
+}
+
 /// The backend and what describes its methods (for JSON over WebSocket v2).
 #[derive(Clone)]
 pub struct Backend {
@@ -122,9 +166,11 @@ pub fn upstream_backend(
     auth: &Auth,
     shutdown: CancellationToken,
     descriptor_sets: &[&[u8]],
+    reflection_lookups_per_second: u32,
     calls: ActiveCalls,
 ) -> Result<Backend, String> {
-    let catalog = descriptors::Catalog::with_reflection(descriptor_sets, upstream.channel())?;
+    let catalog =
+        descriptors::Catalog::with_reflection(descriptor_sets, upstream.channel(), reflection_lookups_per_second)?;
     let reachable: watch::Receiver<bool> = upstream.reachable();
     let health = health::health_service(Vec::new(), shutdown, Some(reachable));
     let router = axum::Router::new()

@@ -22,8 +22,18 @@
 //!   RESOURCE_EXHAUSTED after the messages before it;
 //! - **health**: [`Upstream::monitor`] probes the upstream and publishes
 //!   whether it is reachable, which the bridge's health service reports.
-//!   A failed call wakes it at once; while the upstream is down it retries
-//!   with exponential backoff (100 ms to 5 s).
+//!   A failed call, or the loss of the connection, wakes it at once; while
+//!   the upstream is down it retries with exponential backoff (100 ms to 5 s);
+//! - **isolation**: every call shares one HTTP/2 connection, so what one call
+//!   leaves unread must not stall the others. Each stream may hold at most
+//!   [`STREAM_WINDOW`] unread bytes (then HTTP/2 flow control pauses the
+//!   upstream on that stream alone), and the connection's window is HTTP/2's
+//!   largest, so streams whose readers stopped never exhaust it;
+//! - **connection loss**: every response carries a [`ConnectionLost`] token,
+//!   cancelled the moment the connection it came on is gone (the socket
+//!   read EOF or failed). A reading call ends with UNAVAILABLE naming the
+//!   upstream; a caller that has stopped reading (a WebSocket call waiting
+//!   for its client's credit) watches the token and ends the same way.
 //!
 //! No timeout bounds a call's length: long streams live as long as both ends
 //! want them.
@@ -31,7 +41,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -40,17 +50,39 @@ use futures_util::future::BoxFuture;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::ServiceExt;
 
+use super::ConnectionLost;
+
 /// How long a healthy upstream goes between probes.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// The first retry after a failure, doubled per failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The most a stream to the upstream may hold unread in the bridge: past it,
+/// HTTP/2 flow control pauses the upstream on that stream (as a native
+/// client that stops reading pauses a server). hyper's default, 2 MiB a
+/// stream under a 5 MiB connection window, let three unread streams stall
+/// every call on the connection. 64 KiB (HTTP/2's own default, grpc-go's
+/// too) keeps a stream at full speed up to 64 KiB per round trip: over
+/// 1 GB/s on loopback, about 60 MB/s at a 1 ms round trip.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// The connection's window: HTTP/2's largest (2^31 - 1), so that streams
+/// whose readers stopped (each holding at most [`STREAM_WINDOW`]) cannot
+/// exhaust it. It also sizes h2's budget for small DATA frames (half of it),
+/// past which h2 closes the whole connection with ENHANCE_YOUR_CALM: with
+/// hyper's 5 MiB, ~10 000 unread 1-byte messages on one stream were enough.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// Where the upstream is and how to reach it (from the `--upstream*` flags).
 #[derive(Clone, Debug)]
@@ -105,6 +137,15 @@ struct Shared {
     reachable: watch::Sender<bool>,
     /// Wakes the monitor when a call fails to reach the upstream.
     call_failed: Notify,
+    /// Cancelled when the current connection is gone; replaced by each new one.
+    link: Mutex<ConnectionLost>,
+}
+
+impl Shared {
+    /// The token of the connection calls go out on now.
+    fn link(&self) -> ConnectionLost {
+        self.link.lock().expect("not poisoned").clone()
+    }
 }
 
 impl Upstream {
@@ -119,6 +160,8 @@ impl Upstream {
         let mut endpoint = Endpoint::from(settings.uri.clone())
             .connect_timeout(settings.connect_timeout)
             .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             // Find a dead upstream connection even when no call is running.
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
@@ -144,15 +187,17 @@ impl Upstream {
             }
             endpoint = endpoint.tls_config(tls).map_err(endpoint_error)?;
         }
+        let shared = Arc::new(Shared {
+            max_message_size: settings.max_message_size,
+            connect_timeout: settings.connect_timeout,
+            reachable: watch::Sender::new(false),
+            call_failed: Notify::new(),
+            link: Mutex::new(ConnectionLost::new(Arc::from(format!("upstream {name}")))),
+            name,
+        });
         Ok(Upstream {
-            channel: endpoint.connect_lazy(),
-            shared: Arc::new(Shared {
-                name,
-                max_message_size: settings.max_message_size,
-                connect_timeout: settings.connect_timeout,
-                reachable: watch::Sender::new(false),
-                call_failed: Notify::new(),
-            }),
+            channel: endpoint.connect_with_connector_lazy(tracking_connector(&endpoint, &shared)),
+            shared,
         })
     }
 
@@ -233,8 +278,14 @@ impl Upstream {
         };
         match answer {
             Ok(response) => {
+                // The connection the response came on is the current one (a
+                // new one is made only after the last is gone).
+                let link = self.shared.link();
                 let shared = self.shared.clone();
-                response.map(|body| tonic::body::Body::new(ResponseBody::new(body, shared, refused)))
+                let mut response =
+                    response.map(|body| tonic::body::Body::new(ResponseBody::new(body, shared, refused, link.clone())));
+                response.extensions_mut().insert(link);
+                response
             }
             Err(error) => match refused.get() {
                 Some(status) => status.clone().into_http(),
@@ -288,6 +339,117 @@ impl tower::Service<Request<tonic::body::Body>> for Upstream {
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let upstream = self.clone();
         Box::pin(async move { Ok(upstream.forward(request).await) })
+    }
+}
+
+/// Connects as tonic's own connector does (TCP_NODELAY, the connect
+/// timeout; tonic adds TLS on top), and gives each connection a fresh
+/// [`ConnectionLost`] token that its socket cancels when it ends.
+fn tracking_connector(
+    endpoint: &Endpoint,
+    shared: &Arc<Shared>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = TokioIo<TrackedStream>,
+    Error = std::io::Error,
+    Future = BoxFuture<'static, std::io::Result<TokioIo<TrackedStream>>>,
+> + Clone
++ Send
++ 'static {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(endpoint.get_tcp_nodelay());
+    http.set_connect_timeout(endpoint.get_connect_timeout());
+    let shared = Arc::downgrade(shared);
+    tower::service_fn(move |uri: http::Uri| {
+        let mut http = http.clone();
+        let shared = shared.clone();
+        let connecting: BoxFuture<'static, std::io::Result<TokioIo<TrackedStream>>> = Box::pin(async move {
+            let stream = tower::Service::call(&mut http, uri)
+                .await
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e))?
+                .into_inner();
+            let Some(upstream) = shared.upgrade() else {
+                return Err(std::io::Error::other("the bridge is shutting down"));
+            };
+            let lost = ConnectionLost::new(Arc::from(format!("upstream {}", upstream.name)));
+            *upstream.link.lock().expect("not poisoned") = lost.clone();
+            Ok(TokioIo::new(TrackedStream { stream, lost, shared }))
+        });
+        connecting
+    })
+}
+
+/// The TCP connection to the upstream, which says when it is gone: EOF, an
+/// I/O error, or hyper dropping it.
+pub struct TrackedStream {
+    stream: TcpStream,
+    lost: ConnectionLost,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl TrackedStream {
+    /// The connection is gone: its calls learn it, and the monitor probes at once.
+    fn lose(&self) {
+        if self.lost.lose()
+            && let Some(shared) = self.shared.upgrade()
+        {
+            shared.call_failed.notify_one();
+        }
+    }
+
+    fn ended<T>(&self, result: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(_)) = &result {
+            self.lose();
+        }
+        result
+    }
+}
+
+impl Drop for TrackedStream {
+    fn drop(&mut self) {
+        self.lose();
+    }
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let room = buf.remaining();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && room > 0 && buf.remaining() == room {
+            self.lose(); // EOF
+        }
+        self.ended(result)
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write(cx, data);
+        self.ended(result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, data);
+        self.ended(result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.stream).poll_flush(cx);
+        self.ended(result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let result = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.ended(result)
     }
 }
 
@@ -431,10 +593,12 @@ struct ResponseBody {
     partial_prefix: BytesMut,
     /// The status to end with, once the data before it has gone.
     ending: Option<Status>,
+    /// The connection the response came on.
+    link: ConnectionLost,
 }
 
 impl ResponseBody {
-    fn new(body: tonic::body::Body, shared: Arc<Shared>, refused: Arc<OnceLock<Status>>) -> Self {
+    fn new(body: tonic::body::Body, shared: Arc<Shared>, refused: Arc<OnceLock<Status>>, link: ConnectionLost) -> Self {
         ResponseBody {
             body: Some(body),
             shared,
@@ -442,6 +606,7 @@ impl ResponseBody {
             remaining: 0,
             partial_prefix: BytesMut::new(),
             ending: None,
+            link,
         }
     }
 
@@ -511,6 +676,7 @@ impl http_body::Body for ResponseBody {
                 Some(Err(error)) => {
                     let status = match this.refused.get() {
                         Some(refused) => refused.clone(),
+                        None if this.link.is_lost() => this.link.status(),
                         None => Status::new(
                             error.code(),
                             format!("upstream {}: the call failed: {}", this.shared.name, error.message()),

@@ -136,6 +136,14 @@ impl Metrics {
         };
         self.active_streams.get_or_create(&label).dec();
         self.durations.get_or_create(&label).observe(seconds);
+        // A label per code an upstream can invent would grow without bound:
+        // anything outside gRPC's 17 codes is UNKNOWN, as the gRPC spec reads
+        // an unparsable `grpc-status`.
+        let code = if (0..=16).contains(&code) {
+            code
+        } else {
+            streambridge_protocol::code::UNKNOWN
+        };
         if code != 0 {
             self.errors
                 .get_or_create(&ErrorLabels {

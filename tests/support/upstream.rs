@@ -40,6 +40,8 @@ pub struct EchoUpstream {
     pub addr: SocketAddr,
     /// One item per call whose client went away before it ended.
     pub cancelled: mpsc::UnboundedReceiver<&'static str>,
+    /// Reflection requests received (v1 and v1alpha).
+    pub reflection_requests: ReflectionCount,
     stop: CancellationToken,
     stopped: Option<tokio::task::JoinHandle<()>>,
 }
@@ -84,9 +86,16 @@ impl EchoUpstream {
         if let Some(tls) = tls {
             builder = builder.tls_config(tls).expect("TLS settings");
         }
-        let v1 = matches!(served, Reflection::Both).then(|| reflection().build_v1().unwrap());
-        let v1alpha =
-            matches!(served, Reflection::Both | Reflection::V1alphaOnly).then(|| reflection().build_v1alpha().unwrap());
+        let counted = ReflectionCount::default();
+        let v1 = matches!(served, Reflection::Both).then(|| {
+            tonic::service::interceptor::InterceptedService::new(reflection().build_v1().unwrap(), counted.v1())
+        });
+        let v1alpha = matches!(served, Reflection::Both | Reflection::V1alphaOnly).then(|| {
+            tonic::service::interceptor::InterceptedService::new(
+                reflection().build_v1alpha().unwrap(),
+                counted.v1alpha(),
+            )
+        });
         let server = builder
             .add_service(pb::echo_server::EchoServer::new(Echo {
                 cancelled: cancelled_tx,
@@ -101,6 +110,7 @@ impl EchoUpstream {
         EchoUpstream {
             addr,
             cancelled,
+            reflection_requests: counted,
             stop,
             stopped: Some(stopped),
         }
@@ -123,6 +133,41 @@ impl EchoUpstream {
 impl Drop for EchoUpstream {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Reflection requests an upstream received, by version; each request is
+/// one `ServerReflectionInfo` stream (the bridge asks one question on each).
+#[derive(Clone, Default)]
+pub struct ReflectionCount {
+    v1: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    v1alpha: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ReflectionCount {
+    pub fn v1_count(&self) -> usize {
+        self.v1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn v1alpha_count(&self) -> usize {
+        self.v1alpha.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn v1(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+        Self::counting(self.v1.clone())
+    }
+
+    fn v1alpha(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
+        Self::counting(self.v1alpha.clone())
+    }
+
+    fn counting(
+        count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+        move |request| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(request)
+        }
     }
 }
 
@@ -341,22 +386,93 @@ impl pb::echo_server::Echo for Echo {
                     Ok(message) => match failure(&message) {
                         Some(status) => status,
                         None => {
-                            let replies: Vec<_> = (0..message.repeat.max(1))
-                                .map(|_| Some(Ok(reply(&message, &metadata, message.text.clone()))))
-                                .collect();
-                            return replies;
+                            // Made as they are sent: a flood of them never piles up here.
+                            let metadata = metadata.clone();
+                            let frame_each = message.frame_each;
+                            let replies = futures_util::stream::iter(0..message.repeat.max(1)).map(move |_| {
+                                let mut reply = reply(&message, &metadata, message.text.clone());
+                                if frame_each {
+                                    // A flood of tiny messages: text and padding only.
+                                    reply.metadata.clear();
+                                }
+                                Some(Ok(reply))
+                            });
+                            return if frame_each {
+                                // A pending poll between replies makes tonic send what it has.
+                                replies
+                                    .then(|reply| async {
+                                        tokio::task::yield_now().await;
+                                        reply
+                                    })
+                                    .boxed()
+                            } else {
+                                replies.boxed()
+                            };
                         }
                     },
                 };
                 on_error.done();
-                vec![Some(Err(status))]
+                futures_util::stream::iter([Some(Err(status))]).boxed()
             })
-            .flat_map(futures_util::stream::iter)
+            .flatten()
             .chain(futures_util::stream::once(async move {
                 guard.done();
                 None
             }))
             .filter_map(std::future::ready);
         Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+/// A TCP relay in front of an upstream, which the test can cut: every
+/// connection through it closes at once and it stops listening, which is
+/// what the bridge sees when an upstream process dies.
+pub struct Relay {
+    pub addr: SocketAddr,
+    cut: CancellationToken,
+}
+
+impl Relay {
+    pub async fn start(to: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let addr = listener.local_addr().unwrap();
+        let cut = CancellationToken::new();
+        let stop = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted.expect("relay accepts"),
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every relayed connection and stops listening.
+    pub fn cut(&self) {
+        self.cut.cancel();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut.cancel();
     }
 }

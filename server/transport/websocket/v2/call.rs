@@ -34,8 +34,8 @@ use tower::ServiceExt;
 
 use super::budget::Budget;
 use super::{CallGauge, Out, Payload};
-use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
+use crate::backend::{ConnectionLost, GrpcService};
 use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 
@@ -166,6 +166,9 @@ async fn exchange(spec: CallSpec) -> Status {
     if let Some(status) = status_in(&parts.headers) {
         return status;
     }
+    // While the call waits for credit it does not read its body, so it would
+    // not see its backend's connection go; it watches for that instead.
+    let connection = parts.extensions.get::<ConnectionLost>().cloned();
     let metadata = metadata_of(&parts.headers);
     if !metadata.is_empty() {
         let record = encode(encoding, call, Kind::Headers(metadata));
@@ -231,7 +234,16 @@ async fn exchange(spec: CallSpec) -> Status {
                     // Tell the socket: it may have to read past a full budget for our credit.
                     gauge.set_starved(true);
                     budget.nudge();
-                    let permit = response_credit.acquire().await;
+                    let permit = match &connection {
+                        Some(connection) => tokio::select! {
+                            permit = response_credit.acquire() => permit,
+                            () = connection.lost() => {
+                                gauge.set_starved(false);
+                                return connection.status();
+                            }
+                        },
+                        None => response_credit.acquire().await,
+                    };
                     gauge.set_starved(false);
                     let Ok(permit) = permit else {
                         return Status::cancelled("socket closed");
