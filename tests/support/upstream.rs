@@ -87,15 +87,16 @@ impl EchoUpstream {
             builder = builder.tls_config(tls).expect("TLS settings");
         }
         let counted = ReflectionCount::default();
-        let v1 = matches!(served, Reflection::Both).then(|| {
-            tonic::service::interceptor::InterceptedService::new(reflection().build_v1().unwrap(), counted.v1())
-        });
-        let v1alpha = matches!(served, Reflection::Both | Reflection::V1alphaOnly).then(|| {
-            tonic::service::interceptor::InterceptedService::new(
-                reflection().build_v1alpha().unwrap(),
-                counted.v1alpha(),
-            )
-        });
+        let v1 = matches!(served, Reflection::Both).then(|| reflection().build_v1().unwrap());
+        let v1alpha =
+            matches!(served, Reflection::Both | Reflection::V1alphaOnly).then(|| reflection().build_v1alpha().unwrap());
+        let counting = counted.clone();
+        let mut builder = builder.layer(tower::util::MapRequestLayer::new(
+            move |request: http::Request<tonic::body::Body>| {
+                counting.saw(request.uri().path());
+                request
+            },
+        ));
         let server = builder
             .add_service(pb::echo_server::EchoServer::new(Echo {
                 cancelled: cancelled_tx,
@@ -136,8 +137,9 @@ impl Drop for EchoUpstream {
     }
 }
 
-/// Reflection requests an upstream received, by version; each request is
-/// one `ServerReflectionInfo` stream (the bridge asks one question on each).
+/// Reflection requests an upstream received, by version, served or not;
+/// each is one `ServerReflectionInfo` stream (the bridge asks one question
+/// on each).
 #[derive(Clone, Default)]
 pub struct ReflectionCount {
     v1: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -153,21 +155,13 @@ impl ReflectionCount {
         self.v1alpha.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn v1(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
-        Self::counting(self.v1.clone())
-    }
-
-    fn v1alpha(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + use<> {
-        Self::counting(self.v1alpha.clone())
-    }
-
-    fn counting(
-        count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-        move |request| {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(request)
-        }
+    fn saw(&self, path: &str) {
+        let count = match path {
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo" => &self.v1,
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => &self.v1alpha,
+            _ => return,
+        };
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
