@@ -181,6 +181,15 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_UPSTREAM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_positive_duration)]
     pub upstream_connect_timeout: Duration,
 
+    /// Upstream mode: WebSocket v2 calls that may wait at once for their
+    /// client's credit while the upstream has replies for them (each holds up
+    /// to 64 KiB unread on the shared upstream connection); a call that would
+    /// wait past it ends with RESOURCE_EXHAUSTED. The default keeps h2's
+    /// budget for unread small frames (which closes the connection for
+    /// every call when passed) out of reach.
+    #[arg(long, env = "STREAMBRIDGE_UPSTREAM_MAX_PARKED_CALLS", default_value_t = 256, value_parser = at_least_one())]
+    pub upstream_max_parked_calls: usize,
+
     /// WebSocket protocol v2: live calls one socket may carry; an `open`
     /// past it fails with RESOURCE_EXHAUSTED.
     #[arg(long, env = "STREAMBRIDGE_WS_MAX_CALLS", default_value_t = 100, value_parser = at_least_one())]
@@ -240,6 +249,7 @@ impl Config {
             ("--ws-request-queue", self.ws_request_queue),
             ("--max-connections", self.max_connections),
             ("--ws-max-calls", self.ws_max_calls),
+            ("--upstream-max-parked-calls", self.upstream_max_parked_calls),
             ("--ws-socket-buffer", self.ws_socket_buffer),
             ("--connection-message-buffer", self.connection_message_buffer),
             (
@@ -247,6 +257,10 @@ impl Config {
                 self.http2_max_concurrent_streams as usize,
             ),
             ("--http2-max-header-list-size", self.http2_max_header_list_size as usize),
+            (
+                "--reflection-lookups-per-second",
+                self.reflection_lookups_per_second as usize,
+            ),
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::Invalid(format!("{flag} must be at least 1")));

@@ -501,3 +501,42 @@ async fn an_upstream_that_dies_ends_reading_and_starved_calls_with_unavailable()
         14
     );
 }
+
+#[tokio::test]
+async fn calls_waiting_unread_past_the_parking_limit_end_resource_exhausted() {
+    let upstream = EchoUpstream::start().await;
+    let bridge = bridge_with(upstream.url(), |config| config.upstream_max_parked_calls = 2).await;
+    let mut socket = V2::connect(&bridge, Enc::Proto).await;
+    socket
+        .send(&[
+            open(1, BIDI, 1),
+            raw(1, flood(1_000_000, 0)),
+            open(2, BIDI, 1),
+            raw(2, flood(1_000_000, 0)),
+        ])
+        .await;
+    first_messages(&mut socket, &[1, 2]).await;
+    // A third flooded call has no room to wait: it ends, after its one reply.
+    socket.send(&[open(3, BIDI, 1), raw(3, flood(1_000_000, 0))]).await;
+    let (code, message) = status(&socket.until_status(3, &mut Vec::new()).await);
+    assert_eq!(code, 8, "{message}");
+    assert!(message.contains("--upstream-max-parked-calls"), "{message}");
+    // A parked call that goes frees its place for the next.
+    socket.send(&[Rec::Cancel { call: 1 }]).await;
+    assert_eq!(status(&socket.until_status(1, &mut Vec::new()).await).0, 1);
+    socket.send(&[open(4, BIDI, 1), raw(4, flood(1_000_000, 0))]).await;
+    first_messages(&mut socket, &[4]).await;
+    socket.send(&[Rec::Window { call: 4, n: 2 }]).await;
+    first_messages(&mut socket, &[4]).await;
+    // The parked calls are still live.
+    socket.send(&[Rec::Cancel { call: 2 }, Rec::Cancel { call: 4 }]).await;
+    let mut ended = Vec::new();
+    while ended.len() < 2 {
+        for got in socket.batch().await.expect("open") {
+            if let Got::Status(call, code, _) = got {
+                assert_eq!(code, 1, "call {call}");
+                ended.push(call);
+            }
+        }
+    }
+}

@@ -124,6 +124,7 @@ impl ServerBuilder {
                         .zip(config.upstream_client_key.clone()),
                     connect_timeout: config.upstream_connect_timeout,
                     max_message_size: config.max_message_size,
+                    max_parked_calls: config.upstream_max_parked_calls,
                 })?;
                 state.tasks.spawn(upstream.clone().monitor(state.shutdown.clone()));
                 let sets = read_descriptor_sets(&config)?;

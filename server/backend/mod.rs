@@ -84,6 +84,39 @@ impl ConnectionLost {
     }
 }
 
+/// A response extension a backend may attach when what a caller leaves
+/// unread costs others: the upstream's replies wait on the one HTTP/2
+/// connection every call shares (and count against h2's budget for small
+/// frames, past which h2 closes that connection for everyone). A caller that
+/// stops reading to wait for its client's credit parks here first; past the
+/// limit the call ends with RESOURCE_EXHAUSTED. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ParkingLimit {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl ParkingLimit {
+    /// Room for `limit` parked calls.
+    pub fn new(limit: usize) -> ParkingLimit {
+        ParkingLimit {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// A place for one call to wait without reading, held until dropped.
+    pub fn park(&self) -> Result<tokio::sync::OwnedSemaphorePermit, tonic::Status> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(format!(
+                "{} calls already wait for their clients to take the upstream's replies \
+                 (--upstream-max-parked-calls); grant credit sooner",
+                self.limit
+            ))
+        })
+    }
+}
+
 /// The backend and what describes its methods (for JSON over WebSocket v2).
 #[derive(Clone)]
 pub struct Backend {

@@ -29,6 +29,10 @@
 //!   [`STREAM_WINDOW`] unread bytes (then HTTP/2 flow control pauses the
 //!   upstream on that stream alone), and the connection's window is HTTP/2's
 //!   largest, so streams whose readers stopped never exhaust it;
+//!   Because h2 also closes a connection whose unread small DATA frames pass
+//!   a budget (half the connection window), the number of WebSocket calls
+//!   that may wait unread for their clients' credit is capped
+//!   (`--upstream-max-parked-calls`, [`ParkingLimit`] on every response);
 //! - **connection loss**: every response carries a [`ConnectionLost`] token,
 //!   cancelled the moment the connection it came on is gone (the socket
 //!   read EOF or failed). A reading call ends with UNAVAILABLE naming the
@@ -60,7 +64,7 @@ use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::ServiceExt;
 
-use super::ConnectionLost;
+use super::{ConnectionLost, ParkingLimit};
 
 /// How long a healthy upstream goes between probes.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
@@ -97,6 +101,9 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// `--max-message-size`, applied to what the upstream sends.
     pub max_message_size: usize,
+    /// `--upstream-max-parked-calls`: calls that may wait, unread, for
+    /// their clients' credit at once (see [`ParkingLimit`]).
+    pub max_parked_calls: usize,
 }
 
 /// Why the upstream could not be set up.
@@ -139,6 +146,8 @@ struct Shared {
     call_failed: Notify,
     /// Cancelled when the current connection is gone; replaced by each new one.
     link: Mutex<ConnectionLost>,
+    /// Calls waiting for their clients' credit with replies unread.
+    parking: ParkingLimit,
 }
 
 impl Shared {
@@ -193,6 +202,7 @@ impl Upstream {
             reachable: watch::Sender::new(false),
             call_failed: Notify::new(),
             link: Mutex::new(ConnectionLost::new(Arc::from(format!("upstream {name}")))),
+            parking: ParkingLimit::new(settings.max_parked_calls),
             name,
         });
         Ok(Upstream {
@@ -285,6 +295,7 @@ impl Upstream {
                 let mut response =
                     response.map(|body| tonic::body::Body::new(ResponseBody::new(body, shared, refused, link.clone())));
                 response.extensions_mut().insert(link);
+                response.extensions_mut().insert(self.shared.parking.clone());
                 response
             }
             Err(error) => match refused.get() {

@@ -35,7 +35,7 @@ use tower::ServiceExt;
 use super::budget::Budget;
 use super::{CallGauge, Out, Payload};
 use crate::backend::descriptors::Catalog;
-use crate::backend::{ConnectionLost, GrpcService};
+use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
 use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 
@@ -169,6 +169,8 @@ async fn exchange(spec: CallSpec) -> Status {
     // While the call waits for credit it does not read its body, so it would
     // not see its backend's connection go; it watches for that instead.
     let connection = parts.extensions.get::<ConnectionLost>().cloned();
+    // And, when its unread replies cost others, it waits only if there is room.
+    let parking = parts.extensions.get::<ParkingLimit>().cloned();
     let metadata = metadata_of(&parts.headers);
     if !metadata.is_empty() {
         let record = encode(encoding, call, Kind::Headers(metadata));
@@ -231,6 +233,11 @@ async fn exchange(spec: CallSpec) -> Status {
                     if !records.is_empty() && out.send(Out::Records(std::mem::take(&mut records))).await.is_err() {
                         return Status::cancelled("socket closed");
                     }
+                    let _parked = match parking.as_ref().map(ParkingLimit::park) {
+                        Some(Err(status)) => return status,
+                        Some(Ok(permit)) => Some(permit),
+                        None => None,
+                    };
                     // Tell the socket: it may have to read past a full budget for our credit.
                     gauge.set_starved(true);
                     budget.nudge();
