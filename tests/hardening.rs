@@ -496,6 +496,13 @@ mod tls {
         dir: std::path::PathBuf,
     }
 
+    impl Drop for TestCert {
+        fn drop(&mut self) {
+            // Every run made a directory per test thread and left it behind.
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     fn test_cert() -> TestCert {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         let dir = std::env::temp_dir().join(format!(
