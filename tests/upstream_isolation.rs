@@ -540,3 +540,34 @@ async fn calls_waiting_unread_past_the_parking_limit_end_resource_exhausted() {
         }
     }
 }
+
+#[tokio::test]
+async fn calls_whose_socket_is_not_read_park_too_and_past_the_limit_end() {
+    let mut upstream = EchoUpstream::start().await;
+    let bridge = bridge_with(upstream.url(), |config| config.upstream_max_parked_calls = 2).await;
+    let mut socket = V2::connect(&bridge, Enc::Proto).await;
+    // Credit enough for ever; the client simply stops reading its socket.
+    let records: Vec<Rec> = (1..=3)
+        .flat_map(|call| [open(call, BIDI, u32::MAX), raw(call, flood(1_000_000, 20_000))])
+        .collect();
+    socket.send(&records).await;
+    // Once the socket's writes back up, the calls wait for room: two park,
+    // the third is ended, which resets its upstream stream.
+    assert_eq!(
+        within("a call's upstream stream is reset", upstream.cancelled.recv()).await,
+        Some("bidi")
+    );
+    let mut ended = None;
+    while ended.is_none() {
+        for got in socket.batch().await.expect("the socket stays open") {
+            if let Got::Status(call, code, message) = got {
+                ended = Some((call, code, message));
+            }
+        }
+    }
+    let (call, code, message) = ended.unwrap();
+    assert_eq!(code, 8, "call {call}: {message}");
+    assert!(message.contains("--upstream-max-parked-calls"), "{message}");
+    let cancels: Vec<Rec> = (1..=3).map(|call| Rec::Cancel { call }).collect();
+    socket.send(&cancels).await;
+}

@@ -110,6 +110,11 @@ pub async fn run(spec: CallSpec) {
         () = deadline => deadline_passed(),
         status = exchange(spec) => status,
     };
+    // The request body lives on in the backend's hands (hyper pipes it to
+    // the upstream) until the socket drops the call, which waits for the
+    // status record to get out: end it now, so the backend's stream is reset
+    // at once (an upstream stops sending to a call that has ended).
+    abort.token.cancel();
     // A service that ends the call on the same deadline may say CANCELLED
     // (tonic's server does) a moment before the bridge's own timer fires.
     let status = match timeout {
@@ -153,6 +158,7 @@ async fn exchange(spec: CallSpec) -> Status {
         input: method.as_ref().map(MethodDescriptor::input),
         budget: budget.clone(),
         gauge: gauge.clone(),
+        ended: Box::pin(abort.token.clone().cancelled_owned()),
         abort: abort.clone(),
         call,
         encoding,
@@ -169,13 +175,14 @@ async fn exchange(spec: CallSpec) -> Status {
     // While the call waits for credit it does not read its body, so it would
     // not see its backend's connection go; it watches for that instead.
     let connection = parts.extensions.get::<ConnectionLost>().cloned();
-    // And, when its unread replies cost others, it waits only if there is room.
+    // And, when its unread replies cost others, it waits (for credit, or for
+    // a socket that does not take its records) only if there is room.
     let parking = parts.extensions.get::<ParkingLimit>().cloned();
     let metadata = metadata_of(&parts.headers);
     if !metadata.is_empty() {
         let record = encode(encoding, call, Kind::Headers(metadata));
-        if out.send(Out::Record(record)).await.is_err() {
-            return Status::cancelled("socket closed");
+        if let Err(status) = send_out(&out, Out::Record(record), parking.as_ref()).await {
+            return status;
         }
     }
     let output = method
@@ -230,8 +237,11 @@ async fn exchange(spec: CallSpec) -> Status {
                 Err(TryAcquireError::Closed) => return Status::cancelled("socket closed"),
                 Err(TryAcquireError::NoPermits) => {
                     // Out of credit: what is ready goes now, then we wait.
-                    if !records.is_empty() && out.send(Out::Records(std::mem::take(&mut records))).await.is_err() {
-                        return Status::cancelled("socket closed");
+                    if !records.is_empty()
+                        && let Err(status) =
+                            send_out(&out, Out::Records(std::mem::take(&mut records)), parking.as_ref()).await
+                    {
+                        return status;
                     }
                     let _parked = match parking.as_ref().map(ParkingLimit::park) {
                         Some(Err(status)) => return status,
@@ -271,8 +281,24 @@ async fn exchange(spec: CallSpec) -> Status {
         if !data.is_empty() {
             buffer.extend_from_slice(&data);
         }
-        if !records.is_empty() && out.send(Out::Records(records)).await.is_err() {
-            return Status::cancelled("socket closed");
+        if !records.is_empty()
+            && let Err(status) = send_out(&out, Out::Records(records), parking.as_ref()).await
+        {
+            return status;
+        }
+    }
+}
+
+/// Hands records to the socket. A call that has to wait for room (its
+/// client is not taking what the socket writes) is not reading its response
+/// meanwhile, so it parks first, as one waiting for credit does.
+async fn send_out(out: &mpsc::Sender<Out>, item: Out, parking: Option<&ParkingLimit>) -> Result<(), Status> {
+    match out.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(Status::cancelled("socket closed")),
+        Err(mpsc::error::TrySendError::Full(item)) => {
+            let _parked = parking.map(ParkingLimit::park).transpose()?;
+            out.send(item).await.map_err(|_| Status::cancelled("socket closed"))
         }
     }
 }
@@ -516,6 +542,9 @@ pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
 /// for gRPC, ending at the client's `closeSend`.
 struct RequestBody {
     requests: mpsc::UnboundedReceiver<Payload>,
+    /// Resolves when the call has ended (or is aborted): the body then fails,
+    /// which resets the backend's stream.
+    ended: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     input: Option<MessageDescriptor>,
     budget: Budget,
     gauge: Arc<CallGauge>,
@@ -535,6 +564,9 @@ impl http_body::Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
+        if this.ended.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(Status::cancelled("the call ended"))));
+        }
         let Some(first) = std::task::ready!(this.requests.poll_recv(cx)) else {
             return Poll::Ready(None);
         };
