@@ -309,7 +309,9 @@ async fn bench_server(
         if server == ServerKind::Streambridge && timing.selects(&load.name()) {
             outcomes.push(measure_load(&running, load, payload, timing, None).await);
         }
-        if server == ServerKind::Streambridge {
+        // The proxy runs the same v2 load: its calls to `/DataService/…` take
+        // the generic path to the upstream (the path users' services take).
+        if matches!(server, ServerKind::Streambridge | ServerKind::StreambridgeProxy) {
             for codec in [Codec::Json, Codec::Proto] {
                 let load = Load::WsV2 {
                     codec,
@@ -351,14 +353,20 @@ async fn bench_server(
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
     }
-    if server == ServerKind::Streambridge {
-        // 10 000 idle v2 sockets (no call), and 10 000 idle calls on 100 sockets.
+    if matches!(server, ServerKind::Streambridge | ServerKind::StreambridgeProxy) {
+        // 10 000 idle v2 sockets (no call), and 10 000 idle calls on 100
+        // sockets (the proxy: the calls only, each one to its upstream).
         let sockets = timing.idle_calls;
         let scenarios = [
             ("idle ws2 sockets", sockets, 0),
             ("idle ws2 calls (100 per socket)", sockets.div_ceil(100), 100),
         ];
-        for (name, sockets, calls) in scenarios {
+        let scenarios = if server == ServerKind::StreambridgeProxy {
+            &scenarios[1..]
+        } else {
+            &scenarios[..]
+        };
+        for &(name, sockets, calls) in scenarios {
             if timing.selects(name) {
                 let fresh = programs.start(server)?;
                 let memory = scenarios::idle_ws2(&fresh, sockets, calls).await;
