@@ -59,4 +59,8 @@ pub use transport::Transport;
 /// The built-in `DataService`: its generated client and server types.
 pub mod grpc {
     pub use crate::backend::data_service::{DataService, DataServiceClient, DataServiceServer, GrpcDataService};
+    /// The encoded `FileDescriptorSet` of `proto/` (`DataService` and its
+    /// messages), e.g. for `--descriptor-set` in front of an upstream that
+    /// serves `DataService` without reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = crate::ops::health::FILE_DESCRIPTOR_SET;
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use support::upstream::{EchoClient, EchoRequest, EchoUpstream, Reflection, Relay};
-use support::ws2::{Enc, Got, Rec, V2, close_send, status};
+use support::ws2::{Enc, Got, Rec, V2, close_send, json_echo_unary, status};
 use support::{ServerAddr, TestServer, metrics_text, within};
 use tonic::transport::Channel;
 
@@ -253,18 +253,7 @@ async fn invented_names_cost_one_reflection_request_each_and_long_ones_none() {
 
     // A known service: described once; its unknown methods, and a message
     // type asked as a service, cost nothing more once seen.
-    socket
-        .send(&[
-            open(3000, "/streambridge.testing.Echo/Unary", 0),
-            Rec::Raw {
-                call: 3000,
-                json: r#"{"text":"known"}"#.into(),
-                proto: Vec::new(),
-            },
-            close_send(3000),
-        ])
-        .await;
-    assert_eq!(status(&socket.until_status(3000, &mut Vec::new()).await).0, 0);
+    assert_eq!(status(&json_echo_unary(&mut socket, 3000, "known").await).0, 0);
     let described = asked.v1_count();
     for call in 3001..3021 {
         assert_eq!(

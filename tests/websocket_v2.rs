@@ -7,7 +7,7 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, messages, open, status};
+use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, json_echo_unary, messages, open, status};
 use support::{TestServer, within};
 
 #[tokio::test]
@@ -658,18 +658,7 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
 /// One JSON unary call to the upstream's Echo over v2: its reply text, or its status.
 async fn json_echo(bridge: &TestServer) -> Result<String, (i32, String)> {
     let mut socket = V2::connect(bridge, Enc::Json).await;
-    socket
-        .send(&[
-            open_method(1, "/streambridge.testing.Echo/Unary", 0),
-            Rec::Raw {
-                call: 1,
-                json: r#"{"text":"described"}"#.into(),
-                proto: Vec::new(),
-            },
-            close_send(1),
-        ])
-        .await;
-    let got = socket.until_status(1, &mut Vec::new()).await;
+    let got = json_echo_unary(&mut socket, 1, "described").await;
     match status(&got) {
         (0, _) => Ok(messages(&got).concat()),
         failed => Err(failed),

@@ -148,9 +148,16 @@ impl ServerPrograms {
         let mut command = match kind {
             ServerKind::StreambridgeProxy => {
                 let backend = backend.ok_or("a proxy needs its backend")?;
+                // The backend has no reflection: WebSocket v2 JSON calls need
+                // `DataService`'s descriptors from a file.
+                let descriptors = self.logs.join("data_service.desc");
+                std::fs::write(&descriptors, streambridge::grpc::FILE_DESCRIPTOR_SET)
+                    .map_err(|e| format!("{}: {e}", descriptors.display()))?;
                 let mut c = Command::new(&self.streambridge);
                 c.env("RUST_LOG", "warn")
-                    .args(["--upstream", &format!("http://{backend}")]);
+                    .args(["--upstream", &format!("http://{backend}")])
+                    .arg("--descriptor-set")
+                    .arg(descriptors);
                 c
             }
             ServerKind::NginxProxy => {

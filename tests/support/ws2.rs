@@ -345,6 +345,28 @@ fn parse_proto_batch(bytes: &[u8]) -> Vec<Got> {
 }
 
 /// The messages among `got`.
+/// One JSON unary call to the test upstream's `Echo/Unary` (`{"text": text}`)
+/// as `call` on a JSON socket: everything read for it, its status last.
+pub async fn json_echo_unary(socket: &mut V2, call: u32, text: &str) -> Vec<Got> {
+    socket
+        .send(&[
+            Rec::Open {
+                call,
+                method: "/streambridge.testing.Echo/Unary".into(),
+                window: 0,
+                timeout_ms: 0,
+            },
+            Rec::Raw {
+                call,
+                json: json!({ "text": text }).to_string(),
+                proto: Vec::new(),
+            },
+            close_send(call),
+        ])
+        .await;
+    socket.until_status(call, &mut Vec::new()).await
+}
+
 pub fn messages(got: &[Got]) -> Vec<String> {
     got.iter()
         .filter_map(|g| match g {

@@ -564,11 +564,16 @@ impl http_body::Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if this.ended.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Some(Err(Status::cancelled("the call ended"))));
+        let ended = || Poll::Ready(Some(Err(Status::cancelled("the call ended"))));
+        if this.abort.token.is_cancelled() {
+            return ended();
         }
-        let Some(first) = std::task::ready!(this.requests.poll_recv(cx)) else {
-            return Poll::Ready(None);
+        let first = match this.requests.poll_recv(cx) {
+            Poll::Ready(Some(first)) => first,
+            Poll::Ready(None) => return Poll::Ready(None),
+            // Only an idle body waits for the end (registering costs a lock).
+            Poll::Pending if this.ended.as_mut().poll(cx).is_ready() => return ended(),
+            Poll::Pending => return Poll::Pending,
         };
         // Every message already queued goes in one frame (up to 64 KiB): one
         // poll of the backend for many messages.
