@@ -542,8 +542,8 @@ pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
 /// for gRPC, ending at the client's `closeSend`.
 struct RequestBody {
     requests: mpsc::UnboundedReceiver<Payload>,
-    /// Resolves when the call has ended (or is aborted): the body then fails,
-    /// which resets the backend's stream.
+    /// Resolves when the call has ended (or is aborted): the body then ends,
+    /// and with the response already dropped the backend's stream is reset.
     ended: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     input: Option<MessageDescriptor>,
     budget: Budget,
@@ -564,7 +564,10 @@ impl http_body::Body for RequestBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        let ended = || Poll::Ready(Some(Err(Status::cancelled("the call ended"))));
+        // The end of the request stream, not an error: hyper resets a stream
+        // whose body fails with INTERNAL_ERROR, while a stream both of whose
+        // halves are dropped is reset with CANCEL, which is what this is.
+        let ended = || Poll::Ready(None);
         if this.abort.token.is_cancelled() {
             return ended();
         }
