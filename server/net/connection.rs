@@ -11,6 +11,10 @@
 //!   `--connection-idle-timeout` is wound down gracefully (HTTP/2 GOAWAY).
 //!   A call in progress, however quiet, is never idle.
 //!
+//! - **a clean close**: a closing connection reads on until its peer closes
+//!   too (at most a second), so that the kernel never answers the peer's
+//!   last bytes with RST and destroys what the peer had not read yet.
+//!
 //! [`Activity`] keeps the count; [`WatchedIo`] notices the HTTP/2 handshake in
 //! the bytes it reads, [`TrackRequests`] notices requests and their ends (a
 //! request lasts until its response body is finished or dropped). Only
@@ -152,6 +156,8 @@ pub struct WatchedIo<I> {
     io: I,
     handshake: H2Handshake,
     activity: Arc<Activity>,
+    /// Once the sending side is closed: until when to read on.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<I> WatchedIo<I> {
@@ -160,6 +166,7 @@ impl<I> WatchedIo<I> {
             io,
             handshake: H2Handshake::default(),
             activity,
+            linger: None,
         }
     }
 }
@@ -255,7 +262,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for WatchedIo<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
@@ -276,10 +283,41 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
+    /// Closes the sending side, then lingers: reads and drops what the peer
+    /// still sends until it closes too, for at most [`LINGER`]. Closing a
+    /// socket with unread bytes in it makes the kernel answer with RST, and
+    /// a peer that gets RST may lose what it had not read yet: the replies
+    /// and status of its last calls (a grpcio client still sending at a
+    /// drain saw "Stream removed" instead of UNAVAILABLE). nginx's
+    /// `lingering_close` does the same.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let linger = this.linger.as_mut().expect("set above");
+        let mut scratch = [0u8; 2048];
+        loop {
+            if linger.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                // The peer closed too, or the socket failed: nothing is left to lose.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
+
+/// How long a closing connection reads on, waiting for its peer to close
+/// too (see [`WatchedIo`]'s `poll_shutdown`). A peer that saw our FIN closes
+/// within a round trip; this bounds one that does not.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// A service that counts its requests in a connection's [`Activity`]: each
 /// from its call until its response body ends (or is dropped).
