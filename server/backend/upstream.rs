@@ -401,17 +401,19 @@ pub struct TrackedStream {
 
 impl TrackedStream {
     /// The connection is gone: its calls learn it, and the monitor probes at once.
-    fn lose(&self) {
+    fn lose(&self, why: &dyn std::fmt::Display) {
         if self.lost.lose()
             && let Some(shared) = self.shared.upgrade()
         {
+            // Once per connection; its live calls end with UNAVAILABLE.
+            tracing::info!(upstream = %shared.name, %why, "upstream connection ended");
             shared.call_failed.notify_one();
         }
     }
 
     fn ended<T>(&self, result: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if let Poll::Ready(Err(_)) = &result {
-            self.lose();
+        if let Poll::Ready(Err(error)) = &result {
+            self.lose(error);
         }
         result
     }
@@ -419,7 +421,7 @@ impl TrackedStream {
 
 impl Drop for TrackedStream {
     fn drop(&mut self) {
-        self.lose();
+        self.lose(&"the bridge closed it");
     }
 }
 
@@ -428,7 +430,7 @@ impl AsyncRead for TrackedStream {
         let room = buf.remaining();
         let result = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && room > 0 && buf.remaining() == room {
-            self.lose(); // EOF
+            self.lose(&"the upstream closed it");
         }
         self.ended(result)
     }
