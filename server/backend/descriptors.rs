@@ -192,7 +192,9 @@ impl Reflection {
         lookup.await
     }
 
-    /// One look-up: the request, its files into the pool, a miss remembered.
+    /// One look-up: the request, its files into the pool or a miss
+    /// remembered, and only then out of `pending` (a caller arriving between
+    /// would otherwise find it nowhere and ask again).
     async fn ask(self: Arc<Self>, service: String, pool: Arc<Mutex<DescriptorPool>>) -> Result<(), Status> {
         let answer = tokio::time::timeout(LOOKUP_TIMEOUT, self.fetch_files(&service))
             .await
@@ -202,19 +204,18 @@ impl Reflection {
                     LOOKUP_TIMEOUT.as_secs()
                 )))
             });
-        self.pending.lock().expect("not poisoned").remove(&service);
-        let files = match answer {
-            Ok(files) => files,
+        let outcome = match answer {
+            Ok(files) => add_new_files(&mut pool.lock().expect("not poisoned"), files)
+                .map_err(|e| Status::internal(format!("the upstream's descriptors for {service} do not build: {e}"))),
             Err(status) => {
                 if status.code() == tonic::Code::Unimplemented {
                     self.remember_miss(&service);
                 }
-                return Err(status);
+                Err(status)
             }
         };
-        let mut pool = pool.lock().expect("not poisoned");
-        add_new_files(&mut pool, files)
-            .map_err(|e| Status::internal(format!("the upstream's descriptors for {service} do not build: {e}")))
+        self.pending.lock().expect("not poisoned").remove(&service);
+        outcome
     }
 
     fn remember_miss(&self, service: &str) {
