@@ -88,8 +88,9 @@ impl ConnectionLost {
 /// unread costs others: the upstream's replies wait on the one HTTP/2
 /// connection every call shares (and count against h2's budget for small
 /// frames, past which h2 closes that connection for everyone). A caller that
-/// stops reading to wait for its client's credit parks here first; past the
-/// limit the call ends with RESOURCE_EXHAUSTED. Cheap to clone.
+/// stops reading to wait for its client (for credit, or for room to write)
+/// parks here first; past the limit the call ends with RESOURCE_EXHAUSTED.
+/// Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ParkingLimit {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
@@ -103,6 +104,12 @@ impl ParkingLimit {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
             limit,
         }
+    }
+
+    /// A place for a call to wait without reading, held until dropped; none
+    /// is needed (`Ok(None)`) where the backend attached no limit.
+    pub fn park_in(limit: Option<&ParkingLimit>) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, tonic::Status> {
+        limit.map(ParkingLimit::park).transpose()
     }
 
     /// A place for one call to wait without reading, held until dropped.

@@ -28,10 +28,10 @@
 //!   leaves unread must not stall the others. Each stream may hold at most
 //!   [`STREAM_WINDOW`] unread bytes (then HTTP/2 flow control pauses the
 //!   upstream on that stream alone), and the connection's window is HTTP/2's
-//!   largest, so streams whose readers stopped never exhaust it;
-//!   Because h2 also closes a connection whose unread small DATA frames pass
+//!   largest, so streams whose readers stopped never exhaust it. Because
+//!   h2 also closes a connection whose unread small DATA frames pass
 //!   a budget (half the connection window), the number of WebSocket calls
-//!   that may wait unread for their clients' credit is capped
+//!   that may wait unread for their clients is capped
 //!   (`--upstream-max-parked-calls`, [`ParkingLimit`] on every response);
 //! - **connection loss**: every response carries a [`ConnectionLost`] token,
 //!   cancelled the moment the connection it came on is gone (the socket
@@ -102,7 +102,7 @@ pub struct UpstreamSettings {
     /// `--max-message-size`, applied to what the upstream sends.
     pub max_message_size: usize,
     /// `--upstream-max-parked-calls`: calls that may wait, unread, for
-    /// their clients' credit at once (see [`ParkingLimit`]).
+    /// their clients at once (see [`ParkingLimit`]).
     pub max_parked_calls: usize,
 }
 
@@ -139,6 +139,8 @@ pub struct Upstream {
 struct Shared {
     /// The upstream's address, for messages.
     name: String,
+    /// `upstream <address>`: what a lost connection's status names.
+    label: Arc<str>,
     max_message_size: usize,
     connect_timeout: Duration,
     reachable: watch::Sender<bool>,
@@ -146,7 +148,7 @@ struct Shared {
     call_failed: Notify,
     /// Cancelled when the current connection is gone; replaced by each new one.
     link: Mutex<ConnectionLost>,
-    /// Calls waiting for their clients' credit with replies unread.
+    /// Calls waiting, unread, for their clients (credit or room to write).
     parking: ParkingLimit,
 }
 
@@ -196,13 +198,15 @@ impl Upstream {
             }
             endpoint = endpoint.tls_config(tls).map_err(endpoint_error)?;
         }
+        let label: Arc<str> = Arc::from(format!("upstream {name}"));
         let shared = Arc::new(Shared {
             max_message_size: settings.max_message_size,
             connect_timeout: settings.connect_timeout,
             reachable: watch::Sender::new(false),
             call_failed: Notify::new(),
-            link: Mutex::new(ConnectionLost::new(Arc::from(format!("upstream {name}")))),
+            link: Mutex::new(ConnectionLost::new(label.clone())),
             parking: ParkingLimit::new(settings.max_parked_calls),
+            label,
             name,
         });
         Ok(Upstream {
@@ -383,7 +387,7 @@ fn tracking_connector(
             let Some(upstream) = shared.upgrade() else {
                 return Err(std::io::Error::other("the bridge is shutting down"));
             };
-            let lost = ConnectionLost::new(Arc::from(format!("upstream {}", upstream.name)));
+            let lost = ConnectionLost::new(upstream.label.clone());
             *upstream.link.lock().expect("not poisoned") = lost.clone();
             Ok(TokioIo::new(TrackedStream { stream, lost, shared }))
         });

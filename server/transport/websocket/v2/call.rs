@@ -243,10 +243,9 @@ async fn exchange(spec: CallSpec) -> Status {
                     {
                         return status;
                     }
-                    let _parked = match parking.as_ref().map(ParkingLimit::park) {
-                        Some(Err(status)) => return status,
-                        Some(Ok(permit)) => Some(permit),
-                        None => None,
+                    let _parked = match ParkingLimit::park_in(parking.as_ref()) {
+                        Ok(parked) => parked,
+                        Err(status) => return status,
                     };
                     // Tell the socket: it may have to read past a full budget for our credit.
                     gauge.set_starved(true);
@@ -297,7 +296,7 @@ async fn send_out(out: &mpsc::Sender<Out>, item: Out, parking: Option<&ParkingLi
         Ok(()) => Ok(()),
         Err(mpsc::error::TrySendError::Closed(_)) => Err(Status::cancelled("socket closed")),
         Err(mpsc::error::TrySendError::Full(item)) => {
-            let _parked = parking.map(ParkingLimit::park).transpose()?;
+            let _parked = ParkingLimit::park_in(parking)?;
             out.send(item).await.map_err(|_| Status::cancelled("socket closed"))
         }
     }
