@@ -17,12 +17,15 @@
 //!   the server's half only (decode client frames, encode server frames).
 //! - [`v2`]: protocol v2 (`proto/bridge_v2.proto`): many calls per socket,
 //!   batched records; its types, subprotocol names and both encodings.
+//! - [`grpc`]: gRPC's length-prefixed messages (the 5-byte prefix), read and
+//!   written once for the server, the tests and the benchmarks.
 //!
 //! This crate knows nothing of sockets or transports: it turns bytes into
 //! frames and back.
 
 include!(concat!(env!("OUT_DIR"), "/_.rs"));
 
+pub mod grpc;
 #[cfg(feature = "json")]
 pub mod json;
 pub mod proto;

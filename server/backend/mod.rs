@@ -73,9 +73,10 @@ impl ConnectionLost {
         self.token.is_cancelled()
     }
 
-    /// Resolves once the connection is gone.
-    pub async fn lost(&self) {
-        self.token.cancelled().await;
+    /// Resolves once the connection is gone (owning what it waits on, to be
+    /// kept beside the response it watches).
+    pub fn watch(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
     }
 
     /// The status of a call that was on it: UNAVAILABLE, naming it.

@@ -168,13 +168,13 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         }
         Protocol::V2(encoding) => {
             // Only a v2 socket keeps the backend (its clone is a boxed service stack).
-            let (context, tasks) = (state.v2.clone(), state.tasks.clone());
+            let context = state.v2.clone();
             let socket_task = async move {
                 let Some(socket) = accept(on_upgrade, config).await else {
                     return;
                 };
                 let _lease = lease;
-                v2::run(socket, encoding, context, &drain, tasks).await;
+                v2::run(socket, encoding, context, &drain).await;
             }
             .instrument(span);
             state.tasks.spawn(socket_task);

@@ -4,7 +4,7 @@
 //! socket stops reading, the one case where a call can slow its neighbours,
 //! as an HTTP/2 connection window does; except when every call holding it
 //! waits for response credit, which only a record the socket has not read
-//! yet can give (see `v2::Socket::may_read`).
+//! yet can give (see `v2::socket::Socket::may_read`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,16 +48,10 @@ impl Budget {
         }
     }
 
-    /// Resolves when the budget gets room again, or on a [`Budget::nudge`]:
-    /// the socket then looks again whether it may read.
+    /// Resolves when the budget gets room again (a backend in another task
+    /// took messages): the socket then looks again whether it may read.
     pub async fn changed(&self) {
         self.0.freed.notified().await;
-    }
-
-    /// Wakes a socket waiting in [`Budget::changed`] (a call started waiting
-    /// for response credit).
-    pub fn nudge(&self) {
-        self.0.freed.notify_one();
     }
 
     #[cfg(test)]

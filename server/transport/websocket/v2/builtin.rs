@@ -1,11 +1,11 @@
 //! Calls to the built-in `DataService`, answered on the socket's own task.
 //!
-//! The generic path ([`super::call`]) makes each call a gRPC request on the
-//! backend: a task and two channels per call, tonic's framing both ways and,
-//! for JSON, transcoding through the method's descriptors. For the built-in
-//! service none of that buys anything: the socket hands each request
-//! straight to the [processor](crate::backend::processor), as protocol v1
-//! does. A call is then a few words in the socket's call table (an idle one
+//! The generic plug-in ([`super::grpc_call`]) makes each call a gRPC
+//! request on the backend: tonic's routing and codec, gRPC framing both ways
+//! and, for JSON, transcoding through the method's descriptors. For the
+//! built-in service none of that buys anything: the socket hands each
+//! request straight to the [processor](crate::backend::processor), as
+//! protocol v1 does. A call is then a few words in the socket's call table (an idle one
 //! holds no task, no channel, no buffer) and a message costs its decode, the
 //! reply and its encode.
 //!
@@ -24,9 +24,10 @@ use streambridge_protocol::v2;
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::batch::Batch;
 use super::budget::Budget;
-use super::call::{Kind, REQUEST_CREDIT, REQUEST_WINDOW};
-use super::{Batch, Payload, Request};
+use super::records::{Kind, Payload, Request};
+use super::table::{REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;

@@ -1,0 +1,163 @@
+//! gRPC's length-prefixed messages: the one reader and writer of the 5-byte
+//! prefix (a compression flag and a big-endian length) that the server's
+//! WebSocket calls, its upstream proxy, the tests and the benchmarks share.
+//!
+//! The reader slices whole messages out of the chunks it is given without
+//! copying them; only a message cut by a chunk's end is copied, once, when
+//! the next chunk comes. It checks each declared length against a limit as
+//! soon as the prefix is complete, before any of the message is held.
+
+use std::fmt;
+
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The prefix before every message.
+pub const PREFIX_LEN: usize = 5;
+
+/// Why a message cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageError {
+    /// The compression flag is set: the reader does not decompress.
+    Compressed,
+    /// The declared length is over the limit.
+    TooLarge { length: usize, limit: usize },
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::Compressed => f.write_str("a compressed message (the bridge does not decompress)"),
+            MessageError::TooLarge { length, limit } => {
+                write!(f, "a message of {length} bytes; the limit is {limit}")
+            }
+        }
+    }
+}
+
+/// Reads messages out of a body's chunks, in order.
+#[derive(Debug)]
+pub struct MessageReader {
+    /// The chunk being read: whole messages are sliced off its front.
+    current: Bytes,
+    /// Where a message cut by a chunk's end is joined with the next chunk.
+    joined: BytesMut,
+    limit: usize,
+}
+
+impl MessageReader {
+    /// A reader refusing messages longer than `limit` bytes.
+    pub fn new(limit: usize) -> MessageReader {
+        MessageReader {
+            current: Bytes::new(),
+            joined: BytesMut::new(),
+            limit,
+        }
+    }
+
+    /// Adds the body's next chunk. Call it only once [`MessageReader::next`]
+    /// has said `Ok(None)`: what is left then is part of one message.
+    pub fn push(&mut self, chunk: Bytes) {
+        if self.current.is_empty() {
+            self.current = chunk;
+        } else {
+            self.joined.reserve(self.current.len() + chunk.len());
+            self.joined.put_slice(&self.current);
+            self.joined.put_slice(&chunk);
+            self.current = self.joined.split().freeze();
+        }
+    }
+
+    /// The next whole message, if one is here.
+    pub fn next(&mut self) -> Result<Option<Bytes>, MessageError> {
+        if self.current.len() < PREFIX_LEN {
+            return Ok(None);
+        }
+        let length = declared_length(&self.current, self.limit)?;
+        if self.current.len() < PREFIX_LEN + length {
+            return Ok(None);
+        }
+        self.current.advance(PREFIX_LEN);
+        Ok(Some(self.current.split_to(length)))
+    }
+
+    /// Whether a whole message is here (and would be returned by `next`,
+    /// or refused by it).
+    pub fn has_message(&self) -> bool {
+        self.current.len() >= PREFIX_LEN
+            && declared_length(&self.current, self.limit)
+                .map_or(true, |length| self.current.len() >= PREFIX_LEN + length)
+    }
+
+    /// Bytes held: of messages not yet read, or of an unfinished one.
+    pub fn buffered(&self) -> usize {
+        self.current.len()
+    }
+}
+
+/// The length `prefix` declares, checked.
+fn declared_length(prefix: &[u8], limit: usize) -> Result<usize, MessageError> {
+    if prefix[0] != 0 {
+        return Err(MessageError::Compressed);
+    }
+    let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if length > limit {
+        return Err(MessageError::TooLarge { length, limit });
+    }
+    Ok(length)
+}
+
+/// Appends `message` with its prefix (uncompressed).
+pub fn put_message(out: &mut impl BufMut, message: &[u8]) {
+    out.put_u8(0);
+    out.put_u32(u32::try_from(message.len()).expect("a gRPC message is shorter than 4 GiB"));
+    out.put_slice(message);
+}
+
+/// `message` with its prefix, in a buffer of its own.
+pub fn framed(message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(PREFIX_LEN + message.len());
+    put_message(&mut out, message);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_split_anywhere_come_out_whole_and_in_order() {
+        let messages: Vec<Vec<u8>> = (0..6).map(|n| vec![n as u8; n * 7]).collect();
+        let mut wire = BytesMut::new();
+        for message in &messages {
+            put_message(&mut wire, message);
+        }
+        let wire = wire.freeze();
+        for chunk in 1..wire.len() {
+            let mut reader = MessageReader::new(100);
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                reader.push(Bytes::copy_from_slice(piece));
+                while let Some(message) = reader.next().unwrap() {
+                    got.push(message.to_vec());
+                }
+            }
+            assert_eq!(got, messages, "chunks of {chunk}");
+            assert_eq!(reader.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn a_message_over_the_limit_or_compressed_is_refused_at_its_prefix() {
+        let mut reader = MessageReader::new(10);
+        reader.push(Bytes::from_static(&[0, 0, 0, 0, 11]));
+        assert!(reader.has_message());
+        assert_eq!(reader.next(), Err(MessageError::TooLarge { length: 11, limit: 10 }));
+        let mut reader = MessageReader::new(10);
+        reader.push(Bytes::from_static(&[1, 0, 0, 0, 1, 9]));
+        assert_eq!(reader.next(), Err(MessageError::Compressed));
+        let mut reader = MessageReader::new(10);
+        reader.push(Bytes::from_static(&[0, 0, 0, 0, 10, 1]));
+        assert!(!reader.has_message());
+        assert_eq!(reader.next(), Ok(None));
+    }
+}

@@ -1,0 +1,644 @@
+//! A v2 call answered by a gRPC request on the backend: an added tonic
+//! service, the upstream, any method but the built-in plug-in's. The
+//! bridge has no code per service: the call is the same request native gRPC
+//! makes, on the same backend.
+//!
+//! The call has no task and no channel of its own. The socket polls it
+//! ([`GrpcCall::poll`]) when its waker fires: the response future, then the
+//! response body, whose messages become records in the socket's batch while
+//! the client's response credit lasts. Out of credit, the call stops reading
+//! its body, and the backend (tonic's stream, or the upstream's HTTP/2
+//! stream window) stops producing: nothing piles up. Request messages wait
+//! in the call's [`Inbox`] (empty, it allocates nothing) until the backend
+//! reads the [`RequestBody`]: in process that happens while the socket polls
+//! the response; for the upstream, in hyper's task for the stream, which is
+//! why the inbox is behind a lock.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use http_body::{Body as _, Frame};
+use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor};
+use streambridge_protocol::grpc::{MessageReader, put_message};
+use streambridge_protocol::v2::{self, Encoding};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tonic::Status;
+use tower::ServiceExt;
+
+use super::batch::Batch;
+use super::budget::Budget;
+use super::records::{Kind, Payload, Request as Incoming, is_reserved, metadata_of};
+use super::table::{CallWaker, REQUEST_CREDIT, REQUEST_WINDOW};
+use crate::backend::descriptors::Catalog;
+use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
+use crate::policy::auth::Authenticated;
+use crate::transport::Transport;
+
+/// What a call needs from its socket at `open`.
+pub struct Opening {
+    pub open: v2::Open,
+    pub encoding: Encoding,
+    pub backend: GrpcService,
+    pub catalog: Catalog,
+    pub budget: Budget,
+    pub max_message_size: usize,
+    pub waker: Arc<CallWaker>,
+    /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
+    pub deadline: Option<(Instant, u32)>,
+}
+
+/// One live call on the backend, as the socket's call table holds it (boxed).
+pub struct GrpcCall {
+    inbox: Arc<Inbox>,
+    waker: Arc<CallWaker>,
+    phase: Phase,
+    /// Response messages the client takes before it grants more (saturates
+    /// at 2^32-1).
+    credit: u32,
+    /// Set while the call waits without reading its response (for credit,
+    /// or for a socket its client does not read).
+    parked: Option<Parked>,
+    deadline: Option<(Instant, u32)>,
+}
+
+enum Phase {
+    /// Describing the method, then waiting for the response's headers.
+    Starting(Pin<Box<dyn Future<Output = Result<Reading, Status>> + Send>>),
+    Reading(Reading),
+}
+
+/// A response being read.
+struct Reading {
+    /// Response metadata, until its `headers` record is written.
+    headers: Option<HeaderMap>,
+    body: tonic::body::Body,
+    messages: MessageReader,
+    /// The reply's descriptor, for a json socket.
+    output: Option<MessageDescriptor>,
+    /// See [`ConnectionLost`]: watched while the call does not read.
+    connection: Option<ConnectionLost>,
+    /// See [`ParkingLimit`].
+    parking: Option<ParkingLimit>,
+}
+
+/// A call waiting without reading: its place under the backend's
+/// [`ParkingLimit`], and (waiting for credit) a watch on its connection.
+struct Parked {
+    _place: Option<OwnedSemaphorePermit>,
+    lost: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+/// What one poll of a call did, for the socket.
+#[derive(Default)]
+pub struct Progress {
+    /// Request credit granted (its `window` record is in the batch).
+    pub granted: u32,
+    /// The batch filled up: poll again once it is written.
+    pub again: bool,
+}
+
+impl GrpcCall {
+    pub fn new(opening: Opening, response_window: u32) -> GrpcCall {
+        let Opening {
+            open,
+            encoding,
+            backend,
+            catalog,
+            budget,
+            max_message_size,
+            waker,
+            deadline,
+        } = opening;
+        let inbox = Arc::new(Inbox {
+            budget,
+            state: Mutex::new(InboxState {
+                queue: VecDeque::new(),
+                held: 0,
+                closed: false,
+                ended: false,
+                reader: None,
+                grant: 0,
+                failed: None,
+                call: Waker::from(waker.clone()),
+            }),
+        });
+        let start = start(open, encoding, backend, catalog, inbox.clone(), max_message_size);
+        GrpcCall {
+            inbox,
+            waker,
+            phase: Phase::Starting(Box::pin(start)),
+            credit: response_window,
+            parked: None,
+            deadline,
+        }
+    }
+
+    pub fn deadline(&self) -> Option<(Instant, u32)> {
+        self.deadline
+    }
+
+    /// A request message: it waits in the inbox, its bytes taken from the
+    /// socket's budget, until the backend reads it.
+    pub fn receive(&mut self, request: Incoming<'_>) {
+        self.inbox.push(request.detached());
+    }
+
+    /// The client's `closeSend`: the request body ends once the backend has
+    /// read what came before.
+    pub fn close_send(&mut self) {
+        self.inbox.close();
+    }
+
+    pub fn add_credit(&mut self, credit: u32) {
+        self.credit = self.credit.saturating_add(credit);
+    }
+
+    /// Whether the socket may read past a full budget for this call: it
+    /// holds none of it, or it waits for response credit (which only a
+    /// record the socket has not read yet can give).
+    pub fn lets_socket_read(&self) -> bool {
+        (self.credit == 0 && self.parked.is_some()) || self.inbox.lock().held == 0
+    }
+
+    /// Drives the call as far as it goes now, writing its records into
+    /// `batch`. `Err` is its end (OK included): the status to write.
+    pub fn poll(&mut self, call: u32, batch: &mut Batch) -> Result<Progress, Status> {
+        self.waker.polling();
+        let waker = Waker::from(self.waker.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut progress = Progress {
+            granted: self.inbox.news()?,
+            again: false,
+        };
+        if progress.granted > 0 {
+            batch.record(call, Kind::Window(progress.granted));
+        }
+        if let Phase::Starting(start) = &mut self.phase {
+            let Poll::Ready(reading) = start.as_mut().poll(&mut cx) else {
+                return Ok(progress);
+            };
+            self.phase = Phase::Reading(reading?);
+        }
+        let Phase::Reading(reading) = &mut self.phase else {
+            unreachable!("the call has started")
+        };
+        if let Some(headers) = reading.headers.take() {
+            let metadata = metadata_of(&headers);
+            if !metadata.is_empty() {
+                batch.record(call, Kind::Headers(metadata));
+            }
+        }
+        loop {
+            while self.credit > 0 {
+                let message = reading
+                    .messages
+                    .next()
+                    .map_err(|e| Status::resource_exhausted(format!("the service sent {e} (--max-message-size)")))?;
+                let Some(message) = message else { break };
+                self.credit -= 1;
+                let kind = match &reading.output {
+                    Some(output) => Kind::JsonMessage(to_json(output, message)?),
+                    None => Kind::Message(message),
+                };
+                batch.record(call, kind);
+                if batch.is_full() {
+                    progress.again = true;
+                    return Ok(progress);
+                }
+            }
+            if self.credit == 0 && reading.messages.has_message() {
+                let parked = match &mut self.parked {
+                    Some(parked) => parked,
+                    None => self.parked.insert(Parked {
+                        _place: ParkingLimit::park_in(reading.parking.as_ref())?,
+                        lost: reading.connection.as_ref().map(|c| Box::pin(c.watch())),
+                    }),
+                };
+                if let (Some(lost), Some(connection)) = (&mut parked.lost, &reading.connection)
+                    && lost.as_mut().poll(&mut cx).is_ready()
+                {
+                    return Err(connection.status());
+                }
+                return Ok(progress);
+            }
+            self.parked = None;
+            let frame = match Pin::new(&mut reading.body).poll_frame(&mut cx) {
+                Poll::Pending => return Ok(progress),
+                Poll::Ready(None) => return Err(Status::internal("the response ended without a gRPC status")),
+                Poll::Ready(Some(frame)) => frame?,
+            };
+            match frame.into_data() {
+                Ok(data) => reading.messages.push(data),
+                Err(frame) => {
+                    return Err(match frame.into_trailers() {
+                        Ok(trailers) => status_in(&trailers)
+                            .unwrap_or_else(|| Status::internal("the response's trailers carry no gRPC status")),
+                        Err(_) => Status::internal("the response sent an unknown frame"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The socket cannot write (its client is not reading it) and the call
+    /// has news, most likely replies it would read: it stops reading them,
+    /// which costs others where the backend set a [`ParkingLimit`], so it
+    /// takes a place first (or ends, `Err`).
+    pub fn park_while_blocked(&mut self) -> Result<(), Status> {
+        if let (Phase::Reading(reading), None) = (&self.phase, &self.parked) {
+            self.parked = Some(Parked {
+                _place: ParkingLimit::park_in(reading.parking.as_ref())?,
+                lost: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GrpcCall {
+    fn drop(&mut self) {
+        // The request body may live on in the backend's hands (hyper pipes
+        // it to the upstream): end it now, so that with the response dropped
+        // too the backend's stream is reset at once.
+        self.inbox.end();
+    }
+}
+
+/// How a call starts: the method's descriptors (json needs them; proto uses
+/// them, when there are any, to check requests), then the request on the
+/// backend, up to the response's headers.
+async fn start(
+    open: v2::Open,
+    encoding: Encoding,
+    backend: GrpcService,
+    catalog: Catalog,
+    inbox: Arc<Inbox>,
+    max_message_size: usize,
+) -> Result<Reading, Status> {
+    let method = match (encoding, catalog.method(&open.method).await) {
+        (_, Ok(method)) => Some(method),
+        (Encoding::Json, Err(status)) => return Err(status),
+        (Encoding::Proto, Err(_)) => None,
+    };
+    let body = RequestBody {
+        inbox,
+        input: method.as_ref().map(MethodDescriptor::input),
+        consumed: 0,
+        granted: REQUEST_WINDOW,
+    };
+    let request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
+    let Ok(response) = backend.oneshot(request).await;
+    let (parts, body) = response.into_parts();
+    if let Some(status) = status_in(&parts.headers) {
+        return Err(status);
+    }
+    Ok(Reading {
+        headers: Some(parts.headers),
+        body,
+        messages: MessageReader::new(max_message_size),
+        output: method
+            .as_ref()
+            .filter(|_| encoding == Encoding::Json)
+            .map(MethodDescriptor::output),
+        connection: parts.extensions.get::<ConnectionLost>().cloned(),
+        parking: parts.extensions.get::<ParkingLimit>().cloned(),
+    })
+}
+
+/// Request messages between the socket and the backend.
+struct Inbox {
+    budget: Budget,
+    state: Mutex<InboxState>,
+}
+
+struct InboxState {
+    /// Received, not yet read by the backend, in order.
+    queue: VecDeque<Payload>,
+    /// Their bytes.
+    held: usize,
+    /// `closeSend`: the body ends once the queue is empty.
+    closed: bool,
+    /// The call ended: the body ends now.
+    ended: bool,
+    /// The body, waiting for a message.
+    reader: Option<Waker>,
+    /// Request credit granted by the body, not yet written by the socket.
+    grant: u32,
+    /// A request that did not decode: the call's end.
+    failed: Option<Box<Status>>,
+    /// Wakes the call on its socket (for a grant or a failure).
+    call: Waker,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        // Nothing panics while holding it; a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn push(&self, payload: Payload) {
+        let len = payload.len();
+        let mut state = self.lock();
+        if state.ended {
+            return;
+        }
+        self.budget.take(len);
+        state.held += len;
+        state.queue.push_back(payload);
+        let reader = state.reader.take();
+        drop(state);
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+
+    fn close(&self) {
+        let reader = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.reader.take()
+        };
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+
+    /// Ends the body; what it never read gives its bytes back.
+    fn end(&self) {
+        let (held, reader) = {
+            let mut state = self.lock();
+            state.ended = true;
+            state.queue = VecDeque::new();
+            (std::mem::take(&mut state.held), state.reader.take())
+        };
+        self.budget.give_back(held);
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+    }
+
+    /// For the socket: request credit granted since it last asked, or the
+    /// request that ended the call.
+    fn news(&self) -> Result<u32, Status> {
+        let mut state = self.lock();
+        if let Some(failed) = state.failed.take() {
+            return Err(*failed);
+        }
+        Ok(std::mem::take(&mut state.grant))
+    }
+
+    /// For the body: every message waiting (`None` at the end of the stream).
+    fn take(&self, cx: &mut Context<'_>) -> Poll<Option<VecDeque<Payload>>> {
+        let mut state = self.lock();
+        if state.ended || (state.queue.is_empty() && state.closed) {
+            return Poll::Ready(None);
+        }
+        if state.queue.is_empty() {
+            if !state.reader.as_ref().is_some_and(|reader| reader.will_wake(cx.waker())) {
+                state.reader = Some(cx.waker().clone());
+            }
+            return Poll::Pending;
+        }
+        state.held = 0;
+        Poll::Ready(Some(std::mem::take(&mut state.queue)))
+    }
+
+    /// For the body: tells the socket what it granted or why it failed.
+    fn tell(&self, grant: u32, failed: Option<Status>) {
+        let call = {
+            let mut state = self.lock();
+            state.grant += grant;
+            if state.failed.is_none() {
+                state.failed = failed.map(Box::new);
+            }
+            state.call.clone()
+        };
+        call.wake();
+    }
+}
+
+/// The request stream the backend reads: the inbox's messages, framed for
+/// gRPC, ending at the client's `closeSend` (or the call's end).
+struct RequestBody {
+    inbox: Arc<Inbox>,
+    /// The request's descriptor: json is transcoded, proto checked.
+    input: Option<MessageDescriptor>,
+    /// Messages handed to the backend.
+    consumed: u64,
+    /// Request credit given: the first window plus every grant.
+    granted: u64,
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        // The end is the end of the request stream, not an error: hyper
+        // resets a stream whose body fails with INTERNAL_ERROR, while a
+        // stream both of whose halves are dropped is reset with CANCEL.
+        let Some(payloads) = std::task::ready!(this.inbox.take(cx)) else {
+            return Poll::Ready(None);
+        };
+        // Every message waiting goes in one frame: one poll of the backend
+        // for many messages.
+        let bytes: usize = payloads.iter().map(Payload::len).sum();
+        this.inbox.budget.give_back(bytes);
+        let mut framed = BytesMut::with_capacity(bytes + 5 * payloads.len());
+        let mut grant = 0;
+        for payload in payloads {
+            let message = match this.decode(payload) {
+                Ok(message) => message,
+                Err(status) => {
+                    this.inbox.tell(grant, Some(status.clone()));
+                    return Poll::Ready(Some(Err(status)));
+                }
+            };
+            put_message(&mut framed, &message);
+            this.consumed += 1;
+            // Top the credit up once half of it is used up.
+            let left = this.granted - this.consumed;
+            if left <= REQUEST_CREDIT / 2 {
+                let more = REQUEST_CREDIT - left;
+                this.granted += more;
+                grant += more as u32;
+            }
+        }
+        if grant > 0 {
+            this.inbox.tell(grant, None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(framed.freeze()))))
+    }
+}
+
+impl RequestBody {
+    /// A request message as the backend takes it: checked against, or
+    /// transcoded with, the method's descriptor.
+    fn decode(&self, payload: Payload) -> Result<Bytes, Status> {
+        match (payload, &self.input) {
+            (Payload::Proto(bytes), Some(input)) if !decodes_as(input, &bytes, 0) => Err(Status::invalid_argument(
+                format!("message is not a valid {} in protobuf", input.full_name()),
+            )),
+            (Payload::Proto(bytes), _) => Ok(bytes),
+            (Payload::Json(text), Some(input)) => from_json(input, text.as_bytes()).map(Bytes::from),
+            (Payload::Json(text), None) => Ok(Bytes::from(text)),
+        }
+    }
+}
+
+/// The gRPC request for `open`: the method's path, its metadata, its
+/// deadline. The socket was authenticated at its upgrade.
+fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
+    let mut request = Request::post(open.method.as_str())
+        .body(())
+        .map_err(|_| Status::unimplemented(format!("{:?} is not a method path", open.method)))?;
+    let headers = request.headers_mut();
+    for (name, value) in &open.metadata {
+        let lower = name.to_ascii_lowercase();
+        if is_reserved(&lower) {
+            return Err(Status::invalid_argument(format!("metadata key {name:?} is reserved")));
+        }
+        let header = HeaderName::try_from(lower.as_str())
+            .map_err(|_| Status::invalid_argument(format!("metadata key {name:?} is not a valid header name")))?;
+        if lower.ends_with("-bin") {
+            base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(value))
+                .map_err(|_| Status::invalid_argument(format!("metadata {name:?} is not base64")))?;
+        }
+        let value = HeaderValue::try_from(value.as_str())
+            .map_err(|_| Status::invalid_argument(format!("metadata {name:?} has a value a header cannot carry")))?;
+        headers.append(header, value);
+    }
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if open.timeout_ms > 0 {
+        headers.insert(
+            "grpc-timeout",
+            HeaderValue::from_str(&format!("{}m", open.timeout_ms)).expect("digits and a unit"),
+        );
+    }
+    request.extensions_mut().insert(Transport::WebSocket);
+    request.extensions_mut().insert(Authenticated);
+    Ok(request)
+}
+
+/// Whether `open`'s metadata could be sent on as request headers (for
+/// calls that never become a gRPC request: the same refusals either way).
+pub(super) fn check_metadata(open: &v2::Open) -> Result<(), Status> {
+    if open.metadata.is_empty() {
+        return Ok(());
+    }
+    build_request(open).map(drop)
+}
+
+/// The gRPC status in `headers` (trailers, or the headers of a
+/// trailers-only response), if there is one.
+fn status_in(headers: &HeaderMap) -> Option<Status> {
+    headers.get("grpc-status")?;
+    Some(Status::from_header_map(headers).unwrap_or_else(|| Status::unknown("unreadable grpc-status")))
+}
+
+/// A response message as proto3 JSON.
+fn to_json(output: &MessageDescriptor, message: Bytes) -> Result<String, Status> {
+    let message = DynamicMessage::decode(output.clone(), message)
+        .map_err(|e| Status::internal(format!("the service's reply is not a {}: {e}", output.full_name())))?;
+    serde_json::to_string(&message).map_err(|e| Status::internal(format!("the reply does not map to JSON: {e}")))
+}
+
+/// Whether `bytes` decode as a `message` (protobuf wire format, known
+/// fields with their wire types, strings UTF-8, nested messages likewise),
+/// checked without building the message: a fraction of what decoding costs.
+fn decodes_as(message: &MessageDescriptor, mut bytes: &[u8], depth: u32) -> bool {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    use prost_reflect::Kind;
+    // prost's own recursion limit.
+    if depth > 100 {
+        return false;
+    }
+    while !bytes.is_empty() {
+        let Ok((number, wire_type)) = decode_key(&mut bytes) else {
+            return false;
+        };
+        let field = message.get_field(number);
+        let kind = field.as_ref().map(|f| f.kind());
+        let ok = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut bytes).is_ok()
+                    && kind.as_ref().is_none_or(|k| {
+                        matches!(
+                            k,
+                            Kind::Int32
+                                | Kind::Int64
+                                | Kind::Uint32
+                                | Kind::Uint64
+                                | Kind::Sint32
+                                | Kind::Sint64
+                                | Kind::Bool
+                                | Kind::Enum(_)
+                        )
+                    })
+            }
+            WireType::SixtyFourBit => {
+                let fits = bytes.len() >= 8;
+                bytes = &bytes[8.min(bytes.len())..];
+                fits && kind
+                    .as_ref()
+                    .is_none_or(|k| matches!(k, Kind::Fixed64 | Kind::Sfixed64 | Kind::Double))
+            }
+            WireType::ThirtyTwoBit => {
+                let fits = bytes.len() >= 4;
+                bytes = &bytes[4.min(bytes.len())..];
+                fits && kind
+                    .as_ref()
+                    .is_none_or(|k| matches!(k, Kind::Fixed32 | Kind::Sfixed32 | Kind::Float))
+            }
+            WireType::LengthDelimited => {
+                let Ok(length) = decode_varint(&mut bytes) else {
+                    return false;
+                };
+                let Ok(length) = usize::try_from(length) else {
+                    return false;
+                };
+                if length > bytes.len() {
+                    return false;
+                }
+                let (value, rest) = bytes.split_at(length);
+                bytes = rest;
+                match (&field, kind) {
+                    (None, _) => true,
+                    (_, Some(Kind::String)) => std::str::from_utf8(value).is_ok(),
+                    (_, Some(Kind::Bytes)) => true,
+                    (_, Some(Kind::Message(nested))) => decodes_as(&nested, value, depth + 1),
+                    // Packed repeated scalars.
+                    (Some(field), _) => field.is_list(),
+                }
+            }
+            // Groups (proto2's, deprecated) are not accepted.
+            WireType::StartGroup | WireType::EndGroup => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A request message from proto3 JSON; unknown fields are ignored.
+fn from_json(input: &MessageDescriptor, text: &[u8]) -> Result<Vec<u8>, Status> {
+    let options = DeserializeOptions::new().deny_unknown_fields(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(text);
+    let message = DynamicMessage::deserialize_with_options(input.clone(), &mut deserializer, &options)
+        .and_then(|m| deserializer.end().map(|()| m))
+        .map_err(|e| Status::invalid_argument(format!("message is not a valid {} in JSON: {e}", input.full_name())))?;
+    Ok(prost::Message::encode_to_vec(&message))
+}

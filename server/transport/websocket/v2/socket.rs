@@ -1,0 +1,718 @@
+//! One v2 socket's task: it reads batches and applies each record to the
+//! call machine, polls the calls whose backends have news, and writes the
+//! records they produce, as many as are ready in one WebSocket message
+//! (never waiting for more, at most 64 KiB unless a single record is
+//! larger).
+//!
+//! The protocol's rules live here once, for every call whatever answers it
+//! ([`super::table::Route`]): request credit and the socket's byte budget
+//! on the way in, response credit on the way out (kept by the plug-in, which
+//! stops reading its backend without it), deadlines (one timer for the
+//! socket), cancel, drain, and the one `status` record every call ends with.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use streambridge_protocol::v2::{self, Encoding};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tonic::{Code, Status};
+
+use super::batch::Batch;
+use super::budget::Budget;
+use super::builtin::{self, BuiltinCall, SocketSide};
+use super::grpc_call::{self, GrpcCall, Opening};
+use super::records::{self, Incoming, Kind, Request};
+use super::table::{CallTable, CallWaker, LiveCall, Route, Wakeups};
+use super::{V2Context, V2Settings};
+use crate::error::Error;
+use crate::ops::metrics::StreamMetrics;
+use crate::ops::shutdown::{Drain, DrainCheck};
+use crate::transport::Transport;
+use crate::transport::websocket::call::drain_after_close;
+
+/// How the socket ends.
+struct Closing {
+    code: CloseCode,
+    reason: String,
+}
+
+/// Runs a v2 socket until it closes.
+///
+/// Not an `async fn`: one moves its arguments into locals of its future and
+/// keeps their first slots as well (rust-lang/rust#62958), which for the
+/// socket is 328 bytes of every idle socket's task.
+#[expect(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
+pub fn run<S>(
+    mut socket: WebSocketStream<S>,
+    encoding: Encoding,
+    context: Arc<V2Context>,
+    drain: &Drain,
+) -> impl Future<Output = ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async move {
+        let settings = context.settings.clone();
+        let mut state = Socket {
+            context,
+            calls: CallTable::default(),
+            last_open: 0,
+            budget: Budget::new(settings.socket_buffer),
+            wakeups: None,
+            ready: VecDeque::new(),
+            batch: Batch::new(encoding),
+            deadlines: BTreeSet::new(),
+            unsettled: Vec::new(),
+            messages: None,
+            closing: None,
+            draining: false,
+            over_budget: false,
+        };
+        let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut heard_since_ping = true;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut drain_check = DrainCheck::new(drain);
+
+        loop {
+            state.poll_calls();
+            if !state.batch.is_empty() {
+                if !state.flush(&mut socket, &settings).await {
+                    return;
+                }
+                heard_since_ping = true;
+                if !state.ready.is_empty() {
+                    continue;
+                }
+            }
+            if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
+                let closing = state.closing.take().unwrap_or(Closing {
+                    code: CloseCode::Away,
+                    reason: "server shutting down".into(),
+                });
+                close(&mut socket, closing, settings.close_timeout).await;
+                return;
+            }
+            let reading = state.closing.is_none();
+            let may_read = reading && state.may_read();
+            // One timer for both kinds of deadline: each timer in the `select!`
+            // below would add its size to every socket, idle or not.
+            let next_deadline = match (
+                drain_deadline.filter(|_| !state.calls.is_empty()),
+                state.deadlines.first(),
+            ) {
+                (Some(drain), Some(&(call, _))) => Some(drain.min(call)),
+                (drain, call) => drain.or(call.map(|&(at, _)| at)),
+            };
+            tokio::select! {
+                biased;
+                _ = ping.tick() => {
+                    if !heard_since_ping {
+                        tracing::debug!("peer did not answer the last ping; cancelling its calls");
+                        return;
+                    }
+                    heard_since_ping = false;
+                    if !matches!(tokio::time::timeout(settings.ping_interval * 2, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                () = woken(state.wakeups.as_deref(), &mut state.ready) => {}
+                frame = socket.next(), if may_read => {
+                    heard_since_ping = true;
+                    state.over_budget = !state.budget.has_room();
+                    match frame {
+                        Some(Ok(message)) => {
+                            if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
+                                return;
+                            }
+                        }
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => state.socket_error(
+                            Code::ResourceExhausted,
+                            format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
+                            CloseCode::Size,
+                        ),
+                        Some(Err(WsError::Utf8(_))) => state.socket_error(
+                            Code::InvalidArgument,
+                            "a text message is not valid UTF-8".into(),
+                            CloseCode::Invalid,
+                        ),
+                        Some(Err(_)) | None => return,
+                    }
+                }
+                () = state.budget.changed(), if reading && !may_read => {}
+                // Not `CancellationToken::cancelled`: polling that locks the one
+                // token every socket shares, on every turn of every socket's loop.
+                () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
+                    state.draining = true;
+                    let message = "server shutting down: finish your calls, open new ones elsewhere".into();
+                    state.batch.record(0, Kind::GoAway(v2::GoAway { message }));
+                    // Live calls run on (docs/websocket-protocol-v2.md §7). The
+                    // built-in service ends its own at the drain, as it does on
+                    // every transport (status 14: safe to retry elsewhere).
+                    for call in state.builtin_calls() {
+                        state.end_call(call, Error::ShuttingDown.into());
+                    }
+                    // Cut calls a little before the server's own deadline, so their status gets out.
+                    let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
+                    drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
+                }
+                () = sleep_until(next_deadline), if next_deadline.is_some() => {
+                    let now = Instant::now();
+                    if drain_deadline.is_some_and(|at| at <= now) && !state.calls.is_empty() {
+                        drain_deadline = None;
+                        state.context.cut.store(true, Ordering::Relaxed);
+                        for call in state.calls.keys().copied().collect::<Vec<_>>() {
+                            state.end_call(call, Status::unavailable("server shutting down: the drain deadline (--drain-timeout) passed"));
+                        }
+                    }
+                    while let Some(&(at, call)) = state.deadlines.first() && at <= now {
+                        state.deadlines.pop_first();
+                        let timeout_ms = state.calls.get(&call).and_then(LiveCall::deadline).map_or(0, |(_, ms)| ms);
+                        state.end_call(call, deadline_passed(timeout_ms));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn deadline_passed(timeout_ms: u32) -> Status {
+    Status::deadline_exceeded(format!("the call's deadline (timeoutMs {timeout_ms}) passed"))
+}
+
+/// Resolves once a call has news, its id moved to `ready`; never without
+/// calls on the backend.
+async fn woken(wakeups: Option<&Wakeups>, ready: &mut VecDeque<u32>) {
+    match wakeups {
+        Some(wakeups) => std::future::poll_fn(|cx| wakeups.poll_woken(cx, ready)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a built-in call is served with: the socket's budget, batch and
+/// message tally (made at its first built-in message). Fields, not
+/// `&mut Socket`: the call itself is borrowed from the socket's table.
+fn socket_side<'a>(
+    budget: &'a Budget,
+    batch: &'a mut Batch,
+    messages: &'a mut Option<Box<StreamMetrics>>,
+    context: &V2Context,
+) -> SocketSide<'a> {
+    SocketSide {
+        budget,
+        batch,
+        messages: messages.get_or_insert_with(|| builtin_messages(context)),
+    }
+}
+
+/// Message counters for a socket's built-in calls.
+fn builtin_messages(context: &V2Context) -> Box<StreamMetrics> {
+    let calls = context
+        .data_service
+        .as_ref()
+        .expect("built-in calls only where the service runs");
+    Box::new(calls.metrics().message_counters(Transport::WebSocket))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends our Close and waits (bounded) for the peer's, so that frames still
+/// in flight are not answered with a reset (which would destroy the
+/// statuses and the Close the peer has not read yet).
+async fn close<S>(socket: &mut WebSocketStream<S>, closing: Closing, timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // After a message over the size limit tungstenite cannot parse the
+    // stream any more: the rest of that message is still on its way.
+    let framing_intact = closing.code != CloseCode::Size;
+    let frame = CloseFrame {
+        code: closing.code,
+        reason: Utf8Bytes::from(closing.reason),
+    };
+    let _ = tokio::time::timeout(timeout, async {
+        if socket.close(Some(frame)).await.is_ok() {
+            drain_after_close(socket, framing_intact).await;
+        }
+    })
+    .await;
+}
+
+enum Gone {
+    Yes,
+    No,
+}
+
+/// A socket's state. Dropping it (the peer gone) cancels every call: a
+/// backend call ends its request and response bodies as it is dropped, a
+/// built-in one records CANCELLED through its guard.
+struct Socket {
+    context: Arc<V2Context>,
+    calls: CallTable,
+    last_open: u32,
+    budget: Budget,
+    /// Where backend calls report news; made at the first, so an idle
+    /// socket holds none.
+    wakeups: Option<Arc<Wakeups>>,
+    /// Calls to poll: woken, opened, granted credit, or cut short by a full batch.
+    ready: VecDeque<u32>,
+    /// Records of the next batch.
+    batch: Batch,
+    /// When the calls' deadlines pass.
+    deadlines: BTreeSet<(Instant, u32)>,
+    /// Built-in calls with something to settle once the current incoming
+    /// batch is applied (a grant to count, or their end).
+    unsettled: Vec<u32>,
+    /// The built-in calls' message counts (made at the first message).
+    /// Boxed: inline, its 40 bytes would be in every idle socket's task.
+    messages: Option<Box<StreamMetrics>>,
+    /// Set by a socket error: no more reading; close once the calls are done.
+    closing: Option<Closing>,
+    /// `goaway` sent.
+    draining: bool,
+    /// The batch being applied was read while the budget was used up.
+    over_budget: bool,
+}
+
+impl Socket {
+    /// Whether the socket may read: the budget has room, or every call
+    /// holding it waits for response credit (only a `window` record, which
+    /// is still unread, can move them: not reading would wait forever).
+    fn may_read(&self) -> bool {
+        self.budget.has_room() || self.calls.values().all(LiveCall::lets_socket_read)
+    }
+
+    /// Polls the calls that are ready, until none is or the batch is full.
+    fn poll_calls(&mut self) {
+        while !self.batch.is_full()
+            && let Some(call) = self.ready.pop_front()
+        {
+            let Some(LiveCall {
+                route: Route::Grpc(grpc),
+                request_credit,
+                ..
+            }) = self.calls.get_mut(&call)
+            else {
+                continue;
+            };
+            match grpc.poll(call, &mut self.batch) {
+                Ok(progress) => {
+                    *request_credit = request_credit.saturating_add(progress.granted);
+                    if progress.again {
+                        self.ready.push_back(call);
+                    }
+                }
+                Err(status) => self.end_call(call, status),
+            }
+        }
+    }
+
+    /// Ends `call` with `status` (OK included): its plug-in lets go of what
+    /// it holds, and its `status` record goes into the batch, after every
+    /// record it wrote before.
+    fn end_call(&mut self, call: u32, status: Status) {
+        let Some(live) = self.calls.remove(&call) else { return };
+        let mut status = status;
+        if let Some((at, timeout_ms)) = live.deadline() {
+            self.deadlines.remove(&(at, call));
+            // A service that ends the call on the same deadline may say
+            // CANCELLED (tonic's server does) a moment before our timer fires.
+            if status.code() == Code::Cancelled && Instant::now() >= at {
+                status = deadline_passed(timeout_ms);
+            }
+        }
+        live.finish(&status, &self.budget);
+        self.batch.record(call, records::status_record(&status));
+    }
+
+    /// Lets a built-in call answer what it may; a request that does not
+    /// decode ends it. What else follows is settled once the whole incoming
+    /// batch is applied ([`Socket::settle`]).
+    fn serve(&mut self, call: u32) {
+        let Some(live) = self.calls.get_mut(&call) else { return };
+        let Route::Builtin(builtin) = &mut live.route else {
+            return;
+        };
+        let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
+        let served = builtin.serve(call, &mut side).map(|()| builtin.needs_settling());
+        self.after_serving(call, served);
+    }
+
+    /// Notes that a built-in call has something to settle after this
+    /// incoming batch (most messages leave nothing: then the call is not
+    /// looked up again), or ends it.
+    fn after_serving(&mut self, call: u32, served: Result<bool, Status>) {
+        match served {
+            Ok(true) => {
+                if self.unsettled.last() != Some(&call) {
+                    self.unsettled.push(call);
+                }
+            }
+            Ok(false) => {}
+            Err(status) => self.end_call(call, status),
+        }
+    }
+
+    /// After an incoming batch: the built-in calls that granted during it count
+    /// the request credit they granted (its `window` records go out before
+    /// the socket reads again, so the client's next messages may use it),
+    /// and those with nothing left to answer after `closeSend` end with OK.
+    /// Not earlier: a message behind the `closeSend` in the same batch must
+    /// still meet a live call (and end it with 3).
+    fn settle(&mut self) {
+        for call in std::mem::take(&mut self.unsettled) {
+            let Some(live) = self.calls.get_mut(&call) else {
+                continue;
+            };
+            let Route::Builtin(builtin) = &mut live.route else {
+                continue;
+            };
+            live.request_credit = live.request_credit.saturating_add(builtin.take_unsent_grants());
+            if builtin.is_done() {
+                self.end_call(call, Status::ok(""));
+            }
+        }
+        if let Some(messages) = &self.messages {
+            messages.publish();
+        }
+    }
+
+    fn builtin_calls(&self) -> Vec<u32> {
+        self.calls
+            .iter()
+            .filter(|(_, live)| matches!(live.route, Route::Builtin(_)))
+            .map(|(call, _)| *call)
+            .collect()
+    }
+
+    /// Writes the gathered records, 64 KiB per WebSocket message. A peer
+    /// that takes none of a message for two ping intervals is gone (the
+    /// last message and the flush share one deadline: the usual batch is one
+    /// message, and a deadline costs a timer).
+    async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let encoding = self.batch.encoding;
+        let deadline = settings.ping_interval * 2;
+        let mut messages = self.batch.take().peekable();
+        while let Some(bytes) = messages.next() {
+            let message = match encoding {
+                Encoding::Proto => Message::Binary(bytes.into()),
+                Encoding::Json => {
+                    Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
+                }
+            };
+            let last = messages.peek().is_none();
+            let mut write = std::pin::pin!(async {
+                socket.feed(message).await?;
+                if last { socket.flush().await } else { Ok(()) }
+            });
+            // The usual write completes at once: the timer (reading the
+            // clock, arming and disarming it) only for one that has to wait.
+            let written = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(written) => written.is_ok(),
+                Poll::Pending => self.write_blocked(write, deadline).await,
+            };
+            if !written {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Waits for a write its client is slow to take. Meanwhile calls with
+    /// news do not read it: each parks where its backend bounds that
+    /// ([`GrpcCall::park_while_blocked`]), and is polled once the write is done.
+    async fn write_blocked(
+        &mut self,
+        mut write: std::pin::Pin<&mut impl Future<Output = Result<(), WsError>>>,
+        deadline: Duration,
+    ) -> bool {
+        let timeout = tokio::time::sleep(deadline);
+        tokio::pin!(timeout);
+        loop {
+            self.park_ready_calls();
+            tokio::select! {
+                biased;
+                written = write.as_mut() => return written.is_ok(),
+                () = &mut timeout => return false,
+                () = woken(self.wakeups.as_deref(), &mut self.ready) => {}
+            }
+        }
+    }
+
+    fn park_ready_calls(&mut self) {
+        for index in 0..self.ready.len() {
+            let call = self.ready[index];
+            if let Some(LiveCall {
+                route: Route::Grpc(grpc),
+                ..
+            }) = self.calls.get_mut(&call)
+                && let Err(status) = grpc.park_while_blocked()
+            {
+                self.end_call(call, status);
+            }
+        }
+    }
+
+    async fn on_message<S>(&mut self, message: Message, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> Gone
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match (message, self.batch.encoding) {
+            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(bytes) {
+                Ok(batch) => {
+                    for record in batch.records {
+                        let Some(kind) = Incoming::from_proto(record.kind) else {
+                            self.socket_error(
+                                Code::InvalidArgument,
+                                format!("a record for call {} has no kind", record.call),
+                                CloseCode::Invalid,
+                            );
+                            break;
+                        };
+                        if !self.on_record(record.call, kind) {
+                            break;
+                        }
+                    }
+                    self.settle();
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
+                Ok(batch) => {
+                    for record in batch {
+                        if !self.on_record(record.call, Incoming::from_json(record.kind)) {
+                            break;
+                        }
+                    }
+                    self.settle();
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(_), Encoding::Proto) => self.socket_error(
+                Code::InvalidArgument,
+                "text message on streambridge.v2.proto, which takes binary messages".into(),
+                CloseCode::Unsupported,
+            ),
+            (Message::Binary(_), Encoding::Json) => self.socket_error(
+                Code::InvalidArgument,
+                "binary message on streambridge.v2.json, which takes text messages".into(),
+                CloseCode::Unsupported,
+            ),
+            (Message::Ping(_), _) => {
+                // tungstenite queued the pong: send it now.
+                if !matches!(
+                    tokio::time::timeout(settings.ping_interval * 2, socket.flush()).await,
+                    Ok(Ok(()))
+                ) {
+                    return Gone::Yes;
+                }
+            }
+            (Message::Pong(_) | Message::Frame(_), _) => {}
+            (Message::Close(_), _) => {
+                // The peer closed: answer its Close, cancel what is left.
+                let _ = tokio::time::timeout(settings.close_timeout, socket.flush()).await;
+                return Gone::Yes;
+            }
+        }
+        Gone::No
+    }
+
+    /// Applies one record; false once the socket has failed.
+    fn on_record(&mut self, call: u32, kind: Incoming<'_>) -> bool {
+        if call == 0 {
+            self.socket_error(
+                Code::InvalidArgument,
+                "call 0 is reserved for the server's socket-level records".into(),
+                CloseCode::Invalid,
+            );
+            return false;
+        }
+        match kind {
+            Incoming::Open(open) => return self.open(call, open),
+            Incoming::Message(payload) => self.message(call, payload),
+            Incoming::CloseSend => {
+                let Some(live) = self.calls.get_mut(&call) else {
+                    return true;
+                };
+                if std::mem::replace(&mut live.closed_send, true) {
+                    self.end_call(call, Status::invalid_argument("closeSend after closeSend"));
+                    return true;
+                }
+                match &mut live.route {
+                    Route::Grpc(grpc) => grpc.close_send(),
+                    Route::Builtin(builtin) => {
+                        builtin.close_send();
+                        self.serve(call);
+                    }
+                }
+            }
+            Incoming::Cancel => self.end_call(call, Status::cancelled("cancelled by the client")),
+            Incoming::Window(window) => {
+                let Some(live) = self.calls.get_mut(&call) else {
+                    return true;
+                };
+                match &mut live.route {
+                    Route::Grpc(grpc) => {
+                        grpc.add_credit(window);
+                        self.ready.push_back(call);
+                    }
+                    Route::Builtin(builtin) => {
+                        builtin.add_credit(window);
+                        self.serve(call);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn open(&mut self, call: u32, open: v2::Open) -> bool {
+        if call <= self.last_open {
+            self.socket_error(
+                Code::InvalidArgument,
+                format!(
+                    "open for call {call}: call ids must increase (the last open was {})",
+                    self.last_open
+                ),
+                CloseCode::Invalid,
+            );
+            return false;
+        }
+        self.last_open = call;
+        let settings = &self.context.settings;
+        let refusal = if self.draining {
+            Some(Status::unavailable("server shutting down: open the call elsewhere"))
+        } else if self.calls.len() >= settings.max_calls {
+            Some(Status::resource_exhausted(format!(
+                "this socket already has {} live calls (--ws-max-calls)",
+                self.calls.len()
+            )))
+        } else {
+            None
+        };
+        let response_window = if open.window == 0 {
+            v2::DEFAULT_WINDOW
+        } else {
+            open.window
+        };
+        let builtin = match &self.context.data_service {
+            Some(calls) if open.method == builtin::METHOD => Some(calls),
+            _ => None,
+        };
+        let refusal = refusal.or_else(|| builtin.and_then(|_| grpc_call::check_metadata(&open).err()));
+        if let Some(status) = refusal {
+            self.batch.record(call, records::status_record(&status));
+            return true;
+        }
+        let deadline = (open.timeout_ms > 0).then(|| {
+            let at = Instant::now() + Duration::from_millis(open.timeout_ms.into());
+            self.deadlines.insert((at, call));
+            (at, open.timeout_ms)
+        });
+        let route = match builtin {
+            Some(calls) => {
+                let guard = calls.enter(Transport::WebSocket);
+                Route::Builtin(BuiltinCall::new(response_window, deadline, guard))
+            }
+            None => {
+                let wakeups = self.wakeups.get_or_insert_with(Arc::default);
+                let opening = Opening {
+                    open,
+                    encoding: self.batch.encoding,
+                    backend: self.context.backend.clone(),
+                    catalog: self.context.catalog.clone(),
+                    budget: self.budget.clone(),
+                    max_message_size: settings.max_message_size,
+                    waker: CallWaker::new(call, wakeups),
+                    deadline,
+                };
+                // Polled once to start: its waker takes over from there.
+                self.ready.push_back(call);
+                Route::Grpc(Box::new(GrpcCall::new(opening, response_window)))
+            }
+        };
+        self.calls.insert(call, LiveCall::new(route));
+        true
+    }
+
+    fn message(&mut self, call: u32, request: Request<'_>) {
+        let max = self.context.settings.max_message_size;
+        let Some(live) = self.calls.get_mut(&call) else { return };
+        let refusal = if live.closed_send {
+            Some(Status::invalid_argument("message after closeSend"))
+        } else if request.len() > max {
+            Some(Status::resource_exhausted(format!(
+                "a request message of {} bytes is larger than --max-message-size ({max})",
+                request.len()
+            )))
+        } else if live.request_credit == 0 {
+            Some(Status::resource_exhausted(
+                "a request message beyond the call's request credit (256 plus the window records sent): \
+                 wait for window records",
+            ))
+        } else if self.over_budget {
+            // Read only so that `window` records could get through: a message
+            // now would grow the buffer past its bound.
+            Some(Status::resource_exhausted(
+                "a request message arrived while the socket's request buffer (--ws-socket-buffer) was full \
+                 and every call holding it waited for response credit: grant credit (window) first",
+            ))
+        } else {
+            live.request_credit -= 1;
+            None
+        };
+        if let Some(status) = refusal {
+            return self.end_call(call, status);
+        }
+        match &mut live.route {
+            Route::Grpc(grpc) => grpc.receive(request),
+            Route::Builtin(builtin) => {
+                let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
+                let served = builtin
+                    .receive(call, request, &mut side)
+                    .map(|()| builtin.needs_settling());
+                self.after_serving(call, served);
+            }
+        }
+    }
+
+    /// A broken rule of the socket: every live call ends with `code`, then
+    /// the socket closes with `close`.
+    fn socket_error(&mut self, code: Code, message: String, close: CloseCode) {
+        tracing::debug!(%message, ?close, "v2 socket error");
+        for call in self.calls.keys().copied().collect::<Vec<_>>() {
+            self.end_call(call, Status::new(code, message.clone()));
+        }
+        let mut reason = message;
+        // A close reason is at most 123 bytes.
+        if reason.len() > 120 {
+            let mut cut = 120;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+        }
+        if self.closing.is_none() {
+            self.closing = Some(Closing { code: close, reason });
+        }
+    }
+}
