@@ -54,7 +54,7 @@ impl MessageReader {
         }
     }
 
-    /// Adds the body's next chunk. Call it only once [`MessageReader::next`]
+    /// Adds the body's next chunk. Call it only once [`MessageReader::next_message`]
     /// has said `Ok(None)`: what is left then is part of one message.
     pub fn push(&mut self, chunk: Bytes) {
         if self.current.is_empty() {
@@ -68,7 +68,7 @@ impl MessageReader {
     }
 
     /// The next whole message, if one is here.
-    pub fn next(&mut self) -> Result<Option<Bytes>, MessageError> {
+    pub fn next_message(&mut self) -> Result<Option<Bytes>, MessageError> {
         if self.current.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -80,7 +80,7 @@ impl MessageReader {
         Ok(Some(self.current.split_to(length)))
     }
 
-    /// Whether a whole message is here (and would be returned by `next`,
+    /// Whether a whole message is here (and would be returned by `next_message`,
     /// or refused by it).
     pub fn has_message(&self) -> bool {
         self.current.len() >= PREFIX_LEN
@@ -137,7 +137,7 @@ mod tests {
             let mut got = Vec::new();
             for piece in wire.chunks(chunk) {
                 reader.push(Bytes::copy_from_slice(piece));
-                while let Some(message) = reader.next().unwrap() {
+                while let Some(message) = reader.next_message().unwrap() {
                     got.push(message.to_vec());
                 }
             }
@@ -151,13 +151,16 @@ mod tests {
         let mut reader = MessageReader::new(10);
         reader.push(Bytes::from_static(&[0, 0, 0, 0, 11]));
         assert!(reader.has_message());
-        assert_eq!(reader.next(), Err(MessageError::TooLarge { length: 11, limit: 10 }));
+        assert_eq!(
+            reader.next_message(),
+            Err(MessageError::TooLarge { length: 11, limit: 10 })
+        );
         let mut reader = MessageReader::new(10);
         reader.push(Bytes::from_static(&[1, 0, 0, 0, 1, 9]));
-        assert_eq!(reader.next(), Err(MessageError::Compressed));
+        assert_eq!(reader.next_message(), Err(MessageError::Compressed));
         let mut reader = MessageReader::new(10);
         reader.push(Bytes::from_static(&[0, 0, 0, 0, 10, 1]));
         assert!(!reader.has_message());
-        assert_eq!(reader.next(), Ok(None));
+        assert_eq!(reader.next_message(), Ok(None));
     }
 }

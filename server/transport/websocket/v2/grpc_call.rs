@@ -200,7 +200,7 @@ impl GrpcCall {
             while self.credit > 0 {
                 let message = reading
                     .messages
-                    .next()
+                    .next_message()
                     .map_err(|e| Status::resource_exhausted(format!("the service sent {e} (--max-message-size)")))?;
                 let Some(message) = message else { break };
                 self.credit -= 1;
