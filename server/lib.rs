@@ -62,5 +62,5 @@ pub mod grpc {
     /// The encoded `FileDescriptorSet` of `proto/` (`DataService` and its
     /// messages), e.g. for `--descriptor-set` in front of an upstream that
     /// serves `DataService` without reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = crate::ops::health::FILE_DESCRIPTOR_SET;
+    pub const FILE_DESCRIPTOR_SET: &[u8] = crate::backend::health::FILE_DESCRIPTOR_SET;
 }

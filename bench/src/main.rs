@@ -147,6 +147,7 @@ fn run(args: &Args) -> Result<(), String> {
         plain_tonic: own_dir.join("bench-plain-tonic"),
         stock_tonic: own_dir.join("bench-stock-tonic"),
         naive_ws: own_dir.join("bench-naive-ws"),
+        added_service: own_dir.join("bench-added-service"),
         grpc_go: args.grpc_go.clone(),
         node_dir: args.node_dir.clone(),
         nginx: args.nginx.clone(),
@@ -255,8 +256,9 @@ async fn bench_server(
     println!("\n== {server} (pid {}, {})", running.pid(), running.addr);
     for &payload in payloads {
         if server.speaks_grpc() {
-            // A proxy is measured on the wide scenario only: the comparison.
-            let shapes: &[(usize, usize, usize)] = if server.is_proxy() {
+            // A proxy or an added service is measured on the wide scenario
+            // only: the baseline for its v2 rows.
+            let shapes: &[(usize, usize, usize)] = if server.serves_users_service() || server.is_proxy() {
                 &[(4, 50, 8)]
             } else {
                 &[(1, 1, 1), (1, 1, 64), (4, 50, 8)]
@@ -309,9 +311,10 @@ async fn bench_server(
         if server == ServerKind::Streambridge && timing.selects(&load.name()) {
             outcomes.push(measure_load(&running, load, payload, timing, None).await);
         }
-        // The proxy runs the same v2 load: its calls to `/DataService/…` take
-        // the generic path to the upstream (the path users' services take).
-        if matches!(server, ServerKind::Streambridge | ServerKind::StreambridgeProxy) {
+        // The proxy and the added service run the same v2 load: their calls
+        // to `/DataService/…` take the generic path (the path users'
+        // services take), to the upstream or to the tonic service in process.
+        if server == ServerKind::Streambridge || server.serves_users_service() {
             for codec in [Codec::Json, Codec::Proto] {
                 let load = Load::WsV2 {
                     codec,
@@ -353,15 +356,15 @@ async fn bench_server(
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
     }
-    if matches!(server, ServerKind::Streambridge | ServerKind::StreambridgeProxy) {
+    if server == ServerKind::Streambridge || server.serves_users_service() {
         // 10 000 idle v2 sockets (no call), and 10 000 idle calls on 100
-        // sockets (the proxy: the calls only, each one to its upstream).
+        // sockets (the generic path: the calls only).
         let sockets = timing.idle_calls;
         let scenarios = [
             ("idle ws2 sockets", sockets, 0),
             ("idle ws2 calls (100 per socket)", sockets.div_ceil(100), 100),
         ];
-        let scenarios = if server == ServerKind::StreambridgeProxy {
+        let scenarios = if server.serves_users_service() {
             &scenarios[1..]
         } else {
             &scenarios[..]

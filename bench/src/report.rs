@@ -549,6 +549,7 @@ fn color(server: Option<ServerKind>) -> &'static str {
         Some(ServerKind::NaiveWs) => "#dd6b20",
         Some(ServerKind::StreambridgeProxy) => "#805ad5",
         Some(ServerKind::NginxProxy) => "#009639",
+        Some(ServerKind::StreambridgeAdded) => "#d53f8c",
         Some(ServerKind::NodeWs) => "#805ad5",
         None => "#999999",
     }

@@ -35,10 +35,13 @@ pub enum ServerKind {
     /// nginx 1.22 (`grpc_pass`, one worker, no master) in front of
     /// `bench-plain-tonic`: the proxy people already run.
     NginxProxy,
+    /// `bench-added-service`: streambridge hosting an embedder's own tonic
+    /// echo (`add_service`) instead of the built-in `DataService`.
+    StreambridgeAdded,
 }
 
 impl ServerKind {
-    pub const ALL: [ServerKind; 8] = [
+    pub const ALL: [ServerKind; 9] = [
         ServerKind::Streambridge,
         ServerKind::PlainTonic,
         ServerKind::StockTonic,
@@ -47,6 +50,7 @@ impl ServerKind {
         ServerKind::NodeWs,
         ServerKind::StreambridgeProxy,
         ServerKind::NginxProxy,
+        ServerKind::StreambridgeAdded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +63,7 @@ impl ServerKind {
             ServerKind::NodeWs => "node-ws",
             ServerKind::StreambridgeProxy => "streambridge-proxy",
             ServerKind::NginxProxy => "nginx-proxy",
+            ServerKind::StreambridgeAdded => "streambridge-added",
         }
     }
 
@@ -69,8 +74,18 @@ impl ServerKind {
     pub fn speaks_grpc(self) -> bool {
         matches!(
             self,
-            ServerKind::Streambridge | ServerKind::PlainTonic | ServerKind::StockTonic | ServerKind::GrpcGo
+            ServerKind::Streambridge
+                | ServerKind::PlainTonic
+                | ServerKind::StockTonic
+                | ServerKind::GrpcGo
+                | ServerKind::StreambridgeAdded
         ) || self.is_proxy()
+    }
+
+    /// streambridge with WebSocket protocol v2 to a service that is not the
+    /// built-in one (the generic call path users' services take).
+    pub fn serves_users_service(self) -> bool {
+        matches!(self, ServerKind::StreambridgeProxy | ServerKind::StreambridgeAdded)
     }
 
     /// A proxy in front of `bench-plain-tonic` (the "gRPC through a proxy" scenario).
@@ -99,6 +114,7 @@ pub struct ServerPrograms {
     pub plain_tonic: PathBuf,
     pub stock_tonic: PathBuf,
     pub naive_ws: PathBuf,
+    pub added_service: PathBuf,
     pub grpc_go: Option<PathBuf>,
     /// `bench/node`, with its `node_modules` installed.
     pub node_dir: Option<PathBuf>,
@@ -173,6 +189,11 @@ impl ServerPrograms {
             }
             ServerKind::Streambridge => {
                 let mut c = Command::new(&self.streambridge);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+            ServerKind::StreambridgeAdded => {
+                let mut c = Command::new(&self.added_service);
                 c.env("RUST_LOG", "warn");
                 c
             }

@@ -5,7 +5,6 @@ mod server;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use axum::body::Body;
 use axum::extract::FromRef;
@@ -14,12 +13,11 @@ use http::{Method, Request, Response, header};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::steer::Steer;
-use tower::util::BoxCloneSyncService;
 
 pub use server::{Server, ServerBuilder, StartError};
 
 use crate::backend::data_service::GrpcDataService;
-use crate::backend::{Backend, Services};
+use crate::backend::{Backend, BackendContext, Services};
 use crate::config::{Config, ConfigError};
 use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
@@ -30,42 +28,98 @@ use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
 use crate::transport::websocket::{CallSettings, V2Context, V2Settings, WebSocketState};
 use crate::transport::{grpc, grpc_web, static_files, websocket};
 
-/// Any of the server's HTTP services, type-erased so the router can pick one.
-pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+pub use crate::transport::HttpService;
 
 /// The server's whole HTTP surface: one service per transport, and the
 /// function that picks one for each request.
 pub type TransportRouter = Steer<HttpService, fn(&Request<Body>, &[HttpService]) -> usize, Request<Body>>;
 
+/// What the server's parts share from the start; the backend is built with
+/// it, then the [`AppState`] around both. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    pub calls: ActiveCalls,
+    pub auth: Auth,
+    /// Cancelled to start the graceful shutdown.
+    pub shutdown: CancellationToken,
+    /// The drain as calls watch it (follows `shutdown`).
+    pub drain: Drain,
+    /// Every task the server starts, waited for at the drain.
+    pub tasks: TaskTracker,
+}
+
+impl Core {
+    /// Fails if the token file cannot be read.
+    pub fn new(config: &Config) -> Result<Core, ConfigError> {
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        Ok(Core {
+            calls: ActiveCalls::default(),
+            auth: Auth::new(config.bearer_token()?),
+            drain: Drain::follow(&shutdown, &tasks),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The built-in `DataService` alone, with health and reflection.
+    pub fn builtin_backend(&self, config: &Config) -> Backend {
+        let mut services = Services::default();
+        self.add_data_service(&mut services, config);
+        services
+            .into_backend(&self.auth, &self.backend_context())
+            .expect("the descriptors compiled by build.rs are valid")
+    }
+
+    /// What the backend shares of it.
+    pub fn backend_context(&self) -> BackendContext {
+        BackendContext {
+            shutdown: self.shutdown.clone(),
+            calls: self.calls.clone(),
+            tasks: self.tasks.clone(),
+        }
+    }
+
+    /// Adds the built-in `DataService` and its descriptors to `services`.
+    pub fn add_data_service(&self, services: &mut Services, config: &Config) {
+        services.add(GrpcDataService::server(self.drain.clone(), config.max_message_size));
+        services.register_file_descriptor_set(crate::backend::health::FILE_DESCRIPTOR_SET);
+    }
+}
+
 /// Everything the server's handlers share; each handler takes only its own
 /// slice of it (axum's `FromRef`). Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    calls: ActiveCalls,
+    core: Core,
     origins: OriginPolicy,
     websocket: Arc<CallSettings>,
-    auth: Auth,
-    shutdown: CancellationToken,
-    /// The drain as calls watch it (follows `shutdown`).
-    drain: Drain,
-    tasks: TaskTracker,
     /// Whether the built-in `DataService` is served in process (WebSocket
     /// protocol v1 needs it).
     data_service: bool,
-    v2_settings: Arc<V2Settings>,
-    /// Set by `router`: the backend WebSocket v2 calls are made on.
-    v2: Option<Arc<V2Context>>,
-    /// Set when the drain deadline cut a WebSocket v2 call.
-    cut: Arc<AtomicBool>,
+    /// The backend and what WebSocket v2 calls need of it.
+    v2: Arc<V2Context>,
 }
 
 impl AppState {
-    /// The state for `config`; fails if the token file cannot be read.
-    pub fn new(config: &Config) -> Result<AppState, ConfigError> {
-        let shutdown = CancellationToken::new();
-        Ok(AppState {
-            drain: Drain::follow(&shutdown),
-            calls: ActiveCalls::default(),
+    /// The state of a server whose calls `backend` answers; `data_service`
+    /// says whether that includes the built-in `DataService` in process.
+    pub fn new(config: &Config, core: Core, backend: Backend, data_service: bool) -> AppState {
+        let v2 = V2Context {
+            backend: backend.service,
+            catalog: backend.catalog,
+            settings: Arc::new(V2Settings {
+                max_message_size: config.max_message_size,
+                max_calls: config.ws_max_calls,
+                socket_buffer: config.ws_socket_buffer,
+                close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
+                drain_timeout: config.drain_timeout,
+            }),
+            cut: Arc::default(),
+            data_service: data_service.then(|| core.calls.clone()),
+        };
+        AppState {
             origins: OriginPolicy::new(&config.allowed_origins),
             websocket: Arc::new(CallSettings {
                 max_message_size: config.max_message_size,
@@ -75,52 +129,33 @@ impl AppState {
                 close_timeout: config.ws_close_timeout,
                 ping_interval: config.ws_ping_interval,
             }),
-            auth: Auth::new(config.bearer_token()?),
-            shutdown,
-            tasks: TaskTracker::new(),
-            data_service: true,
-            v2_settings: Arc::new(V2Settings {
-                max_message_size: config.max_message_size,
-                max_calls: config.ws_max_calls,
-                socket_buffer: config.ws_socket_buffer,
-                close_timeout: config.ws_close_timeout,
-                ping_interval: config.ws_ping_interval,
-                drain_timeout: config.drain_timeout,
-            }),
-            v2: None,
-            cut: Arc::default(),
-        })
+            data_service,
+            v2: Arc::new(v2),
+            core,
+        }
     }
 
-    /// The built-in backend: `DataService` alone, with health and reflection.
-    pub fn builtin_backend(&self, config: &Config) -> Backend {
-        let mut services = Services::default();
-        self.add_data_service(&mut services, config);
-        services
-            .into_backend(&self.auth, self.shutdown.clone(), self.calls.clone())
-            .expect("the descriptors compiled by build.rs are valid")
+    /// What the server's parts share.
+    pub fn core(&self) -> &Core {
+        &self.core
     }
 
-    fn add_data_service(&self, services: &mut Services, config: &Config) {
-        services.add(GrpcDataService::server(
-            self.calls.clone(),
-            self.drain.clone(),
-            config.max_message_size,
-        ));
-        services.register_file_descriptor_set(health::FILE_DESCRIPTOR_SET);
+    /// Whether the drain deadline cut a WebSocket v2 call.
+    pub fn drain_cut_calls(&self) -> bool {
+        self.v2.cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl FromRef<AppState> for WebSocketState {
     fn from_ref(state: &AppState) -> Self {
         WebSocketState {
-            calls: state.calls.clone(),
+            calls: state.core.calls.clone(),
             origins: state.origins.clone(),
             settings: state.websocket.clone(),
-            auth: state.auth.clone(),
-            drain: state.drain.clone(),
-            tasks: state.tasks.clone(),
-            v2: state.v2.clone().expect("the router sets the backend before serving"),
+            auth: state.core.auth.clone(),
+            drain: state.core.drain.clone(),
+            tasks: state.core.tasks.clone(),
+            v2: state.v2.clone(),
             v1_available: state.data_service,
         }
     }
@@ -128,35 +163,21 @@ impl FromRef<AppState> for WebSocketState {
 
 impl FromRef<AppState> for health::Probe {
     fn from_ref(state: &AppState) -> Self {
-        health::Probe::new(
-            state
-                .v2
-                .as_ref()
-                .expect("the router sets the backend before serving")
-                .backend
-                .clone(),
-        )
+        health::Probe::new(state.v2.backend.clone())
     }
 }
 
 impl FromRef<AppState> for ActiveCalls {
     fn from_ref(state: &AppState) -> Self {
-        state.calls.clone()
+        state.core.calls.clone()
     }
 }
 
 /// The whole HTTP surface of the server: classifies each request by its
 /// content type (and path) and hands it to exactly one transport; both gRPC
 /// transports call `backend`.
-pub fn router(config: &Config, mut state: AppState, backend: Backend) -> TransportRouter {
-    state.v2 = Some(Arc::new(V2Context {
-        backend: backend.service.clone(),
-        catalog: backend.catalog,
-        settings: state.v2_settings.clone(),
-        cut: state.cut.clone(),
-        data_service: state.data_service.then(|| state.calls.clone()),
-    }));
-    let backend = backend.service;
+pub fn router(config: &Config, state: AppState) -> TransportRouter {
+    let backend = state.v2.backend.clone();
     // Both gRPC transports reach the backend through the framing check.
     let framing = FramingSettings {
         max_message_size: config.max_message_size,

@@ -10,9 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 
-use super::{AppState, router};
+use super::{AppState, Core, router};
 use crate::backend::upstream::{Upstream, UpstreamError, UpstreamSettings};
-use crate::backend::{Backend, GrpcRequest, GrpcResponse, Services, upstream_backend};
+use crate::backend::{GrpcRequest, GrpcResponse, Services, upstream_backend};
 use crate::config::{Config, ConfigError};
 use crate::net::{listener, tls};
 use crate::ops::calls::ActiveCalls;
@@ -110,8 +110,8 @@ impl ServerBuilder {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
-        let mut state = AppState::new(&config)?;
-        state.data_service = config.upstream.is_none() && (services.is_empty() || with_data_service);
+        let core = Core::new(&config)?;
+        let data_service = config.upstream.is_none() && (services.is_empty() || with_data_service);
         let backend = match &config.upstream {
             Some(_) if with_data_service || !services.is_empty() => return Err(StartError::UpstreamWithServices),
             Some(uri) => {
@@ -126,29 +126,29 @@ impl ServerBuilder {
                     max_message_size: config.max_message_size,
                     max_parked_calls: config.upstream_max_parked_calls,
                 })?;
-                state.tasks.spawn(upstream.clone().monitor(state.shutdown.clone()));
+                core.tasks.spawn(upstream.clone().monitor(core.shutdown.clone()));
                 let sets = read_descriptor_sets(&config)?;
                 let sets: Vec<&[u8]> = sets.iter().map(Vec::as_slice).collect();
                 upstream_backend(
                     upstream,
-                    &state.auth,
-                    state.shutdown.clone(),
+                    &core.auth,
+                    &core.backend_context(),
                     &sets,
                     config.reflection_lookups_per_second,
-                    state.calls.clone(),
                 )
                 .map_err(StartError::Descriptors)?
             }
-            None if services.is_empty() => state.builtin_backend(&config),
+            None if services.is_empty() => core.builtin_backend(&config),
             None => {
                 if with_data_service {
-                    state.add_data_service(&mut services, &config);
+                    core.add_data_service(&mut services, &config);
                 }
                 services
-                    .into_backend(&state.auth, state.shutdown.clone(), state.calls.clone())
+                    .into_backend(&core.auth, &core.backend_context())
                     .map_err(StartError::Descriptors)?
             }
         };
+        let state = AppState::new(&config, core, backend, data_service);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -159,7 +159,6 @@ impl ServerBuilder {
             listener,
             config,
             state,
-            backend,
             tls,
         })
     }
@@ -170,7 +169,6 @@ pub struct Server {
     listener: TcpListener,
     config: Config,
     state: AppState,
-    backend: Backend,
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -214,12 +212,12 @@ impl Server {
 
     /// Live calls per transport, for tests and metrics.
     pub fn active_calls(&self) -> ActiveCalls {
-        self.state.calls.clone()
+        self.state.core().calls.clone()
     }
 
     /// Cancelling this token starts the graceful shutdown.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.state.shutdown.clone()
+        self.state.core().shutdown.clone()
     }
 
     /// Serves until the shutdown token fires, then drains live calls for at
@@ -229,22 +227,22 @@ impl Server {
             listener,
             config,
             state,
-            backend,
             tls,
         } = self;
-        let service = router(&config, state.clone(), backend);
+        let core = state.core().clone();
+        let service = router(&config, state.clone());
         let settings = listener::ListenerSettings {
             tls,
-            metrics: state.calls.metrics().clone(),
-            tasks: state.tasks.clone(),
-            shutdown: state.shutdown.clone(),
+            metrics: core.calls.metrics().clone(),
+            tasks: core.tasks.clone(),
+            shutdown: core.shutdown.clone(),
         };
         listener::accept_loop(listener, service, &config, settings).await;
-        let drained = shutdown::drain(&state.tasks, config.drain_timeout).await;
+        let drained = shutdown::drain(&core.tasks, config.drain_timeout).await;
         if !drained {
             tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with calls still open");
         }
-        let cut = state.cut.load(std::sync::atomic::Ordering::Relaxed);
+        let cut = state.drain_cut_calls();
         if cut {
             tracing::warn!(timeout = ?config.drain_timeout, "the drain deadline cut WebSocket calls");
         }

@@ -35,6 +35,7 @@ use futures_util::future::{BoxFuture, Shared};
 use prost::Message;
 use prost_reflect::{DescriptorPool, MethodDescriptor};
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -60,6 +61,8 @@ pub struct Catalog {
 
 /// The upstream's reflection, and what the bridge remembers of its answers.
 struct Reflection {
+    /// Where look-ups run (each its own task, so an abandoned one still finishes).
+    tasks: TaskTracker,
     channel: Channel,
     /// Services reflection did not describe, until when.
     misses: Mutex<Misses>,
@@ -90,10 +93,16 @@ impl Catalog {
     /// A catalog that asks the upstream behind `channel` by reflection for
     /// what `sets` (from `--descriptor-set`) do not describe, at most
     /// `lookups_per_second` requests a second.
-    pub fn with_reflection(sets: &[&[u8]], channel: Channel, lookups_per_second: u32) -> Result<Catalog, String> {
+    pub fn with_reflection(
+        sets: &[&[u8]],
+        channel: Channel,
+        lookups_per_second: u32,
+        tasks: TaskTracker,
+    ) -> Result<Catalog, String> {
         let mut catalog = Catalog::from_sets(sets)?;
         catalog.reflection = Some(Arc::new(Reflection {
             channel,
+            tasks,
             misses: Mutex::new(Misses::default()),
             pending: Mutex::default(),
             rate: Mutex::new(TokenBucket::new(lookups_per_second)),
@@ -176,7 +185,7 @@ impl Reflection {
                     }
                     // Its own task, so that it finishes (and leaves
                     // `pending`) even if every caller waiting for it is gone.
-                    let asking = tokio::spawn(self.clone().ask(service.to_string(), pool.clone()));
+                    let asking = self.tasks.spawn(self.clone().ask(service.to_string(), pool.clone()));
                     let lookup = async move {
                         asking
                             .await
@@ -422,7 +431,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_built_in_service_is_described_and_unknown_methods_are_unimplemented() {
-        let catalog = Catalog::from_sets(&[crate::ops::health::FILE_DESCRIPTOR_SET]).unwrap();
+        let catalog = Catalog::from_sets(&[crate::backend::health::FILE_DESCRIPTOR_SET]).unwrap();
         let method = catalog.method("/DataService/BidirectionalStream").await.unwrap();
         assert_eq!(method.input().full_name(), "StreamRequest");
         assert!(method.is_client_streaming() && method.is_server_streaming());

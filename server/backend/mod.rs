@@ -17,6 +17,7 @@
 pub mod codec;
 pub mod data_service;
 pub mod descriptors;
+pub mod health;
 pub mod processor;
 pub mod upstream;
 
@@ -25,12 +26,12 @@ use std::convert::Infallible;
 use http::{Request, Response};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use tower::util::BoxCloneSyncService;
 
 use crate::ops::calls::{ActiveCalls, CountCalls};
-use crate::ops::health;
 use crate::policy::auth::Auth;
 
 /// A gRPC request, as every transport hands it to the backend.
@@ -125,6 +126,17 @@ impl ParkingLimit {
     }
 }
 
+/// What a backend shares with the rest of the server.
+#[derive(Clone)]
+pub struct BackendContext {
+    /// Its health turns NOT_SERVING when this fires.
+    pub shutdown: CancellationToken,
+    /// Where its calls are counted.
+    pub calls: ActiveCalls,
+    /// Where the tasks it starts run (waited for at the drain).
+    pub tasks: TaskTracker,
+}
+
 /// The backend and what describes its methods (for JSON over WebSocket v2).
 #[derive(Clone)]
 pub struct Backend {
@@ -134,17 +146,21 @@ pub struct Backend {
     pub catalog: descriptors::Catalog,
 }
 
+/// Adds one service to the routes, wrapped in what counts its calls.
+type AddService = Box<dyn FnOnce(Routes, &ActiveCalls) -> Routes + Send>;
+
 /// In-process tonic services, gathered before the server starts.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct Services {
-    routes: Routes,
+    services: Vec<AddService>,
     names: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
 }
 
 impl Services {
     /// Adds a tonic service (anything tonic's generated `...Server::new`
-    /// returns, layers and interceptors included).
+    /// returns, layers and interceptors included). Its calls are counted
+    /// ([`CountCalls`]).
     pub fn add<S>(&mut self, service: S)
     where
         S: tower::Service<GrpcRequest, Response = GrpcResponse, Error = Infallible>
@@ -156,7 +172,9 @@ impl Services {
         S::Future: Send + 'static,
     {
         self.names.push(S::NAME.to_string());
-        self.routes = std::mem::take(&mut self.routes).add_service(service);
+        self.services.push(Box::new(move |routes: Routes, calls: &ActiveCalls| {
+            routes.add_service(CountCalls::new(service, calls.clone()))
+        }));
     }
 
     /// Registers an encoded `FileDescriptorSet` for reflection.
@@ -170,9 +188,9 @@ impl Services {
     }
 
     /// The services with health and reflection beside them, behind `auth`.
-    pub fn into_backend(self, auth: &Auth, shutdown: CancellationToken, calls: ActiveCalls) -> Result<Backend, String> {
+    pub fn into_backend(self, auth: &Auth, context: &BackendContext) -> Result<Backend, String> {
         let Services {
-            routes,
+            services,
             names,
             descriptor_sets,
         } = self;
@@ -181,13 +199,20 @@ impl Services {
         let mut described = descriptor_sets.clone();
         described.push(tonic_health::pb::FILE_DESCRIPTOR_SET);
         let catalog = descriptors::Catalog::from_sets(&described)?;
-        let routes = routes
-            .add_service(health::health_service(names, shutdown, None))
+        let routes = services
+            .into_iter()
+            .fold(Routes::default(), |routes, add| add(routes, &context.calls))
+            .add_service(health::health_service(
+                names,
+                context.shutdown.clone(),
+                None,
+                &context.tasks,
+            ))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .prepare();
         Ok(Backend {
-            service: GrpcService::new(auth.require_token(CountCalls::new(routes, calls))),
+            service: GrpcService::new(auth.require_token(routes)),
             catalog,
         })
     }
@@ -205,24 +230,30 @@ fn into_grpc_request(request: Request<axum::body::Body>) -> GrpcRequest {
 pub fn upstream_backend(
     upstream: upstream::Upstream,
     auth: &Auth,
-    shutdown: CancellationToken,
+    context: &BackendContext,
     descriptor_sets: &[&[u8]],
     reflection_lookups_per_second: u32,
-    calls: ActiveCalls,
 ) -> Result<Backend, String> {
-    let catalog =
-        descriptors::Catalog::with_reflection(descriptor_sets, upstream.channel(), reflection_lookups_per_second)?;
+    let catalog = descriptors::Catalog::with_reflection(
+        descriptor_sets,
+        upstream.channel(),
+        reflection_lookups_per_second,
+        context.tasks.clone(),
+    )?;
     let reachable: watch::Receiver<bool> = upstream.reachable();
-    let health = health::health_service(Vec::new(), shutdown, Some(reachable));
+    let health = health::health_service(Vec::new(), context.shutdown.clone(), Some(reachable), &context.tasks);
     let router = axum::Router::new()
         .route_service(
             "/grpc.health.v1.Health/{*method}",
             tower::ServiceExt::map_request(health, into_grpc_request),
         )
-        .fallback_service(tower::ServiceExt::map_request(upstream, into_grpc_request));
+        .fallback_service(tower::ServiceExt::map_request(
+            CountCalls::new(upstream, context.calls.clone()),
+            into_grpc_request,
+        ));
     let routes = Routes::from(router).prepare();
     Ok(Backend {
-        service: GrpcService::new(auth.require_token(CountCalls::new(routes, calls))),
+        service: GrpcService::new(auth.require_token(routes)),
         catalog,
     })
 }

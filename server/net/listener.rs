@@ -41,9 +41,9 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use super::connection::{Activity, Expiry, TrackRequests, WatchedIo};
+use super::message_buffer::MessageBuffer;
 use crate::config::Config;
 use crate::ops::metrics::{ConnectionGauge, Metrics};
-use crate::transport::grpc_framing::MessageBuffer;
 
 /// The client's address, put in every request's extensions for logging.
 #[derive(Clone, Copy, Debug)]

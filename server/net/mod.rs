@@ -3,4 +3,5 @@
 
 pub mod connection;
 pub mod listener;
+pub mod message_buffer;
 pub mod tls;

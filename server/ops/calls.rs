@@ -6,13 +6,44 @@
 //! returns to zero proves nothing was left behind. Tests wait on it instead of
 //! sleeping; `/metrics` reports it.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
 
 use super::metrics::{Metrics, StreamMetrics};
-use crate::transport::Transport;
+
+/// The ways into the server's calls; a label on every call metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Native gRPC over HTTP/2.
+    Grpc,
+    /// gRPC-Web (binary or text) over HTTP/1.1 or HTTP/2.
+    GrpcWeb,
+    /// The WebSocket bridge at `/ws`.
+    WebSocket,
+}
+
+impl Transport {
+    /// Every transport, in [`Transport::index`] order.
+    pub const ALL: [Transport; 3] = [Transport::Grpc, Transport::GrpcWeb, Transport::WebSocket];
+
+    /// A dense index, for per-transport arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Grpc => "grpc",
+            Transport::GrpcWeb => "grpc-web",
+            Transport::WebSocket => "websocket",
+        })
+    }
+}
 
 type Counts = [usize; Transport::ALL.len()];
 
@@ -98,10 +129,16 @@ impl Drop for CallGuard {
     }
 }
 
-/// Counts the gRPC calls of services that do not count themselves (added
-/// services, the upstream proxy): live calls, duration and status, by the
-/// transport they came by. The built-in `DataService` counts its own (with
-/// its messages); health and reflection are not counted.
+/// Counts the calls of one service: live calls, duration and status, by
+/// the transport they came by (the [`Transport`] request extension; native
+/// gRPC without one). Each service that answers calls is wrapped in it where
+/// it is added (the built-in `DataService`, added services, the upstream);
+/// health and reflection are not, so they are not counted. Nothing looks at
+/// the path: an upstream's `DataService` is counted like any other.
+///
+/// The call's message counters go to the service as a request extension
+/// ([`StreamMetrics`]): a service that can count its messages (the built-in
+/// one does) counts them there.
 #[derive(Clone)]
 pub struct CountCalls<S> {
     inner: S,
@@ -114,11 +151,8 @@ impl<S> CountCalls<S> {
     }
 }
 
-/// Paths whose calls [`CountCalls`] leaves alone.
-fn counts_itself_or_is_operational(path: &str) -> bool {
-    ["/DataService/", "/grpc.health.v1.Health/", "/grpc.reflection."]
-        .iter()
-        .any(|prefix| path.starts_with(prefix))
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountCalls<S> {
+    const NAME: &'static str = S::NAME;
 }
 
 impl<S, B> tower::Service<http::Request<B>> for CountCalls<S>
@@ -134,16 +168,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if counts_itself_or_is_operational(request.uri().path()) {
-            return Box::pin(self.inner.call(request));
-        }
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let transport = request
             .extensions()
             .get::<Transport>()
             .copied()
             .unwrap_or(Transport::Grpc);
         let mut guard = self.calls.enter(transport);
+        request.extensions_mut().insert(guard.metrics().clone());
         let response = self.inner.call(request);
         Box::pin(async move {
             let Ok(response) = response.await;

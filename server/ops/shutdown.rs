@@ -63,14 +63,14 @@ struct DrainState {
 
 impl Drain {
     /// Follows `token`: its cancellation starts the drain. Spawns the task
-    /// that waits for it, so it must be called inside the runtime.
-    pub fn follow(token: &CancellationToken) -> Drain {
+    /// that waits for it on `tasks`, so it must be called inside the runtime.
+    pub fn follow(token: &CancellationToken, tasks: &TaskTracker) -> Drain {
         let drain = Drain(Arc::new(DrainState {
             started: AtomicBool::new(false),
             idle: Mutex::new(Slab::new()),
         }));
         let (token, starter) = (token.clone(), drain.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             token.cancelled().await;
             starter.start();
         });
@@ -174,7 +174,7 @@ mod tests {
     #[tokio::test]
     async fn a_busy_call_notices_the_drain_within_one_interval_and_not_before() {
         let token = CancellationToken::new();
-        let drain = Drain::follow(&token);
+        let drain = Drain::follow(&token, &TaskTracker::new());
         let mut check = DrainCheck::new(&drain);
         for _ in 0..3 * DrainCheck::BUSY_INTERVAL {
             assert!(!check.busy_check(), "no drain yet");
@@ -203,7 +203,7 @@ mod tests {
     #[tokio::test]
     async fn idle_calls_are_woken_by_the_drain_and_leave_no_slot_behind() {
         let token = CancellationToken::new();
-        let drain = Drain::follow(&token);
+        let drain = Drain::follow(&token, &TaskTracker::new());
         let flags: Vec<_> = (0..4).map(|_| Arc::new(Flag(AtomicBool::new(false)))).collect();
         let mut checks: Vec<_> = flags
             .iter()

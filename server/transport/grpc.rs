@@ -4,8 +4,8 @@
 use axum::body::Body;
 use http::{Request, Response};
 
+use super::HttpService;
 use super::grpc_framing::FollowFraming;
-use crate::app::HttpService;
 use crate::backend::GrpcService;
 
 /// The backend as the router's native gRPC service.

@@ -28,8 +28,6 @@
 //! arrives whole.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,51 +37,11 @@ use tokio::time::Sleep;
 use tonic::Status;
 
 use super::Transport;
+pub use crate::net::message_buffer::MessageBuffer;
 
 /// Boxed, as tonic's body errors are; tonic takes a [`Status`] found in it as
 /// the call's status.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The bytes of unfinished messages one connection holds, and its limit.
-/// One per connection, carried to the calls in the request extensions.
-#[derive(Clone, Debug)]
-pub struct MessageBuffer(Arc<MessageBufferInner>);
-
-#[derive(Debug)]
-struct MessageBufferInner {
-    held: AtomicUsize,
-    limit: usize,
-}
-
-impl MessageBuffer {
-    /// An empty buffer allowing `limit` bytes (`--connection-message-buffer`).
-    pub fn new(limit: usize) -> Self {
-        MessageBuffer(Arc::new(MessageBufferInner {
-            held: AtomicUsize::new(0),
-            limit,
-        }))
-    }
-
-    /// Takes `bytes` more, unless that would pass the limit.
-    fn take(&self, bytes: usize) -> Result<(), usize> {
-        let inner = &self.0;
-        inner
-            .held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|total| *total <= inner.limit)
-            })
-            .map(drop)
-    }
-
-    fn give_back(&self, bytes: usize) {
-        self.0.held.fetch_sub(bytes, Ordering::AcqRel);
-    }
-
-    /// Bytes held now (for tests and metrics).
-    pub fn held(&self) -> usize {
-        self.0.held.load(Ordering::Acquire)
-    }
-}
 
 /// What the framing check needs from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -258,7 +216,7 @@ impl<B> FramedBody<B> {
                      the limit (--connection-message-buffer) is {}: send large messages one at a time",
                     buffer.held(),
                     now,
-                    buffer.0.limit
+                    buffer.limit()
                 )));
             }
         } else if now < self.held {

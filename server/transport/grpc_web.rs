@@ -27,9 +27,9 @@ use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use super::HttpService;
 use super::Transport;
 use super::grpc_framing::FollowFraming;
-use crate::app::HttpService;
 use crate::policy::origin::OriginPolicy;
 
 /// The gRPC media types the server speaks.

@@ -8,6 +8,9 @@
 //!   (truncation, stalls, the per-connection bound on unfinished messages);
 //! - [`websocket`]: the `/ws` upgrade and its bridged calls;
 //! - [`static_files`]: the page and the WASM package.
+//!
+//! [`Transport`], the name of each way in, is defined with the call counts
+//! that label by it (`ops::calls`), so that `ops` needs nothing of this module.
 
 pub mod grpc;
 pub mod grpc_framing;
@@ -15,35 +18,12 @@ pub mod grpc_web;
 pub mod static_files;
 pub mod websocket;
 
-use std::fmt;
+pub use crate::ops::calls::Transport;
 
-/// The ways into the server's calls; a label on every call metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// Native gRPC over HTTP/2.
-    Grpc,
-    /// gRPC-Web (binary or text) over HTTP/1.1 or HTTP/2.
-    GrpcWeb,
-    /// The WebSocket bridge at `/ws`.
-    WebSocket,
-}
-
-impl Transport {
-    /// Every transport, in [`Transport::index`] order.
-    pub const ALL: [Transport; 3] = [Transport::Grpc, Transport::GrpcWeb, Transport::WebSocket];
-
-    /// A dense index, for per-transport arrays.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Grpc => "grpc",
-            Transport::GrpcWeb => "grpc-web",
-            Transport::WebSocket => "websocket",
-        })
-    }
-}
+/// Any of the server's HTTP services (a transport, as the router holds it),
+/// type-erased so the router can pick one.
+pub type HttpService = tower::util::BoxCloneSyncService<
+    http::Request<axum::body::Body>,
+    http::Response<axum::body::Body>,
+    std::convert::Infallible,
+>;

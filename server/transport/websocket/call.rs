@@ -480,7 +480,7 @@ mod tests {
             server,
             Subprotocol::Json,
             &settings,
-            &Drain::follow(&CancellationToken::new()),
+            &Drain::follow(&CancellationToken::new(), &tokio_util::task::TaskTracker::new()),
             &mut guard,
         )
         .await;

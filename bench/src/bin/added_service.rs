@@ -1,0 +1,48 @@
+//! Benchmark peer: streambridge as a library hosting its own tonic service,
+//! as an embedder would (`ServerBuilder::add_service`), instead of the
+//! built-in `DataService`. The service is the plain tonic peer's echo of the
+//! same contract, so the load is the same; every transport reaches it as it
+//! reaches any added service (WebSocket v2 through the generic call path).
+//!
+//! Usage: `bench-added-service [streambridge flags]`, e.g. `--listen 127.0.0.1:PORT`.
+
+/// The same allocator as streambridge's binary and the other Rust peers.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[path = "../peer/tonic_echo.rs"]
+mod tonic_echo;
+
+use clap::Parser;
+use streambridge::grpc::{DataService, DataServiceServer, FILE_DESCRIPTOR_SET};
+use streambridge_protocol::StreamRequest;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_echo::ReplyStream;
+
+/// An embedder's echo service (streambridge's generated code, 1 KiB codec buffers).
+struct AddedEcho;
+
+#[tonic::async_trait]
+impl DataService for AddedEcho {
+    type BidirectionalStreamStream = ReplyStream;
+
+    async fn bidirectional_stream(
+        &self,
+        request: Request<Streaming<StreamRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        Ok(tonic_echo::echo(request))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let config = streambridge::Config::parse();
+    let server = streambridge::Server::builder(config)
+        .add_service(DataServiceServer::new(AddedEcho))
+        .register_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .bind()
+        .await?;
+    println!("added service listening on {}", server.local_addr()?);
+    server.run().await;
+    Ok(())
+}
