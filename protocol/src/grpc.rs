@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::bytes::{BufMut, Bytes, BytesMut};
 
 /// The prefix before every message.
 pub const PREFIX_LEN: usize = 5;
@@ -37,10 +37,14 @@ impl fmt::Display for MessageError {
 /// Reads messages out of a body's chunks, in order.
 #[derive(Debug)]
 pub struct MessageReader {
-    /// The chunk being read: whole messages are sliced off its front.
+    /// The chunk being read, from `pos` on.
     current: Bytes,
-    /// Where a message cut by a chunk's end is joined with the next chunk.
-    joined: BytesMut,
+    pos: usize,
+    /// A message cut by a chunk's end, completed here from the next chunk's
+    /// front (only its own bytes are copied, never the rest of the chunk).
+    cut: Vec<u8>,
+    /// `cut` holds a whole message already returned: cleared on the next read.
+    cut_read: bool,
     limit: usize,
 }
 
@@ -49,49 +53,93 @@ impl MessageReader {
     pub fn new(limit: usize) -> MessageReader {
         MessageReader {
             current: Bytes::new(),
-            joined: BytesMut::new(),
+            pos: 0,
+            cut: Vec::new(),
+            cut_read: false,
             limit,
         }
     }
 
-    /// Adds the body's next chunk. Call it only once [`MessageReader::next_message`]
-    /// has said `Ok(None)`: what is left then is part of one message.
+    /// Adds the body's next chunk. Call it only once
+    /// [`MessageReader::next_message`] has said `Ok(None)`: what is left
+    /// then is part of one message.
     pub fn push(&mut self, chunk: Bytes) {
-        if self.current.is_empty() {
-            self.current = chunk;
-        } else {
-            self.joined.reserve(self.current.len() + chunk.len());
-            self.joined.put_slice(&self.current);
-            self.joined.put_slice(&chunk);
-            self.current = self.joined.split().freeze();
+        if self.cut_read {
+            self.cut.clear();
+            self.cut_read = false;
+        }
+        self.cut.extend_from_slice(&self.current[self.pos..]);
+        self.current = chunk;
+        self.pos = 0;
+        if self.cut.is_empty() {
+            return;
+        }
+        if self.cut.len() < PREFIX_LEN {
+            self.take_into_cut(PREFIX_LEN - self.cut.len());
+            if self.cut.len() < PREFIX_LEN {
+                return;
+            }
+        }
+        // A refused prefix is reported by `next_message`.
+        if let Ok(length) = declared_length(&self.cut, self.limit) {
+            self.take_into_cut(PREFIX_LEN + length - self.cut.len());
         }
     }
 
-    /// The next whole message, if one is here.
-    pub fn next_message(&mut self) -> Result<Option<Bytes>, MessageError> {
-        if self.current.len() < PREFIX_LEN {
-            return Ok(None);
-        }
-        let length = declared_length(&self.current, self.limit)?;
-        if self.current.len() < PREFIX_LEN + length {
-            return Ok(None);
-        }
-        self.current.advance(PREFIX_LEN);
-        Ok(Some(self.current.split_to(length)))
+    /// Moves up to `wanted` bytes from the chunk's front to `cut`.
+    fn take_into_cut(&mut self, wanted: usize) {
+        let take = wanted.min(self.current.len() - self.pos);
+        self.cut.extend_from_slice(&self.current[self.pos..self.pos + take]);
+        self.pos += take;
     }
 
-    /// Whether a whole message is here (and would be returned by `next_message`,
-    /// or refused by it).
+    /// The next whole message, if one is here: a view into the chunk it
+    /// came in (or into the reader, for one cut by a chunk's end).
+    pub fn next_message(&mut self) -> Result<Option<&[u8]>, MessageError> {
+        if self.cut_read {
+            self.cut.clear();
+            self.cut_read = false;
+        }
+        if !self.cut.is_empty() {
+            let Some(length) = whole(&self.cut, self.limit)? else {
+                return Ok(None);
+            };
+            self.cut_read = true;
+            return Ok(Some(&self.cut[PREFIX_LEN..PREFIX_LEN + length]));
+        }
+        let Some(length) = whole(&self.current[self.pos..], self.limit)? else {
+            return Ok(None);
+        };
+        let start = self.pos + PREFIX_LEN;
+        self.pos = start + length;
+        Ok(Some(&self.current[start..self.pos]))
+    }
+
+    /// Whether a whole message is here (and would be returned by
+    /// `next_message`, or refused by it).
     pub fn has_message(&self) -> bool {
-        self.current.len() >= PREFIX_LEN
-            && declared_length(&self.current, self.limit)
-                .map_or(true, |length| self.current.len() >= PREFIX_LEN + length)
+        let unread = if !self.cut.is_empty() && !self.cut_read {
+            &self.cut[..]
+        } else {
+            &self.current[self.pos..]
+        };
+        !matches!(whole(unread, self.limit), Ok(None))
     }
 
     /// Bytes held: of messages not yet read, or of an unfinished one.
     pub fn buffered(&self) -> usize {
-        self.current.len()
+        let cut = if self.cut_read { 0 } else { self.cut.len() };
+        cut + self.current.len() - self.pos
     }
+}
+
+/// The length of the message `buffer` starts with, if it is whole.
+fn whole(buffer: &[u8], limit: usize) -> Result<Option<usize>, MessageError> {
+    if buffer.len() < PREFIX_LEN {
+        return Ok(None);
+    }
+    let length = declared_length(buffer, limit)?;
+    Ok((buffer.len() >= PREFIX_LEN + length).then_some(length))
 }
 
 /// The length `prefix` declares, checked.
@@ -111,6 +159,22 @@ pub fn put_message(out: &mut impl BufMut, message: &[u8]) {
     out.put_u8(0);
     out.put_u32(u32::try_from(message.len()).expect("a gRPC message is shorter than 4 GiB"));
     out.put_slice(message);
+}
+
+/// The messages of `framed`, a buffer of whole prefixed messages this
+/// process wrote itself (with [`put_message`]): not checked, a short tail is
+/// ignored.
+pub fn each_message(mut framed: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if framed.len() < PREFIX_LEN {
+            return None;
+        }
+        let length = u32::from_be_bytes([framed[1], framed[2], framed[3], framed[4]]) as usize;
+        let end = (PREFIX_LEN + length).min(framed.len());
+        let message = &framed[PREFIX_LEN..end];
+        framed = &framed[end..];
+        Some(message)
+    })
 }
 
 /// `message` with its prefix, in a buffer of its own.
@@ -140,8 +204,11 @@ mod tests {
                 while let Some(message) = reader.next_message().unwrap() {
                     got.push(message.to_vec());
                 }
+                assert!(!reader.has_message());
             }
             assert_eq!(got, messages, "chunks of {chunk}");
+            let again: Vec<Vec<u8>> = each_message(&wire).map(<[u8]>::to_vec).collect();
+            assert_eq!(again, messages);
             assert_eq!(reader.buffered(), 0);
         }
     }

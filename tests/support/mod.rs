@@ -82,10 +82,19 @@ impl TestServer {
 
     /// A server whose default configuration `adjust` changed first.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_built(adjust, |builder| builder).await
+    }
+
+    /// A server made by `build` (which adds services to the builder), its
+    /// default configuration changed by `adjust` first.
+    pub async fn start_built(
+        adjust: impl FnOnce(&mut Config),
+        build: impl FnOnce(streambridge::ServerBuilder) -> streambridge::ServerBuilder,
+    ) -> TestServer {
         let mut config = Config::with_listen("127.0.0.1:0".parse().unwrap());
         config.static_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/static").into();
         adjust(&mut config);
-        let server = Server::bind(config).await.expect("bind 127.0.0.1:0");
+        let server = build(Server::builder(config)).bind().await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().unwrap();
         let calls = server.active_calls();
         let shutdown = server.shutdown_token();

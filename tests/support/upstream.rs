@@ -117,6 +117,24 @@ impl EchoUpstream {
         }
     }
 
+    /// The same echo service hosted in process by a bridge
+    /// (`ServerBuilder::add_service`, with its descriptors registered): the
+    /// generic call path without a network hop. The receiver hears of calls
+    /// the client left, as [`EchoUpstream::cancelled`] does.
+    pub async fn added_to_bridge(
+        adjust: impl FnOnce(&mut streambridge::Config),
+    ) -> (super::TestServer, mpsc::UnboundedReceiver<&'static str>) {
+        let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
+        let echo = pb::echo_server::EchoServer::new(Echo {
+            cancelled: cancelled_tx,
+        });
+        let bridge = super::TestServer::start_built(adjust, |builder| {
+            builder.add_service(echo).register_file_descriptor_set(DESCRIPTORS)
+        })
+        .await;
+        (bridge, cancelled)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -11,6 +11,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[path = "../peer/tonic_echo.rs"]
+#[expect(dead_code, reason = "this peer serves through streambridge, not tonic_echo::serve")]
 mod tonic_echo;
 
 use clap::Parser;

@@ -81,6 +81,12 @@ pub fn append_message_record(call: u32, message: &impl Message, batch: &mut Vec<
     });
 }
 
+/// A `message` record of `call` carrying `message`, already encoded,
+/// appended to a batch being built.
+pub fn append_encoded_message_record(call: u32, message: &[u8], batch: &mut Vec<u8>) {
+    append_message_record_with(call, message.len(), batch, |batch| batch.extend_from_slice(message));
+}
+
 /// A `message` record of `call` carrying a `StreamResponse` whose `result`
 /// is `result`'s pieces joined: the bytes [`append_message_record`] gives
 /// for that response, without the `String` (the server answers its built-in

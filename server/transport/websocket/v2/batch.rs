@@ -92,7 +92,6 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
     use prost::Message as _;
     use streambridge_protocol::v2;
 
@@ -100,11 +99,13 @@ mod tests {
 
     /// Appends a `message` record of `size` bytes for `call`.
     fn message(batch: &mut Batch, call: u32, size: usize) {
-        let kind = match batch.encoding {
-            Encoding::Proto => Kind::Message(Bytes::from(vec![b'x'; size])),
-            Encoding::Json => Kind::JsonMessage(format!("\"{}\"", "x".repeat(size))),
-        };
-        batch.record(call, kind);
+        match batch.encoding {
+            Encoding::Proto => {
+                let message = vec![b'x'; size];
+                batch.append(|out| records::append_message(Encoding::Proto, call, &message, out));
+            }
+            Encoding::Json => batch.record(call, Kind::JsonMessage(format!("\"{}\"", "x".repeat(size)))),
+        }
     }
 
     /// The WebSocket messages a batch makes: for each, its size and the

@@ -14,7 +14,6 @@
 //! the response; for the upstream, in hyper's task for the stream, which is
 //! why the inbox is behind a lock.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body::{Body as _, Frame};
 use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor, MethodDescriptor};
-use streambridge_protocol::grpc::{MessageReader, put_message};
+use streambridge_protocol::grpc::{MessageReader, each_message, put_message};
 use streambridge_protocol::v2::{self, Encoding};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -35,7 +34,7 @@ use tower::ServiceExt;
 
 use super::batch::Batch;
 use super::budget::Budget;
-use super::records::{Kind, Payload, Request as Incoming, is_reserved, metadata_of};
+use super::records::{self, Kind, Request as Incoming, is_reserved, metadata_of};
 use super::table::{CallWaker, REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::descriptors::Catalog;
 use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
@@ -59,6 +58,8 @@ pub struct Opening {
 pub struct GrpcCall {
     inbox: Arc<Inbox>,
     waker: Arc<CallWaker>,
+    /// `waker` as a [`Waker`], made once.
+    wake: Waker,
     phase: Phase,
     /// Response messages the client takes before it grants more (saturates
     /// at 2^32-1).
@@ -124,7 +125,7 @@ impl GrpcCall {
         let inbox = Arc::new(Inbox {
             budget,
             state: Mutex::new(InboxState {
-                queue: VecDeque::new(),
+                framed: BytesMut::new(),
                 held: 0,
                 closed: false,
                 ended: false,
@@ -137,6 +138,7 @@ impl GrpcCall {
         let start = start(open, encoding, backend, catalog, inbox.clone(), max_message_size);
         GrpcCall {
             inbox,
+            wake: Waker::from(waker.clone()),
             waker,
             phase: Phase::Starting(Box::pin(start)),
             credit: response_window,
@@ -152,7 +154,10 @@ impl GrpcCall {
     /// A request message: it waits in the inbox, its bytes taken from the
     /// socket's budget, until the backend reads it.
     pub fn receive(&mut self, request: Incoming<'_>) {
-        self.inbox.push(request.detached());
+        match request {
+            Incoming::Proto(bytes) => self.inbox.push(&bytes),
+            Incoming::Json(text) => self.inbox.push(text.as_bytes()),
+        }
     }
 
     /// The client's `closeSend`: the request body ends once the backend has
@@ -176,8 +181,7 @@ impl GrpcCall {
     /// `batch`. `Err` is its end (OK included): the status to write.
     pub fn poll(&mut self, call: u32, batch: &mut Batch) -> Result<Progress, Status> {
         self.waker.polling();
-        let waker = Waker::from(self.waker.clone());
-        let mut cx = Context::from_waker(&waker);
+        let mut cx = Context::from_waker(&self.wake);
         let mut progress = Progress {
             granted: self.inbox.news()?,
             again: false,
@@ -208,11 +212,13 @@ impl GrpcCall {
                     .map_err(|e| Status::resource_exhausted(format!("the service sent {e} (--max-message-size)")))?;
                 let Some(message) = message else { break };
                 self.credit -= 1;
-                let kind = match &reading.output {
-                    Some(output) => Kind::JsonMessage(to_json(output, message)?),
-                    None => Kind::Message(message),
-                };
-                batch.record(call, kind);
+                match &reading.output {
+                    Some(output) => batch.record(call, Kind::JsonMessage(to_json(output, message)?)),
+                    None => {
+                        let encoding = batch.encoding;
+                        batch.append(|out| records::append_message(encoding, call, message, out));
+                    }
+                }
                 if batch.is_full() {
                     progress.again = true;
                     return Ok(progress);
@@ -294,6 +300,7 @@ async fn start(
     };
     let body = RequestBody {
         inbox,
+        encoding,
         input: method.as_ref().map(MethodDescriptor::input),
         consumed: 0,
         granted: REQUEST_WINDOW,
@@ -324,9 +331,12 @@ struct Inbox {
 }
 
 struct InboxState {
-    /// Received, not yet read by the backend, in order.
-    queue: VecDeque<Payload>,
-    /// Their bytes.
+    /// Received, not yet read by the backend, in order, each with its gRPC
+    /// prefix (json as it came: the body transcodes it). One buffer, not a
+    /// queue of messages: a message costs no allocation of its own, and
+    /// the body takes them all as one frame. Empty, it allocates nothing.
+    framed: BytesMut,
+    /// Their bytes, prefixes left out (as the socket's budget counts them).
     held: usize,
     /// `closeSend`: the body ends once the queue is empty.
     closed: bool,
@@ -348,15 +358,16 @@ impl Inbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn push(&self, payload: Payload) {
-        let len = payload.len();
+    /// A request message, copied in (the socket's message it came in is
+    /// not kept: see `records::Request::detached`).
+    fn push(&self, message: &[u8]) {
         let mut state = self.lock();
         if state.ended {
             return;
         }
-        self.budget.take(len);
-        state.held += len;
-        state.queue.push_back(payload);
+        self.budget.take(message.len());
+        state.held += message.len();
+        put_message(&mut state.framed, message);
         let reader = state.reader.take();
         drop(state);
         if let Some(reader) = reader {
@@ -380,7 +391,7 @@ impl Inbox {
         let (held, reader) = {
             let mut state = self.lock();
             state.ended = true;
-            state.queue = VecDeque::new();
+            state.framed = BytesMut::new();
             (std::mem::take(&mut state.held), state.reader.take())
         };
         self.budget.give_back(held);
@@ -399,20 +410,24 @@ impl Inbox {
         Ok(std::mem::take(&mut state.grant))
     }
 
-    /// For the body: every message waiting (`None` at the end of the stream).
-    fn take(&self, cx: &mut Context<'_>) -> Poll<Option<VecDeque<Payload>>> {
+    /// For the body: every message waiting, framed (`None` at the end of
+    /// the stream); their bytes are given back to the socket's budget.
+    fn take(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         let mut state = self.lock();
-        if state.ended || (state.queue.is_empty() && state.closed) {
+        if state.ended || (state.framed.is_empty() && state.closed) {
             return Poll::Ready(None);
         }
-        if state.queue.is_empty() {
+        if state.framed.is_empty() {
             if !state.reader.as_ref().is_some_and(|reader| reader.will_wake(cx.waker())) {
                 state.reader = Some(cx.waker().clone());
             }
             return Poll::Pending;
         }
-        state.held = 0;
-        Poll::Ready(Some(std::mem::take(&mut state.queue)))
+        let held = std::mem::take(&mut state.held);
+        let framed = state.framed.split().freeze();
+        drop(state);
+        self.budget.give_back(held);
+        Poll::Ready(Some(framed))
     }
 
     /// For the body: tells the socket what it granted or why it failed.
@@ -433,6 +448,8 @@ impl Inbox {
 /// gRPC, ending at the client's `closeSend` (or the call's end).
 struct RequestBody {
     inbox: Arc<Inbox>,
+    /// The socket's: json messages are transcoded.
+    encoding: Encoding,
     /// The request's descriptor: json is transcoded, proto checked.
     input: Option<MessageDescriptor>,
     /// Messages handed to the backend.
@@ -450,53 +467,73 @@ impl http_body::Body for RequestBody {
         // The end is the end of the request stream, not an error: hyper
         // resets a stream whose body fails with INTERNAL_ERROR, while a
         // stream both of whose halves are dropped is reset with CANCEL.
-        let Some(payloads) = std::task::ready!(this.inbox.take(cx)) else {
+        let Some(framed) = std::task::ready!(this.inbox.take(cx)) else {
             return Poll::Ready(None);
         };
         // Every message waiting goes in one frame: one poll of the backend
         // for many messages.
-        let bytes: usize = payloads.iter().map(Payload::len).sum();
-        this.inbox.budget.give_back(bytes);
-        let mut framed = BytesMut::with_capacity(bytes + 5 * payloads.len());
-        let mut grant = 0;
-        for payload in payloads {
-            let message = match this.decode(payload) {
-                Ok(message) => message,
-                Err(status) => {
-                    this.inbox.tell(grant, Some(status.clone()));
-                    return Poll::Ready(Some(Err(status)));
-                }
-            };
-            put_message(&mut framed, &message);
-            this.consumed += 1;
-            // Top the credit up once half of it is used up.
-            let left = this.granted - this.consumed;
-            if left <= REQUEST_CREDIT / 2 {
-                let more = REQUEST_CREDIT - left;
-                this.granted += more;
-                grant += more as u32;
+        let checked = match (this.encoding, &this.input) {
+            (Encoding::Json, Some(input)) => transcoded(input, &framed).map(|(out, n)| (out.freeze(), n)),
+            (Encoding::Proto, Some(input)) => checked(input, &framed).map(|n| (framed, n)),
+            (_, None) => {
+                let n = each_message(&framed).count();
+                Ok((framed, n))
+            }
+        };
+        let (frame, failure) = match checked {
+            Ok((frame, messages)) => (Some(frame), this.consumed(messages).map(|grant| (grant, None))),
+            Err((status, messages)) => (None, Some((this.consumed(messages).unwrap_or(0), Some(status)))),
+        };
+        if let Some((grant, failed)) = failure {
+            this.inbox.tell(grant, failed.clone());
+            if let Some(status) = failed {
+                return Poll::Ready(Some(Err(status)));
             }
         }
-        if grant > 0 {
-            this.inbox.tell(grant, None);
-        }
-        Poll::Ready(Some(Ok(Frame::data(framed.freeze()))))
+        Poll::Ready(frame.map(|frame| Ok(Frame::data(frame))))
     }
 }
 
 impl RequestBody {
-    /// A request message as the backend takes it: checked against, or
-    /// transcoded with, the method's descriptor.
-    fn decode(&self, payload: Payload) -> Result<Bytes, Status> {
-        match (payload, &self.input) {
-            (Payload::Proto(bytes), Some(input)) if !decodes_as(input, &bytes, 0) => Err(Status::invalid_argument(
-                format!("message is not a valid {} in protobuf", input.full_name()),
-            )),
-            (Payload::Proto(bytes), _) => Ok(bytes),
-            (Payload::Json(text), Some(input)) => from_json(input, text.as_bytes()).map(Bytes::from),
-            (Payload::Json(text), None) => Ok(Bytes::from(text)),
+    /// Counts `messages` handed to the backend; the request credit to grant
+    /// (once half of it is used up, it is topped up), if any.
+    fn consumed(&mut self, messages: usize) -> Option<u32> {
+        self.consumed += messages as u64;
+        let left = self.granted.saturating_sub(self.consumed);
+        if left > REQUEST_CREDIT / 2 {
+            return None;
         }
+        let more = REQUEST_CREDIT - left;
+        self.granted += more;
+        Some(more as u32)
     }
+}
+
+/// Checks each proto message of `framed` against the method's request
+/// type: how many there are, or the status and how many passed before it.
+fn checked(input: &MessageDescriptor, framed: &[u8]) -> Result<usize, (Status, usize)> {
+    let mut count = 0;
+    for message in each_message(framed) {
+        if !decodes_as(input, message, 0) {
+            let status = Status::invalid_argument(format!("message is not a valid {} in protobuf", input.full_name()));
+            return Err((status, count));
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Each json message of `framed` transcoded to protobuf, framed again, and
+/// how many there are; or the status and how many passed before it.
+fn transcoded(input: &MessageDescriptor, framed: &[u8]) -> Result<(BytesMut, usize), (Status, usize)> {
+    let mut out = BytesMut::with_capacity(framed.len());
+    let mut count = 0;
+    for text in each_message(framed) {
+        let message = from_json(input, text).map_err(|status| (status, count))?;
+        put_message(&mut out, &message);
+        count += 1;
+    }
+    Ok((out, count))
 }
 
 /// The gRPC request for `open`: the method's path, its metadata, its
@@ -553,7 +590,7 @@ fn status_in(headers: &HeaderMap) -> Option<Status> {
 }
 
 /// A response message as proto3 JSON.
-fn to_json(output: &MessageDescriptor, message: Bytes) -> Result<String, Status> {
+fn to_json(output: &MessageDescriptor, message: &[u8]) -> Result<String, Status> {
     let message = DynamicMessage::decode(output.clone(), message)
         .map_err(|e| Status::internal(format!("the service's reply is not a {}: {e}", output.full_name())))?;
     serde_json::to_string(&message).map_err(|e| Status::internal(format!("the reply does not map to JSON: {e}")))

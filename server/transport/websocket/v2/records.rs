@@ -102,7 +102,7 @@ impl Incoming<'_> {
 /// What a server record carries, before encoding.
 pub enum Kind {
     Headers(HashMap<String, String>),
-    Message(Bytes),
+    /// A message in proto3 JSON (a proto message is appended with [`append_message`]).
     JsonMessage(String),
     Status(v2::Status),
     Window(u32),
@@ -117,7 +117,6 @@ pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
         Encoding::Proto => {
             let kind = match kind {
                 Kind::Headers(metadata) => server_record::Kind::Headers(v2::Headers { metadata }),
-                Kind::Message(message) => server_record::Kind::Message(message),
                 Kind::JsonMessage(json) => server_record::Kind::Message(Bytes::from(json)),
                 Kind::Status(status) => server_record::Kind::Status(status),
                 Kind::Window(window) => server_record::Kind::Window(window),
@@ -128,12 +127,6 @@ pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
         Encoding::Json => out.extend_from_slice(
             match kind {
                 Kind::Headers(metadata) => encode_server_record(call, JsonServerKind::Headers(&metadata)),
-                Kind::Message(message) => {
-                    // Only a json socket without descriptors would get here; never in practice.
-                    let json = serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(&message))
-                        .expect("a string serialises");
-                    encode_server_record(call, JsonServerKind::Message(&json))
-                }
                 Kind::JsonMessage(json) => encode_server_record(call, JsonServerKind::Message(&json)),
                 Kind::Status(status) => encode_server_record(call, JsonServerKind::Status(&status)),
                 Kind::Window(window) => encode_server_record(call, JsonServerKind::Window(window)),
@@ -141,6 +134,21 @@ pub fn append(encoding: Encoding, call: u32, kind: Kind, out: &mut Vec<u8>) {
             }
             .as_bytes(),
         ),
+    }
+}
+
+/// A `message` record of an encoded message, appended to a batch being
+/// built; on a json socket (only without the method's descriptors, never
+/// in practice) as a base64 string.
+pub fn append_message(encoding: Encoding, call: u32, message: &[u8], out: &mut Vec<u8>) {
+    use streambridge_protocol::v2::json::{JsonServerKind, encode_server_record};
+    match encoding {
+        Encoding::Proto => v2::append_encoded_message_record(call, message, out),
+        Encoding::Json => {
+            let json = serde_json::to_string(&base64::engine::general_purpose::STANDARD.encode(message))
+                .expect("a string serialises");
+            out.extend_from_slice(encode_server_record(call, JsonServerKind::Message(&json)).as_bytes());
+        }
     }
 }
 

@@ -428,7 +428,9 @@ impl Socket {
             // clock, arming and disarming it) only for one that has to wait.
             let written = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
                 Poll::Ready(written) => written.is_ok(),
-                Poll::Pending => self.write_blocked(write, deadline).await,
+                // Boxed: its state (a timer, the select) would otherwise be
+                // part of every idle socket's task.
+                Poll::Pending => Box::pin(self.write_blocked(write, deadline)).await,
             };
             if !written {
                 return false;
