@@ -655,3 +655,62 @@ mod tls {
         );
     }
 }
+
+/// Calls are counted by the service that answers them, wherever it was
+/// added: the built-in `DataService` (with its messages) and a service added
+/// in process, live and by status, over native gRPC.
+#[tokio::test]
+async fn native_calls_to_the_built_in_and_to_an_added_service_are_counted_live_and_by_status() {
+    use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
+
+    let built_in = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", built_in.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = streambridge::grpc::DataServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client
+        .bidirectional_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for text in ["a", "b"] {
+        tx.send(StreamRequest { data: text.into() }).await.unwrap();
+        assert!(replies.message().await.unwrap().is_some());
+    }
+    within("the built-in call counted", built_in.calls.wait_for(Transport::Grpc, 1)).await;
+    let live = metrics_text(built_in.addr).await;
+    assert_eq!(
+        metric(&live, r#"streambridge_active_streams{transport="grpc"}"#),
+        1.0,
+        "{live}"
+    );
+    drop(tx);
+    while replies.message().await.unwrap().is_some() {}
+    within("the built-in call ended", built_in.calls.wait_for(Transport::Grpc, 0)).await;
+    let after = metrics_text(built_in.addr).await;
+    assert_eq!(
+        metric(&after, r#"streambridge_messages_received_total{transport="grpc"}"#),
+        2.0,
+        "{after}"
+    );
+
+    let (added, _cancelled) = EchoUpstream::added_to_bridge(|_| {}).await;
+    let mut echo = EchoClient::connect(format!("http://{}", added.addr)).await.unwrap();
+    let failing = EchoRequest {
+        text: "x".into(),
+        fail_with: 9,
+        ..Default::default()
+    };
+    let status = echo.unary(failing).await.expect_err("fails as asked");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    within("the added call ended", added.calls.wait_for(Transport::Grpc, 0)).await;
+    let after = metrics_text(added.addr).await;
+    assert_eq!(
+        metric(&after, r#"streambridge_stream_errors_total{transport="grpc",code="9"}"#),
+        1.0,
+        "{after}"
+    );
+}

@@ -671,6 +671,14 @@ async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() 
             got.extend(socket.until_status(1, &mut Vec::new()).await);
             assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
             assert_eq!(status(&got).0, 0, "{enc:?}");
+            // Every byte came back to the buffer: as much again passes on a new call.
+            let mut batch = vec![open_windowed_on(target, 2, 100)];
+            batch.extend((0..60).map(|i| (target.message)(2, &format!("{i:0>1000}"))));
+            batch.push(close_send(2));
+            socket.send(&batch).await;
+            let again = socket.until_status(2, &mut Vec::new()).await;
+            assert_eq!(status(&again).0, 0, "{enc:?}: {:?}", status(&again));
+            assert_eq!(messages(&again).len(), 60, "{enc:?}");
         }
     }
 }
