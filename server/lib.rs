@@ -48,7 +48,7 @@ mod ops;
 mod policy;
 mod transport;
 
-pub use app::{AppState, HttpService, Server, ServerBuilder, StartError, TransportRouter, router};
+pub use app::{AppState, Core, HttpService, Server, ServerBuilder, StartError, TransportRouter, router};
 pub use backend::GrpcService;
 pub use backend::upstream::UpstreamError;
 pub use config::{Config, ConfigError};

@@ -10,7 +10,7 @@ use axum::body::Body;
 use http::Request;
 use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
-use streambridge::{AppState, Config, TransportRouter, router};
+use streambridge::{AppState, Config, Core, TransportRouter, router};
 use tower::ServiceExt;
 
 struct Harness {
@@ -26,9 +26,9 @@ static HARNESS: LazyLock<Mutex<Harness>> = LazyLock::new(|| {
         .unwrap();
     let config = Config::with_listen("127.0.0.1:0".parse().unwrap());
     let router = runtime.block_on(async {
-        let state = AppState::new(&config).unwrap();
-        let backend = state.builtin_backend(&config);
-        router(&config, state, backend)
+        let core = Core::new(&config).unwrap();
+        let backend = core.builtin_backend(&config);
+        router(&config, AppState::new(&config, core, backend, true))
     });
     Mutex::new(Harness { runtime, router })
 });

@@ -38,7 +38,9 @@ pub type TransportRouter = Steer<HttpService, fn(&Request<Body>, &[HttpService])
 /// it, then the [`AppState`] around both. Cheap to clone.
 #[derive(Clone)]
 pub struct Core {
+    /// Live calls and the metrics registry.
     pub calls: ActiveCalls,
+    /// The bearer token, if any.
     pub auth: Auth,
     /// Cancelled to start the graceful shutdown.
     pub shutdown: CancellationToken,

@@ -19,6 +19,7 @@ pub mod data_service;
 pub mod descriptors;
 pub mod health;
 pub mod processor;
+pub mod transcode;
 pub mod upstream;
 
 use std::convert::Infallible;

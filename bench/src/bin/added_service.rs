@@ -15,31 +15,13 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod tonic_echo;
 
 use clap::Parser;
-use streambridge::grpc::{DataService, DataServiceServer, FILE_DESCRIPTOR_SET};
-use streambridge_protocol::StreamRequest;
-use tonic::{Request, Response, Status, Streaming};
-use tonic_echo::ReplyStream;
-
-/// An embedder's echo service (streambridge's generated code, 1 KiB codec buffers).
-struct AddedEcho;
-
-#[tonic::async_trait]
-impl DataService for AddedEcho {
-    type BidirectionalStreamStream = ReplyStream;
-
-    async fn bidirectional_stream(
-        &self,
-        request: Request<Streaming<StreamRequest>>,
-    ) -> Result<Response<ReplyStream>, Status> {
-        Ok(tonic_echo::echo(request))
-    }
-}
+use streambridge::grpc::{DataServiceServer, FILE_DESCRIPTOR_SET};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = streambridge::Config::parse();
     let server = streambridge::Server::builder(config)
-        .add_service(DataServiceServer::new(AddedEcho))
+        .add_service(DataServiceServer::new(tonic_echo::LeanEcho))
         .register_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .bind()
         .await?;

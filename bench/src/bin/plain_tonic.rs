@@ -13,27 +13,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[path = "../peer/tonic_echo.rs"]
 mod tonic_echo;
 
-use streambridge::grpc::{DataService, DataServiceServer};
-use streambridge_protocol::StreamRequest;
-use tonic::{Request, Response, Status, Streaming};
-use tonic_echo::ReplyStream;
-
-/// streambridge's generated `DataService` (1 KiB codec buffers).
-struct PlainDataService;
-
-#[tonic::async_trait]
-impl DataService for PlainDataService {
-    type BidirectionalStreamStream = ReplyStream;
-
-    async fn bidirectional_stream(
-        &self,
-        request: Request<Streaming<StreamRequest>>,
-    ) -> Result<Response<ReplyStream>, Status> {
-        Ok(tonic_echo::echo(request))
-    }
-}
+use streambridge::grpc::DataServiceServer;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_echo::serve("plain tonic", DataServiceServer::new(PlainDataService)).await
+    tonic_echo::serve("plain tonic", DataServiceServer::new(tonic_echo::LeanEcho)).await
 }

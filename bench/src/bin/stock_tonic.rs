@@ -12,6 +12,10 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[path = "../peer/tonic_echo.rs"]
+#[allow(
+    dead_code,
+    reason = "this peer serves tonic's default codegen, not LeanEcho (unused only outside tests)"
+)]
 mod tonic_echo;
 
 mod generated {

@@ -3,7 +3,8 @@
 //! shape (the inbound `Streaming` mapped, no task, no channel) and the
 //! server around it. They differ only in the generated `DataService` they
 //! implement (which codec buffers it uses), so each binary is that trait's
-//! impl, calling [`echo`], and a `main` calling [`serve`].
+//! impl, calling [`echo`], and a `main` calling [`serve`]; the lean one
+//! ([`LeanEcho`]) is here, shared with `bench-added-service`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +27,23 @@ pub fn echo(request: Request<Streaming<StreamRequest>>) -> Response<ReplyStream>
         })
     });
     Response::new(Box::pin(replies))
+}
+
+/// The echo as streambridge's generated `DataService` (its 1 KiB codec
+/// buffers): the plain tonic peer's service, and the one
+/// `bench-added-service` adds to streambridge.
+pub struct LeanEcho;
+
+#[tonic::async_trait]
+impl streambridge::grpc::DataService for LeanEcho {
+    type BidirectionalStreamStream = ReplyStream;
+
+    async fn bidirectional_stream(
+        &self,
+        request: Request<Streaming<StreamRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        Ok(echo(request))
+    }
 }
 
 /// Serves `service` alone on `--listen ADDR` (default 127.0.0.1:50051), with
