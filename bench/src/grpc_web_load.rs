@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -27,9 +27,7 @@ fn call_body(payload_size: usize) -> Bytes {
     .encode_to_vec();
     let mut body = BytesMut::new();
     for _ in 0..MESSAGES_PER_CALL {
-        body.put_u8(0);
-        body.put_u32(message.len() as u32);
-        body.put_slice(&message);
+        streambridge_protocol::grpc::put_message(&mut body, &message);
     }
     body.freeze()
 }

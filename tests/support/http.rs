@@ -60,9 +60,7 @@ pub fn grpc_web_body(requests: &[&str]) -> Bytes {
     let mut body = BytesMut::new();
     for data in requests {
         let message = StreamRequest { data: data.to_string() }.encode_to_vec();
-        body.put_u8(0x00);
-        body.put_u32(message.len() as u32);
-        body.put_slice(&message);
+        streambridge_protocol::grpc::put_message(&mut body, &message);
     }
     body.freeze()
 }
