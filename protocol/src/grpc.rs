@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use prost::bytes::{BufMut, Bytes, BytesMut};
+use prost::bytes::{BufMut, Bytes};
 
 /// The prefix before every message.
 pub const PREFIX_LEN: usize = 5;
@@ -115,15 +115,15 @@ impl MessageReader {
         Ok(Some(&self.current[start..self.pos]))
     }
 
-    /// Whether a whole message is here (and would be returned by
-    /// `next_message`, or refused by it).
-    pub fn has_message(&self) -> bool {
+    /// Whether a whole message is here for `next_message`; `Err` as soon as
+    /// the next message's prefix is complete and refused.
+    pub fn ready(&self) -> Result<bool, MessageError> {
         let unread = if !self.cut.is_empty() && !self.cut_read {
             &self.cut[..]
         } else {
             &self.current[self.pos..]
         };
-        !matches!(whole(unread, self.limit), Ok(None))
+        whole(unread, self.limit).map(|length| length.is_some())
     }
 
     /// Bytes held: of messages not yet read, or of an unfinished one.
@@ -177,15 +177,10 @@ pub fn each_message(mut framed: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// `message` with its prefix, in a buffer of its own.
-pub fn framed(message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(PREFIX_LEN + message.len());
-    put_message(&mut out, message);
-    out.freeze()
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::bytes::BytesMut;
+
     use super::*;
 
     #[test]
@@ -204,7 +199,7 @@ mod tests {
                 while let Some(message) = reader.next_message().unwrap() {
                     got.push(message.to_vec());
                 }
-                assert!(!reader.has_message());
+                assert_eq!(reader.ready(), Ok(false));
             }
             assert_eq!(got, messages, "chunks of {chunk}");
             let again: Vec<Vec<u8>> = each_message(&wire).map(<[u8]>::to_vec).collect();
@@ -217,7 +212,7 @@ mod tests {
     fn a_message_over_the_limit_or_compressed_is_refused_at_its_prefix() {
         let mut reader = MessageReader::new(10);
         reader.push(Bytes::from_static(&[0, 0, 0, 0, 11]));
-        assert!(reader.has_message());
+        assert_eq!(reader.ready(), Err(MessageError::TooLarge { length: 11, limit: 10 }));
         assert_eq!(
             reader.next_message(),
             Err(MessageError::TooLarge { length: 11, limit: 10 })
@@ -227,7 +222,7 @@ mod tests {
         assert_eq!(reader.next_message(), Err(MessageError::Compressed));
         let mut reader = MessageReader::new(10);
         reader.push(Bytes::from_static(&[0, 0, 0, 0, 10, 1]));
-        assert!(!reader.has_message());
+        assert_eq!(reader.ready(), Ok(false));
         assert_eq!(reader.next_message(), Ok(None));
     }
 }

@@ -47,18 +47,16 @@ pub fn decodes_as(message: &MessageDescriptor, mut bytes: &[u8], depth: u32) -> 
                     })
             }
             WireType::SixtyFourBit => {
-                let fits = bytes.len() >= 8;
-                bytes = &bytes[8.min(bytes.len())..];
-                fits && kind
-                    .as_ref()
-                    .is_none_or(|k| matches!(k, Kind::Fixed64 | Kind::Sfixed64 | Kind::Double))
+                skip(&mut bytes, 8)
+                    && kind
+                        .as_ref()
+                        .is_none_or(|k| matches!(k, Kind::Fixed64 | Kind::Sfixed64 | Kind::Double))
             }
             WireType::ThirtyTwoBit => {
-                let fits = bytes.len() >= 4;
-                bytes = &bytes[4.min(bytes.len())..];
-                fits && kind
-                    .as_ref()
-                    .is_none_or(|k| matches!(k, Kind::Fixed32 | Kind::Sfixed32 | Kind::Float))
+                skip(&mut bytes, 4)
+                    && kind
+                        .as_ref()
+                        .is_none_or(|k| matches!(k, Kind::Fixed32 | Kind::Sfixed32 | Kind::Float))
             }
             WireType::LengthDelimited => {
                 let Ok(length) = decode_varint(&mut bytes) else {
@@ -89,6 +87,13 @@ pub fn decodes_as(message: &MessageDescriptor, mut bytes: &[u8], depth: u32) -> 
         }
     }
     true
+}
+
+/// Skips `n` bytes of `bytes`; whether there were that many.
+fn skip(bytes: &mut &[u8], n: usize) -> bool {
+    let fits = bytes.len() >= n;
+    *bytes = &bytes[n.min(bytes.len())..];
+    fits
 }
 
 /// A request message from proto3 JSON; unknown fields are ignored.

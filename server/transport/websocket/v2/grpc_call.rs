@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body::{Body as _, Frame};
 use prost_reflect::{MessageDescriptor, MethodDescriptor};
-use streambridge_protocol::grpc::{MessageReader, each_message, put_message};
+use streambridge_protocol::grpc::{MessageError, MessageReader, each_message, put_message};
 use streambridge_protocol::v2::{self, Encoding};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -103,7 +103,6 @@ struct Parked {
 }
 
 /// What one poll of a call did, for the socket.
-#[derive(Default)]
 pub struct Progress {
     /// Request credit granted (its `window` record is in the batch).
     pub granted: u32,
@@ -155,10 +154,7 @@ impl GrpcCall {
     /// A request message: it waits in the inbox, its bytes taken from the
     /// socket's budget, until the backend reads it.
     pub fn receive(&mut self, request: Incoming<'_>) {
-        match request {
-            Incoming::Proto(bytes) => self.inbox.push(&bytes),
-            Incoming::Json(text) => self.inbox.push(text.as_bytes()),
-        }
+        self.inbox.push(request.as_bytes());
     }
 
     /// The client's `closeSend`: the request body ends once the backend has
@@ -207,11 +203,9 @@ impl GrpcCall {
         }
         loop {
             while self.credit > 0 {
-                let message = reading
-                    .messages
-                    .next_message()
-                    .map_err(|e| Status::resource_exhausted(format!("the service sent {e} (--max-message-size)")))?;
-                let Some(message) = message else { break };
+                let Some(message) = reading.messages.next_message().map_err(response_error)? else {
+                    break;
+                };
                 self.credit -= 1;
                 match &reading.output {
                     Some(output) => batch.record(call, Kind::JsonMessage(to_json(output, message)?)),
@@ -225,7 +219,8 @@ impl GrpcCall {
                     return Ok(progress);
                 }
             }
-            if self.credit == 0 && reading.messages.has_message() {
+            // A refused message ends the call now, credit or not.
+            if self.credit == 0 && reading.messages.ready().map_err(response_error)? {
                 let parked = match &mut self.parked {
                     Some(parked) => parked,
                     None => self.parked.insert(Parked {
@@ -280,6 +275,18 @@ impl Drop for GrpcCall {
         // it to the upstream): end it now, so that with the response dropped
         // too the backend's stream is reset at once.
         self.inbox.end();
+    }
+}
+
+/// The status of a response message the bridge cannot pass on.
+fn response_error(error: MessageError) -> Status {
+    match error {
+        MessageError::Compressed => {
+            Status::internal("the service sent a compressed message; the bridge does not decompress")
+        }
+        MessageError::TooLarge { length, limit } => Status::resource_exhausted(format!(
+            "the service sent a message of {length} bytes; the limit (--max-message-size) is {limit}"
+        )),
     }
 }
 
@@ -481,17 +488,19 @@ impl http_body::Body for RequestBody {
                 Ok((framed, n))
             }
         };
-        let (frame, failure) = match checked {
-            Ok((frame, messages)) => (Some(frame), this.consumed(messages).map(|grant| (grant, None))),
-            Err((status, messages)) => (None, Some((this.consumed(messages).unwrap_or(0), Some(status)))),
-        };
-        if let Some((grant, failed)) = failure {
-            this.inbox.tell(grant, failed.clone());
-            if let Some(status) = failed {
-                return Poll::Ready(Some(Err(status)));
+        match checked {
+            Ok((frame, messages)) => {
+                if let Some(grant) = this.consumed(messages) {
+                    this.inbox.tell(grant, None);
+                }
+                Poll::Ready(Some(Ok(Frame::data(frame))))
+            }
+            Err((status, messages)) => {
+                let grant = this.consumed(messages).unwrap_or(0);
+                this.inbox.tell(grant, Some(status.clone()));
+                Poll::Ready(Some(Err(status)))
             }
         }
-        Poll::Ready(frame.map(|frame| Ok(Frame::data(frame))))
     }
 }
 

@@ -24,9 +24,14 @@ pub enum Request<'a> {
 
 impl Request<'_> {
     pub fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    /// The message's bytes (a json message's text).
+    pub fn as_bytes(&self) -> &[u8] {
         match self {
-            Request::Proto(bytes) => bytes.len(),
-            Request::Json(text) => text.len(),
+            Request::Proto(bytes) => bytes,
+            Request::Json(text) => text.as_bytes(),
         }
     }
 
