@@ -79,6 +79,21 @@ impl Error {
     }
 }
 
+/// The close code of a protocol v1 socket whose call ended with `code`
+/// (the call is the socket's only one: its end is the socket's). The same
+/// codes as [`Error::close_code`] where an [`Error`] has that status code;
+/// a status from elsewhere (a v1 call ends with OK, or with the
+/// processor's own status) gets the nearest one.
+pub fn close_code_of(code: Code) -> u16 {
+    match code {
+        Code::Ok | Code::Cancelled => 1000,
+        Code::InvalidArgument => 1007,
+        Code::ResourceExhausted => 1009,
+        Code::Unavailable => 1001,
+        _ => 1011,
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(error: Error) -> Self {
         tonic::Status::new(error.code(), error.to_string())
@@ -144,6 +159,10 @@ mod tests {
                 (1001..=1011).contains(&error.close_code()) && error.close_code() != 1000,
                 "{error}"
             );
+            // Except for the finer 1003 and 1002, a status's code alone gives the same close code.
+            if !matches!(error, Error::WrongFrameType { .. } | Error::ProtocolViolation(_)) {
+                assert_eq!(close_code_of(error.code()), error.close_code(), "{error}");
+            }
         }
     }
 }

@@ -18,6 +18,29 @@ pub fn encode_server_frame(frame: server_frame::Frame) -> Vec<u8> {
     ServerFrame { frame: Some(frame) }.encode_to_vec()
 }
 
+/// Appends the `response` frame whose `StreamResponse.result` is `result`'s
+/// pieces joined: the bytes [`encode_server_frame`] gives for it, without
+/// the `String` (the server writes its v1 replies so, as it does v2's).
+pub fn append_response_frame(result: &[&str], frame: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let result_len: usize = result.iter().map(|piece| piece.len()).sum();
+    // proto3 leaves an empty string out; the oneof's message is written even when empty.
+    let message_len = if result_len == 0 {
+        0
+    } else {
+        key_len(1) + encoded_len_varint(result_len as u64) + result_len
+    };
+    encode_key(1, WireType::LengthDelimited, frame);
+    encode_varint(message_len as u64, frame);
+    if result_len > 0 {
+        encode_key(1, WireType::LengthDelimited, frame);
+        encode_varint(result_len as u64, frame);
+        for piece in result {
+            frame.extend_from_slice(piece.as_bytes());
+        }
+    }
+}
+
 /// Encodes a frame the client sends.
 pub fn encode_client_frame(frame: client_frame::Frame) -> Vec<u8> {
     ClientFrame { frame: Some(frame) }.encode_to_vec()
@@ -45,6 +68,18 @@ mod tests {
         ] {
             let bytes = encode_client_frame(frame.clone());
             assert_eq!(decode_client_frame(&bytes), Ok(frame));
+        }
+    }
+
+    #[test]
+    fn a_response_frame_from_pieces_is_the_frame_prost_writes() {
+        for pieces in [&["processed: ", "x"][..], &["", ""], &["é", &"y".repeat(300)]] {
+            let mut frame = Vec::new();
+            append_response_frame(pieces, &mut frame);
+            let expected = encode_server_frame(server_frame::Frame::Response(StreamResponse {
+                result: pieces.concat(),
+            }));
+            assert_eq!(frame, expected, "{pieces:?}");
         }
     }
 

@@ -25,7 +25,7 @@ use crate::ops::shutdown::Drain;
 use crate::policy::auth::Auth;
 use crate::policy::origin::OriginPolicy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
-use crate::transport::websocket::{CallSettings, V2Context, V2Settings, WebSocketState};
+use crate::transport::websocket::{SocketContext, WebSocketState};
 use crate::transport::{grpc, grpc_web, static_files, websocket};
 
 pub use crate::transport::HttpService;
@@ -95,44 +95,21 @@ impl Core {
 pub struct AppState {
     core: Core,
     origins: OriginPolicy,
-    websocket: Arc<CallSettings>,
     /// Whether the built-in `DataService` is served in process (WebSocket
     /// protocol v1 needs it).
     data_service: bool,
-    /// The backend and what WebSocket v2 calls need of it.
-    v2: Arc<V2Context>,
+    /// The backend, and what sockets need of it.
+    sockets: Arc<SocketContext>,
 }
 
 impl AppState {
     /// The state of a server whose calls `backend` answers; `data_service`
     /// says whether that includes the built-in `DataService` in process.
     pub fn new(config: &Config, core: Core, backend: Backend, data_service: bool) -> AppState {
-        let v2 = V2Context {
-            backend: backend.service,
-            catalog: backend.catalog,
-            settings: Arc::new(V2Settings {
-                max_message_size: config.max_message_size,
-                max_calls: config.ws_max_calls,
-                socket_buffer: config.ws_socket_buffer,
-                close_timeout: config.ws_close_timeout,
-                ping_interval: config.ws_ping_interval,
-                drain_timeout: config.drain_timeout,
-            }),
-            cut: Arc::default(),
-            data_service: data_service.then(|| core.calls.clone()),
-        };
         AppState {
             origins: OriginPolicy::new(&config.allowed_origins),
-            websocket: Arc::new(CallSettings {
-                max_message_size: config.max_message_size,
-                read_buffer_size: config.ws_read_buffer_size,
-                write_buffer_size: config.ws_write_buffer_size,
-                request_queue: config.ws_request_queue,
-                close_timeout: config.ws_close_timeout,
-                ping_interval: config.ws_ping_interval,
-            }),
+            sockets: Arc::new(SocketContext::new(config, backend, data_service.then(|| core.calls.clone()))),
             data_service,
-            v2: Arc::new(v2),
             core,
         }
     }
@@ -144,20 +121,18 @@ impl AppState {
 
     /// Whether the drain deadline cut a WebSocket v2 call.
     pub fn drain_cut_calls(&self) -> bool {
-        self.v2.cut.load(std::sync::atomic::Ordering::Relaxed)
+        self.sockets.cut.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl FromRef<AppState> for WebSocketState {
     fn from_ref(state: &AppState) -> Self {
         WebSocketState {
-            calls: state.core.calls.clone(),
             origins: state.origins.clone(),
-            settings: state.websocket.clone(),
             auth: state.core.auth.clone(),
             drain: state.core.drain.clone(),
             tasks: state.core.tasks.clone(),
-            v2: state.v2.clone(),
+            context: state.sockets.clone(),
             v1_available: state.data_service,
         }
     }
@@ -165,7 +140,7 @@ impl FromRef<AppState> for WebSocketState {
 
 impl FromRef<AppState> for health::Probe {
     fn from_ref(state: &AppState) -> Self {
-        health::Probe::new(state.v2.backend.clone())
+        health::Probe::new(state.sockets.backend.clone())
     }
 }
 
@@ -179,7 +154,7 @@ impl FromRef<AppState> for ActiveCalls {
 /// content type (and path) and hands it to exactly one transport; both gRPC
 /// transports call `backend`.
 pub fn router(config: &Config, state: AppState) -> TransportRouter {
-    let backend = state.v2.backend.clone();
+    let backend = state.sockets.backend.clone();
     // Both gRPC transports reach the backend through the framing check.
     let framing = FramingSettings {
         max_message_size: config.max_message_size,

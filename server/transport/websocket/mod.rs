@@ -1,6 +1,7 @@
-//! The WebSocket bridge at `/ws` (protocol v1, `docs/websocket-protocol.md`):
-//! the HTTP upgrade, the subprotocol choice and the origin check. Each
-//! accepted socket carries one bidirectional call, run by [`call`].
+//! The WebSocket bridge at `/ws`: the HTTP upgrade, the subprotocol choice
+//! and the origin check. Every accepted socket runs on one call machine
+//! ([`v2`]): protocol v2's many calls (`docs/websocket-protocol-v2.md`), or
+//! protocol v1's one ([`v1`], `docs/websocket-protocol.md`).
 //!
 //! The upgrade is done here with hyper and tokio-tungstenite rather than
 //! axum's `WebSocketUpgrade` because the call needs the raw connection at its
@@ -9,8 +10,7 @@
 //! buffered, not left unread: unread data turns our close into a TCP reset
 //! that destroys the status frame the client has not read yet).
 
-mod call;
-mod queue;
+mod v1;
 mod v2;
 
 use std::sync::Arc;
@@ -34,17 +34,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
-use crate::ops::calls::ActiveCalls;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX};
 use crate::policy::origin::OriginPolicy;
 
-pub use call::CallSettings;
-pub use v2::{V2Context, V2Settings};
+pub use v2::SocketContext;
 
 /// The subprotocols of both protocol versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Protocol {
+pub(crate) enum Protocol {
     V1(Subprotocol),
     V2(Encoding),
 }
@@ -72,20 +70,16 @@ impl Protocol {
 /// What the WebSocket transport needs from the server; cheap to clone.
 #[derive(Clone)]
 pub struct WebSocketState {
-    /// Live calls, counted per transport.
-    pub calls: ActiveCalls,
     /// Which pages may open sockets.
     pub origins: OriginPolicy,
-    /// Limits and buffer sizes of each call.
-    pub settings: Arc<CallSettings>,
     /// The bearer token, if any.
     pub auth: Auth,
     /// The server's drain, as every socket watches it.
     pub drain: Drain,
     /// Where sockets run, so the drain can wait for them.
     pub tasks: TaskTracker,
-    /// Protocol v2: the backend its calls are made on, and its limits.
-    pub v2: Arc<V2Context>,
+    /// The backend calls are made on, and the sockets' limits.
+    pub context: Arc<SocketContext>,
     /// Whether the built-in `DataService` runs in this process: protocol v1
     /// carries only that service, so without it a v1 upgrade is refused
     /// rather than answered by a service the server does not offer.
@@ -128,16 +122,15 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         return (StatusCode::NOT_IMPLEMENTED, message).into_response();
     }
     let peer = parts.extensions.get::<PeerAddr>().copied();
-    // The upgraded socket outlives hyper's connection: it keeps the lease.
     let lease = parts.extensions.get::<ConnectionLease>().cloned();
     request = Request::from_parts(parts, body);
     let on_upgrade = hyper::upgrade::on(&mut request);
 
     // Debug level: a span enabled at info would cost every open socket memory.
     let span = tracing::debug_span!("websocket", peer = ?peer.map(|p| p.0), subprotocol = protocol.name());
-    let settings = state.settings.clone();
-    let calls = state.calls.clone();
+    let context = state.context.clone();
     let drain = state.drain.clone();
+    let settings = &context.settings;
     // v2 carries records around each message: a message of the largest size
     // fits in a WebSocket message with 64 KiB to spare.
     let largest = match protocol {
@@ -149,37 +142,16 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         .write_buffer_size(settings.write_buffer_size)
         .max_message_size(Some(largest))
         .max_frame_size(Some(largest));
-    // One task type per protocol: a task holds its future inline, so an idle
-    // v1 socket would otherwise be as large as a v2 socket's future.
-    match protocol {
-        Protocol::V1(subprotocol) => {
-            let socket_task = async move {
-                let Some(socket) = accept(on_upgrade, config).await else {
-                    return;
-                };
-                let mut guard = calls.enter(crate::transport::Transport::WebSocket);
-                // Declared after the guard, so dropped before it: when the call
-                // count drops, the connection's slot is already free.
-                let _lease = lease;
-                call::run(socket, subprotocol, &settings, &drain, &mut guard).await;
-            }
-            .instrument(span);
-            state.tasks.spawn(socket_task);
-        }
-        Protocol::V2(encoding) => {
-            // Only a v2 socket keeps the backend (its clone is a boxed service stack).
-            let context = state.v2.clone();
-            let socket_task = async move {
-                let Some(socket) = accept(on_upgrade, config).await else {
-                    return;
-                };
-                let _lease = lease;
-                v2::run(socket, encoding, context, &drain).await;
-            }
-            .instrument(span);
-            state.tasks.spawn(socket_task);
-        }
+    let socket_task = async move {
+        let Some(socket) = accept(on_upgrade, config).await else {
+            return;
+        };
+        // The upgraded socket outlives hyper's connection: it keeps the lease.
+        let _lease = lease;
+        v2::run(socket, protocol, context, &drain).await;
     }
+    .instrument(span);
+    state.tasks.spawn(socket_task);
 
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -3,9 +3,21 @@
 use streambridge_protocol::v2::Encoding;
 
 use super::records::{self, Kind};
+use crate::transport::websocket::v1;
 
 /// A batch is written once it reaches this size.
 pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// How a socket's records become WebSocket messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Protocol v2: records gathered, many to a message.
+    Records,
+    /// Protocol v1: its one call's `message`s and `status` each in a frame
+    /// of its own, in v1's envelope; records v1 has no frame for (headers,
+    /// windows, goaway) are left out ([`v1`]).
+    V1,
+}
 
 /// The next WebSocket message(s), each record encoded straight into the
 /// message's bytes as it comes: a proto batch is its records one after the
@@ -14,19 +26,25 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 pub struct Batch {
     /// The socket's encoding (kept here only: the socket reads it from its batch).
     pub encoding: Encoding,
+    /// The socket's protocol, as it frames records.
+    pub framing: Framing,
     /// Finished messages, in order, before `open` (only after a burst of
-    /// more than [`BATCH_BYTES`]).
+    /// more than [`BATCH_BYTES`], or on v1, where each record is one).
     full: Vec<Vec<u8>>,
+    /// Bytes in `full`.
+    full_bytes: usize,
     /// The message being filled (a json one without its closing bracket);
     /// empty when there is nothing in it.
     open: Vec<u8>,
 }
 
 impl Batch {
-    pub fn new(encoding: Encoding) -> Batch {
+    pub fn new(encoding: Encoding, framing: Framing) -> Batch {
         Batch {
             encoding,
+            framing,
             full: Vec::new(),
+            full_bytes: 0,
             open: Vec::new(),
         }
     }
@@ -35,13 +53,25 @@ impl Batch {
         self.full.is_empty() && self.open.is_empty()
     }
 
-    /// Enough for a message: no point gathering more before writing.
+    /// Enough for a write: no point gathering more before writing.
     pub fn is_full(&self) -> bool {
-        !self.full.is_empty() || self.open.len() + usize::from(self.encoding == Encoding::Json) >= BATCH_BYTES
+        match self.framing {
+            Framing::Records => {
+                !self.full.is_empty() || self.open.len() + usize::from(self.encoding == Encoding::Json) >= BATCH_BYTES
+            }
+            Framing::V1 => self.full_bytes >= BATCH_BYTES,
+        }
     }
 
     /// Adds one record; `write` appends its encoding.
     pub fn append(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        if self.framing == Framing::V1 {
+            let mut frame = Vec::with_capacity(64);
+            write(&mut frame);
+            self.full_bytes += frame.len();
+            self.full.push(frame);
+            return;
+        }
         let json = self.encoding == Encoding::Json;
         if self.open.is_empty() {
             // Room for a typical batch of small records without regrowing.
@@ -65,14 +95,23 @@ impl Batch {
             next.extend_from_slice(&self.open[start..]);
             self.open.truncate(start - usize::from(json));
             let done = std::mem::replace(&mut self.open, next);
-            self.full.push(self.finished(done));
+            let done = self.finished(done);
+            self.full_bytes += done.len();
+            self.full.push(done);
         }
     }
 
     /// Adds a record of `call`.
     pub fn record(&mut self, call: u32, kind: Kind) {
         let encoding = self.encoding;
-        self.append(|out| records::append(encoding, call, kind, out));
+        match self.framing {
+            Framing::Records => self.append(|out| records::append(encoding, call, kind, out)),
+            Framing::V1 => {
+                if let Kind::Status(status) = kind {
+                    self.append(|out| v1::append_status(encoding, status, out));
+                }
+            }
+        }
     }
 
     fn finished(&self, mut message: Vec<u8>) -> Vec<u8> {
@@ -85,6 +124,7 @@ impl Batch {
     /// The messages to write, in order; the batch is empty after.
     pub fn take(&mut self) -> impl Iterator<Item = Vec<u8>> + use<> {
         let open = std::mem::take(&mut self.open);
+        self.full_bytes = 0;
         let last = (!open.is_empty()).then(|| self.finished(open));
         std::mem::take(&mut self.full).into_iter().chain(last)
     }
@@ -136,7 +176,7 @@ mod tests {
     #[test]
     fn a_batch_becomes_messages_of_at_most_64_kib_in_record_order() {
         for encoding in [Encoding::Proto, Encoding::Json] {
-            let mut batch = Batch::new(encoding);
+            let mut batch = Batch::new(encoding, Framing::Records);
             assert!(batch.is_empty() && !batch.is_full());
             for call in 1..=5 {
                 message(&mut batch, call, 20_000);

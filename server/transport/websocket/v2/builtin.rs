@@ -20,11 +20,11 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-use streambridge_protocol::v2;
+use streambridge_protocol::v2::{self, Encoding};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::batch::Batch;
+use super::batch::{Batch, Framing};
 use super::budget::Budget;
 use super::records::{Kind, Payload, Request};
 use super::table::{REQUEST_CREDIT, REQUEST_WINDOW};
@@ -188,21 +188,26 @@ pub struct SocketSide<'a> {
 /// from the request's bytes: neither the request's `data` nor the reply's
 /// `result` gets a `String` of its own.
 fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(), Status> {
-    match request {
-        Request::Proto(bytes) => {
-            let data = streambridge_protocol::stream_request_data(bytes).map_err(|e| {
-                Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
-            })?;
-            batch.append(|out| v2::append_stream_response_record(call, &processor::result_pieces(data), out));
+    let data = match request {
+        Request::Proto(bytes) => Cow::Borrowed(streambridge_protocol::stream_request_data(bytes).map_err(|e| {
+            Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
+        })?),
+        Request::Json(text) => json_data(text)?,
+    };
+    let pieces = processor::result_pieces(&data);
+    match (batch.framing, batch.encoding) {
+        (Framing::Records, Encoding::Proto) => {
+            batch.append(|out| v2::append_stream_response_record(call, &pieces, out));
         }
-        Request::Json(text) => {
-            let data = json_data(text)?;
-            batch.append(|out| {
-                v2::json::append_message_record(call, out, |out| {
-                    append_reply_json(&processor::result_pieces(&data), out)
-                })
-            });
+        (Framing::Records, Encoding::Json) => {
+            batch.append(|out| v2::json::append_message_record(call, out, |out| append_reply_json(&pieces, out)));
         }
+        (Framing::V1, Encoding::Proto) => batch.append(|out| streambridge_protocol::proto::append_response_frame(&pieces, out)),
+        (Framing::V1, Encoding::Json) => batch.append(|out| {
+            out.extend_from_slice(br#"{"response":"#);
+            append_reply_json(&pieces, out);
+            out.push(b'}');
+        }),
     }
     Ok(())
 }
@@ -355,7 +360,7 @@ mod tests {
 
         let calls = ActiveCalls::default();
         let budget = Budget::new(1 << 20);
-        let mut batch = Batch::new(v2::Encoding::Proto);
+        let mut batch = Batch::new(v2::Encoding::Proto, Framing::Records);
         let messages = calls.metrics().message_counters(Transport::WebSocket);
         let mut socket = SocketSide {
             budget: &budget,

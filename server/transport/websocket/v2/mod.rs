@@ -1,6 +1,7 @@
 //! WebSocket protocol v2 on one socket: many calls of any method, records
 //! batched into WebSocket messages, flow control per call
-//! (`docs/websocket-protocol-v2.md`).
+//! (`docs/websocket-protocol-v2.md`). Protocol v1 runs on the same machine,
+//! as one implicit call in its own envelope ([`super::v1`]).
 //!
 //! One task owns the socket and drives every call on it: there is no task
 //! and no channel per call. The layout follows the call machine:
@@ -37,16 +38,25 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub use self::records::{Incoming, Request};
 pub use self::socket::run;
-use crate::backend::GrpcService;
 use crate::backend::descriptors::Catalog;
+use crate::backend::{Backend, GrpcService};
+use crate::config::Config;
 use crate::ops::calls::ActiveCalls;
 
-/// The limits of a v2 socket (from [`crate::Config`]).
+/// The limits of a socket, of either protocol (from [`crate::Config`]).
 #[derive(Clone, Debug)]
-pub struct V2Settings {
+pub struct SocketSettings {
     /// `--max-message-size`: the largest request or response message.
     pub max_message_size: usize,
+    /// `--ws-read-buffer-size`: bytes read from the kernel at a time.
+    pub read_buffer_size: usize,
+    /// `--ws-write-buffer-size`: bytes of messages gathered before a write.
+    pub write_buffer_size: usize,
+    /// `--ws-request-queue`: WebSocket messages read ahead of writing the
+    /// replies to them.
+    pub read_ahead: usize,
     /// `--ws-max-calls`: live calls per socket.
     pub max_calls: usize,
     /// `--ws-socket-buffer`: request bytes not yet consumed, per socket.
@@ -59,17 +69,41 @@ pub struct V2Settings {
     pub drain_timeout: Duration,
 }
 
-/// What every v2 socket shares. Cheap to clone.
+/// What every socket shares. Cheap to clone.
 #[derive(Clone)]
-pub struct V2Context {
+pub struct SocketContext {
     /// The gRPC backend every call is made on.
     pub backend: GrpcService,
     /// Descriptors for the json encoding.
     pub catalog: Catalog,
-    pub settings: Arc<V2Settings>,
+    pub settings: Arc<SocketSettings>,
     /// Set when the drain deadline cut a call (the exit code says so).
     pub cut: Arc<AtomicBool>,
     /// Set when this process runs the built-in `DataService`: its calls are
     /// answered on the socket's task ([`builtin`]) and counted here.
     pub data_service: Option<ActiveCalls>,
+}
+
+impl SocketContext {
+    /// The sockets' context for a server whose calls `backend` answers;
+    /// `data_service` counts the built-in service's calls, if it runs here.
+    pub fn new(config: &Config, backend: Backend, data_service: Option<ActiveCalls>) -> SocketContext {
+        SocketContext {
+            backend: backend.service,
+            catalog: backend.catalog,
+            settings: Arc::new(SocketSettings {
+                max_message_size: config.max_message_size,
+                read_buffer_size: config.ws_read_buffer_size,
+                write_buffer_size: config.ws_write_buffer_size,
+                read_ahead: config.ws_request_queue,
+                max_calls: config.ws_max_calls,
+                socket_buffer: config.ws_socket_buffer,
+                close_timeout: config.ws_close_timeout,
+                ping_interval: config.ws_ping_interval,
+                drain_timeout: config.drain_timeout,
+            }),
+            cut: Arc::default(),
+            data_service,
+        }
+    }
 }

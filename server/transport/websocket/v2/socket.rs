@@ -1,8 +1,9 @@
-//! One v2 socket's task: it reads batches and applies each record to the
-//! call machine, polls the calls whose backends have news, and writes the
-//! records they produce, as many as are ready in one WebSocket message
-//! (never waiting for more, at most 64 KiB unless a single record is
-//! larger).
+//! One socket's task: it reads WebSocket messages and applies their
+//! records to the call machine, polls the calls whose backends have news,
+//! and writes the records they produce, as many as are ready in one
+//! WebSocket message (never waiting for more, at most 64 KiB unless a
+//! single record is larger). A protocol v1 socket runs here too, as one
+//! implicit call in v1's envelope ([`v1`]).
 //!
 //! The protocol's rules live here once, for every call whatever answers it
 //! ([`super::table::Route`]): request credit and the socket's byte budget
@@ -17,9 +18,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::v2::{self, Encoding};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
@@ -28,26 +29,50 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tonic::{Code, Status};
 
-use super::batch::Batch;
+use super::batch::{Batch, Framing};
 use super::budget::Budget;
 use super::builtin::{self, BuiltinCall, SocketSide};
 use super::grpc_call::{self, GrpcCall, Opening};
 use super::records::{self, Incoming, Kind, Request};
 use super::table::{CallTable, CallWaker, LiveCall, Route, Wakeups};
-use super::{V2Context, V2Settings};
+use super::{SocketContext, SocketSettings};
 use crate::error::Error;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
 use crate::transport::Transport;
-use crate::transport::websocket::call::drain_after_close;
+use crate::transport::websocket::{Protocol, v1};
 
 /// How the socket ends.
 struct Closing {
     code: CloseCode,
     reason: String,
+    /// Whether the peer's messages can still be parsed (not after one over
+    /// the size limit, or text that is not UTF-8): then its Close is awaited.
+    framing_intact: bool,
 }
 
-/// Runs a v2 socket until it closes.
+impl Closing {
+    fn new(code: impl Into<CloseCode>, reason: &str, framing_intact: bool) -> Closing {
+        Closing {
+            code: code.into(),
+            reason: close_reason(reason).to_string(),
+            framing_intact,
+        }
+    }
+}
+
+/// A close frame's reason: `message` cut to the 123 bytes a close frame
+/// allows, on a character boundary.
+fn close_reason(message: &str) -> &str {
+    const MAX: usize = 123;
+    let mut end = message.len().min(MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+/// Runs a socket of either protocol until it closes.
 ///
 /// Not an `async fn`: one moves its arguments into locals of its future and
 /// keeps their first slots as well (rust-lang/rust#62958), which for the
@@ -55,8 +80,8 @@ struct Closing {
 #[expect(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
 pub fn run<S>(
     mut socket: WebSocketStream<S>,
-    encoding: Encoding,
-    context: Arc<V2Context>,
+    protocol: Protocol,
+    context: Arc<SocketContext>,
     drain: &Drain,
 ) -> impl Future<Output = ()>
 where
@@ -64,6 +89,10 @@ where
 {
     async move {
         let settings = context.settings.clone();
+        let (encoding, framing) = match protocol {
+            Protocol::V1(subprotocol) => (v1::encoding(subprotocol), Framing::V1),
+            Protocol::V2(encoding) => (encoding, Framing::Records),
+        };
         let mut state = Socket {
             context,
             calls: CallTable::default(),
@@ -71,7 +100,7 @@ where
             budget: Budget::new(settings.socket_buffer),
             wakeups: None,
             ready: VecDeque::new(),
-            batch: Batch::new(encoding),
+            batch: Batch::new(encoding, framing),
             deadlines: BTreeSet::new(),
             unsettled: Vec::new(),
             messages: None,
@@ -79,6 +108,9 @@ where
             draining: false,
             over_budget: false,
         };
+        if framing == Framing::V1 {
+            state.open_v1_call();
+        }
         let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut heard_since_ping = true;
@@ -97,15 +129,21 @@ where
                 }
             }
             if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
-                let closing = state.closing.take().unwrap_or(Closing {
-                    code: CloseCode::Away,
-                    reason: "server shutting down".into(),
-                });
+                let closing = state
+                    .closing
+                    .take()
+                    .unwrap_or_else(|| Closing::new(CloseCode::Away, "server shutting down", true));
                 close(&mut socket, closing, settings.close_timeout).await;
                 return;
             }
             let reading = state.closing.is_none();
             let may_read = reading && state.may_read();
+            // A socket that always has a message to read would seldom reach
+            // the drain's branch below: it looks at the flag every few turns.
+            if !state.draining && reading && drain_check.busy_check() {
+                drain_deadline = Some(state.start_drain(&settings));
+                continue;
+            }
             // One timer for both kinds of deadline: each timer in the `select!`
             // below would add its size to every socket, idle or not.
             let next_deadline = match (
@@ -130,42 +168,33 @@ where
                 () = woken(state.wakeups.as_deref(), &mut state.ready) => {}
                 frame = socket.next(), if may_read => {
                     heard_since_ping = true;
-                    state.over_budget = !state.budget.has_room();
-                    match frame {
-                        Some(Ok(message)) => {
-                            if let Gone::Yes = state.on_message(message, &mut socket, &settings).await {
-                                return;
-                            }
+                    let mut frame = frame;
+                    let mut read = 1;
+                    loop {
+                        state.over_budget = !state.budget.has_room();
+                        if let Gone::Yes = state.on_frame(frame, &mut socket, &settings).await {
+                            return;
                         }
-                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => state.socket_error(
-                            Code::ResourceExhausted,
-                            format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
-                            CloseCode::Size,
-                        ),
-                        Some(Err(WsError::Utf8(_))) => state.socket_error(
-                            Code::InvalidArgument,
-                            "a text message is not valid UTF-8".into(),
-                            CloseCode::Invalid,
-                        ),
-                        Some(Err(_)) | None => return,
+                        // Read ahead what has already arrived (up to
+                        // --ws-request-queue messages) before writing the
+                        // replies: one write for them all, and a record
+                        // behind a `closeSend` still meets its call.
+                        if read >= settings.read_ahead || state.closing.is_some() || state.batch.is_full() || !state.may_read() {
+                            break;
+                        }
+                        match socket.next().now_or_never() {
+                            Some(next) => frame = next,
+                            None => break,
+                        }
+                        read += 1;
                     }
+                    state.settle();
                 }
                 () = state.budget.changed(), if reading && !may_read => {}
                 // Not `CancellationToken::cancelled`: polling that locks the one
                 // token every socket shares, on every turn of every socket's loop.
                 () = std::future::poll_fn(|cx| drain_check.poll_idle(cx)), if !state.draining => {
-                    state.draining = true;
-                    let message = "server shutting down: finish your calls, open new ones elsewhere".into();
-                    state.batch.record(0, Kind::GoAway(v2::GoAway { message }));
-                    // Live calls run on (docs/websocket-protocol-v2.md §7). The
-                    // built-in service ends its own at the drain, as it does on
-                    // every transport (status 14: safe to retry elsewhere).
-                    for call in state.builtin_calls() {
-                        state.end_call(call, Error::ShuttingDown.into());
-                    }
-                    // Cut calls a little before the server's own deadline, so their status gets out.
-                    let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
-                    drain_deadline = Some(Instant::now() + settings.drain_timeout.saturating_sub(margin));
+                    drain_deadline = Some(state.start_drain(&settings));
                 }
                 () = sleep_until(next_deadline), if next_deadline.is_some() => {
                     let now = Instant::now();
@@ -207,7 +236,7 @@ fn socket_side<'a>(
     budget: &'a Budget,
     batch: &'a mut Batch,
     messages: &'a mut Option<Box<StreamMetrics>>,
-    context: &V2Context,
+    context: &SocketContext,
 ) -> SocketSide<'a> {
     SocketSide {
         budget,
@@ -217,7 +246,7 @@ fn socket_side<'a>(
 }
 
 /// Message counters for a socket's built-in calls.
-fn builtin_messages(context: &V2Context) -> Box<StreamMetrics> {
+fn builtin_messages(context: &SocketContext) -> Box<StreamMetrics> {
     let calls = context
         .data_service
         .as_ref()
@@ -239,19 +268,40 @@ async fn close<S>(socket: &mut WebSocketStream<S>, closing: Closing, timeout: Du
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    // After a message over the size limit tungstenite cannot parse the
-    // stream any more: the rest of that message is still on its way.
-    let framing_intact = closing.code != CloseCode::Size;
     let frame = CloseFrame {
         code: closing.code,
         reason: Utf8Bytes::from(closing.reason),
     };
     let _ = tokio::time::timeout(timeout, async {
         if socket.close(Some(frame)).await.is_ok() {
-            drain_after_close(socket, framing_intact).await;
+            drain_after_close(socket, closing.framing_intact).await;
         }
     })
     .await;
+}
+
+/// After our Close is out: reads until the peer ends the connection, so
+/// that nothing it sent is left unread when ours drops (unread data turns
+/// the close into a TCP reset, which destroys what the peer has not read
+/// yet). Unbounded: the caller bounds it.
+async fn drain_after_close<S>(socket: &mut WebSocketStream<S>, framing_intact: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if framing_intact {
+        // Messages after ours are discarded until the peer's Close ends the stream.
+        while let Some(Ok(_)) = socket.next().await {}
+        return;
+    }
+    // The peer's Close cannot be parsed any more: end our side of the TCP
+    // connection (our Close is out) and drop its bytes until it ends its side.
+    let io = socket.get_mut();
+    if io.shutdown().await.is_ok() {
+        // On the heap: an array here would be part of every socket's future
+        // (4 KiB on each idle socket), for the rare connection that gets here.
+        let mut sink = vec![0u8; 4096];
+        while let Ok(1..) = io.read(&mut sink).await {}
+    }
 }
 
 enum Gone {
@@ -263,7 +313,7 @@ enum Gone {
 /// backend call ends its request and response bodies as it is dropped, a
 /// built-in one records CANCELLED through its guard.
 struct Socket {
-    context: Arc<V2Context>,
+    context: Arc<SocketContext>,
     calls: CallTable,
     last_open: u32,
     budget: Budget,
@@ -338,7 +388,42 @@ impl Socket {
             }
         }
         live.finish(&status, &self.budget);
+        if self.batch.framing == Framing::V1 && self.closing.is_none() {
+            // The call's end is the socket's.
+            let close_code = crate::error::close_code_of(status.code());
+            self.closing = Some(Closing::new(close_code, status.message(), true));
+        }
         self.batch.record(call, records::status_record(&status));
+    }
+
+    /// A v1 socket's one call, open from the start: v1 has no flow control,
+    /// so its response credit never runs out (see [`Socket::settle`]).
+    fn open_v1_call(&mut self) {
+        let calls = self
+            .context
+            .data_service
+            .as_ref()
+            .expect("v1 sockets only where the built-in service runs");
+        let call = BuiltinCall::new(u32::MAX, None, calls.enter(Transport::WebSocket));
+        self.calls.insert(v1::CALL, LiveCall::new(Route::Builtin(call)));
+        self.last_open = v1::CALL;
+    }
+
+    /// Starts the drain: `goaway`, the built-in service's calls end; returns
+    /// when the others are cut.
+    fn start_drain(&mut self, settings: &SocketSettings) -> Instant {
+        self.draining = true;
+        let message = "server shutting down: finish your calls, open new ones elsewhere".into();
+        self.batch.record(0, Kind::GoAway(v2::GoAway { message }));
+        // Live calls run on (docs/websocket-protocol-v2.md §7). The
+        // built-in service ends its own at the drain, as it does on
+        // every transport (status 14: safe to retry elsewhere).
+        for call in self.builtin_calls() {
+            self.end_call(call, Error::ShuttingDown.into());
+        }
+        // Cut calls a little before the server's own deadline, so their status gets out.
+        let margin = (settings.drain_timeout / 10).min(Duration::from_secs(1));
+        Instant::now() + settings.drain_timeout.saturating_sub(margin)
     }
 
     /// Lets a built-in call answer what it may; a request that does not
@@ -384,6 +469,9 @@ impl Socket {
                 continue;
             };
             live.request_credit = live.request_credit.saturating_add(builtin.take_unsent_grants());
+            if self.batch.framing == Framing::V1 {
+                builtin.add_credit(u32::MAX);
+            }
             if builtin.is_done() {
                 self.end_call(call, Status::ok(""));
             }
@@ -405,7 +493,7 @@ impl Socket {
     /// that takes none of a message for two ping intervals is gone (the
     /// last message and the flush share one deadline: the usual batch is one
     /// message, and a deadline costs a timer).
-    async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> bool
+    async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &SocketSettings) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -474,51 +562,42 @@ impl Socket {
         }
     }
 
-    async fn on_message<S>(&mut self, message: Message, socket: &mut WebSocketStream<S>, settings: &V2Settings) -> Gone
+    /// Applies what one read of the socket gave.
+    async fn on_frame<S>(
+        &mut self,
+        frame: Option<Result<Message, WsError>>,
+        socket: &mut WebSocketStream<S>,
+        settings: &SocketSettings,
+    ) -> Gone
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let message = match frame {
+            Some(Ok(message)) => message,
+            Some(Err(error)) if self.batch.framing == Framing::V1 => {
+                match v1::read_error(error, settings.max_message_size) {
+                    Some((error, framing_intact)) => self.fail(error.code(), error.to_string(), error.close_code(), framing_intact),
+                    None => return Gone::Yes,
+                }
+                return Gone::No;
+            }
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                self.fail(
+                    Code::ResourceExhausted,
+                    format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
+                    CloseCode::Size,
+                    false,
+                );
+                return Gone::No;
+            }
+            Some(Err(WsError::Utf8(_))) => {
+                // tungstenite ends the stream after this error: no Close can be read.
+                self.fail(Code::InvalidArgument, "a text message is not valid UTF-8".into(), CloseCode::Invalid, false);
+                return Gone::No;
+            }
+            Some(Err(_)) | None => return Gone::Yes,
+        };
         match (message, self.batch.encoding) {
-            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(bytes) {
-                Ok(batch) => {
-                    for record in batch.records {
-                        let Some(kind) = Incoming::from_proto(record.kind) else {
-                            self.socket_error(
-                                Code::InvalidArgument,
-                                format!("a record for call {} has no kind", record.call),
-                                CloseCode::Invalid,
-                            );
-                            break;
-                        };
-                        if !self.on_record(record.call, kind) {
-                            break;
-                        }
-                    }
-                    self.settle();
-                }
-                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
-            },
-            (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
-                Ok(batch) => {
-                    for record in batch {
-                        if !self.on_record(record.call, Incoming::from_json(record.kind)) {
-                            break;
-                        }
-                    }
-                    self.settle();
-                }
-                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
-            },
-            (Message::Text(_), Encoding::Proto) => self.socket_error(
-                Code::InvalidArgument,
-                "text message on streambridge.v2.proto, which takes binary messages".into(),
-                CloseCode::Unsupported,
-            ),
-            (Message::Binary(_), Encoding::Json) => self.socket_error(
-                Code::InvalidArgument,
-                "binary message on streambridge.v2.json, which takes text messages".into(),
-                CloseCode::Unsupported,
-            ),
             (Message::Ping(_), _) => {
                 // tungstenite queued the pong: send it now.
                 if !matches!(
@@ -534,6 +613,50 @@ impl Socket {
                 let _ = tokio::time::timeout(settings.close_timeout, socket.flush()).await;
                 return Gone::Yes;
             }
+            (message, encoding) if self.batch.framing == Framing::V1 => match v1::record(message, encoding) {
+                Ok(kind) => {
+                    self.on_record(v1::CALL, kind);
+                }
+                Err(error) => self.fail(error.code(), error.to_string(), error.close_code(), true),
+            },
+            (Message::Binary(bytes), Encoding::Proto) => match v2::decode_client_batch(bytes) {
+                Ok(batch) => {
+                    for record in batch.records {
+                        let Some(kind) = Incoming::from_proto(record.kind) else {
+                            self.socket_error(
+                                Code::InvalidArgument,
+                                format!("a record for call {} has no kind", record.call),
+                                CloseCode::Invalid,
+                            );
+                            break;
+                        };
+                        if !self.on_record(record.call, kind) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(text), Encoding::Json) => match v2::json::decode_client_batch(&text) {
+                Ok(batch) => {
+                    for record in batch {
+                        if !self.on_record(record.call, Incoming::from_json(record.kind)) {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => self.socket_error(Code::InvalidArgument, error.0, CloseCode::Invalid),
+            },
+            (Message::Text(_), Encoding::Proto) => self.socket_error(
+                Code::InvalidArgument,
+                "text message on streambridge.v2.proto, which takes binary messages".into(),
+                CloseCode::Unsupported,
+            ),
+            (Message::Binary(_), Encoding::Json) => self.socket_error(
+                Code::InvalidArgument,
+                "binary message on streambridge.v2.json, which takes text messages".into(),
+                CloseCode::Unsupported,
+            ),
         }
         Gone::No
     }
@@ -556,7 +679,7 @@ impl Socket {
                     return true;
                 };
                 if std::mem::replace(&mut live.closed_send, true) {
-                    self.end_call(call, Status::invalid_argument("closeSend after closeSend"));
+                    self.end_call(call, Error::AfterCloseSend("closeSend").into());
                     return true;
                 }
                 match &mut live.route {
@@ -660,7 +783,12 @@ impl Socket {
         let max = self.context.settings.max_message_size;
         let Some(live) = self.calls.get_mut(&call) else { return };
         let refusal = if live.closed_send {
-            Some(Status::invalid_argument("message after closeSend"))
+            // v1 calls its message records requests.
+            let record = match self.batch.framing {
+                Framing::Records => "message",
+                Framing::V1 => "request",
+            };
+            Some(Error::AfterCloseSend(record).into())
         } else if request.len() > max {
             Some(Status::resource_exhausted(format!(
                 "a request message of {} bytes is larger than --max-message-size ({max})",
@@ -700,21 +828,21 @@ impl Socket {
     /// A broken rule of the socket: every live call ends with `code`, then
     /// the socket closes with `close`.
     fn socket_error(&mut self, code: Code, message: String, close: CloseCode) {
-        tracing::debug!(%message, ?close, "v2 socket error");
+        self.fail(code, message, close, true);
+    }
+
+    /// [`Socket::socket_error`], saying whether the peer's messages can
+    /// still be parsed.
+    fn fail(&mut self, code: Code, message: String, close: impl Into<CloseCode>, framing_intact: bool) {
+        let close = close.into();
+        tracing::debug!(%message, ?close, "socket error");
+        // Before the calls end: a v1 socket would otherwise close with its
+        // call's status code's close code, not this finer one.
+        if self.closing.is_none() {
+            self.closing = Some(Closing::new(close, &message, framing_intact));
+        }
         for call in self.calls.keys().copied().collect::<Vec<_>>() {
             self.end_call(call, Status::new(code, message.clone()));
-        }
-        let mut reason = message;
-        // A close reason is at most 123 bytes.
-        if reason.len() > 120 {
-            let mut cut = 120;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-        }
-        if self.closing.is_none() {
-            self.closing = Some(Closing { code: close, reason });
         }
     }
 }
