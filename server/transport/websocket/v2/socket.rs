@@ -846,3 +846,17 @@ impl Socket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_control_frame_and_stay_utf8() {
+        let long = "é".repeat(100);
+        let reason = close_reason(&long);
+        assert!(reason.len() <= 123);
+        assert!(long.starts_with(reason));
+        assert_eq!(close_reason("short"), "short");
+    }
+}
