@@ -56,9 +56,10 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_WS_WRITE_BUFFER_SIZE", default_value_t = 16 * 1024, value_parser = at_least_one())]
     pub ws_write_buffer_size: usize,
 
-    /// Requests of one WebSocket call read ahead of their replies. When they are
-    /// all waiting for the client to read replies, the server stops reading
-    /// from that socket (backpressure).
+    /// WebSocket messages (v1 frames, v2 batches) that have already arrived and
+    /// that a socket reads ahead of writing the replies to them, to write those
+    /// in one go. While its writes wait for the client to read replies, the
+    /// server stops reading from that socket (backpressure).
     #[arg(long, env = "STREAMBRIDGE_WS_REQUEST_QUEUE", default_value_t = 32, value_parser = at_least_one())]
     pub ws_request_queue: usize,
 

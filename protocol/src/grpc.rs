@@ -6,6 +6,11 @@
 //! copying them; only a message cut by a chunk's end is copied, once, when
 //! the next chunk comes. It checks each declared length against a limit as
 //! soon as the prefix is complete, before any of the message is held.
+//!
+//! The [`PrefixCursor`] follows a body that passes on as it is (a request
+//! body on its way to tonic, an upstream's response on its way to the
+//! client): it holds none of the messages' bytes, and tells each prefix as
+//! it completes.
 
 use std::fmt;
 
@@ -133,6 +138,85 @@ impl MessageReader {
     }
 }
 
+/// A message's prefix, as a [`PrefixCursor`] completes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefix {
+    /// Where in the chunk the prefix ends: the message's bytes start there,
+    /// and the prefix [`PREFIX_LEN`] bytes before (which may be before the
+    /// chunk, for a prefix cut by the previous chunk's end).
+    pub end: usize,
+    /// The compression flag.
+    pub compressed: bool,
+    /// The declared length.
+    pub length: usize,
+}
+
+/// Follows a body's messages as its chunks pass, holding none of their
+/// bytes: only the part of a prefix cut by a chunk's end (at most 4 bytes).
+#[derive(Clone, Debug, Default)]
+pub struct PrefixCursor {
+    prefix: [u8; PREFIX_LEN],
+    prefix_len: usize,
+    /// The current message's declared length, once its prefix is complete.
+    declared: usize,
+    /// Bytes of the current message still to come.
+    remaining: usize,
+}
+
+impl PrefixCursor {
+    /// Follows the framing through `chunk`, calling `each` with every
+    /// prefix completed in it, in order; stops at the first `Err` (the
+    /// cursor then stands just after that prefix) and returns it.
+    pub fn advance<E>(&mut self, chunk: &[u8], mut each: impl FnMut(Prefix) -> Result<(), E>) -> Result<(), E> {
+        let mut pos = 0;
+        while pos < chunk.len() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(chunk.len() - pos);
+                self.remaining -= n;
+                pos += n;
+                continue;
+            }
+            let n = (PREFIX_LEN - self.prefix_len).min(chunk.len() - pos);
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&chunk[pos..pos + n]);
+            self.prefix_len += n;
+            pos += n;
+            if self.prefix_len == PREFIX_LEN {
+                self.prefix_len = 0;
+                self.declared =
+                    u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]) as usize;
+                self.remaining = self.declared;
+                each(Prefix {
+                    end: pos,
+                    compressed: self.prefix[0] != 0,
+                    length: self.declared,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of an unfinished prefix seen so far (0 outside a prefix).
+    pub fn in_prefix(&self) -> usize {
+        self.prefix_len
+    }
+
+    /// The current message's declared length (its last one between messages).
+    pub fn declared(&self) -> usize {
+        self.declared
+    }
+
+    /// Bytes of the current message still to come.
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    /// Whether the body stands inside a message (its prefix, or its bytes):
+    /// it may not end here.
+    pub fn inside_message(&self) -> bool {
+        self.prefix_len > 0 || self.remaining > 0
+    }
+}
+
 /// The length of the message `buffer` starts with, if it is whole.
 fn whole(buffer: &[u8], limit: usize) -> Result<Option<usize>, MessageError> {
     if buffer.len() < PREFIX_LEN {
@@ -206,6 +290,48 @@ mod tests {
             assert_eq!(again, messages);
             assert_eq!(reader.buffered(), 0);
         }
+    }
+
+    #[test]
+    fn the_cursor_tells_each_prefix_where_it_ends_however_the_body_is_cut() {
+        let mut wire = BytesMut::new();
+        for length in [0, 3, 300] {
+            put_message(&mut wire, &vec![7; length]);
+        }
+        wire[PREFIX_LEN] = 1; // the second message's flag: compressed
+        for chunk in 1..wire.len() {
+            let mut cursor = PrefixCursor::default();
+            let mut seen = Vec::new();
+            let mut offset = 0;
+            for piece in wire.chunks(chunk) {
+                cursor
+                    .advance(piece, |prefix| {
+                        seen.push((offset + prefix.end, prefix.compressed, prefix.length));
+                        Ok::<_, ()>(())
+                    })
+                    .unwrap();
+                offset += piece.len();
+            }
+            assert_eq!(
+                seen,
+                [(5, false, 0), (10, true, 3), (18, false, 300)],
+                "chunks of {chunk}"
+            );
+            assert!(!cursor.inside_message());
+        }
+        let mut cursor = PrefixCursor::default();
+        assert_eq!(
+            cursor.advance(&wire[..12], |p| if p.length == 3 { Err(p.end) } else { Ok(()) }),
+            Err(10)
+        );
+        assert_eq!(
+            (cursor.remaining(), cursor.declared()),
+            (3, 3),
+            "stands after the refused prefix"
+        );
+        let mut cursor = PrefixCursor::default();
+        cursor.advance(&wire[..2], |_| Ok::<_, ()>(())).unwrap();
+        assert_eq!((cursor.in_prefix(), cursor.inside_message()), (2, true));
     }
 
     #[test]

@@ -108,7 +108,11 @@ impl AppState {
     pub fn new(config: &Config, core: Core, backend: Backend, data_service: bool) -> AppState {
         AppState {
             origins: OriginPolicy::new(&config.allowed_origins),
-            sockets: Arc::new(SocketContext::new(config, backend, data_service.then(|| core.calls.clone()))),
+            sockets: Arc::new(SocketContext::new(
+                config,
+                backend,
+                data_service.then(|| core.calls.clone()),
+            )),
             data_service,
             core,
         }

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -63,6 +63,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::ServiceExt;
+
+use streambridge_protocol::grpc::{PREFIX_LEN, PrefixCursor};
 
 use super::{ConnectionLost, ParkingLimit};
 
@@ -604,9 +606,10 @@ struct ResponseBody {
     body: Option<tonic::body::Body>,
     shared: Arc<Shared>,
     refused: Arc<OnceLock<Status>>,
-    /// Bytes of the current message still to pass.
-    remaining: usize,
-    /// A prefix split across chunks, held until it is whole.
+    /// Where the response stands in its messages.
+    cursor: PrefixCursor,
+    /// A prefix cut by a chunk's end, held back until it is whole (a
+    /// message over the limit must not have sent any of its prefix).
     partial_prefix: BytesMut,
     /// The status to end with, once the data before it has gone.
     ending: Option<Status>,
@@ -620,47 +623,46 @@ impl ResponseBody {
             body: Some(body),
             shared,
             refused,
-            remaining: 0,
+            cursor: PrefixCursor::default(),
             partial_prefix: BytesMut::new(),
             ending: None,
             link,
         }
     }
 
-    /// Scans `data` for message prefixes. Returns the bytes that may pass
-    /// now; sets `ending` if a message is over the limit (its bytes never
-    /// pass) and holds back a prefix cut by the chunk's end.
-    fn follow(&mut self, mut data: Bytes) -> Bytes {
-        if !self.partial_prefix.is_empty() {
-            let mut joined = std::mem::take(&mut self.partial_prefix);
+    /// Follows `data`'s messages. Returns the bytes that may pass now; sets
+    /// `ending` if a message is over the limit (none of its bytes pass) and
+    /// holds back a prefix cut by the chunk's end.
+    fn follow(&mut self, data: Bytes) -> Bytes {
+        let limit = self.shared.max_message_size;
+        let refused = self.cursor.advance(&data, |prefix| match prefix.length > limit {
+            true => Err(prefix),
+            false => Ok(()),
+        });
+        // The bytes held back begin the prefix that `data` continues.
+        let held = std::mem::take(&mut self.partial_prefix);
+        let held_len = held.len();
+        let joined = if held.is_empty() {
+            data
+        } else {
+            let mut joined = held;
             joined.extend_from_slice(&data);
-            data = joined.freeze();
-        }
-        let mut pos = 0;
-        while pos < data.len() {
-            if self.remaining > 0 {
-                let n = self.remaining.min(data.len() - pos);
-                self.remaining -= n;
-                pos += n;
-                continue;
-            }
-            if data.len() - pos < 5 {
-                self.partial_prefix.extend_from_slice(&data[pos..]);
-                return data.slice(..pos);
-            }
-            let mut prefix = &data[pos + 1..pos + 5];
-            let length = prefix.get_u32() as usize;
-            if length > self.shared.max_message_size {
+            joined.freeze()
+        };
+        match refused {
+            Err(prefix) => {
                 self.ending = Some(Status::resource_exhausted(format!(
-                    "the upstream sent a message of {length} bytes; the limit (--max-message-size) is {}",
-                    self.shared.max_message_size
+                    "the upstream sent a message of {} bytes; the limit (--max-message-size) is {limit}",
+                    prefix.length
                 )));
-                return data.slice(..pos);
+                joined.slice(..held_len + prefix.end - PREFIX_LEN)
             }
-            self.remaining = length;
-            pos += 5;
+            Ok(()) => {
+                let whole = joined.len() - self.cursor.in_prefix();
+                self.partial_prefix.extend_from_slice(&joined[whole..]);
+                joined.slice(..whole)
+            }
         }
-        data
     }
 
     /// Ends the call with `status` as trailers; the upstream stream is
@@ -701,7 +703,7 @@ impl http_body::Body for ResponseBody {
                     };
                     return this.end_with(status);
                 }
-                None if this.remaining > 0 || !this.partial_prefix.is_empty() => {
+                None if this.cursor.inside_message() => {
                     return this.end_with(Status::internal(format!(
                         "upstream {}: the response ended inside a message",
                         this.shared.name
@@ -748,6 +750,61 @@ mod tests {
         for bad in ["", "5", "m", "123456789m", "5x", "-5m", "5 m"] {
             assert_eq!(parse_grpc_timeout(&HeaderValue::from_static(bad)), None, "{bad:?}");
         }
+    }
+
+    fn response_body(max_message_size: usize) -> ResponseBody {
+        let label: Arc<str> = Arc::from("upstream test");
+        let shared = Arc::new(Shared {
+            name: "test".into(),
+            label: label.clone(),
+            max_message_size,
+            connect_timeout: Duration::from_secs(1),
+            reachable: watch::channel(true).0,
+            call_failed: Notify::new(),
+            link: Mutex::new(ConnectionLost::new(label.clone())),
+            parking: ParkingLimit::new(1),
+        });
+        let body = tonic::body::Body::empty();
+        ResponseBody::new(body, shared, Arc::default(), ConnectionLost::new(label))
+    }
+
+    #[test]
+    fn a_response_passes_up_to_the_prefix_of_a_message_over_the_limit_however_it_is_cut() {
+        use streambridge_protocol::grpc::put_message;
+        let mut wire = BytesMut::new();
+        for length in [3, 0, 10] {
+            put_message(&mut wire, &vec![1; length]);
+        }
+        let allowed = wire.len();
+        put_message(&mut wire, &[2; 11]);
+        put_message(&mut wire, &[3]);
+        for chunk in 1..wire.len() {
+            let mut body = response_body(10);
+            let mut passed = BytesMut::new();
+            for piece in wire.chunks(chunk) {
+                passed.extend_from_slice(&body.follow(Bytes::copy_from_slice(piece)));
+                if body.ending.is_some() {
+                    break;
+                }
+            }
+            assert_eq!(
+                &passed[..],
+                &wire[..allowed],
+                "chunks of {chunk}: not a byte of the refused prefix"
+            );
+            let ending = body.ending.expect("refused");
+            assert_eq!(ending.code(), tonic::Code::ResourceExhausted);
+            assert!(ending.message().contains("message of 11 bytes"), "{ending:?}");
+        }
+        // Within the limit, every byte passes, a cut prefix once it is whole.
+        let mut body = response_body(100);
+        let mut passed = BytesMut::new();
+        for piece in wire.chunks(4) {
+            let out = body.follow(Bytes::copy_from_slice(piece));
+            passed.extend_from_slice(&out);
+        }
+        assert_eq!(passed, wire);
+        assert!(!body.cursor.inside_message() && body.ending.is_none());
     }
 
     #[test]

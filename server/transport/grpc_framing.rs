@@ -27,12 +27,14 @@
 //! is touched once per message that spans chunks, never for one that
 //! arrives whole.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http_body::{Frame, SizeHint};
+use streambridge_protocol::grpc::{PREFIX_LEN, PrefixCursor};
 use tokio::time::Sleep;
 use tonic::Status;
 
@@ -107,71 +109,50 @@ enum Stall {
 
 /// Where a body stands in its sequence of length-prefixed messages.
 #[derive(Debug, Default)]
-struct MessageCursor {
-    /// Bytes of the current message's 5-byte prefix seen so far.
-    prefix: [u8; 5],
-    prefix_len: usize,
-    /// The current message's declared length, once its prefix is complete.
-    declared: usize,
-    /// Bytes of the current message's body still to come.
-    remaining: usize,
-}
+struct MessageCursor(PrefixCursor);
 
 impl MessageCursor {
     /// Follows the framing through `data`; returns the largest length a
     /// prefix completed in `data` declared (0 if none did).
-    fn advance(&mut self, mut data: &[u8]) -> usize {
+    fn advance(&mut self, data: &[u8]) -> usize {
         let mut largest = 0;
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let n = self.remaining.min(data.len());
-                self.remaining -= n;
-                data = &data[n..];
-                continue;
-            }
-            let n = (5 - self.prefix_len).min(data.len());
-            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
-            self.prefix_len += n;
-            data = &data[n..];
-            if self.prefix_len == 5 {
-                self.prefix_len = 0;
-                let length = u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]);
-                self.declared = length as usize;
-                self.remaining = self.declared;
-                largest = largest.max(self.declared);
-            }
-        }
+        let _ = self.0.advance(data, |prefix| {
+            largest = largest.max(prefix.length);
+            Ok::<_, Infallible>(())
+        });
         largest
     }
 
     /// Whether the body is inside a message (its prefix, or its bytes).
     fn inside_message(&self) -> bool {
-        self.prefix_len > 0 || self.remaining > 0
+        self.0.inside_message()
     }
 
     /// What the current unfinished message reserves: its whole length once
     /// the prefix is known (tonic reserves as much), the prefix bytes before
     /// that, nothing for a message over `max` (tonic refuses it at once).
     fn reserved(&self, max: usize) -> usize {
-        if self.remaining > 0 {
-            if self.declared > max { 0 } else { 5 + self.declared }
+        let declared = self.0.declared();
+        if self.0.remaining() > 0 {
+            if declared > max { 0 } else { PREFIX_LEN + declared }
         } else {
-            self.prefix_len
+            self.0.in_prefix()
         }
     }
 
     /// Why the body may not end here, if it is inside a message.
     fn truncation(&self) -> Option<String> {
-        if self.prefix_len > 0 {
+        let cursor = &self.0;
+        if cursor.in_prefix() > 0 {
             Some(format!(
                 "request truncated: the body ended after {} of a message's 5 prefix bytes",
-                self.prefix_len
+                cursor.in_prefix()
             ))
-        } else if self.remaining > 0 {
+        } else if cursor.remaining() > 0 {
             Some(format!(
                 "request truncated: a message declared {} bytes but the body ended after {}",
-                self.declared,
-                self.declared - self.remaining
+                cursor.declared(),
+                cursor.declared() - cursor.remaining()
             ))
         } else {
             None

@@ -78,10 +78,14 @@ fn wrong_type(received: &'static str, expected: &'static str, encoding: Encoding
 pub fn read_error(error: WsError, limit: usize) -> Option<(Error, bool)> {
     Some(match error {
         // tungstenite stopped inside the frame: what follows is not framed.
-        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => (Error::MessageTooLarge { size, limit }, false),
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. }) => {
+            (Error::MessageTooLarge { size, limit }, false)
+        }
         // tungstenite ends the stream after this error: no Close can be read.
         WsError::Utf8(_) => (
-            Error::InvalidFrame(streambridge_protocol::DecodeError("text frame is not valid UTF-8".into())),
+            Error::InvalidFrame(streambridge_protocol::DecodeError(
+                "text frame is not valid UTF-8".into(),
+            )),
             false,
         ),
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)

@@ -133,7 +133,11 @@ impl BuiltinCall {
         append_reply(call, request, socket.batch)?;
         socket.messages.message_received();
         socket.messages.message_sent();
-        self.credit -= 1;
+        // Credit that reached 2^32-1 is without limit: v1's call, and a v2
+        // client that granted that much, never run out.
+        if self.credit != u32::MAX {
+            self.credit -= 1;
+        }
         self.request_left -= 1;
         // Top the request credit up once half of it is used up (as the generic path does).
         if u64::from(self.request_left) <= REQUEST_CREDIT / 2 {
@@ -188,12 +192,13 @@ pub struct SocketSide<'a> {
 /// from the request's bytes: neither the request's `data` nor the reply's
 /// `result` gets a `String` of its own.
 fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(), Status> {
-    let data = match request {
-        Request::Proto(bytes) => Cow::Borrowed(streambridge_protocol::stream_request_data(bytes).map_err(|e| {
-            Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
-        })?),
-        Request::Json(text) => json_data(text)?,
-    };
+    let data =
+        match request {
+            Request::Proto(bytes) => Cow::Borrowed(streambridge_protocol::stream_request_data(bytes).map_err(|e| {
+                Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
+            })?),
+            Request::Json(text) => json_data(text)?,
+        };
     let pieces = processor::result_pieces(&data);
     match (batch.framing, batch.encoding) {
         (Framing::Records, Encoding::Proto) => {
@@ -202,7 +207,9 @@ fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(
         (Framing::Records, Encoding::Json) => {
             batch.append(|out| v2::json::append_message_record(call, out, |out| append_reply_json(&pieces, out)));
         }
-        (Framing::V1, Encoding::Proto) => batch.append(|out| streambridge_protocol::proto::append_response_frame(&pieces, out)),
+        (Framing::V1, Encoding::Proto) => {
+            batch.append(|out| streambridge_protocol::proto::append_response_frame(&pieces, out))
+        }
         (Framing::V1, Encoding::Json) => batch.append(|out| {
             out.extend_from_slice(br#"{"response":"#);
             append_reply_json(&pieces, out);

@@ -206,7 +206,10 @@ impl GrpcCall {
                 let Some(message) = reading.messages.next_message().map_err(response_error)? else {
                     break;
                 };
-                self.credit -= 1;
+                // Credit that reached 2^32-1 is without limit (as on the built-in plug-in).
+                if self.credit != u32::MAX {
+                    self.credit -= 1;
+                }
                 match &reading.output {
                     Some(output) => batch.record(call, Kind::JsonMessage(to_json(output, message)?)),
                     None => {

@@ -397,7 +397,7 @@ impl Socket {
     }
 
     /// A v1 socket's one call, open from the start: v1 has no flow control,
-    /// so its response credit never runs out (see [`Socket::settle`]).
+    /// so its response credit is without limit (2^32-1, which never runs out).
     fn open_v1_call(&mut self) {
         let calls = self
             .context
@@ -469,9 +469,6 @@ impl Socket {
                 continue;
             };
             live.request_credit = live.request_credit.saturating_add(builtin.take_unsent_grants());
-            if self.batch.framing == Framing::V1 {
-                builtin.add_credit(u32::MAX);
-            }
             if builtin.is_done() {
                 self.end_call(call, Status::ok(""));
             }
@@ -576,7 +573,9 @@ impl Socket {
             Some(Ok(message)) => message,
             Some(Err(error)) if self.batch.framing == Framing::V1 => {
                 match v1::read_error(error, settings.max_message_size) {
-                    Some((error, framing_intact)) => self.fail(error.code(), error.to_string(), error.close_code(), framing_intact),
+                    Some((error, framing_intact)) => {
+                        self.fail(error.code(), error.to_string(), error.close_code(), framing_intact)
+                    }
                     None => return Gone::Yes,
                 }
                 return Gone::No;
@@ -584,7 +583,9 @@ impl Socket {
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
                 self.fail(
                     Code::ResourceExhausted,
-                    format!("a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"),
+                    format!(
+                        "a WebSocket message of {size} bytes is larger than {max_size} (--max-message-size plus 64 KiB)"
+                    ),
                     CloseCode::Size,
                     false,
                 );
@@ -592,7 +593,12 @@ impl Socket {
             }
             Some(Err(WsError::Utf8(_))) => {
                 // tungstenite ends the stream after this error: no Close can be read.
-                self.fail(Code::InvalidArgument, "a text message is not valid UTF-8".into(), CloseCode::Invalid, false);
+                self.fail(
+                    Code::InvalidArgument,
+                    "a text message is not valid UTF-8".into(),
+                    CloseCode::Invalid,
+                    false,
+                );
                 return Gone::No;
             }
             Some(Err(_)) | None => return Gone::Yes,

@@ -14,7 +14,6 @@
 //!   runs it: the same replies without tonic's codec, measured at a quarter
 //!   of the generic path's CPU per message (docs/benchmarks.md).
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,10 +57,65 @@ pub enum Route {
     Builtin(BuiltinCall),
 }
 
-/// The live calls of a socket by id. Looked up for every record: hashed
-/// with foldhash (ids are small integers, and at most `--ws-max-calls` of
-/// them live at once, so the DoS resistance of SipHash buys nothing).
-pub type CallTable = HashMap<u32, LiveCall, foldhash::fast::RandomState>;
+/// The live calls of a socket by id, in the order they were opened. A
+/// client's ids increase (`open` refuses one that does not), so a new call
+/// goes at the end and a look-up (one per record) is a binary search over
+/// at most `--ws-max-calls` entries. A vector rather than a hash map: a
+/// socket with one call (every v1 socket) holds that entry's bytes, not a
+/// table's.
+#[derive(Default)]
+pub struct CallTable(Vec<(u32, LiveCall)>);
+
+impl CallTable {
+    fn position(&self, call: u32) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&call, |(id, _)| *id)
+    }
+
+    pub fn get(&self, call: &u32) -> Option<&LiveCall> {
+        let index = self.position(*call).ok()?;
+        Some(&self.0[index].1)
+    }
+
+    pub fn get_mut(&mut self, call: &u32) -> Option<&mut LiveCall> {
+        let index = self.position(*call).ok()?;
+        Some(&mut self.0[index].1)
+    }
+
+    /// Adds `call`, whose id is larger than every id in the table.
+    pub fn insert(&mut self, call: u32, live: LiveCall) {
+        debug_assert!(self.0.last().is_none_or(|(last, _)| *last < call), "call ids increase");
+        if self.0.capacity() == 0 {
+            // One entry, not the four a first push makes room for.
+            self.0.reserve_exact(1);
+        }
+        self.0.push((call, live));
+    }
+
+    pub fn remove(&mut self, call: &u32) -> Option<LiveCall> {
+        let index = self.position(*call).ok()?;
+        Some(self.0.remove(index).1)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &u32> {
+        self.0.iter().map(|(call, _)| call)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &LiveCall> {
+        self.0.iter().map(|(_, live)| live)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &LiveCall)> {
+        self.0.iter().map(|(call, live)| (call, live))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 impl LiveCall {
     pub fn new(route: Route) -> LiveCall {
