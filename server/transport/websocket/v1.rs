@@ -19,13 +19,11 @@
 //! while a write waits), v1's error texts and a close code per error
 //! ([`crate::error::Error`]).
 
-use prost::Message as _;
 use streambridge_protocol::v2::{self, Encoding};
 use streambridge_protocol::{Subprotocol, client_frame, json, proto, server_frame};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 
-use super::v2::{Incoming, Request};
 use crate::error::Error;
 
 /// The id of a v1 socket's one call.
@@ -47,20 +45,14 @@ pub fn encoding(subprotocol: Subprotocol) -> Encoding {
     }
 }
 
-/// The record of [`CALL`] that a client's data message (text or binary)
-/// carries, or the error that ends the call.
-pub fn record(message: Message, encoding: Encoding) -> Result<Incoming<'static>, Error> {
-    let frame = match (message, encoding) {
+/// The v1 frame a client's data message (text or binary) carries, or the
+/// error that ends the call.
+pub fn frame(message: Message, encoding: Encoding) -> Result<client_frame::Frame, Error> {
+    Ok(match (message, encoding) {
         (Message::Text(text), Encoding::Json) => json::decode_client_frame(&text)?,
         (Message::Binary(bytes), Encoding::Proto) => proto::decode_client_frame(&bytes)?,
         (Message::Binary(_), Encoding::Json) => return Err(wrong_type("binary", "text", encoding)),
         (_, _) => return Err(wrong_type("text", "binary", encoding)),
-    };
-    Ok(match frame {
-        // The machine reads a request as its `StreamRequest` bytes; v1's
-        // decoder checked it whole, with v1's own error texts.
-        client_frame::Frame::Request(request) => Incoming::Message(Request::Proto(request.encode_to_vec().into())),
-        client_frame::Frame::CloseSend(_) => Incoming::CloseSend,
     })
 }
 
@@ -218,17 +210,12 @@ mod tests {
     }
 
     #[test]
-    fn v1_frames_are_the_records_of_call_1() {
-        let request = record(Message::text(r#"{"request":{"data":"hi"}}"#), Encoding::Json).unwrap();
-        let Incoming::Message(Request::Proto(bytes)) = request else {
-            panic!("a request is a message record")
-        };
-        assert_eq!(streambridge_protocol::stream_request_data(&bytes), Ok("hi"));
-        assert!(matches!(
-            record(Message::text(r#"{"closeSend":{}}"#), Encoding::Json),
-            Ok(Incoming::CloseSend)
-        ));
-        let wrong = record(Message::text("{}"), Encoding::Proto).err().unwrap();
+    fn a_frame_of_the_wrong_type_is_refused_with_1003() {
+        let request = frame(Message::text(r#"{"request":{"data":"hi"}}"#), Encoding::Json).unwrap();
+        assert!(matches!(request, client_frame::Frame::Request(r) if r.data == "hi"));
+        let wrong = frame(Message::text("{}"), Encoding::Proto).err().unwrap();
+        assert_eq!(wrong.close_code(), 1003);
+        let wrong = frame(Message::binary(&b"{}"[..]), Encoding::Json).err().unwrap();
         assert_eq!(wrong.close_code(), 1003);
     }
 }

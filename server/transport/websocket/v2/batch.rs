@@ -1,6 +1,8 @@
 //! The records the socket writes, gathered into WebSocket messages.
 
+use bytes::Bytes;
 use streambridge_protocol::v2::Encoding;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::records::{self, Kind};
 use crate::transport::websocket::v1;
@@ -30,7 +32,7 @@ pub struct Batch {
     pub framing: Framing,
     /// Finished messages, in order, before `open` (only after a burst of
     /// more than [`BATCH_BYTES`], or on v1, where each record is one).
-    full: Vec<Vec<u8>>,
+    full: Vec<Message>,
     /// Bytes in `full`.
     full_bytes: usize,
     /// The message being filled (a json one without its closing bracket);
@@ -68,8 +70,8 @@ impl Batch {
         if self.framing == Framing::V1 {
             let mut frame = Vec::with_capacity(64);
             write(&mut frame);
-            self.full_bytes += frame.len();
-            self.full.push(frame);
+            let frame = self.message(frame);
+            self.push_full(frame);
             return;
         }
         let json = self.encoding == Encoding::Json;
@@ -96,8 +98,7 @@ impl Batch {
             self.open.truncate(start - usize::from(json));
             let done = std::mem::replace(&mut self.open, next);
             let done = self.finished(done);
-            self.full_bytes += done.len();
-            self.full.push(done);
+            self.push_full(done);
         }
     }
 
@@ -114,15 +115,34 @@ impl Batch {
         }
     }
 
-    fn finished(&self, mut message: Vec<u8>) -> Vec<u8> {
-        if self.encoding == Encoding::Json {
+    /// A v1 text frame, written as text (no second look at its UTF-8).
+    pub fn append_text(&mut self, frame: String) {
+        debug_assert_eq!(self.framing, Framing::V1);
+        self.push_full(Message::Text(Utf8Bytes::from(frame)));
+    }
+
+    fn push_full(&mut self, message: Message) {
+        self.full_bytes += message.len();
+        self.full.push(message);
+    }
+
+    fn finished(&self, mut message: Vec<u8>) -> Message {
+        if self.encoding == Encoding::Json && self.framing == Framing::Records {
             message.push(b']');
         }
-        message
+        self.message(message)
+    }
+
+    /// `bytes` as a message of the socket's kind.
+    fn message(&self, bytes: Vec<u8>) -> Message {
+        match self.encoding {
+            Encoding::Proto => Message::Binary(bytes.into()),
+            Encoding::Json => Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text")),
+        }
     }
 
     /// The messages to write, in order; the batch is empty after.
-    pub fn take(&mut self) -> impl Iterator<Item = Vec<u8>> + use<> {
+    pub fn take(&mut self) -> impl Iterator<Item = Message> + use<> {
         let open = std::mem::take(&mut self.open);
         self.full_bytes = 0;
         let last = (!open.is_empty()).then(|| self.finished(open));
@@ -154,7 +174,8 @@ mod tests {
         let encoding = batch.encoding;
         batch
             .take()
-            .map(|bytes| {
+            .map(|message| {
+                let bytes = message.into_data();
                 let calls = match encoding {
                     Encoding::Proto => v2::ServerBatch::decode(&bytes[..])
                         .expect("a ServerBatch")

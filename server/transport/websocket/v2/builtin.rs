@@ -101,6 +101,21 @@ impl BuiltinCall {
         Ok(())
     }
 
+    /// A request already decoded by protocol v1's envelope (its `data`):
+    /// the same as [`BuiltinCall::receive`], without reading it again.
+    pub fn receive_data(&mut self, call: u32, data: &str, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+        if !self.queued && self.credit > 0 {
+            return self.answer_data(call, data, socket);
+        }
+        // Never on v1, whose credit is without limit; encoded as the request it is.
+        let request = streambridge_protocol::StreamRequest { data: data.to_owned() };
+        let payload = Payload::Proto(prost::Message::encode_to_vec(&request).into());
+        socket.budget.take(payload.len());
+        self.rest.waiting.push_back(payload);
+        self.queued = true;
+        Ok(())
+    }
+
     pub fn close_send(&mut self) {
         self.closed_send = true;
     }
@@ -130,7 +145,12 @@ impl BuiltinCall {
 
     /// One reply, and a grant of request credit when it is due, into the batch.
     fn answer(&mut self, call: u32, request: &Request<'_>, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        append_reply(call, request, socket.batch)?;
+        let data = request_data(request)?;
+        self.answer_data(call, &data, socket)
+    }
+
+    fn answer_data(&mut self, call: u32, data: &str, socket: &mut SocketSide<'_>) -> Result<(), Status> {
+        append_reply(call, data, socket.batch);
         socket.messages.message_received();
         socket.messages.message_sent();
         // Credit that reached 2^32-1 is without limit: v1's call, and a v2
@@ -187,19 +207,25 @@ pub struct SocketSide<'a> {
     pub messages: &'a StreamMetrics,
 }
 
-/// The processor's reply to `request`, as a `message` record of `call` in
-/// the batch; an error if the request does not decode. Written straight
-/// from the request's bytes: neither the request's `data` nor the reply's
-/// `result` gets a `String` of its own.
-fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(), Status> {
-    let data =
-        match request {
-            Request::Proto(bytes) => Cow::Borrowed(streambridge_protocol::stream_request_data(bytes).map_err(|e| {
+/// A request's `data`, read in place; an error if the request does not
+/// decode.
+fn request_data<'a>(request: &'a Request<'_>) -> Result<Cow<'a, str>, Status> {
+    match request {
+        Request::Proto(bytes) => Ok(Cow::Borrowed(
+            streambridge_protocol::stream_request_data(bytes).map_err(|e| {
                 Status::invalid_argument(format!("message is not a valid StreamRequest in protobuf: {e}"))
-            })?),
-            Request::Json(text) => json_data(text)?,
-        };
-    let pieces = processor::result_pieces(&data);
+            })?,
+        )),
+        Request::Json(text) => json_data(text),
+    }
+}
+
+/// The processor's reply to `data`, as a `message` record of `call` in the
+/// batch (a v1 `response` frame on v1). Written straight from the
+/// request's bytes: neither the request's `data` nor the reply's `result`
+/// gets a `String` of its own.
+fn append_reply(call: u32, data: &str, batch: &mut Batch) {
+    let pieces = processor::result_pieces(data);
     match (batch.framing, batch.encoding) {
         (Framing::Records, Encoding::Proto) => {
             batch.append(|out| v2::append_stream_response_record(call, &pieces, out));
@@ -208,15 +234,16 @@ fn append_reply(call: u32, request: &Request<'_>, batch: &mut Batch) -> Result<(
             batch.append(|out| v2::json::append_message_record(call, out, |out| append_reply_json(&pieces, out)));
         }
         (Framing::V1, Encoding::Proto) => {
-            batch.append(|out| streambridge_protocol::proto::append_response_frame(&pieces, out))
+            batch.append(|out| streambridge_protocol::proto::append_response_frame(&pieces, out));
         }
-        (Framing::V1, Encoding::Json) => batch.append(|out| {
-            out.extend_from_slice(br#"{"response":"#);
-            append_reply_json(&pieces, out);
-            out.push(b'}');
-        }),
+        (Framing::V1, Encoding::Json) => {
+            let mut frame = String::with_capacity(32 + pieces.iter().map(|piece| piece.len()).sum::<usize>());
+            frame.push_str(r#"{"response":"#);
+            write_reply_json(&pieces, |text| frame.push_str(text));
+            frame.push('}');
+            batch.append_text(frame);
+        }
     }
-    Ok(())
 }
 
 /// A `StreamRequest`'s `data`, from the request's proto3 JSON.
@@ -334,18 +361,23 @@ fn is_plain_json_string(text: &str) -> bool {
 /// `StreamResponse { result }` in proto3 JSON, `result` being `pieces`
 /// joined, appended to `out`.
 fn append_reply_json(pieces: &[&str], out: &mut Vec<u8>) {
-    out.extend_from_slice(br#"{"result":""#);
+    write_reply_json(pieces, |text| out.extend_from_slice(text.as_bytes()));
+}
+
+/// [`append_reply_json`], written through `write` (into bytes, or a `String`).
+fn write_reply_json(pieces: &[&str], mut write: impl FnMut(&str)) {
     // Text with nothing to escape (the usual reply) is copied as it is.
     if pieces.iter().all(|piece| is_plain_json_string(piece)) {
+        write(r#"{"result":""#);
         for piece in pieces {
-            out.extend_from_slice(piece.as_bytes());
+            write(piece);
         }
-        out.push(b'"');
+        write(r#""}"#);
     } else {
-        out.pop();
-        serde_json::to_writer(&mut *out, &pieces.concat()).expect("a string serialises into a Vec");
+        write(r#"{"result":"#);
+        write(&serde_json::to_string(&pieces.concat()).expect("a string serialises"));
+        write("}");
     }
-    out.push(b'}');
 }
 
 #[cfg(test)]
@@ -412,6 +444,28 @@ mod tests {
             r#"{"data":"\ud800"}"#,
         ] {
             assert!(json(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn a_v1_reply_is_the_frame_v1s_own_encoder_writes() {
+        use streambridge_protocol::{StreamResponse, json, proto, server_frame};
+        for data in ["hi", "", "\"q\"", "ü\n"] {
+            let expected = server_frame::Frame::Response(StreamResponse {
+                result: format!("processed: {data}"),
+            });
+            for encoding in [Encoding::Json, Encoding::Proto] {
+                let mut batch = Batch::new(encoding, Framing::V1);
+                append_reply(1, data, &mut batch);
+                let frames: Vec<_> = batch.take().collect();
+                assert_eq!(frames.len(), 1, "one frame per reply");
+                let frame = frames.into_iter().next().unwrap().into_data();
+                let written = match encoding {
+                    Encoding::Json => json::encode_server_frame(&expected).into_bytes(),
+                    Encoding::Proto => proto::encode_server_frame(expected.clone()),
+                };
+                assert_eq!(&frame[..], &written[..], "{encoding:?} {data:?}");
+            }
         }
     }
 

@@ -38,7 +38,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-pub use self::records::{Incoming, Request};
 pub use self::socket::run;
 use crate::backend::descriptors::Catalog;
 use crate::backend::{Backend, GrpcService};

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use streambridge_protocol::client_frame;
 use streambridge_protocol::v2::{self, Encoding};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -304,6 +305,15 @@ where
     }
 }
 
+/// A request message, as the socket's protocol brought it.
+enum Arrived<'a> {
+    /// A v2 `message` record.
+    Record(Request<'a>),
+    /// A v1 `request` frame's `data`, decoded by v1's envelope (which
+    /// checked it whole, with v1's own error texts).
+    V1Data(&'a str),
+}
+
 enum Gone {
     Yes,
     No,
@@ -494,16 +504,9 @@ impl Socket {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let encoding = self.batch.encoding;
         let deadline = settings.ping_interval * 2;
         let mut messages = self.batch.take().peekable();
-        while let Some(bytes) = messages.next() {
-            let message = match encoding {
-                Encoding::Proto => Message::Binary(bytes.into()),
-                Encoding::Json => {
-                    Message::Text(Utf8Bytes::try_from(Bytes::from(bytes)).expect("records are JSON text"))
-                }
-            };
+        while let Some(message) = messages.next() {
             let last = messages.peek().is_none();
             let mut write = std::pin::pin!(async {
                 socket.feed(message).await?;
@@ -619,9 +622,10 @@ impl Socket {
                 let _ = tokio::time::timeout(settings.close_timeout, socket.flush()).await;
                 return Gone::Yes;
             }
-            (message, encoding) if self.batch.framing == Framing::V1 => match v1::record(message, encoding) {
-                Ok(kind) => {
-                    self.on_record(v1::CALL, kind);
+            (message, encoding) if self.batch.framing == Framing::V1 => match v1::frame(message, encoding) {
+                Ok(client_frame::Frame::Request(request)) => self.message(v1::CALL, Arrived::V1Data(&request.data)),
+                Ok(client_frame::Frame::CloseSend(_)) => {
+                    self.on_record(v1::CALL, Incoming::CloseSend);
                 }
                 Err(error) => self.fail(error.code(), error.to_string(), error.close_code(), true),
             },
@@ -679,7 +683,7 @@ impl Socket {
         }
         match kind {
             Incoming::Open(open) => return self.open(call, open),
-            Incoming::Message(payload) => self.message(call, payload),
+            Incoming::Message(payload) => self.message(call, Arrived::Record(payload)),
             Incoming::CloseSend => {
                 let Some(live) = self.calls.get_mut(&call) else {
                     return true;
@@ -785,9 +789,13 @@ impl Socket {
         true
     }
 
-    fn message(&mut self, call: u32, request: Request<'_>) {
+    fn message(&mut self, call: u32, request: Arrived<'_>) {
         let max = self.context.settings.max_message_size;
         let Some(live) = self.calls.get_mut(&call) else { return };
+        let len = match &request {
+            Arrived::Record(request) => request.len(),
+            Arrived::V1Data(data) => data.len(),
+        };
         let refusal = if live.closed_send {
             // v1 calls its message records requests.
             let record = match self.batch.framing {
@@ -795,10 +803,9 @@ impl Socket {
                 Framing::V1 => "request",
             };
             Some(Error::AfterCloseSend(record).into())
-        } else if request.len() > max {
+        } else if len > max {
             Some(Status::resource_exhausted(format!(
-                "a request message of {} bytes is larger than --max-message-size ({max})",
-                request.len()
+                "a request message of {len} bytes is larger than --max-message-size ({max})"
             )))
         } else if live.request_credit == 0 {
             Some(Status::resource_exhausted(
@@ -819,13 +826,17 @@ impl Socket {
         if let Some(status) = refusal {
             return self.end_call(call, status);
         }
-        match &mut live.route {
-            Route::Grpc(grpc) => grpc.receive(request),
-            Route::Builtin(builtin) => {
+        match (&mut live.route, request) {
+            (Route::Grpc(grpc), Arrived::Record(request)) => grpc.receive(request),
+            // v1's one call is the built-in service's.
+            (Route::Grpc(_), Arrived::V1Data(_)) => {}
+            (Route::Builtin(builtin), request) => {
                 let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
-                let served = builtin
-                    .receive(call, request, &mut side)
-                    .map(|()| builtin.needs_settling());
+                let received = match request {
+                    Arrived::Record(request) => builtin.receive(call, request, &mut side),
+                    Arrived::V1Data(data) => builtin.receive_data(call, data, &mut side),
+                };
+                let served = received.map(|()| builtin.needs_settling());
                 self.after_serving(call, served);
             }
         }
