@@ -143,6 +143,51 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
 
+    /// A JWKS file (JSON Web Key Set): callers may also authenticate with a
+    /// JWT signed by one of its keys (RS256, ES256 or EdDSA; `exp` required).
+    /// Read again when it changes. With --auth-token as well, either passes.
+    #[arg(long, env = "STREAMBRIDGE_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// The `iss` a JWT must carry.
+    #[arg(long, env = "STREAMBRIDGE_JWT_ISSUER", requires = "jwt_jwks")]
+    pub jwt_issuer: Option<String>,
+
+    /// An `aud` a JWT must carry (repeatable: any one of them passes).
+    #[arg(
+        long = "jwt-audience",
+        env = "STREAMBRIDGE_JWT_AUDIENCES",
+        value_delimiter = ',',
+        requires = "jwt_jwks"
+    )]
+    pub jwt_audiences: Vec<String>,
+
+    /// Clock skew allowed on a JWT's `exp` and `nbf`.
+    #[arg(long, env = "STREAMBRIDGE_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// `CLAIM=HEADER`: every call of a caller with a JWT carries the claim
+    /// as the request metadata HEADER (a string as it is, anything else as
+    /// JSON); a client's own HEADER is removed first, on every call.
+    /// Repeatable.
+    #[arg(
+        long = "jwt-claim-header",
+        env = "STREAMBRIDGE_JWT_CLAIM_HEADERS",
+        value_delimiter = ',',
+        value_parser = parse_claim_header,
+        requires = "jwt_jwks"
+    )]
+    pub jwt_claim_headers: Vec<(String, http::HeaderName)>,
+
+    /// Pass the JWT on to the services (by default it is removed, as the
+    /// shared token always is).
+    #[arg(long, env = "STREAMBRIDGE_JWT_FORWARD_TOKEN", requires = "jwt_jwks")]
+    pub jwt_forward_token: bool,
+
+    /// A cookie whose value a WebSocket upgrade may carry its JWT in.
+    #[arg(long, env = "STREAMBRIDGE_JWT_COOKIE", requires = "jwt_jwks")]
+    pub jwt_cookie: Option<String>,
+
     /// PEM certificate chain; with --tls-key, serves TLS (ALPN h2 and
     /// http/1.1) on the one port instead of cleartext.
     #[arg(long, env = "STREAMBRIDGE_TLS_CERT", requires = "tls_key")]
@@ -327,6 +372,25 @@ impl Config {
         }
     }
 
+    /// The JWT verifier `--jwt-*` configure, if any; its key set read.
+    pub fn jwt_verifier(&self) -> Result<Option<crate::policy::jwt::JwtVerifier>, ConfigError> {
+        let Some(jwks) = &self.jwt_jwks else {
+            return Ok(None);
+        };
+        let settings = crate::policy::jwt::JwtSettings {
+            jwks: jwks.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audiences: self.jwt_audiences.clone(),
+            leeway: self.jwt_leeway,
+            claim_headers: self.jwt_claim_headers.clone(),
+            forward_token: self.jwt_forward_token,
+            cookie: self.jwt_cookie.clone(),
+        };
+        crate::policy::jwt::JwtVerifier::new(settings)
+            .map(Some)
+            .map_err(ConfigError::Invalid)
+    }
+
     /// The defaults, listening on `listen`: what tests and embedders start from.
     pub fn with_listen(listen: SocketAddr) -> Self {
         let mut config = Config::parse_from(["streambridge"]);
@@ -413,6 +477,26 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` is longer than a year"));
     }
     Ok(duration)
+}
+
+/// `CLAIM=HEADER` of `--jwt-claim-header`.
+fn parse_claim_header(text: &str) -> Result<(String, http::HeaderName), String> {
+    let (claim, header) = text
+        .split_once('=')
+        .filter(|(claim, header)| !claim.is_empty() && !header.is_empty())
+        .ok_or_else(|| format!("`{text}` is not CLAIM=HEADER (e.g. sub=x-user-id)"))?;
+    let header = http::HeaderName::try_from(header.to_ascii_lowercase())
+        .map_err(|_| format!("`{header}` is not a valid header name"))?;
+    let name = header.as_str();
+    if name.starts_with("grpc-")
+        || name.starts_with(':')
+        || matches!(name, "authorization" | "content-type" | "te" | "host")
+    {
+        return Err(format!(
+            "`{name}` is a header the bridge or gRPC sets; pick another (e.g. x-user-id)"
+        ));
+    }
+    Ok((claim.to_string(), header))
 }
 
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.

@@ -54,6 +54,7 @@ pub use backend::upstream::UpstreamError;
 pub use config::{Config, ConfigError};
 pub use ops::calls::ActiveCalls;
 pub use ops::shutdown::termination_signal;
+pub use policy::jwt::{Claims, Identity};
 pub use transport::Transport;
 
 /// The built-in `DataService`: its generated client and server types.

@@ -57,7 +57,7 @@ impl Core {
         let tasks = TaskTracker::new();
         Ok(Core {
             calls: ActiveCalls::default(),
-            auth: Auth::new(config.bearer_token()?),
+            auth: Auth::new(config.bearer_token()?, config.jwt_verifier()?),
             drain: Drain::follow(&shutdown, &tasks),
             shutdown,
             tasks,
@@ -111,6 +111,7 @@ impl AppState {
             sockets: Arc::new(SocketContext::new(
                 config,
                 backend,
+                core.auth.clone(),
                 data_service.then(|| core.calls.clone()),
             )),
             data_service,

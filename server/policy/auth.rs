@@ -1,57 +1,186 @@
-//! Optional bearer-token authentication (`--auth-token`, `--auth-token-file`),
-//! checked the same way on every transport before any stream starts:
+//! Authentication, checked the same way on every transport before any
+//! stream starts: a shared bearer token (`--auth-token`,
+//! `--auth-token-file`), JSON Web Tokens (`--jwt-jwks`, [`super::jwt`]), or
+//! both (either passes):
 //!
 //! - native gRPC and gRPC-Web: the `authorization: Bearer <token>` header
 //!   (gRPC metadata is a header); refused with UNAUTHENTICATED;
 //! - WebSocket: browsers cannot set headers on the handshake, so the token
 //!   may also travel as one entry of the subprotocol list,
-//!   `streambridge.bearer.<token>`, beside the real subprotocol (non-browser
-//!   clients may use the header); refused with HTTP 401 before the upgrade.
+//!   `streambridge.bearer.<token>`, beside the real subprotocol, or in the
+//!   cookie `--jwt-cookie` names (non-browser clients may use the header);
+//!   refused with HTTP 401 before the upgrade. A v2 call may bring its own
+//!   token in its `open` metadata (`authorization`), which then stands for
+//!   that call instead of the socket's.
 //!
-//! Tokens are compared in constant time. The token never appears in logs.
+//! Shared tokens are compared in constant time. No token appears in logs
+//! or in an error.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::header::AUTHORIZATION;
+use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue, Request, Response};
+
+use super::jwt::{Claims, Identity, JwtVerifier, TokenError};
 
 /// Prefix of the subprotocol entry that carries a token.
 pub const BEARER_SUBPROTOCOL_PREFIX: &str = "streambridge.bearer.";
 
-/// The token clients must present, or none if authentication is off.
+/// How clients prove who they are; nothing when authentication is off.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     token: Option<Arc<str>>,
+    jwt: Option<Arc<JwtVerifier>>,
 }
 
+/// Why a caller was refused: the text the client is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
 impl Auth {
-    pub fn new(token: Option<String>) -> Self {
+    pub fn new(token: Option<String>, jwt: Option<JwtVerifier>) -> Self {
         Auth {
             token: token.map(Arc::from),
+            jwt: jwt.map(Arc::new),
         }
     }
 
-    /// Whether a request with these headers may start a gRPC call.
-    pub fn allows_headers(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = &self.token else { return true };
-        headers
-            .get_all(AUTHORIZATION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .filter_map(bearer)
-            .any(|presented| same_token(presented, expected))
+    /// Whether JWTs are accepted (`--jwt-jwks`).
+    pub fn has_jwt(&self) -> bool {
+        self.jwt.is_some()
     }
 
-    /// Whether a WebSocket upgrade may proceed: the header, or a
-    /// `streambridge.bearer.<token>` subprotocol entry.
-    pub fn allows_upgrade<'a>(&self, headers: &HeaderMap, offered: impl IntoIterator<Item = &'a str>) -> bool {
-        let Some(expected) = &self.token else { return true };
-        self.allows_headers(headers)
-            || offered
-                .into_iter()
-                .filter_map(|name| name.strip_prefix(BEARER_SUBPROTOCOL_PREFIX))
-                .any(|presented| same_token(presented, expected))
+    /// Whether anything is checked at all.
+    pub fn is_on(&self) -> bool {
+        self.token.is_some() || self.jwt.is_some()
     }
+
+    /// Who a request with these headers is: `Ok(None)` when authentication
+    /// is off or the shared token was shown, the verified identity for a JWT.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Identity>>, Refusal> {
+        self.authenticate_any(bearers(headers))
+    }
+
+    /// [`Auth::authenticate`] for a WebSocket upgrade: the header, a
+    /// `streambridge.bearer.<token>` subprotocol entry, or the cookie.
+    pub fn authenticate_upgrade<'a>(
+        &self,
+        headers: &'a HeaderMap,
+        offered: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Option<Arc<Identity>>, Refusal> {
+        let cookie = self
+            .jwt
+            .as_ref()
+            .and_then(|jwt| jwt.settings().cookie.as_deref())
+            .and_then(|name| cookie(headers, name));
+        let entries = offered
+            .into_iter()
+            .filter_map(|name| name.strip_prefix(BEARER_SUBPROTOCOL_PREFIX));
+        self.authenticate_any(bearers(headers).chain(entries).chain(cookie))
+    }
+
+    /// The clock skew allowed on a token's `exp`.
+    pub fn leeway(&self) -> Duration {
+        self.jwt.as_ref().map_or(Duration::ZERO, |jwt| jwt.settings().leeway)
+    }
+
+    /// The first of `presented` that passes; else why the last one was
+    /// refused (or that none came).
+    fn authenticate_any<'a>(&self, presented: impl Iterator<Item = &'a str>) -> Result<Option<Arc<Identity>>, Refusal> {
+        if !self.is_on() {
+            return Ok(None);
+        }
+        let mut why = TokenError::Missing;
+        for token in presented {
+            if let Some(expected) = &self.token
+                && same_token(token, expected)
+            {
+                return Ok(None);
+            }
+            why = match &self.jwt {
+                Some(jwt) => match jwt.verify(token) {
+                    Ok(identity) => return Ok(Some(identity)),
+                    Err(error) => error,
+                },
+                None => TokenError::Signature,
+            };
+        }
+        Err(Refusal(match (&self.jwt, why) {
+            // A shared token that does not match has no reason to tell.
+            (None, _) => "missing or invalid bearer token".into(),
+            (Some(_), why) => why.to_string(),
+        }))
+    }
+
+    /// `inner` (the gRPC services) behind authentication: a call to any
+    /// method but health and reflection must pass it, else it is refused
+    /// with UNAUTHENTICATED. Then the request is made fit for the services:
+    /// the shared token (and the JWT, unless `--jwt-forward-token`) taken
+    /// out, so no service behind the bridge (in process or upstream) sees
+    /// it; the client's own copies of the claim headers
+    /// (`--jwt-claim-header`) removed, the verified claims put in their
+    /// place and, for in-process services, in the request's extensions
+    /// ([`Claims`]).
+    pub fn require_token<S>(&self, inner: S) -> RequireToken<S> {
+        RequireToken {
+            auth: self.clone(),
+            inner,
+        }
+    }
+
+    /// Takes the credentials out of `headers` and puts `identity`'s claims in.
+    fn prepare(&self, headers: &mut HeaderMap, identity: Option<&Arc<Identity>>) {
+        self.strip_tokens(headers);
+        let Some(jwt) = &self.jwt else { return };
+        for (claim, header) in &jwt.settings().claim_headers {
+            headers.remove(header);
+            let value = identity
+                .and_then(|identity| identity.claim_text(claim))
+                .and_then(|text| HeaderValue::try_from(text).ok());
+            if let Some(value) = value {
+                headers.insert(header.clone(), value);
+            }
+        }
+    }
+
+    /// Removes the `authorization` values that carry a token this server
+    /// checks: the shared token, and with JWTs on every bearer token
+    /// (unless `--jwt-forward-token`).
+    fn strip_tokens(&self, headers: &mut HeaderMap) {
+        if !self.is_on() || !headers.contains_key(AUTHORIZATION) {
+            return;
+        }
+        let strip_every_bearer = self.jwt.as_ref().is_some_and(|jwt| !jwt.settings().forward_token);
+        let kept: Vec<HeaderValue> = headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter(|value| match value.to_str().ok().and_then(bearer) {
+                Some(token) => {
+                    !strip_every_bearer
+                        && !self
+                            .token
+                            .as_deref()
+                            .is_some_and(|expected| same_token(token, expected))
+                }
+                None => true,
+            })
+            .cloned()
+            .collect();
+        headers.remove(AUTHORIZATION);
+        for value in kept {
+            headers.append(AUTHORIZATION, value);
+        }
+    }
+}
+
+/// The credentials of every `authorization: Bearer <token>` header.
+fn bearers(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(bearer)
 }
 
 /// The credentials of an `authorization: Bearer <token>` value.
@@ -62,52 +191,30 @@ fn bearer(value: &str) -> Option<&str> {
         .map(str::trim)
 }
 
+/// The value of the cookie `name` in the request's `Cookie` headers
+/// (RFC 6265 §4.2.1: `name=value` pairs separated by `;`; a few lines
+/// rather than a cookie-jar crate, for one look-up).
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value.trim_matches('"'))
+}
+
 fn same_token(presented: &str, expected: &str) -> bool {
     constant_time_eq::constant_time_eq(presented.as_bytes(), expected.as_bytes())
 }
 
-impl Auth {
-    /// `inner` (the gRPC services) behind the token: a call to any method but
-    /// health and reflection must present it, else it is refused with
-    /// UNAUTHENTICATED. The token is taken out of the request either way, so
-    /// no service behind the bridge (in process or upstream) ever sees it.
-    pub fn require_token<S>(&self, inner: S) -> RequireToken<S> {
-        RequireToken {
-            auth: self.clone(),
-            inner,
-        }
-    }
-
-    /// Removes the `authorization` values that carry this token.
-    fn strip_token(&self, headers: &mut HeaderMap) {
-        let Some(expected) = &self.token else { return };
-        if !headers.contains_key(AUTHORIZATION) {
-            return;
-        }
-        let others: Vec<HeaderValue> = headers
-            .get_all(AUTHORIZATION)
-            .iter()
-            .filter(|value| {
-                !value
-                    .to_str()
-                    .ok()
-                    .and_then(bearer)
-                    .is_some_and(|t| same_token(t, expected))
-            })
-            .cloned()
-            .collect();
-        headers.remove(AUTHORIZATION);
-        for value in others {
-            headers.append(AUTHORIZATION, value);
-        }
-    }
-}
-
 /// Marks a request made by the server itself for a client it has already
-/// authenticated (a WebSocket v2 call: the socket's upgrade was checked).
+/// authenticated (a WebSocket v2 call: the socket's upgrade, or the call's
+/// own token, was checked), with the identity that was proven, if any.
 /// Only server code can put it in a request's extensions.
-#[derive(Clone, Copy, Debug)]
-pub struct Authenticated;
+#[derive(Clone, Debug)]
+pub struct Authenticated(pub Option<Arc<Identity>>);
 
 /// gRPC services that reveal no data and that tools call without
 /// credentials (load balancers, grpcurl).
@@ -143,14 +250,23 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         use futures_util::future::Either;
-        let authenticated = request.extensions().get::<Authenticated>().is_some();
-        if !authenticated && !is_public_method(request.uri().path()) && !self.auth.allows_headers(request.headers()) {
-            let status = tonic::Status::unauthenticated(
-                "missing or invalid bearer token: send the metadata `authorization: Bearer <token>`",
-            );
-            return Either::Right(std::future::ready(Ok(status.into_http())));
+        let identity = match request.extensions_mut().remove::<Authenticated>() {
+            Some(Authenticated(identity)) => identity,
+            None if is_public_method(request.uri().path()) => None,
+            None => match self.auth.authenticate(request.headers()) {
+                Ok(identity) => identity,
+                Err(Refusal(why)) => {
+                    let status = tonic::Status::unauthenticated(format!(
+                        "{why}: send the metadata `authorization: Bearer <token>`"
+                    ));
+                    return Either::Right(std::future::ready(Ok(status.into_http())));
+                }
+            },
+        };
+        self.auth.prepare(request.headers_mut(), identity.as_ref());
+        if let Some(identity) = identity {
+            request.extensions_mut().insert(Claims(identity));
         }
-        self.auth.strip_token(request.headers_mut());
         Either::Left(self.inner.call(request))
     }
 }
@@ -167,26 +283,52 @@ mod tests {
 
     #[test]
     fn without_a_token_everything_is_allowed() {
-        assert!(Auth::new(None).allows_headers(&HeaderMap::new()));
+        assert_eq!(
+            Auth::new(None, None).authenticate(&HeaderMap::new()).map(|_| ()),
+            Ok(())
+        );
     }
 
     #[test]
     fn the_bearer_header_must_carry_the_exact_token() {
-        let auth = Auth::new(Some("s3cret".into()));
-        assert!(auth.allows_headers(&headers("Bearer s3cret")));
-        assert!(!auth.allows_headers(&headers("Bearer s3cre")));
-        assert!(!auth.allows_headers(&headers("Basic s3cret")));
-        assert!(!auth.allows_headers(&HeaderMap::new()));
+        let auth = Auth::new(Some("s3cret".into()), None);
+        let allows = |headers: &HeaderMap| auth.authenticate(headers).is_ok();
+        assert!(allows(&headers("Bearer s3cret")));
+        assert!(!allows(&headers("Bearer s3cre")));
+        assert!(!allows(&headers("Basic s3cret")));
+        assert!(!allows(&HeaderMap::new()));
     }
 
     #[test]
     fn a_websocket_may_carry_the_token_as_a_subprotocol_entry() {
-        let auth = Auth::new(Some("s3cret".into()));
-        assert!(auth.allows_upgrade(
-            &HeaderMap::new(),
-            ["streambridge.v1.proto", "streambridge.bearer.s3cret"]
-        ));
-        assert!(!auth.allows_upgrade(&HeaderMap::new(), ["streambridge.v1.proto", "streambridge.bearer.nope"]));
-        assert!(!auth.allows_upgrade(&HeaderMap::new(), ["streambridge.v1.proto"]));
+        let auth = Auth::new(Some("s3cret".into()), None);
+        let upgrade = |offered: &[&str]| {
+            auth.authenticate_upgrade(&HeaderMap::new(), offered.iter().copied())
+                .is_ok()
+        };
+        assert!(upgrade(&["streambridge.v1.proto", "streambridge.bearer.s3cret"]));
+        assert!(!upgrade(&["streambridge.v1.proto", "streambridge.bearer.nope"]));
+        assert!(!upgrade(&["streambridge.v1.proto"]));
+    }
+
+    #[test]
+    fn a_cookie_is_found_by_its_name_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, "a=1; session=abc.def; b=2".parse().unwrap());
+        headers.append(COOKIE, "late=\"q\"".parse().unwrap());
+        assert_eq!(cookie(&headers, "session"), Some("abc.def"));
+        assert_eq!(cookie(&headers, "late"), Some("q"));
+        assert_eq!(cookie(&headers, "sess"), None);
+    }
+
+    #[test]
+    fn the_shared_token_is_stripped_and_other_authorization_values_kept() {
+        let auth = Auth::new(Some("s3cret".into()), None);
+        let mut headers = headers("Bearer s3cret");
+        headers.append(AUTHORIZATION, "Basic xyz".parse().unwrap());
+        headers.append(AUTHORIZATION, "Bearer someone-elses".parse().unwrap());
+        auth.prepare(&mut headers, None);
+        let kept: Vec<_> = headers.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(kept, ["Basic xyz", "Bearer someone-elses"]);
     }
 }

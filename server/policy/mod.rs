@@ -2,4 +2,5 @@
 //! transport before a call starts.
 
 pub mod auth;
+pub mod jwt;
 pub mod origin;

@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::ops::shutdown::Drain;
-use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX};
+use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX, Refusal};
 use crate::policy::origin::OriginPolicy;
 
 pub use v2::SocketContext;
@@ -102,11 +102,16 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         return (StatusCode::FORBIDDEN, message).into_response();
     }
     let offered = offered_subprotocols(&parts.headers);
-    if !state.auth.allows_upgrade(&parts.headers, offered.iter().copied()) {
-        let message = "missing or invalid bearer token: send `Authorization: Bearer <token>` or offer the \
-                       subprotocol `streambridge.bearer.<token>` beside the real one\n";
-        return (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response();
-    }
+    let identity = match state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied()) {
+        Ok(identity) => identity,
+        Err(Refusal(why)) => {
+            let message = format!(
+                "{why}: send `Authorization: Bearer <token>` or offer the subprotocol \
+                 `streambridge.bearer.<token>` beside the real one\n"
+            );
+            return (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response();
+        }
+    };
     let (protocol, echoed) = match choose_subprotocol(&offered) {
         Ok(choice) => choice,
         Err(refusal) => return refusal,
@@ -148,7 +153,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         };
         // The upgraded socket outlives hyper's connection: it keeps the lease.
         let _lease = lease;
-        v2::run(socket, protocol, context, &drain).await;
+        v2::run(socket, protocol, context, &drain, identity).await;
     }
     .instrument(span);
     state.tasks.spawn(socket_task);

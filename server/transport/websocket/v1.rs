@@ -108,7 +108,7 @@ mod tests {
 
     use clap::Parser;
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
     use tokio::time::Instant;
     use tokio_tungstenite::WebSocketStream;
     use tokio_tungstenite::tungstenite::protocol::Role;
@@ -130,7 +130,7 @@ mod tests {
         )
     }
 
-    async fn run_call(server: WebSocketStream<DuplexStream>) {
+    async fn run_call<S: AsyncRead + AsyncWrite + Unpin>(server: WebSocketStream<S>) {
         let config = Config::try_parse_from([
             "streambridge",
             "--max-message-size",
@@ -145,8 +145,9 @@ mod tests {
         .unwrap();
         let core = Core::new(&config).unwrap();
         let backend = core.builtin_backend(&config);
-        let context = Arc::new(SocketContext::new(&config, backend, Some(core.calls.clone())));
-        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain).await;
+        let data_service = Some(core.calls.clone());
+        let context = Arc::new(SocketContext::new(&config, backend, core.auth.clone(), data_service));
+        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain, None).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -207,6 +208,54 @@ mod tests {
             "--ws-close-timeout, no more, no less"
         );
         reader.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_reads_no_further_ahead_than_its_request_queue() {
+        // Requests come through a roomy pipe, replies leave through a tiny
+        // one the client never reads: once the replies' pipe is full the
+        // server must stop reading, having read at most --ws-request-queue
+        // (4) requests beyond the replies it got out.
+        let (requests_client, requests_server) = tokio::io::duplex(64 * 1024);
+        let (replies_server, replies_client) = tokio::io::duplex(1024);
+        // As the server configures its sockets: tungstenite reads 1 KiB at a time.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(1024);
+        let server = WebSocketStream::from_raw_socket(
+            tokio::io::join(requests_server, replies_server),
+            Role::Server,
+            Some(config),
+        )
+        .await;
+        let mut client =
+            WebSocketStream::from_raw_socket(tokio::io::join(replies_client, requests_client), Role::Client, None)
+                .await;
+        let request = Message::text(r#"{"request":{"data":"0123456789012345678901234567890123456789"}}"#);
+        // Fill the requests' pipe (the paused clock jumps a stuck send's
+        // timeout at once).
+        async fn sends_until_blocked<S: AsyncRead + AsyncWrite + Unpin>(
+            client: &mut WebSocketStream<S>,
+            request: &Message,
+        ) -> usize {
+            let mut sent = 0;
+            while tokio::time::timeout(Duration::from_secs(1), client.send(request.clone()))
+                .await
+                .is_ok()
+            {
+                sent += 1;
+            }
+            sent
+        }
+        let filled = sends_until_blocked(&mut client, &request).await;
+        assert!(filled > 500, "the pipe takes {filled} requests");
+        let server = tokio::spawn(run_call(server));
+        // Idle until the server is stuck on its write.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let room = sends_until_blocked(&mut client, &request).await;
+        // Replies of ~60 bytes: ~17 fit the replies' pipe; the requests read
+        // for them, the 4 read ahead and tungstenite's 1 KiB read buffer
+        // free the room for ~50. Without the bound the server reads all.
+        assert!(room < 100, "the server read {room} requests ahead of their replies");
+        server.abort();
     }
 
     #[test]

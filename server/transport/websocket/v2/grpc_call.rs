@@ -40,6 +40,7 @@ use crate::backend::descriptors::Catalog;
 use crate::backend::transcode::{decodes_as, from_json, to_json};
 use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
 use crate::policy::auth::Authenticated;
+use crate::policy::jwt::Identity;
 use crate::transport::Transport;
 
 /// What a call needs from its socket at `open`.
@@ -53,6 +54,8 @@ pub struct Opening {
     pub waker: Arc<CallWaker>,
     /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
     pub deadline: Option<(Instant, u32)>,
+    /// Who the call is from (its own token's, or its socket's, identity).
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// One live call on the backend, as the socket's call table holds it (boxed).
@@ -121,6 +124,7 @@ impl GrpcCall {
             max_message_size,
             waker,
             deadline,
+            identity,
         } = opening;
         let inbox = Arc::new(Inbox {
             budget,
@@ -135,7 +139,15 @@ impl GrpcCall {
                 call: Waker::from(waker.clone()),
             }),
         });
-        let start = start(open, encoding, backend, catalog, inbox.clone(), max_message_size);
+        let start = start(
+            open,
+            encoding,
+            backend,
+            catalog,
+            inbox.clone(),
+            max_message_size,
+            identity,
+        );
         GrpcCall {
             inbox,
             wake: Waker::from(waker.clone()),
@@ -303,6 +315,7 @@ async fn start(
     catalog: Catalog,
     inbox: Arc<Inbox>,
     max_message_size: usize,
+    identity: Option<Arc<Identity>>,
 ) -> Result<Reading, Status> {
     let method = match (encoding, catalog.method(&open.method).await) {
         (_, Ok(method)) => Some(method),
@@ -316,7 +329,9 @@ async fn start(
         consumed: 0,
         granted: REQUEST_WINDOW,
     };
-    let request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
+    let mut request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
+    // The socket's upgrade (or the call's own token) was checked.
+    request.extensions_mut().insert(Authenticated(identity));
     let Ok(response) = backend.oneshot(request).await;
     let (parts, body) = response.into_parts();
     if let Some(status) = status_in(&parts.headers) {
@@ -550,7 +565,7 @@ fn transcoded(input: &MessageDescriptor, framed: &[u8]) -> Result<(BytesMut, usi
 }
 
 /// The gRPC request for `open`: the method's path, its metadata, its
-/// deadline. The socket was authenticated at its upgrade.
+/// deadline.
 fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
     let mut request = Request::post(open.method.as_str())
         .body(())
@@ -582,7 +597,6 @@ fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
         );
     }
     request.extensions_mut().insert(Transport::WebSocket);
-    request.extensions_mut().insert(Authenticated);
     Ok(request)
 }
 

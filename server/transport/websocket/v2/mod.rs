@@ -43,6 +43,7 @@ use crate::backend::descriptors::Catalog;
 use crate::backend::{Backend, GrpcService};
 use crate::config::Config;
 use crate::ops::calls::ActiveCalls;
+use crate::policy::auth::Auth;
 
 /// The limits of a socket, of either protocol (from [`crate::Config`]).
 #[derive(Clone, Debug)]
@@ -75,6 +76,8 @@ pub struct SocketContext {
     pub backend: GrpcService,
     /// Descriptors for the json encoding.
     pub catalog: Catalog,
+    /// How a call's own token (its `authorization` metadata) is checked.
+    pub auth: Auth,
     pub settings: Arc<SocketSettings>,
     /// Set when the drain deadline cut a call (the exit code says so).
     pub cut: Arc<AtomicBool>,
@@ -86,8 +89,9 @@ pub struct SocketContext {
 impl SocketContext {
     /// The sockets' context for a server whose calls `backend` answers;
     /// `data_service` counts the built-in service's calls, if it runs here.
-    pub fn new(config: &Config, backend: Backend, data_service: Option<ActiveCalls>) -> SocketContext {
+    pub fn new(config: &Config, backend: Backend, auth: Auth, data_service: Option<ActiveCalls>) -> SocketContext {
         SocketContext {
+            auth,
             backend: backend.service,
             catalog: backend.catalog,
             settings: Arc::new(SocketSettings {

@@ -40,6 +40,8 @@ use super::{SocketContext, SocketSettings};
 use crate::error::Error;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
+use crate::policy::auth::Refusal;
+use crate::policy::jwt::Identity;
 use crate::transport::Transport;
 use crate::transport::websocket::{Protocol, v1};
 
@@ -84,6 +86,7 @@ pub fn run<S>(
     protocol: Protocol,
     context: Arc<SocketContext>,
     drain: &Drain,
+    identity: Option<Arc<Identity>>,
 ) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -96,6 +99,7 @@ where
         };
         let mut state = Socket {
             context,
+            identity,
             calls: CallTable::default(),
             last_open: 0,
             budget: Budget::new(settings.socket_buffer),
@@ -324,6 +328,8 @@ enum Gone {
 /// built-in one records CANCELLED through its guard.
 struct Socket {
     context: Arc<SocketContext>,
+    /// Who the upgrade's token said the client is (a JWT's claims).
+    identity: Option<Arc<Identity>>,
     calls: CallTable,
     last_open: u32,
     budget: Budget,
@@ -754,10 +760,17 @@ impl Socket {
             _ => None,
         };
         let refusal = refusal.or_else(|| builtin.and_then(|_| grpc_call::check_metadata(&open).err()));
-        if let Some(status) = refusal {
-            self.batch.record(call, records::status_record(&status));
-            return true;
-        }
+        let identity = match refusal {
+            Some(status) => Err(status),
+            None => self.caller(&open),
+        };
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(status) => {
+                self.batch.record(call, records::status_record(&status));
+                return true;
+            }
+        };
         let deadline = (open.timeout_ms > 0).then(|| {
             let at = Instant::now() + Duration::from_millis(open.timeout_ms.into());
             self.deadlines.insert((at, call));
@@ -779,6 +792,7 @@ impl Socket {
                     max_message_size: settings.max_message_size,
                     waker: CallWaker::new(call, wakeups),
                     deadline,
+                    identity,
                 };
                 // Polled once to start: its waker takes over from there.
                 self.ready.push_back(call);
@@ -787,6 +801,35 @@ impl Socket {
         };
         self.calls.insert(call, LiveCall::new(route));
         true
+    }
+
+    /// Who a call is from: with JWTs on, its own token if its metadata has
+    /// one (`authorization`), else the socket's identity, which must not
+    /// have expired (the socket's live calls run on; new ones need a token
+    /// that holds).
+    fn caller(&self, open: &v2::Open) -> Result<Option<Arc<Identity>>, Status> {
+        let auth = &self.context.auth;
+        if auth.has_jwt()
+            && let Some(value) = open
+                .metadata
+                .iter()
+                .find_map(|(name, value)| name.eq_ignore_ascii_case("authorization").then_some(value))
+        {
+            let mut headers = http::HeaderMap::new();
+            let value = http::HeaderValue::try_from(value.as_str())
+                .map_err(|_| Status::unauthenticated("the call's authorization metadata is not a header value"))?;
+            headers.insert(http::header::AUTHORIZATION, value);
+            return auth
+                .authenticate(&headers)
+                .map_err(|Refusal(why)| Status::unauthenticated(format!("{why} (the call's authorization metadata)")));
+        }
+        match &self.identity {
+            Some(identity) if identity.has_expired(auth.leeway()) => Err(Status::unauthenticated(
+                "the socket's token has expired: send a fresh one as the call's authorization metadata, \
+                 or open a new socket",
+            )),
+            identity => Ok(identity.clone()),
+        }
     }
 
     fn message(&mut self, call: u32, request: Arrived<'_>) {
