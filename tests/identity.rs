@@ -252,6 +252,9 @@ async fn every_bad_token_is_unauthenticated_with_its_reason_and_good_ones_reach_
                 !seen.contains_key("authorization"),
                 "{which}: the token reached the service: {seen:?}"
             );
+            // In process the claims are also a request extension (JSON: the sub in quotes).
+            let in_claims = (which == "in process").then(|| format!("\"{sub}\""));
+            assert_eq!(seen.get("claims.sub"), in_claims.as_ref(), "{which}: {seen:?}");
         }
         // A token without the claim: the client's forged header is gone all the same.
         let mut anonymous = claims("x", 3600);

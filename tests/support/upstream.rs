@@ -329,7 +329,7 @@ impl pb::echo_server::Echo for Echo {
 
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let guard = Guard::new("unary", &self.cancelled);
-        let (metadata, _, message) = request.into_parts();
+        let (metadata, extensions, message) = request.into_parts();
         if let Some(status) = failure(&message) {
             guard.done();
             return Err(status);
@@ -338,7 +338,13 @@ impl pb::echo_server::Echo for Echo {
             std::future::pending::<()>().await;
         }
         guard.done();
-        let mut response = Response::new(reply(&message, &metadata, message.text.clone()));
+        let mut reply = reply(&message, &metadata, message.text.clone());
+        // In process, the bridge hands over the caller's verified claims.
+        if let Some(claims) = extensions.get::<streambridge::Claims>() {
+            let sub = claims.0.claims().get("sub").map(ToString::to_string);
+            reply.metadata.insert("claims.sub".into(), sub.unwrap_or_default());
+        }
+        let mut response = Response::new(reply);
         response
             .metadata_mut()
             .insert("x-upstream-header", "from-upstream".parse().unwrap());
