@@ -177,6 +177,17 @@ async fn bad_flags_and_files_are_refused_at_start_with_a_message_naming_them() {
             vec![],
             vec!["--auth-token-file /nonexistent/token"],
         ),
+        (
+            vec!["--jwt-jwks", "/nonexistent/jwks.json"],
+            vec![],
+            vec!["--jwt-jwks /nonexistent/jwks.json"],
+        ),
+        (vec!["--jwt-issuer", "https://x.test"], vec![], vec!["--jwt-jwks"]),
+        (
+            vec!["--jwt-jwks", "/nonexistent/jwks.json", "--jwt-claim-header", "sub"],
+            vec![],
+            vec!["--jwt-claim-header", "CLAIM=HEADER"],
+        ),
         (vec!["--ws-ping-interval", "0"], vec![], vec!["--ws-ping-interval"]),
         (vec!["--ws-ping-interval", "0ms"], vec![], vec!["--ws-ping-interval"]),
         (vec!["--drain-timeout", "0s"], vec![], vec!["--drain-timeout"]),
