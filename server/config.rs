@@ -188,6 +188,13 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_JWT_COOKIE", requires = "jwt_jwks")]
     pub jwt_cookie: Option<String>,
 
+    /// A TOML file of per-method rules: the first whose `methods` match a
+    /// call decides who may make it (`allow = "anyone"` or
+    /// `"authenticated"`, and `claims` a JWT must hold). Read again on
+    /// SIGHUP. See docs/operations.md, "Security".
+    #[arg(long, env = "STREAMBRIDGE_POLICY")]
+    pub policy: Option<PathBuf>,
+
     /// PEM certificate chain; with --tls-key, serves TLS (ALPN h2 and
     /// http/1.1) on the one port instead of cleartext.
     #[arg(long, env = "STREAMBRIDGE_TLS_CERT", requires = "tls_key")]

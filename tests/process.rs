@@ -1,10 +1,12 @@
 //! The `streambridge` binary as a separate process: a real SIGTERM with calls
 //! in flight, and 10 000 WebSockets (the server in its own process, as the
-//! per-process descriptor limit of 20 000 requires).
+//! per-process descriptor limit of 20 000 requires), and SIGHUP reading the
+//! policy again.
 
 mod support;
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use streambridge_protocol::StreamRequest;
@@ -265,4 +267,35 @@ async fn bad_flags_and_files_are_refused_at_start_with_a_message_naming_them() {
         }
     }
     std::fs::remove_file(&empty_file).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reads_the_policy_file_again() {
+    let path = std::env::temp_dir().join(format!("streambridge-policy-{}-sighup.toml", std::process::id()));
+    let rule = |allow: &str| format!("[[rules]]\nmethods = [\"/DataService/*\"]\nallow = \"{allow}\"\n");
+    std::fs::write(&path, rule("anyone")).unwrap();
+    let process = ServerProcess::start(&["--auth-token", "sighup-token", "--policy", path.to_str().unwrap()]).await;
+    let call = |server: support::TestAddr| async move {
+        let mut client = server.grpc_client().await;
+        let requests = tokio_stream::iter([StreamRequest { data: "h".into() }]);
+        let mut replies = client.bidirectional_stream(requests).await?.into_inner();
+        replies.next().await.transpose().map(drop)
+    };
+    within("anyone may call", call(support::TestAddr(process.server.0)))
+        .await
+        .unwrap();
+    std::fs::write(&path, rule("authenticated")).unwrap();
+    process.hangup();
+    // The signal is handled on the server's own time: ask until it shows.
+    let status = within("the new rule holds", async {
+        loop {
+            if let Err(status) = call(support::TestAddr(process.server.0)).await {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    std::fs::remove_file(path).unwrap();
 }

@@ -24,6 +24,7 @@ use crate::ops::health;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::Auth;
 use crate::policy::origin::OriginPolicy;
+use crate::policy::rules::Policy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
 use crate::transport::websocket::{SocketContext, WebSocketState};
 use crate::transport::{grpc, grpc_web, static_files, websocket};
@@ -57,7 +58,11 @@ impl Core {
         let tasks = TaskTracker::new();
         Ok(Core {
             calls: ActiveCalls::default(),
-            auth: Auth::new(config.bearer_token()?, config.jwt_verifier()?),
+            auth: Auth::new(
+                config.bearer_token()?,
+                config.jwt_verifier()?,
+                Policy::load(config.policy.as_deref()).map_err(ConfigError::Invalid)?,
+            ),
             drain: Drain::follow(&shutdown, &tasks),
             shutdown,
             tasks,

@@ -111,6 +111,18 @@ impl ServerBuilder {
             _ => None,
         };
         let core = Core::new(&config)?;
+        if config.policy.is_some() {
+            // Listening before `bind` returns: a SIGHUP that came before the
+            // task first ran would otherwise end the process (its default).
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hangups) => {
+                    let policy = core.auth.policy().clone();
+                    core.tasks
+                        .spawn(reload_policy_on_sighup(hangups, policy, core.shutdown.clone()));
+                }
+                Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP: the policy is read only at start"),
+            }
+        }
         let data_service = config.upstream.is_none() && (services.is_empty() || with_data_service);
         let backend = match &config.upstream {
             Some(_) if with_data_service || !services.is_empty() => return Err(StartError::UpstreamWithServices),
@@ -247,5 +259,23 @@ impl Server {
             tracing::warn!(timeout = ?config.drain_timeout, "the drain deadline cut WebSocket calls");
         }
         drained && !cut
+    }
+}
+
+/// Reads the policy file again on every SIGHUP until the shutdown; a file
+/// that does not load keeps the rules in force, and says why in the log.
+async fn reload_policy_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    policy: crate::policy::rules::Policy,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            Some(()) = hangups.recv() => match policy.reload() {
+                Ok(()) => tracing::info!("SIGHUP: policy read again"),
+                Err(error) => tracing::warn!(%error, "SIGHUP: the policy does not load; the rules in force stay"),
+            },
+        }
     }
 }

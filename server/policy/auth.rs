@@ -13,6 +13,10 @@
 //!   token in its `open` metadata (`authorization`), which then stands for
 //!   that call instead of the socket's.
 //!
+//! Which methods need a caller at all, and which claims, is the policy's
+//! (`--policy`, [`super::rules`]); without one, every method but health and
+//! reflection needs a caller when authentication is on.
+//!
 //! Shared tokens are compared in constant time. No token appears in logs
 //! or in an error.
 
@@ -23,27 +27,61 @@ use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue, Request, Response};
 
 use super::jwt::{Claims, Identity, JwtVerifier, TokenError};
+use super::rules::{Policy, Verdict};
 
 /// Prefix of the subprotocol entry that carries a token.
 pub const BEARER_SUBPROTOCOL_PREFIX: &str = "streambridge.bearer.";
 
-/// How clients prove who they are; nothing when authentication is off.
+/// How clients prove who they are, and what each method needs; nothing
+/// when authentication is off and there is no policy.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     token: Option<Arc<str>>,
     jwt: Option<Arc<JwtVerifier>>,
+    policy: Policy,
 }
 
-/// Why a caller was refused: the text the client is told.
+/// Who a call is from.
+#[derive(Clone, Debug, Default)]
+pub enum Caller {
+    /// Nobody proven: authentication is off, or no token came.
+    #[default]
+    Anonymous,
+    /// Whoever knows the shared token.
+    Token,
+    /// The holder of a verified JWT.
+    Identity(Arc<Identity>),
+}
+
+impl Caller {
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        match self {
+            Caller::Identity(identity) => Some(identity),
+            _ => None,
+        }
+    }
+}
+
+/// Why a caller was refused: the text the client is told, and whether
+/// no token came at all (then the caller may still be anonymous).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal(pub String);
+pub struct Refusal {
+    pub why: String,
+    pub missing: bool,
+}
 
 impl Auth {
-    pub fn new(token: Option<String>, jwt: Option<JwtVerifier>) -> Self {
+    pub fn new(token: Option<String>, jwt: Option<JwtVerifier>, policy: Policy) -> Self {
         Auth {
             token: token.map(Arc::from),
             jwt: jwt.map(Arc::new),
+            policy,
         }
+    }
+
+    /// The policy in force (for SIGHUP).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Whether JWTs are accepted (`--jwt-jwks`).
@@ -56,9 +94,9 @@ impl Auth {
         self.token.is_some() || self.jwt.is_some()
     }
 
-    /// Who a request with these headers is: `Ok(None)` when authentication
-    /// is off or the shared token was shown, the verified identity for a JWT.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Identity>>, Refusal> {
+    /// Who a request with these headers is (anonymous when authentication
+    /// is off), or why its token is refused.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
         self.authenticate_any(bearers(headers))
     }
 
@@ -68,7 +106,7 @@ impl Auth {
         &self,
         headers: &'a HeaderMap,
         offered: impl IntoIterator<Item = &'a str>,
-    ) -> Result<Option<Arc<Identity>>, Refusal> {
+    ) -> Result<Caller, Refusal> {
         let cookie = self
             .jwt
             .as_ref()
@@ -87,30 +125,56 @@ impl Auth {
 
     /// The first of `presented` that passes; else why the last one was
     /// refused (or that none came).
-    fn authenticate_any<'a>(&self, presented: impl Iterator<Item = &'a str>) -> Result<Option<Arc<Identity>>, Refusal> {
+    fn authenticate_any<'a>(&self, presented: impl Iterator<Item = &'a str>) -> Result<Caller, Refusal> {
         if !self.is_on() {
-            return Ok(None);
+            return Ok(Caller::Anonymous);
         }
         let mut why = TokenError::Missing;
         for token in presented {
             if let Some(expected) = &self.token
                 && same_token(token, expected)
             {
-                return Ok(None);
+                return Ok(Caller::Token);
             }
             why = match &self.jwt {
                 Some(jwt) => match jwt.verify(token) {
-                    Ok(identity) => return Ok(Some(identity)),
+                    Ok(identity) => return Ok(Caller::Identity(identity)),
                     Err(error) => error,
                 },
                 None => TokenError::Signature,
             };
         }
-        Err(Refusal(match (&self.jwt, why) {
+        let missing = why == TokenError::Missing;
+        let why = match (&self.jwt, why) {
             // A shared token that does not match has no reason to tell.
             (None, _) => "missing or invalid bearer token".into(),
             (Some(_), why) => why.to_string(),
-        }))
+        };
+        Err(Refusal { why, missing })
+    }
+
+    /// Whether `caller` may call `method`: UNAUTHENTICATED if the method
+    /// needs a caller and none was proven, PERMISSION_DENIED if the
+    /// policy's rule asks for claims the caller does not hold.
+    pub fn admit(&self, method: &str, caller: &Caller) -> Result<(), tonic::Status> {
+        if matches!(caller, Caller::Anonymous) && !self.is_open(method) {
+            return Err(tonic::Status::unauthenticated(
+                "missing bearer token: send the metadata `authorization: Bearer <token>`",
+            ));
+        }
+        self.policy
+            .permits(method, caller.identity().map(|identity| &**identity))
+    }
+
+    /// Whether `method` may be called without a token.
+    pub fn is_open(&self, method: &str) -> bool {
+        self.policy.verdict(method, self.is_on()) == Verdict::Open
+    }
+
+    /// Whether a WebSocket may open without a token: authentication is off,
+    /// or some method may be called by anyone (then each call is checked).
+    pub fn opens_sockets_to_anyone(&self) -> bool {
+        !self.is_on() || self.policy.opens_anything()
     }
 
     /// `inner` (the gRPC services) behind authentication: a call to any
@@ -211,22 +275,10 @@ fn same_token(presented: &str, expected: &str) -> bool {
 
 /// Marks a request made by the server itself for a client it has already
 /// authenticated (a WebSocket v2 call: the socket's upgrade, or the call's
-/// own token, was checked), with the identity that was proven, if any.
-/// Only server code can put it in a request's extensions.
+/// own token, was checked): who it is. Only server code can put it in a
+/// request's extensions.
 #[derive(Clone, Debug)]
-pub struct Authenticated(pub Option<Arc<Identity>>);
-
-/// gRPC services that reveal no data and that tools call without
-/// credentials (load balancers, grpcurl).
-fn is_public_method(path: &str) -> bool {
-    [
-        "/grpc.health.v1.Health/",
-        "/grpc.reflection.v1.ServerReflection/",
-        "/grpc.reflection.v1alpha.ServerReflection/",
-    ]
-    .iter()
-    .any(|prefix| path.starts_with(prefix))
-}
+pub struct Authenticated(pub Caller);
 
 /// See [`Auth::require_token`].
 #[derive(Clone, Debug)]
@@ -250,21 +302,27 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         use futures_util::future::Either;
-        let identity = match request.extensions_mut().remove::<Authenticated>() {
-            Some(Authenticated(identity)) => identity,
-            None if is_public_method(request.uri().path()) => None,
+        let refuse = |status: tonic::Status| Either::Right(std::future::ready(Ok(status.into_http())));
+        let method = request.uri().path();
+        let caller = match request.extensions().get::<Authenticated>() {
+            Some(Authenticated(caller)) => caller.clone(),
             None => match self.auth.authenticate(request.headers()) {
-                Ok(identity) => identity,
-                Err(Refusal(why)) => {
-                    let status = tonic::Status::unauthenticated(format!(
+                Ok(caller) => caller,
+                // A method open to anyone takes the call as anonymous.
+                Err(_) if self.auth.is_open(method) => Caller::Anonymous,
+                Err(Refusal { why, .. }) => {
+                    return refuse(tonic::Status::unauthenticated(format!(
                         "{why}: send the metadata `authorization: Bearer <token>`"
-                    ));
-                    return Either::Right(std::future::ready(Ok(status.into_http())));
+                    )));
                 }
             },
         };
-        self.auth.prepare(request.headers_mut(), identity.as_ref());
-        if let Some(identity) = identity {
+        if let Err(status) = self.auth.admit(method, &caller) {
+            return refuse(status);
+        }
+        request.extensions_mut().remove::<Authenticated>();
+        self.auth.prepare(request.headers_mut(), caller.identity());
+        if let Caller::Identity(identity) = caller {
             request.extensions_mut().insert(Claims(identity));
         }
         Either::Left(self.inner.call(request))
@@ -284,14 +342,16 @@ mod tests {
     #[test]
     fn without_a_token_everything_is_allowed() {
         assert_eq!(
-            Auth::new(None, None).authenticate(&HeaderMap::new()).map(|_| ()),
+            Auth::new(None, None, Policy::default())
+                .authenticate(&HeaderMap::new())
+                .map(|_| ()),
             Ok(())
         );
     }
 
     #[test]
     fn the_bearer_header_must_carry_the_exact_token() {
-        let auth = Auth::new(Some("s3cret".into()), None);
+        let auth = Auth::new(Some("s3cret".into()), None, Policy::default());
         let allows = |headers: &HeaderMap| auth.authenticate(headers).is_ok();
         assert!(allows(&headers("Bearer s3cret")));
         assert!(!allows(&headers("Bearer s3cre")));
@@ -301,7 +361,7 @@ mod tests {
 
     #[test]
     fn a_websocket_may_carry_the_token_as_a_subprotocol_entry() {
-        let auth = Auth::new(Some("s3cret".into()), None);
+        let auth = Auth::new(Some("s3cret".into()), None, Policy::default());
         let upgrade = |offered: &[&str]| {
             auth.authenticate_upgrade(&HeaderMap::new(), offered.iter().copied())
                 .is_ok()
@@ -323,7 +383,7 @@ mod tests {
 
     #[test]
     fn the_shared_token_is_stripped_and_other_authorization_values_kept() {
-        let auth = Auth::new(Some("s3cret".into()), None);
+        let auth = Auth::new(Some("s3cret".into()), None, Policy::default());
         let mut headers = headers("Bearer s3cret");
         headers.append(AUTHORIZATION, "Basic xyz".parse().unwrap());
         headers.append(AUTHORIZATION, "Bearer someone-elses".parse().unwrap());

@@ -4,3 +4,4 @@
 pub mod auth;
 pub mod jwt;
 pub mod origin;
+pub mod rules;

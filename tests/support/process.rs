@@ -55,11 +55,17 @@ impl ServerProcess {
     }
 
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    #[allow(dead_code)] // not every test file sends it
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, which: &str) {
         let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        let status = std::process::Command::new("kill").args([which, &pid]).status().unwrap();
         assert!(status.success());
     }
 }

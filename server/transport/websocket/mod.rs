@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::ops::shutdown::Drain;
-use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX, Refusal};
+use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX, Caller, Refusal};
 use crate::policy::origin::OriginPolicy;
 
 pub use v2::SocketContext;
@@ -102,9 +102,11 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         return (StatusCode::FORBIDDEN, message).into_response();
     }
     let offered = offered_subprotocols(&parts.headers);
-    let identity = match state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied()) {
-        Ok(identity) => identity,
-        Err(Refusal(why)) => {
+    let caller = match state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied()) {
+        Ok(caller) => caller,
+        // No token at all: a socket may still call the methods open to anyone.
+        Err(Refusal { missing: true, .. }) if state.auth.opens_sockets_to_anyone() => Caller::Anonymous,
+        Err(Refusal { why, .. }) => {
             let message = format!(
                 "{why}: send `Authorization: Bearer <token>` or offer the subprotocol \
                  `streambridge.bearer.<token>` beside the real one\n"
@@ -125,6 +127,16 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
             subprotocol.name()
         );
         return (StatusCode::NOT_IMPLEMENTED, message).into_response();
+    }
+    // v1 has one method: the policy is asked at the upgrade.
+    if let Protocol::V1(_) = protocol
+        && let Err(status) = state.auth.admit(v2::BUILTIN_METHOD, &caller)
+    {
+        let code = match status.code() {
+            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        return (code, format!("{}\n", status.message())).into_response();
     }
     let peer = parts.extensions.get::<PeerAddr>().copied();
     let lease = parts.extensions.get::<ConnectionLease>().cloned();
@@ -153,7 +165,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         };
         // The upgraded socket outlives hyper's connection: it keeps the lease.
         let _lease = lease;
-        v2::run(socket, protocol, context, &drain, identity).await;
+        v2::run(socket, protocol, context, &drain, caller).await;
     }
     .instrument(span);
     state.tasks.spawn(socket_task);

@@ -147,7 +147,8 @@ mod tests {
         let backend = core.builtin_backend(&config);
         let data_service = Some(core.calls.clone());
         let context = Arc::new(SocketContext::new(&config, backend, core.auth.clone(), data_service));
-        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain, None).await;
+        let caller = crate::policy::auth::Caller::Anonymous;
+        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain, caller).await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -39,8 +39,7 @@ use super::table::{CallWaker, REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::descriptors::Catalog;
 use crate::backend::transcode::{decodes_as, from_json, to_json};
 use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
-use crate::policy::auth::Authenticated;
-use crate::policy::jwt::Identity;
+use crate::policy::auth::{Authenticated, Caller};
 use crate::transport::Transport;
 
 /// What a call needs from its socket at `open`.
@@ -54,8 +53,8 @@ pub struct Opening {
     pub waker: Arc<CallWaker>,
     /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
     pub deadline: Option<(Instant, u32)>,
-    /// Who the call is from (its own token's, or its socket's, identity).
-    pub identity: Option<Arc<Identity>>,
+    /// Who the call is from (its own token's, or its socket's, caller).
+    pub caller: Caller,
 }
 
 /// One live call on the backend, as the socket's call table holds it (boxed).
@@ -124,7 +123,7 @@ impl GrpcCall {
             max_message_size,
             waker,
             deadline,
-            identity,
+            caller,
         } = opening;
         let inbox = Arc::new(Inbox {
             budget,
@@ -146,7 +145,7 @@ impl GrpcCall {
             catalog,
             inbox.clone(),
             max_message_size,
-            identity,
+            caller,
         );
         GrpcCall {
             inbox,
@@ -315,7 +314,7 @@ async fn start(
     catalog: Catalog,
     inbox: Arc<Inbox>,
     max_message_size: usize,
-    identity: Option<Arc<Identity>>,
+    caller: Caller,
 ) -> Result<Reading, Status> {
     let method = match (encoding, catalog.method(&open.method).await) {
         (_, Ok(method)) => Some(method),
@@ -331,7 +330,7 @@ async fn start(
     };
     let mut request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
     // The socket's upgrade (or the call's own token) was checked.
-    request.extensions_mut().insert(Authenticated(identity));
+    request.extensions_mut().insert(Authenticated(caller));
     let Ok(response) = backend.oneshot(request).await;
     let (parts, body) = response.into_parts();
     if let Some(status) = status_in(&parts.headers) {

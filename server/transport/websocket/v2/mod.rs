@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub use self::builtin::METHOD as BUILTIN_METHOD;
 pub use self::socket::run;
 use crate::backend::descriptors::Catalog;
 use crate::backend::{Backend, GrpcService};

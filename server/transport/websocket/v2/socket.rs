@@ -40,8 +40,7 @@ use super::{SocketContext, SocketSettings};
 use crate::error::Error;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
-use crate::policy::auth::Refusal;
-use crate::policy::jwt::Identity;
+use crate::policy::auth::{Caller, Refusal};
 use crate::transport::Transport;
 use crate::transport::websocket::{Protocol, v1};
 
@@ -86,7 +85,7 @@ pub fn run<S>(
     protocol: Protocol,
     context: Arc<SocketContext>,
     drain: &Drain,
-    identity: Option<Arc<Identity>>,
+    caller: Caller,
 ) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -99,7 +98,7 @@ where
         };
         let mut state = Socket {
             context,
-            identity,
+            caller,
             calls: CallTable::default(),
             last_open: 0,
             budget: Budget::new(settings.socket_buffer),
@@ -328,8 +327,8 @@ enum Gone {
 /// built-in one records CANCELLED through its guard.
 struct Socket {
     context: Arc<SocketContext>,
-    /// Who the upgrade's token said the client is (a JWT's claims).
-    identity: Option<Arc<Identity>>,
+    /// Who the upgrade's token said the client is.
+    caller: Caller,
     calls: CallTable,
     last_open: u32,
     budget: Budget,
@@ -760,12 +759,17 @@ impl Socket {
             _ => None,
         };
         let refusal = refusal.or_else(|| builtin.and_then(|_| grpc_call::check_metadata(&open).err()));
-        let identity = match refusal {
+        let caller = match refusal {
             Some(status) => Err(status),
-            None => self.caller(&open),
+            // The built-in plug-in makes no request on the backend, whose
+            // layer would ask the policy: it is asked here.
+            None => self.caller(&open).and_then(|caller| match builtin {
+                Some(_) => self.context.auth.admit(&open.method, &caller).map(|()| caller),
+                None => Ok(caller),
+            }),
         };
-        let identity = match identity {
-            Ok(identity) => identity,
+        let caller = match caller {
+            Ok(caller) => caller,
             Err(status) => {
                 self.batch.record(call, records::status_record(&status));
                 return true;
@@ -792,7 +796,7 @@ impl Socket {
                     max_message_size: settings.max_message_size,
                     waker: CallWaker::new(call, wakeups),
                     deadline,
-                    identity,
+                    caller,
                 };
                 // Polled once to start: its waker takes over from there.
                 self.ready.push_back(call);
@@ -807,7 +811,7 @@ impl Socket {
     /// one (`authorization`), else the socket's identity, which must not
     /// have expired (the socket's live calls run on; new ones need a token
     /// that holds).
-    fn caller(&self, open: &v2::Open) -> Result<Option<Arc<Identity>>, Status> {
+    fn caller(&self, open: &v2::Open) -> Result<Caller, Status> {
         let auth = &self.context.auth;
         if auth.has_jwt()
             && let Some(value) = open
@@ -819,16 +823,16 @@ impl Socket {
             let value = http::HeaderValue::try_from(value.as_str())
                 .map_err(|_| Status::unauthenticated("the call's authorization metadata is not a header value"))?;
             headers.insert(http::header::AUTHORIZATION, value);
-            return auth
-                .authenticate(&headers)
-                .map_err(|Refusal(why)| Status::unauthenticated(format!("{why} (the call's authorization metadata)")));
+            return auth.authenticate(&headers).map_err(|Refusal { why, .. }| {
+                Status::unauthenticated(format!("{why} (the call's authorization metadata)"))
+            });
         }
-        match &self.identity {
-            Some(identity) if identity.has_expired(auth.leeway()) => Err(Status::unauthenticated(
+        match &self.caller {
+            Caller::Identity(identity) if identity.has_expired(auth.leeway()) => Err(Status::unauthenticated(
                 "the socket's token has expired: send a fresh one as the call's authorization metadata, \
                  or open a new socket",
             )),
-            identity => Ok(identity.clone()),
+            caller => Ok(caller.clone()),
         }
     }
 
