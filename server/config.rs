@@ -195,6 +195,21 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_POLICY")]
     pub policy: Option<PathBuf>,
 
+    /// New calls a caller may start per second (its JWT's `sub`, the shared
+    /// token's holders, or else its client address); past it a new call gets
+    /// RESOURCE_EXHAUSTED at once. Unset: no limit.
+    #[arg(long, env = "STREAMBRIDGE_LIMIT_CALLS_PER_SECOND")]
+    pub limit_calls_per_second: Option<std::num::NonZeroU32>,
+
+    /// Calls a quiet caller may start at once (default: one second's worth).
+    #[arg(long, env = "STREAMBRIDGE_LIMIT_CALLS_BURST", requires = "limit_calls_per_second")]
+    pub limit_calls_burst: Option<std::num::NonZeroU32>,
+
+    /// A proxy (address or CIDR) whose `X-Forwarded-For` / `Forwarded`
+    /// names the client whose calls are counted. Repeatable.
+    #[arg(long = "trusted-proxy", env = "STREAMBRIDGE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// PEM certificate chain; with --tls-key, serves TLS (ALPN h2 and
     /// http/1.1) on the one port instead of cleartext.
     #[arg(long, env = "STREAMBRIDGE_TLS_CERT", requires = "tls_key")]
@@ -484,6 +499,14 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
         return Err(format!("`{text}` is longer than a year"));
     }
     Ok(duration)
+}
+
+/// An address or a CIDR network of `--trusted-proxy`.
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or a CIDR network (e.g. 10.0.0.0/8)"))
 }
 
 /// `CLAIM=HEADER` of `--jwt-claim-header`.

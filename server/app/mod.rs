@@ -23,6 +23,7 @@ use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::Auth;
+use crate::policy::limits::CallLimits;
 use crate::policy::origin::OriginPolicy;
 use crate::policy::rules::Policy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
@@ -62,7 +63,12 @@ impl Core {
                 config.bearer_token()?,
                 config.jwt_verifier()?,
                 Policy::load(config.policy.as_deref()).map_err(ConfigError::Invalid)?,
-            ),
+            )
+            .with_limits(CallLimits::new(
+                config.limit_calls_per_second,
+                config.limit_calls_burst,
+                config.trusted_proxies.clone(),
+            )),
             drain: Drain::follow(&shutdown, &tasks),
             shutdown,
             tasks,

@@ -111,6 +111,8 @@ impl ServerBuilder {
             _ => None,
         };
         let core = Core::new(&config)?;
+        core.tasks
+            .spawn(core.auth.limits().clone().forget_idle(core.shutdown.clone()));
         if config.policy.is_some() {
             // Listening before `bind` returns: a SIGHUP that came before the
             // task first ran would otherwise end the process (its default).

@@ -26,7 +26,10 @@ use std::time::Duration;
 use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue, Request, Response};
 
+use crate::net::listener::PeerAddr;
+
 use super::jwt::{Claims, Identity, JwtVerifier, TokenError};
+use super::limits::CallLimits;
 use super::rules::{Policy, Verdict};
 
 /// Prefix of the subprotocol entry that carries a token.
@@ -39,6 +42,7 @@ pub struct Auth {
     token: Option<Arc<str>>,
     jwt: Option<Arc<JwtVerifier>>,
     policy: Policy,
+    limits: CallLimits,
 }
 
 /// Who a call is from.
@@ -76,7 +80,18 @@ impl Auth {
             token: token.map(Arc::from),
             jwt: jwt.map(Arc::new),
             policy,
+            limits: CallLimits::default(),
         }
+    }
+
+    /// The same, with call rate limits.
+    pub fn with_limits(self, limits: CallLimits) -> Self {
+        Auth { limits, ..self }
+    }
+
+    /// The call rate limits (to forget idle buckets, and to find a client's address).
+    pub fn limits(&self) -> &CallLimits {
+        &self.limits
     }
 
     /// The policy in force (for SIGHUP).
@@ -153,17 +168,23 @@ impl Auth {
         Err(Refusal { why, missing })
     }
 
-    /// Whether `caller` may call `method`: UNAUTHENTICATED if the method
-    /// needs a caller and none was proven, PERMISSION_DENIED if the
-    /// policy's rule asks for claims the caller does not hold.
-    pub fn admit(&self, method: &str, caller: &Caller) -> Result<(), tonic::Status> {
+    /// Whether `caller` (at `client`) may start a call of `method`:
+    /// UNAUTHENTICATED if the method needs a caller and none was proven,
+    /// PERMISSION_DENIED if the policy's rule asks for claims the caller
+    /// does not hold, RESOURCE_EXHAUSTED past the caller's call rate (not
+    /// for health and reflection, which load balancers poll).
+    pub fn admit(&self, method: &str, caller: &Caller, client: Option<std::net::IpAddr>) -> Result<(), tonic::Status> {
         if matches!(caller, Caller::Anonymous) && !self.is_open(method) {
             return Err(tonic::Status::unauthenticated(
                 "missing bearer token: send the metadata `authorization: Bearer <token>`",
             ));
         }
         self.policy
-            .permits(method, caller.identity().map(|identity| &**identity))
+            .permits(method, caller.identity().map(|identity| &**identity))?;
+        if super::rules::is_public_method(method) {
+            return Ok(());
+        }
+        self.limits.take_call(caller, client)
     }
 
     /// Whether `method` may be called without a token.
@@ -275,10 +296,13 @@ fn same_token(presented: &str, expected: &str) -> bool {
 
 /// Marks a request made by the server itself for a client it has already
 /// authenticated (a WebSocket v2 call: the socket's upgrade, or the call's
-/// own token, was checked): who it is. Only server code can put it in a
-/// request's extensions.
+/// own token, was checked): who it is, and from which address. Only server
+/// code can put it in a request's extensions.
 #[derive(Clone, Debug)]
-pub struct Authenticated(pub Caller);
+pub struct Authenticated {
+    pub caller: Caller,
+    pub client: Option<std::net::IpAddr>,
+}
 
 /// See [`Auth::require_token`].
 #[derive(Clone, Debug)]
@@ -304,20 +328,25 @@ where
         use futures_util::future::Either;
         let refuse = |status: tonic::Status| Either::Right(std::future::ready(Ok(status.into_http())));
         let method = request.uri().path();
-        let caller = match request.extensions().get::<Authenticated>() {
-            Some(Authenticated(caller)) => caller.clone(),
-            None => match self.auth.authenticate(request.headers()) {
-                Ok(caller) => caller,
-                // A method open to anyone takes the call as anonymous.
-                Err(_) if self.auth.is_open(method) => Caller::Anonymous,
-                Err(Refusal { why, .. }) => {
-                    return refuse(tonic::Status::unauthenticated(format!(
-                        "{why}: send the metadata `authorization: Bearer <token>`"
-                    )));
-                }
-            },
+        let (caller, client) = match request.extensions().get::<Authenticated>() {
+            Some(Authenticated { caller, client }) => (caller.clone(), *client),
+            None => {
+                let peer = request.extensions().get::<PeerAddr>().map(|peer| peer.0.ip());
+                let client = self.auth.limits.client_address(peer, request.headers());
+                let caller = match self.auth.authenticate(request.headers()) {
+                    Ok(caller) => caller,
+                    // A method open to anyone takes the call as anonymous.
+                    Err(_) if self.auth.is_open(method) => Caller::Anonymous,
+                    Err(Refusal { why, .. }) => {
+                        return refuse(tonic::Status::unauthenticated(format!(
+                            "{why}: send the metadata `authorization: Bearer <token>`"
+                        )));
+                    }
+                };
+                (caller, client)
+            }
         };
-        if let Err(status) = self.auth.admit(method, &caller) {
+        if let Err(status) = self.auth.admit(method, &caller, client) {
             return refuse(status);
         }
         request.extensions_mut().remove::<Authenticated>();

@@ -3,5 +3,6 @@
 
 pub mod auth;
 pub mod jwt;
+pub mod limits;
 pub mod origin;
 pub mod rules;

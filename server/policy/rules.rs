@@ -192,7 +192,7 @@ pub struct Policy {
 
 /// gRPC services that reveal no data and that tools call without
 /// credentials (load balancers, grpcurl): open unless a rule names them.
-fn is_public_method(path: &str) -> bool {
+pub fn is_public_method(path: &str) -> bool {
     [
         "/grpc.health.v1.Health/",
         "/grpc.reflection.v1.ServerReflection/",

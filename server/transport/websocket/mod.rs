@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::ops::shutdown::Drain;
-use crate::policy::auth::{Auth, BEARER_SUBPROTOCOL_PREFIX, Caller, Refusal};
+use crate::policy::auth::{Auth, Authenticated, BEARER_SUBPROTOCOL_PREFIX, Caller, Refusal};
 use crate::policy::origin::OriginPolicy;
 
 pub use v2::SocketContext;
@@ -128,17 +128,23 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         );
         return (StatusCode::NOT_IMPLEMENTED, message).into_response();
     }
-    // v1 has one method: the policy is asked at the upgrade.
+    let peer = parts.extensions.get::<PeerAddr>().copied();
+    let client = state
+        .auth
+        .limits()
+        .client_address(peer.map(|peer| peer.0.ip()), &parts.headers);
+    // v1 has one method, one call: the policy and the call rate are asked at the upgrade.
     if let Protocol::V1(_) = protocol
-        && let Err(status) = state.auth.admit(v2::BUILTIN_METHOD, &caller)
+        && let Err(status) = state.auth.admit(v2::BUILTIN_METHOD, &caller, client)
     {
         let code = match status.code() {
             tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::FORBIDDEN,
         };
         return (code, format!("{}\n", status.message())).into_response();
     }
-    let peer = parts.extensions.get::<PeerAddr>().copied();
+    let who = Authenticated { caller, client };
     let lease = parts.extensions.get::<ConnectionLease>().cloned();
     request = Request::from_parts(parts, body);
     let on_upgrade = hyper::upgrade::on(&mut request);
@@ -165,7 +171,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         };
         // The upgraded socket outlives hyper's connection: it keeps the lease.
         let _lease = lease;
-        v2::run(socket, protocol, context, &drain, caller).await;
+        v2::run(socket, protocol, context, &drain, who).await;
     }
     .instrument(span);
     state.tasks.spawn(socket_task);

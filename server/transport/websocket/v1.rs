@@ -147,8 +147,11 @@ mod tests {
         let backend = core.builtin_backend(&config);
         let data_service = Some(core.calls.clone());
         let context = Arc::new(SocketContext::new(&config, backend, core.auth.clone(), data_service));
-        let caller = crate::policy::auth::Caller::Anonymous;
-        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain, caller).await;
+        let who = crate::policy::auth::Authenticated {
+            caller: crate::policy::auth::Caller::Anonymous,
+            client: None,
+        };
+        super::super::v2::run(server, Protocol::V1(Subprotocol::Json), context, &core.drain, who).await;
     }
 
     #[tokio::test(start_paused = true)]

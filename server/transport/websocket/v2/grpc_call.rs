@@ -39,7 +39,7 @@ use super::table::{CallWaker, REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::descriptors::Catalog;
 use crate::backend::transcode::{decodes_as, from_json, to_json};
 use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
-use crate::policy::auth::{Authenticated, Caller};
+use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 
 /// What a call needs from its socket at `open`.
@@ -53,8 +53,9 @@ pub struct Opening {
     pub waker: Arc<CallWaker>,
     /// When the call's `timeoutMs` passes, and the `timeoutMs` itself.
     pub deadline: Option<(Instant, u32)>,
-    /// Who the call is from (its own token's, or its socket's, caller).
-    pub caller: Caller,
+    /// Who the call is from (its own token's, or its socket's, caller) and
+    /// its client's address.
+    pub who: Authenticated,
 }
 
 /// One live call on the backend, as the socket's call table holds it (boxed).
@@ -123,7 +124,7 @@ impl GrpcCall {
             max_message_size,
             waker,
             deadline,
-            caller,
+            who,
         } = opening;
         let inbox = Arc::new(Inbox {
             budget,
@@ -138,15 +139,7 @@ impl GrpcCall {
                 call: Waker::from(waker.clone()),
             }),
         });
-        let start = start(
-            open,
-            encoding,
-            backend,
-            catalog,
-            inbox.clone(),
-            max_message_size,
-            caller,
-        );
+        let start = start(open, encoding, backend, catalog, inbox.clone(), max_message_size, who);
         GrpcCall {
             inbox,
             wake: Waker::from(waker.clone()),
@@ -314,7 +307,7 @@ async fn start(
     catalog: Catalog,
     inbox: Arc<Inbox>,
     max_message_size: usize,
-    caller: Caller,
+    who: Authenticated,
 ) -> Result<Reading, Status> {
     let method = match (encoding, catalog.method(&open.method).await) {
         (_, Ok(method)) => Some(method),
@@ -330,7 +323,7 @@ async fn start(
     };
     let mut request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
     // The socket's upgrade (or the call's own token) was checked.
-    request.extensions_mut().insert(Authenticated(caller));
+    request.extensions_mut().insert(who);
     let Ok(response) = backend.oneshot(request).await;
     let (parts, body) = response.into_parts();
     if let Some(status) = status_in(&parts.headers) {

@@ -40,7 +40,7 @@ use super::{SocketContext, SocketSettings};
 use crate::error::Error;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
-use crate::policy::auth::{Caller, Refusal};
+use crate::policy::auth::{Authenticated, Caller, Refusal};
 use crate::transport::Transport;
 use crate::transport::websocket::{Protocol, v1};
 
@@ -85,7 +85,7 @@ pub fn run<S>(
     protocol: Protocol,
     context: Arc<SocketContext>,
     drain: &Drain,
-    caller: Caller,
+    who: Authenticated,
 ) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -98,7 +98,7 @@ where
         };
         let mut state = Socket {
             context,
-            caller,
+            who,
             calls: CallTable::default(),
             last_open: 0,
             budget: Budget::new(settings.socket_buffer),
@@ -327,8 +327,8 @@ enum Gone {
 /// built-in one records CANCELLED through its guard.
 struct Socket {
     context: Arc<SocketContext>,
-    /// Who the upgrade's token said the client is.
-    caller: Caller,
+    /// Who the upgrade's token said the client is, and its address.
+    who: Authenticated,
     calls: CallTable,
     last_open: u32,
     budget: Budget,
@@ -764,7 +764,11 @@ impl Socket {
             // The built-in plug-in makes no request on the backend, whose
             // layer would ask the policy: it is asked here.
             None => self.caller(&open).and_then(|caller| match builtin {
-                Some(_) => self.context.auth.admit(&open.method, &caller).map(|()| caller),
+                Some(_) => self
+                    .context
+                    .auth
+                    .admit(&open.method, &caller, self.who.client)
+                    .map(|()| caller),
                 None => Ok(caller),
             }),
         };
@@ -796,7 +800,10 @@ impl Socket {
                     max_message_size: settings.max_message_size,
                     waker: CallWaker::new(call, wakeups),
                     deadline,
-                    caller,
+                    who: Authenticated {
+                        caller,
+                        client: self.who.client,
+                    },
                 };
                 // Polled once to start: its waker takes over from there.
                 self.ready.push_back(call);
@@ -827,7 +834,7 @@ impl Socket {
                 Status::unauthenticated(format!("{why} (the call's authorization metadata)"))
             });
         }
-        match &self.caller {
+        match &self.who.caller {
             Caller::Identity(identity) if identity.has_expired(auth.leeway()) => Err(Status::unauthenticated(
                 "the socket's token has expired: send a fresh one as the call's authorization metadata, \
                  or open a new socket",

@@ -1,0 +1,160 @@
+//! Call rate limits (`--limit-calls-per-second`, `--limit-calls-burst`,
+//! `--trusted-proxy`): a caller past its bucket gets RESOURCE_EXHAUSTED for
+//! new calls at once, on native gRPC and on WebSocket v2 (v1: 429 at the
+//! upgrade), while other callers' buckets are untouched. One call a second
+//! refills a bucket: each test drains one and checks the refusal comes
+//! within a few calls of the burst, never sooner.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use streambridge_protocol::StreamRequest;
+use streambridge_protocol::v2::{ClientBatch, ClientRecord, Open, ServerBatch, client_record, server_record};
+use support::ws::Sub;
+use support::{ServerAddr, TestServer, within};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tonic::Code;
+
+const BURST: usize = 3;
+
+fn limited(config: &mut streambridge::Config) {
+    config.limit_calls_per_second = std::num::NonZeroU32::new(1);
+    config.limit_calls_burst = std::num::NonZeroU32::new(BURST as u32);
+}
+
+/// One call to the built-in service, as the client at `forwarded_for`
+/// (through a proxy) if given.
+async fn call(server: &impl ServerAddr, forwarded_for: Option<&str>) -> Result<(), tonic::Status> {
+    let mut client = server.grpc_client().await;
+    let mut request = tonic::Request::new(tokio_stream::iter([StreamRequest { data: "l".into() }]));
+    if let Some(address) = forwarded_for {
+        request
+            .metadata_mut()
+            .insert("x-forwarded-for", address.parse().unwrap());
+    }
+    let mut replies = within("call", client.bidirectional_stream(request)).await?.into_inner();
+    within("reply", replies.next()).await.transpose()?;
+    Ok(())
+}
+
+/// Calls until one is refused: how many went through, and the refusal.
+/// The bucket refills by one a second, so a slow machine may see a few
+/// more than the burst; never fewer.
+async fn drain_bucket(server: &impl ServerAddr, forwarded_for: Option<&str>) -> (usize, tonic::Status) {
+    for made in 0..BURST + 20 {
+        if let Err(status) = call(server, forwarded_for).await {
+            return (made, status);
+        }
+    }
+    panic!("no refusal after {} calls", BURST + 20);
+}
+
+#[tokio::test]
+async fn past_its_burst_a_client_gets_resource_exhausted_and_other_clients_do_not() {
+    let proxy = TestServer::start_with(|c| {
+        limited(c);
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let (made, status) = drain_bucket(&proxy, Some("203.0.113.1")).await;
+    assert!(made >= BURST, "refused after {made} calls: {status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("--limit-calls-per-second"), "{status:?}");
+    // Another client behind the same trusted proxy has its own bucket.
+    call(&proxy, Some("203.0.113.2")).await.unwrap();
+    // Health is never limited (load balancers poll it).
+    let mut health = tonic_health::pb::health_client::HealthClient::new(proxy.grpc_channel().await);
+    for _ in 0..BURST + 2 {
+        within("health", health.check(tonic_health::pb::HealthCheckRequest::default()))
+            .await
+            .unwrap();
+    }
+
+    // Without --trusted-proxy, X-Forwarded-For is the client's word: ignored.
+    let direct = TestServer::start_with(limited).await;
+    let (made, _) = drain_bucket(&direct, Some("203.0.113.1")).await;
+    assert!(made >= BURST);
+    // Another claimed address gets no fresh burst (at most what refilled meanwhile).
+    let (made, status) = drain_bucket(&direct, Some("203.0.113.2")).await;
+    assert!(
+        made < BURST,
+        "a fresh bucket for a forged X-Forwarded-For: {made} calls"
+    );
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
+async fn on_websockets_a_call_past_the_limit_ends_at_its_open_and_a_v1_upgrade_gets_429() {
+    let server = TestServer::start_with(limited).await;
+    let mut request = server.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "streambridge.v2.proto".parse().unwrap());
+    let (mut socket, _) = within("v2", tokio_tungstenite::connect_async(request)).await.unwrap();
+    let message = StreamRequest { data: "w".into() }.encode_to_vec();
+    let mut codes = Vec::new();
+    for call in (1..).step_by(2).take(BURST + 20) {
+        let records = vec![
+            ClientRecord {
+                call,
+                kind: Some(client_record::Kind::Open(Open {
+                    method: "/DataService/BidirectionalStream".into(),
+                    ..Default::default()
+                })),
+            },
+            ClientRecord {
+                call,
+                kind: Some(client_record::Kind::Message(message.clone().into())),
+            },
+            ClientRecord {
+                call,
+                kind: Some(client_record::Kind::CloseSend(Default::default())),
+            },
+        ];
+        socket
+            .send(Message::binary(ClientBatch { records }.encode_to_vec()))
+            .await
+            .unwrap();
+        let code = loop {
+            let Message::Binary(bytes) = within("batch", socket.next()).await.unwrap().unwrap() else {
+                continue;
+            };
+            let status = ServerBatch::decode(bytes)
+                .unwrap()
+                .records
+                .into_iter()
+                .find_map(|r| match r.kind {
+                    Some(server_record::Kind::Status(status)) if r.call == call => Some(status),
+                    _ => None,
+                });
+            if let Some(status) = status {
+                break (status.code, status.message);
+            }
+        };
+        codes.push(code.0);
+        if code.0 != 0 {
+            assert_eq!(code.0, 8, "{}", code.1);
+            break;
+        }
+    }
+    assert!(codes.len() > BURST && codes.last() == Some(&8), "{codes:?}");
+    // v1's one call is counted at its upgrade (a cell may have come back
+    // meanwhile: then the next upgrade finds the bucket empty).
+    let mut refusal = None;
+    for _ in 0..5 {
+        let mut v1 = server.ws_url().into_client_request().unwrap();
+        v1.headers_mut()
+            .insert("sec-websocket-protocol", Sub::Json.name().parse().unwrap());
+        match within("v1", tokio_tungstenite::connect_async(v1)).await {
+            Ok(_) => continue,
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                refusal = Some(response.status().as_u16());
+                break;
+            }
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert_eq!(refusal, Some(429));
+}
