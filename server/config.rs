@@ -210,6 +210,11 @@ pub struct Config {
     #[arg(long = "trusted-proxy", env = "STREAMBRIDGE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
+    /// How log lines are written (to standard output): `text` for people,
+    /// `json` (one object per line) for log collectors.
+    #[arg(long, env = "STREAMBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// PEM certificate chain; with --tls-key, serves TLS (ALPN h2 and
     /// http/1.1) on the one port instead of cleartext.
     #[arg(long, env = "STREAMBRIDGE_TLS_CERT", requires = "tls_key")]
@@ -419,6 +424,15 @@ impl Config {
         config.listen = listen;
         config
     }
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Why a configuration cannot start a server, naming the flag or file at fault.

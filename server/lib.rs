@@ -51,7 +51,7 @@ mod transport;
 pub use app::{AppState, Core, HttpService, Server, ServerBuilder, StartError, TransportRouter, router};
 pub use backend::GrpcService;
 pub use backend::upstream::UpstreamError;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, LogFormat};
 pub use ops::calls::ActiveCalls;
 pub use ops::shutdown::termination_signal;
 pub use policy::jwt::{Claims, Identity};

@@ -11,16 +11,23 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
-use streambridge::{Config, Server, termination_signal};
+use streambridge::{Config, LogFormat, Server, termination_signal};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let config = Config::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        // Colour codes only for a person at a terminal, never into a file or a collector.
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+    match config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let server = match Server::bind(config.clone()).await {
         Ok(server) => server,
         Err(error) => {

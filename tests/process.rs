@@ -14,6 +14,7 @@ use support::ServerAddr;
 use support::process::{ServerProcess, eventually};
 use support::ws::{Received, Sub, request_frame, send_all};
 use support::{STEP_TIMEOUT, metric, metrics_text, within};
+use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -298,4 +299,33 @@ async fn sighup_reads_the_policy_file_again() {
     .await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     std::fs::remove_file(path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_are_json_lines_with_log_format_json_and_never_carry_colour_codes_off_a_terminal() {
+    for (format, json) in [("text", false), ("json", true)] {
+        // Not through `ServerProcess`, which sets NO_COLOR: here only the
+        // absence of a terminal may turn colours off.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streambridge"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", format])
+            .env_remove("NO_COLOR")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = within("the first log line", lines.next_line())
+            .await
+            .unwrap()
+            .expect("a line");
+        assert!(!line.contains('\u{1b}'), "{format}: colour codes in a pipe: {line:?}");
+        assert!(line.contains("listening on"), "{format}: {line}");
+        let parsed = serde_json::from_str::<serde_json::Value>(&line);
+        assert_eq!(parsed.is_ok(), json, "{format}: {line}");
+        if json {
+            let fields = &parsed.unwrap()["fields"];
+            assert!(fields["message"].as_str().unwrap().contains("listening on"), "{line}");
+        }
+    }
 }
