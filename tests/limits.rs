@@ -64,6 +64,9 @@ async fn past_its_burst_a_client_gets_resource_exhausted_and_other_clients_do_no
     assert!(status.message().contains("--limit-calls-per-second"), "{status:?}");
     // Another client behind the same trusted proxy has its own bucket.
     call(&proxy, Some("203.0.113.2")).await.unwrap();
+    let text = support::metrics_text(proxy.addr).await;
+    let refused = support::metric(&text, r#"streambridge_calls_refused_total{reason="rate_limited"}"#);
+    assert_eq!(refused, 1.0, "{text}");
     // Health is never limited (load balancers poll it).
     let mut health = tonic_health::pb::health_client::HealthClient::new(proxy.grpc_channel().await);
     for _ in 0..BURST + 2 {

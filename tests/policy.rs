@@ -165,6 +165,17 @@ async fn rules_open_methods_to_anyone_ask_for_a_caller_or_for_claims_on_native_g
     )
     .await
     .unwrap();
+    // Counted by reason: one refused for its claims, two for want of a caller.
+    let text = support::metrics_text(bridge.addr).await;
+    let refused = |reason: &str| {
+        let sample = format!(r#"streambridge_calls_refused_total{{reason="{reason}"}}"#);
+        support::metric(&text, &sample)
+    };
+    assert_eq!(
+        (refused("permission_denied"), refused("unauthenticated")),
+        (1.0, 2.0),
+        "{text}"
+    );
 }
 
 /// A v2 proto socket; `token` in its upgrade if given.

@@ -53,12 +53,12 @@ pub struct Core {
 }
 
 impl Core {
-    /// Fails if the token file cannot be read.
+    /// Fails if the token file, the JWT key set or the policy cannot be read.
     pub fn new(config: &Config) -> Result<Core, ConfigError> {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let calls = ActiveCalls::default();
         Ok(Core {
-            calls: ActiveCalls::default(),
             auth: Auth::new(
                 config.bearer_token()?,
                 config.jwt_verifier()?,
@@ -68,7 +68,9 @@ impl Core {
                 config.limit_calls_per_second,
                 config.limit_calls_burst,
                 config.trusted_proxies.clone(),
-            )),
+            ))
+            .with_metrics(calls.metrics().clone()),
+            calls,
             drain: Drain::follow(&shutdown, &tasks),
             shutdown,
             tasks,

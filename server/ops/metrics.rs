@@ -9,6 +9,7 @@
 //! | `streambridge_messages_sent_total` | counter | `transport` |
 //! | `streambridge_stream_errors_total` | counter | `transport`, `code` (gRPC status code) |
 //! | `streambridge_stream_duration_seconds` | histogram | `transport` |
+//! | `streambridge_calls_refused_total` | counter | `reason`: `unauthenticated`, `permission_denied`, `rate_limited` |
 //!
 //! Per-message counters are handed to each call once (no lookup per message)
 //! and batched per call (see [`StreamMetrics`]): message totals lag a live
@@ -34,12 +35,29 @@ struct TransportLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why the bridge itself refused a call before any service saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No token, or a token that does not verify (16).
+    Unauthenticated,
+    /// The policy's claims do not hold (7).
+    PermissionDenied,
+    /// Past the caller's call rate (8).
+    RateLimited,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     transport: String,
     code: i32,
 }
 
 /// Every metric of the server, and the registry that renders them.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     open_connections: Gauge,
@@ -49,6 +67,7 @@ pub struct Metrics {
     sent: Family<TransportLabel, Counter>,
     errors: Family<ErrorLabels, Counter>,
     durations: Family<TransportLabel, Histogram, fn() -> Histogram>,
+    refused_calls: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -77,6 +96,12 @@ impl Default for Metrics {
         let durations: Family<TransportLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 4.0, 12)));
         registry.register("stream_duration_seconds", "How long calls lasted", durations.clone());
+        let refused_calls = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "calls_refused",
+            "Calls the bridge refused before any service saw them, by reason",
+            refused_calls.clone(),
+        );
         Metrics {
             registry,
             open_connections,
@@ -86,6 +111,7 @@ impl Default for Metrics {
             sent,
             errors,
             durations,
+            refused_calls,
         }
     }
 }
@@ -107,6 +133,16 @@ impl Metrics {
     /// Counts a connection refused at the cap.
     pub fn connection_refused(&self) {
         self.refused_connections.inc();
+    }
+
+    /// Counts a call the bridge refused.
+    pub fn call_refused(&self, why: Refused) {
+        let reason = match why {
+            Refused::Unauthenticated => "unauthenticated",
+            Refused::PermissionDenied => "permission_denied",
+            Refused::RateLimited => "rate_limited",
+        };
+        self.refused_calls.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub(crate) fn stream_started(&self, transport: Transport) -> StreamMetrics {

@@ -27,6 +27,7 @@ use http::header::{AUTHORIZATION, COOKIE};
 use http::{HeaderMap, HeaderValue, Request, Response};
 
 use crate::net::listener::PeerAddr;
+use crate::ops::metrics::{Metrics, Refused};
 
 use super::jwt::{Claims, Identity, JwtVerifier, TokenError};
 use super::limits::CallLimits;
@@ -43,6 +44,8 @@ pub struct Auth {
     jwt: Option<Arc<JwtVerifier>>,
     policy: Policy,
     limits: CallLimits,
+    /// Where refusals are counted (`streambridge_calls_refused_total`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Who a call is from.
@@ -81,6 +84,22 @@ impl Auth {
             jwt: jwt.map(Arc::new),
             policy,
             limits: CallLimits::default(),
+            metrics: None,
+        }
+    }
+
+    /// The same, counting its refusals in `metrics`.
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Self {
+        Auth {
+            metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    /// Counts a refused call.
+    pub fn refused(&self, why: Refused) {
+        if let Some(metrics) = &self.metrics {
+            metrics.call_refused(why);
         }
     }
 
@@ -175,16 +194,20 @@ impl Auth {
     /// for health and reflection, which load balancers poll).
     pub fn admit(&self, method: &str, caller: &Caller, client: Option<std::net::IpAddr>) -> Result<(), tonic::Status> {
         if matches!(caller, Caller::Anonymous) && !self.is_open(method) {
+            self.refused(Refused::Unauthenticated);
             return Err(tonic::Status::unauthenticated(
                 "missing bearer token: send the metadata `authorization: Bearer <token>`",
             ));
         }
         self.policy
-            .permits(method, caller.identity().map(|identity| &**identity))?;
+            .permits(method, caller.identity().map(|identity| &**identity))
+            .inspect_err(|_| self.refused(Refused::PermissionDenied))?;
         if super::rules::is_public_method(method) {
             return Ok(());
         }
-        self.limits.take_call(caller, client)
+        self.limits
+            .take_call(caller, client)
+            .inspect_err(|_| self.refused(Refused::RateLimited))
     }
 
     /// Whether `method` may be called without a token.
@@ -338,6 +361,7 @@ where
                     // A method open to anyone takes the call as anonymous.
                     Err(_) if self.auth.is_open(method) => Caller::Anonymous,
                     Err(Refusal { why, .. }) => {
+                        self.auth.refused(Refused::Unauthenticated);
                         return refuse(tonic::Status::unauthenticated(format!(
                             "{why}: send the metadata `authorization: Bearer <token>`"
                         )));

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::net::listener::{ConnectionLease, PeerAddr};
+use crate::ops::metrics::Refused;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::{Auth, Authenticated, BEARER_SUBPROTOCOL_PREFIX, Caller, Refusal};
 use crate::policy::origin::OriginPolicy;
@@ -107,6 +108,7 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         // No token at all: a socket may still call the methods open to anyone.
         Err(Refusal { missing: true, .. }) if state.auth.opens_sockets_to_anyone() => Caller::Anonymous,
         Err(Refusal { why, .. }) => {
+            state.auth.refused(Refused::Unauthenticated);
             let message = format!(
                 "{why}: send `Authorization: Bearer <token>` or offer the subprotocol \
                  `streambridge.bearer.<token>` beside the real one\n"

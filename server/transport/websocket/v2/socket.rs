@@ -38,6 +38,7 @@ use super::records::{self, Incoming, Kind, Request};
 use super::table::{CallTable, CallWaker, LiveCall, Route, Wakeups};
 use super::{SocketContext, SocketSettings};
 use crate::error::Error;
+use crate::ops::metrics::Refused;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
 use crate::policy::auth::{Authenticated, Caller, Refusal};
@@ -819,6 +820,16 @@ impl Socket {
     /// have expired (the socket's live calls run on; new ones need a token
     /// that holds).
     fn caller(&self, open: &v2::Open) -> Result<Caller, Status> {
+        let auth = &self.context.auth;
+        self.call_caller(open).inspect_err(|status| {
+            if status.code() == Code::Unauthenticated {
+                auth.refused(Refused::Unauthenticated);
+            }
+        })
+    }
+
+    /// [`Socket::caller`], uncounted.
+    fn call_caller(&self, open: &v2::Open) -> Result<Caller, Status> {
         let auth = &self.context.auth;
         if auth.has_jwt()
             && let Some(value) = open
