@@ -29,6 +29,16 @@ pub async fn connect(addr: SocketAddr) -> Result<Channel, String> {
         .map_err(|e| format!("gRPC connect {addr}: {e}"))
 }
 
+/// `message` as a request, with the edge server's token when the run sends one.
+fn with_token<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = crate::servers::edge::token() {
+        let value = format!("Bearer {token}").parse().expect("a JWT is a header value");
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 fn check(reply: &StreamResponse, data: &str) -> Result<(), String> {
     match reply.result.strip_prefix("processed: ") {
         Some(rest) if rest == data => Ok(()),
@@ -57,7 +67,7 @@ pub async fn drive(
     let mut sender = Some(sender);
     let mut client = DataServiceClient::new(channel);
     let mut replies = client
-        .bidirectional_stream(ReceiverStream::new(receiver))
+        .bidirectional_stream(with_token(ReceiverStream::new(receiver)))
         .await
         .map_err(|s| format!("call: {s}"))?
         .into_inner();
@@ -98,7 +108,7 @@ pub async fn open_idle(channel: Channel) -> Result<IdleCall, String> {
         .try_send(StreamRequest { data: "idle".into() })
         .map_err(|e| e.to_string())?;
     let mut replies = DataServiceClient::new(channel)
-        .bidirectional_stream(ReceiverStream::new(receiver))
+        .bidirectional_stream(with_token(ReceiverStream::new(receiver)))
         .await
         .map_err(|s| format!("call: {s}"))?
         .into_inner();

@@ -67,12 +67,16 @@ pub async fn drive(addr: SocketAddr, payload_size: usize, control: Control) -> R
     let body = call_body(payload_size);
     let mut stats = TaskStats::new();
     while !control.stopped() {
-        let request = Request::post(format!("http://{addr}/DataService/BidirectionalStream"))
+        let mut request = Request::post(format!("http://{addr}/DataService/BidirectionalStream"))
             // As a browser sends it; HTTP/1.1 requires it (hyper's connection API leaves it out).
             .header("host", addr.to_string())
             .header("content-type", "application/grpc-web+proto")
             .header("accept", "application/grpc-web+proto")
-            .header("x-grpc-web", "1")
+            .header("x-grpc-web", "1");
+        if let Some(token) = crate::servers::edge::token() {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
             .body(Full::new(body.clone()))
             .map_err(|e| e.to_string())?;
         let started = Instant::now();

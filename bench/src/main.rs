@@ -156,6 +156,9 @@ fn run(args: &Args) -> Result<(), String> {
         backend_cpu: pinning.load_cpu,
     };
     let servers = selected_servers(args, &programs)?;
+    if servers.contains(&ServerKind::StreambridgeEdge) {
+        servers::edge::send_tokens();
+    }
     println!(
         "servers: {}; {:?} warm-up + {:?} measured per scenario; payloads {payloads:?} B; {} idle calls; \
          {rounds} round(s); {}",
@@ -230,6 +233,8 @@ fn selected_servers(args: &Args, programs: &ServerPrograms) -> Result<Vec<Server
         return Ok(ServerKind::ALL
             .into_iter()
             .filter(|k| match k {
+                // Only on request (`--servers streambridge,streambridge-edge`).
+                ServerKind::StreambridgeEdge => false,
                 ServerKind::GrpcGo => programs.grpc_go.is_some(),
                 ServerKind::NodeWs => programs.node_dir.is_some(),
                 ServerKind::NginxProxy => programs.nginx.is_some(),
@@ -275,7 +280,7 @@ async fn bench_server(
             }
         }
         if server.speaks_websocket() {
-            let codecs: &[Codec] = if server == ServerKind::Streambridge {
+            let codecs: &[Codec] = if server.is_builtin_streambridge() {
                 &[Codec::Json, Codec::Proto]
             } else {
                 &[Codec::Json]
@@ -308,13 +313,13 @@ async fn bench_server(
             }
         }
         let load = Load::GrpcWeb { connections: 16 };
-        if server == ServerKind::Streambridge && timing.selects(&load.name()) {
+        if server.is_builtin_streambridge() && timing.selects(&load.name()) {
             outcomes.push(measure_load(&running, load, payload, timing, None).await);
         }
         // The proxy and the added service run the same v2 load: their calls
         // to `/DataService/…` take the generic path (the path users'
         // services take), to the upstream or to the tonic service in process.
-        if server == ServerKind::Streambridge || server.serves_users_service() {
+        if server.is_builtin_streambridge() || server.serves_users_service() {
             for codec in [Codec::Json, Codec::Proto] {
                 let load = Load::WsV2 {
                     codec,
@@ -356,7 +361,7 @@ async fn bench_server(
         let memory = scenarios::idle_websockets(&fresh, timing.idle_calls).await;
         outcomes.push(memory_outcome(&fresh, "idle ws-json sockets", memory));
     }
-    if server == ServerKind::Streambridge || server.serves_users_service() {
+    if server.is_builtin_streambridge() || server.serves_users_service() {
         // 10 000 idle v2 sockets (no call), and 10 000 idle calls on 100
         // sockets (the generic path: the calls only).
         let sockets = timing.idle_calls;

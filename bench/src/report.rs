@@ -550,6 +550,7 @@ fn color(server: Option<ServerKind>) -> &'static str {
         Some(ServerKind::StreambridgeProxy) => "#805ad5",
         Some(ServerKind::NginxProxy) => "#009639",
         Some(ServerKind::StreambridgeAdded) => "#d53f8c",
+        Some(ServerKind::StreambridgeEdge) => "#2c5282",
         Some(ServerKind::NodeWs) => "#805ad5",
         None => "#999999",
     }

@@ -38,10 +38,15 @@ pub enum ServerKind {
     /// `bench-added-service`: streambridge hosting an embedder's own tonic
     /// echo (`add_service`) instead of the built-in `DataService`.
     StreambridgeAdded,
+    /// streambridge with the production edge on: JWTs (a key set the
+    /// harness makes), a policy file and call rate limits far above the
+    /// load. Its clients send the harness's token (so do the other
+    /// streambridge's in the same run: unchecked there, it costs nothing).
+    StreambridgeEdge,
 }
 
 impl ServerKind {
-    pub const ALL: [ServerKind; 9] = [
+    pub const ALL: [ServerKind; 10] = [
         ServerKind::Streambridge,
         ServerKind::PlainTonic,
         ServerKind::StockTonic,
@@ -51,6 +56,7 @@ impl ServerKind {
         ServerKind::StreambridgeProxy,
         ServerKind::NginxProxy,
         ServerKind::StreambridgeAdded,
+        ServerKind::StreambridgeEdge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +70,7 @@ impl ServerKind {
             ServerKind::StreambridgeProxy => "streambridge-proxy",
             ServerKind::NginxProxy => "nginx-proxy",
             ServerKind::StreambridgeAdded => "streambridge-added",
+            ServerKind::StreambridgeEdge => "streambridge-edge",
         }
     }
 
@@ -79,6 +86,7 @@ impl ServerKind {
                 | ServerKind::StockTonic
                 | ServerKind::GrpcGo
                 | ServerKind::StreambridgeAdded
+                | ServerKind::StreambridgeEdge
         ) || self.is_proxy()
     }
 
@@ -86,6 +94,11 @@ impl ServerKind {
     /// built-in one (the generic call path users' services take).
     pub fn serves_users_service(self) -> bool {
         matches!(self, ServerKind::StreambridgeProxy | ServerKind::StreambridgeAdded)
+    }
+
+    /// streambridge serving its built-in `DataService` (with or without the edge).
+    pub fn is_builtin_streambridge(self) -> bool {
+        matches!(self, ServerKind::Streambridge | ServerKind::StreambridgeEdge)
     }
 
     /// A proxy in front of `bench-plain-tonic` (the "gRPC through a proxy" scenario).
@@ -96,7 +109,7 @@ impl ServerKind {
     pub fn speaks_websocket(self) -> bool {
         matches!(
             self,
-            ServerKind::Streambridge | ServerKind::NaiveWs | ServerKind::NodeWs
+            ServerKind::Streambridge | ServerKind::StreambridgeEdge | ServerKind::NaiveWs | ServerKind::NodeWs
         )
     }
 }
@@ -195,6 +208,18 @@ impl ServerPrograms {
             ServerKind::StreambridgeAdded => {
                 let mut c = Command::new(&self.added_service);
                 c.env("RUST_LOG", "warn");
+                c
+            }
+            ServerKind::StreambridgeEdge => {
+                let edge = edge::files(&self.logs)?;
+                let mut c = Command::new(&self.streambridge);
+                c.env("RUST_LOG", "warn")
+                    .arg("--jwt-jwks")
+                    .arg(&edge.jwks)
+                    .args(["--jwt-audience", edge::AUDIENCE, "--jwt-claim-header", "sub=x-user-id"])
+                    .arg("--policy")
+                    .arg(&edge.policy)
+                    .args(["--limit-calls-per-second", "1000000"]);
                 c
             }
             ServerKind::PlainTonic => Command::new(&self.plain_tonic),
@@ -337,5 +362,76 @@ impl Drop for RunningServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What the edge server checks, and the token every client sends.
+pub mod edge {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    pub const AUDIENCE: &str = "streambridge-bench";
+
+    /// The key set and policy files, in the logs directory.
+    pub struct Files {
+        pub jwks: PathBuf,
+        pub policy: PathBuf,
+    }
+
+    /// The key the harness signs with (made once per run), and its token.
+    struct Key {
+        jwks: String,
+        token: String,
+    }
+
+    fn key() -> &'static Key {
+        static KEY: OnceLock<Key> = OnceLock::new();
+        KEY.get_or_init(|| {
+            use base64::Engine;
+            let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("a key");
+            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).expect("a key");
+            let point = pair.public_key().as_ref();
+            let jwks = serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": "bench",
+                "x": b64(&point[1..33]), "y": b64(&point[33..]) }] })
+            .to_string();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let claims = serde_json::json!({ "sub": "bench", "aud": AUDIENCE, "scope": "bench", "exp": now + 24 * 3600 });
+            let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+            header.kid = Some("bench".into());
+            let token = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()))
+                .expect("a token");
+            Key { jwks, token }
+        })
+    }
+
+    static TOKEN_ON: OnceLock<()> = OnceLock::new();
+
+    /// The token clients send, if [`send_tokens`] was called.
+    pub fn token() -> Option<&'static str> {
+        TOKEN_ON.get().map(|()| key().token.as_str())
+    }
+
+    /// From now on every client sends the token (call before any load runs,
+    /// so that both streambridge servers of a run see the same requests).
+    pub fn send_tokens() {
+        let _ = TOKEN_ON.set(());
+    }
+
+    /// Writes the key set and a policy that every call of the load passes
+    /// (a caller with the `bench` scope), and returns their paths.
+    pub fn files(logs: &Path) -> Result<Files, String> {
+        let files = Files {
+            jwks: logs.join("edge-jwks.json"),
+            policy: logs.join("edge-policy.toml"),
+        };
+        let policy = "[[rules]]\nmethods = [\"/grpc.health.v1.Health/*\"]\nallow = \"anyone\"\n\n\
+                      [[rules]]\nmethods = [\"/DataService/*\"]\nallow = \"authenticated\"\nclaims = { scope = \"bench\" }\n";
+        std::fs::write(&files.jwks, &key().jwks).map_err(|e| format!("{}: {e}", files.jwks.display()))?;
+        std::fs::write(&files.policy, policy).map_err(|e| format!("{}: {e}", files.policy.display()))?;
+        Ok(files)
     }
 }

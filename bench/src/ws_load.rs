@@ -157,9 +157,13 @@ pub async fn connect_offering(
     let mut request = format!("ws://{addr}/ws")
         .into_client_request()
         .map_err(|e| e.to_string())?;
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", HeaderValue::from_static(subprotocol));
+    let offer = match crate::servers::edge::token() {
+        // The edge server's token, as browsers send one (unchecked elsewhere).
+        Some(token) => HeaderValue::try_from(format!("{subprotocol}, streambridge.bearer.{token}"))
+            .map_err(|e| e.to_string())?,
+        None => HeaderValue::from_static(subprotocol),
+    };
+    request.headers_mut().insert("sec-websocket-protocol", offer);
     let config = WebSocketConfig::default().read_buffer_size(read_buffer_size);
     let (socket, _) = tokio_tungstenite::client_async_with_config(request, tcp, Some(config))
         .await
