@@ -299,3 +299,16 @@ async fn a_socket_without_a_token_may_open_for_the_methods_open_to_anyone_and_th
     .unwrap();
     support::ws::assert_one_round_trip(&mut socket, Sub::Json, "v1").await;
 }
+
+#[tokio::test]
+async fn a_policy_that_asks_for_callers_needs_a_way_for_them_to_authenticate() {
+    let path = std::env::temp_dir().join(format!("streambridge-policy-{}-no-auth.toml", std::process::id()));
+    std::fs::write(&path, "[[rules]]\nmethods = [\"/a.B/*\"]\nallow = \"authenticated\"\n").unwrap();
+    let mut config = streambridge::Config::with_listen("127.0.0.1:0".parse().unwrap());
+    config.policy = Some(path.clone());
+    let error = streambridge::Core::new(&config).err().expect("refused").to_string();
+    assert!(error.contains("rule 1") && error.contains("--auth-token"), "{error}");
+    config.auth_token = Some("a-token-for-the-rule".into());
+    assert!(streambridge::Core::new(&config).is_ok());
+    std::fs::remove_file(path).unwrap();
+}

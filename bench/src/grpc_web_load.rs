@@ -76,9 +76,7 @@ pub async fn drive(addr: SocketAddr, payload_size: usize, control: Control) -> R
         if let Some(token) = crate::servers::edge::token() {
             request = request.header("authorization", format!("Bearer {token}"));
         }
-        let request = request
-            .body(Full::new(body.clone()))
-            .map_err(|e| e.to_string())?;
+        let request = request.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
         let started = Instant::now();
         sender.ready().await.map_err(|e| format!("connection: {e}"))?;
         let response = sender.send_request(request).await.map_err(|e| format!("call: {e}"))?;

@@ -398,12 +398,20 @@ pub mod edge {
             let jwks = serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": "bench",
                 "x": b64(&point[1..33]), "y": b64(&point[33..]) }] })
             .to_string();
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-            let claims = serde_json::json!({ "sub": "bench", "aud": AUDIENCE, "scope": "bench", "exp": now + 24 * 3600 });
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let claims =
+                serde_json::json!({ "sub": "bench", "aud": AUDIENCE, "scope": "bench", "exp": now + 24 * 3600 });
             let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
             header.kid = Some("bench".into());
-            let token = jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()))
-                .expect("a token");
+            let token = jsonwebtoken::encode(
+                &header,
+                &claims,
+                &jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()),
+            )
+            .expect("a token");
             Key { jwks, token }
         })
     }

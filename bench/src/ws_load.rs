@@ -159,8 +159,9 @@ pub async fn connect_offering(
         .map_err(|e| e.to_string())?;
     let offer = match crate::servers::edge::token() {
         // The edge server's token, as browsers send one (unchecked elsewhere).
-        Some(token) => HeaderValue::try_from(format!("{subprotocol}, streambridge.bearer.{token}"))
-            .map_err(|e| e.to_string())?,
+        Some(token) => {
+            HeaderValue::try_from(format!("{subprotocol}, streambridge.bearer.{token}")).map_err(|e| e.to_string())?
+        }
         None => HeaderValue::from_static(subprotocol),
     };
     request.headers_mut().insert("sec-websocket-protocol", offer);

@@ -58,18 +58,25 @@ impl Core {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let calls = ActiveCalls::default();
+        let policy = Policy::load(config.policy.as_deref()).map_err(ConfigError::Invalid)?;
+        let (token, jwt) = (config.bearer_token()?, config.jwt_verifier()?);
+        // A rule no caller could ever satisfy is a mistake, not a lock.
+        if let Some(rule) = policy.first_needing_a_caller()
+            && token.is_none()
+            && jwt.is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "--policy: rule {rule} asks for an authenticated caller, but neither --auth-token nor --jwt-jwks is set"
+            )));
+        }
         Ok(Core {
-            auth: Auth::new(
-                config.bearer_token()?,
-                config.jwt_verifier()?,
-                Policy::load(config.policy.as_deref()).map_err(ConfigError::Invalid)?,
-            )
-            .with_limits(CallLimits::new(
-                config.limit_calls_per_second,
-                config.limit_calls_burst,
-                config.trusted_proxies.clone(),
-            ))
-            .with_metrics(calls.metrics().clone()),
+            auth: Auth::new(token, jwt, policy)
+                .with_limits(CallLimits::new(
+                    config.limit_calls_per_second,
+                    config.limit_calls_burst,
+                    config.trusted_proxies.clone(),
+                ))
+                .with_metrics(calls.metrics().clone()),
             calls,
             drain: Drain::follow(&shutdown, &tasks),
             shutdown,

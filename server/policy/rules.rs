@@ -176,6 +176,14 @@ impl Rules {
             .find(|rule| rule.patterns.iter().any(|p| p.matches(method)))
     }
 
+    /// The first rule that asks for an authenticated caller, if any.
+    pub fn first_needing_a_caller(&self) -> Option<usize> {
+        self.rules
+            .iter()
+            .find(|rule| rule.allow == Allow::Authenticated)
+            .map(|rule| rule.number)
+    }
+
     /// Whether any rule lets anyone in (then a WebSocket may open without
     /// a token: its calls are checked one by one).
     pub fn opens_anything(&self) -> bool {
@@ -213,6 +221,11 @@ impl Policy {
             path: path.map(Path::to_path_buf),
             rules: Arc::new(RwLock::new(Arc::new(rules))),
         })
+    }
+
+    /// The first rule that asks for an authenticated caller, if any.
+    pub fn first_needing_a_caller(&self) -> Option<usize> {
+        self.rules().first_needing_a_caller()
     }
 
     /// Reads the file again (SIGHUP); on an error the rules in force stay.
