@@ -146,9 +146,19 @@ async fn unary(
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     request.metadata_mut().insert("x-user-id", "mallory".parse().unwrap());
+    // The token's cookie (a page on the same site sends it with every request) and another.
+    let cookie = format!("theme=dark; sb_token={}", token.unwrap_or("none"));
+    request.metadata_mut().insert("cookie", cookie.parse().unwrap());
     within("unary", client.unary(request))
         .await
         .map(|reply| reply.into_inner().metadata)
+}
+
+/// Valid claims for `eve` without `claim`.
+fn without(claim: &str) -> Value {
+    let mut claims = claims("eve", 3600);
+    claims.as_object_mut().unwrap().remove(claim);
+    claims
 }
 
 /// Every kind of bad token, each with what the refusal must say.
@@ -204,6 +214,25 @@ fn bad_tokens(keys: &Keys) -> Vec<(&'static str, String, &'static str)> {
         ),
         ("signed by another key", stranger, "signature does not verify"),
         (
+            "no issuer",
+            keys.sign(Algorithm::ES256, Some("es"), &without("iss")),
+            "has no iss claim",
+        ),
+        (
+            "no audience",
+            keys.sign(Algorithm::ES256, Some("es"), &without("aud")),
+            "has no aud claim",
+        ),
+        (
+            "a fractional exp",
+            keys.sign(Algorithm::ES256, Some("es"), &{
+                let mut claims = claims("eve", 3600);
+                claims["exp"] = json!(now() as f64 + 3600.5);
+                claims
+            }),
+            "exp is not a whole number",
+        ),
+        (
             "unknown kid",
             keys.sign(Algorithm::ES256, Some("nope"), &claims("eve", 3600)),
             "kid \"nope\"",
@@ -251,6 +280,11 @@ async fn every_bad_token_is_unauthenticated_with_its_reason_and_good_ones_reach_
             assert!(
                 !seen.contains_key("authorization"),
                 "{which}: the token reached the service: {seen:?}"
+            );
+            assert_eq!(
+                seen.get("cookie").map(String::as_str),
+                Some("theme=dark"),
+                "{which}: {seen:?}"
             );
             // In process the claims are also a request extension (JSON: the sub in quotes).
             let in_claims = (which == "in process").then(|| format!("\"{sub}\""));
@@ -581,4 +615,37 @@ async fn unary_builtin(server: &impl ServerAddr, token: &str) -> Result<(), toni
     let mut replies = within("call", client.bidirectional_stream(request)).await?.into_inner();
     within("reply", replies.next()).await.transpose()?;
     Ok(())
+}
+
+#[tokio::test]
+async fn with_forward_token_only_the_token_that_was_verified_goes_on() {
+    let keys = Keys::new();
+    let jwks = jwks_file("forward", &keys.jwks);
+    let (bridge, _cancelled) = EchoUpstream::added_to_bridge(|c| {
+        configure(c, &jwks);
+        c.jwt_forward_token = true;
+    })
+    .await;
+    let mut client = EchoClient::new(bridge.grpc_channel().await);
+    let good = keys.token("gina");
+    let mut request = tonic::Request::new(EchoRequest {
+        text: "f".into(),
+        ..Default::default()
+    });
+    // The good token, then one the bridge cannot verify (the echo reports
+    // every value of a header: the second would show).
+    let forged = keys.sign(Algorithm::ES256, Some("nope"), &claims("mallory", 3600));
+    for token in [&good, &forged] {
+        request
+            .metadata_mut()
+            .append("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let seen = within("unary", client.unary(request))
+        .await
+        .unwrap()
+        .into_inner()
+        .metadata;
+    assert_eq!(seen.get("authorization"), Some(&format!("Bearer {good}")), "{seen:?}");
+    assert_eq!(seen.get("x-user-id").map(String::as_str), Some("gina"));
+    std::fs::remove_file(jwks).unwrap();
 }

@@ -118,9 +118,9 @@ impl ServerBuilder {
             // task first ran would otherwise end the process (its default).
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 Ok(hangups) => {
-                    let policy = core.auth.policy().clone();
+                    let (policy, auth_on) = (core.auth.policy().clone(), core.auth.is_on());
                     core.tasks
-                        .spawn(reload_policy_on_sighup(hangups, policy, core.shutdown.clone()));
+                        .spawn(reload_policy_on_sighup(hangups, policy, auth_on, core.shutdown.clone()));
                 }
                 Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP: the policy is read only at start"),
             }
@@ -269,12 +269,13 @@ impl Server {
 async fn reload_policy_on_sighup(
     mut hangups: tokio::signal::unix::Signal,
     policy: crate::policy::rules::Policy,
+    auth_on: bool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            Some(()) = hangups.recv() => match policy.reload() {
+            Some(()) = hangups.recv() => match policy.reload(auth_on) {
                 Ok(()) => tracing::info!("SIGHUP: policy read again"),
                 Err(error) => tracing::warn!(%error, "SIGHUP: the policy does not load; the rules in force stay"),
             },

@@ -193,15 +193,16 @@ impl Auth {
     /// does not hold, RESOURCE_EXHAUSTED past the caller's call rate (not
     /// for health and reflection, which load balancers poll).
     pub fn admit(&self, method: &str, caller: &Caller, client: Option<std::net::IpAddr>) -> Result<(), tonic::Status> {
-        if matches!(caller, Caller::Anonymous) && !self.is_open(method) {
-            self.refused(Refused::Unauthenticated);
-            return Err(tonic::Status::unauthenticated(
-                "missing bearer token: send the metadata `authorization: Bearer <token>`",
-            ));
-        }
+        let anonymous = matches!(caller, Caller::Anonymous);
+        let identity = caller.identity().map(|identity| &**identity);
         self.policy
-            .permits(method, caller.identity().map(|identity| &**identity))
-            .inspect_err(|_| self.refused(Refused::PermissionDenied))?;
+            .check(method, self.is_on(), anonymous, identity)
+            .inspect_err(|status| {
+                self.refused(match status.code() {
+                    tonic::Code::Unauthenticated => Refused::Unauthenticated,
+                    _ => Refused::PermissionDenied,
+                })
+            })?;
         if super::rules::is_public_method(method) {
             return Ok(());
         }
@@ -239,8 +240,11 @@ impl Auth {
 
     /// Takes the credentials out of `headers` and puts `identity`'s claims in.
     fn prepare(&self, headers: &mut HeaderMap, identity: Option<&Arc<Identity>>) {
-        self.strip_tokens(headers);
+        self.strip_tokens(headers, identity);
         let Some(jwt) = &self.jwt else { return };
+        if let Some(name) = &jwt.settings().cookie {
+            strip_cookie(headers, name);
+        }
         for (claim, header) in &jwt.settings().claim_headers {
             headers.remove(header);
             let value = identity
@@ -253,28 +257,34 @@ impl Auth {
     }
 
     /// Removes the `authorization` values that carry a token this server
-    /// checks: the shared token, and with JWTs on every bearer token
-    /// (unless `--jwt-forward-token`).
-    fn strip_tokens(&self, headers: &mut HeaderMap) {
+    /// checks: the shared token; with JWTs on, every bearer token, and with
+    /// `--jwt-forward-token` puts back the one that was verified (never one
+    /// the bridge did not check). Other values pass.
+    fn strip_tokens(&self, headers: &mut HeaderMap, identity: Option<&Arc<Identity>>) {
         if !self.is_on() || !headers.contains_key(AUTHORIZATION) {
             return;
         }
-        let strip_every_bearer = self.jwt.as_ref().is_some_and(|jwt| !jwt.settings().forward_token);
-        let kept: Vec<HeaderValue> = headers
+        let jwt_on = self.jwt.is_some();
+        let mut kept: Vec<HeaderValue> = headers
             .get_all(AUTHORIZATION)
             .iter()
             .filter(|value| match value.to_str().ok().and_then(bearer) {
-                Some(token) => {
-                    !strip_every_bearer
-                        && !self
-                            .token
-                            .as_deref()
-                            .is_some_and(|expected| same_token(token, expected))
-                }
+                Some(_) if jwt_on => false,
+                Some(token) => !self
+                    .token
+                    .as_deref()
+                    .is_some_and(|expected| same_token(token, expected)),
                 None => true,
             })
             .cloned()
             .collect();
+        let forward = self.jwt.as_ref().is_some_and(|jwt| jwt.settings().forward_token);
+        if forward
+            && let Some(identity) = identity
+            && let Ok(value) = HeaderValue::try_from(format!("Bearer {}", identity.token()))
+        {
+            kept.push(value);
+        }
         headers.remove(AUTHORIZATION);
         for value in kept {
             headers.append(AUTHORIZATION, value);
@@ -311,6 +321,34 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(key, _)| *key == name)
         .map(|(_, value)| value.trim_matches('"'))
+}
+
+/// Removes the cookie `name` from the request's `Cookie` headers (the
+/// services behind the bridge never see the token it carried).
+fn strip_cookie(headers: &mut HeaderMap, name: &str) {
+    if cookie(headers, name).is_none() {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .map(|value| {
+            value
+                .split(';')
+                .filter(|pair| pair.trim().split_once('=').is_none_or(|(key, _)| key != name))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .filter(|value| !value.is_empty())
+        .collect();
+    headers.remove(COOKIE);
+    for value in kept {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.append(COOKIE, value);
+        }
+    }
 }
 
 fn same_token(presented: &str, expected: &str) -> bool {
@@ -432,6 +470,16 @@ mod tests {
         assert_eq!(cookie(&headers, "session"), Some("abc.def"));
         assert_eq!(cookie(&headers, "late"), Some("q"));
         assert_eq!(cookie(&headers, "sess"), None);
+    }
+
+    #[test]
+    fn the_token_cookie_is_taken_out_and_the_others_kept() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, "a=1; sb=abc.def; b=2".parse().unwrap());
+        headers.append(COOKIE, "sb=again".parse().unwrap());
+        strip_cookie(&mut headers, "sb");
+        let kept: Vec<_> = headers.get_all(COOKIE).iter().collect();
+        assert_eq!(kept, ["a=1; b=2"]);
     }
 
     #[test]

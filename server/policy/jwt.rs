@@ -50,14 +50,30 @@ pub struct JwtSettings {
 }
 
 /// A caller whose token verified: its claims.
-#[derive(Debug)]
 pub struct Identity {
     claims: Map<String, Value>,
     /// The token's `exp`, seconds since the epoch.
     expires: u64,
+    /// The token itself: the one a `--jwt-forward-token` server passes on
+    /// (never logged: `Debug` leaves it out).
+    token: Box<str>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("claims", &self.claims)
+            .field("expires", &self.expires)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Identity {
+    /// The token that was verified.
+    pub(crate) fn token(&self) -> &str {
+        &self.token
+    }
+
     /// The verified claims.
     pub fn claims(&self) -> &Map<String, Value> {
         &self.claims
@@ -213,7 +229,16 @@ impl JwtVerifier {
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = self.settings.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // jsonwebtoken skips a check whose claim is missing: a claim the
+        // server checks must be there.
+        let mut required = vec!["exp"];
+        if self.settings.issuer.is_some() {
+            required.push("iss");
+        }
+        if !self.settings.audiences.is_empty() {
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         match &self.settings.issuer {
             Some(issuer) => validation.set_issuer(&[issuer]),
             None => validation.iss = None,
@@ -235,10 +260,20 @@ impl JwtVerifier {
                     _ => TokenError::Malformed(error.to_string()),
                 }
             })?;
-        let expires = data.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        // jsonwebtoken rounds a fractional `exp` and ignores an `nbf` it
+        // cannot read: both must be whole numbers of seconds here.
+        let expires = data
+            .claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TokenError::Malformed("its exp is not a whole number of seconds".into()))?;
+        if data.claims.get("nbf").is_some_and(|nbf| nbf.as_u64().is_none()) {
+            return Err(TokenError::Malformed("its nbf is not a whole number of seconds".into()));
+        }
         Ok(Arc::new(Identity {
             claims: data.claims,
             expires,
+            token: token.into(),
         }))
     }
 

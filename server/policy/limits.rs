@@ -62,15 +62,18 @@ impl CallLimits {
         if !self.is_trusted(peer) {
             return Some(peer);
         }
-        let forwarded = forwarded_for(headers);
-        // From the right: the last hop a trusted proxy added first.
-        Some(
-            forwarded
-                .into_iter()
-                .rev()
-                .find(|address| !self.is_trusted(*address))
-                .unwrap_or(peer),
-        )
+        // From the right: what the trusted proxy nearest to us added first.
+        // An entry that does not parse ends the walk at the last address
+        // known good (a client could have written it, and what lies beyond).
+        let mut client = peer;
+        for entry in forwarded_for(headers).into_iter().rev() {
+            let Some(address) = entry else { break };
+            client = address;
+            if !self.is_trusted(address) {
+                break;
+            }
+        }
+        Some(client)
     }
 
     fn is_trusted(&self, address: IpAddr) -> bool {
@@ -81,17 +84,16 @@ impl CallLimits {
     /// RESOURCE_EXHAUSTED if the bucket is empty.
     pub fn take_call(&self, caller: &Caller, client: Option<IpAddr>) -> Result<(), tonic::Status> {
         let Some(limiter) = &self.limiter else { return Ok(()) };
-        let (bucket, who) = match caller {
+        let by_address = || client.map(|address| (Bucket::Address(network_of(address)), "this client address"));
+        let chosen = match caller {
             Caller::Identity(identity) => match identity.claim_text("sub") {
-                Some(sub) => (Bucket::Subject(sub.into()), "this caller (its token's sub)"),
-                None => return Ok(()),
+                Some(sub) => Some((Bucket::Subject(sub.into()), "this caller (its token's sub)")),
+                None => by_address(),
             },
-            Caller::Token => (Bucket::SharedToken, "the shared token's holders"),
-            Caller::Anonymous => match client {
-                Some(address) => (Bucket::Address(address), "this client address"),
-                None => return Ok(()),
-            },
+            Caller::Token => Some((Bucket::SharedToken, "the shared token's holders")),
+            Caller::Anonymous => by_address(),
         };
+        let Some((bucket, who)) = chosen else { return Ok(()) };
         limiter.check_key(&bucket).map_err(|_| {
             tonic::Status::resource_exhausted(format!(
                 "call rate limit reached for {who}: {} new calls a second (--limit-calls-per-second); retry later",
@@ -117,34 +119,49 @@ impl CallLimits {
     }
 }
 
-/// The addresses of `X-Forwarded-For` (all of them, in order), or else the
-/// `for=` of `Forwarded` (RFC 7239); unparsable entries are skipped.
-fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
+/// A client's bucket address: an IPv6 client by its /64 (one host may use
+/// any address of it), an IPv4 client by its address.
+fn network_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+    }
+}
+
+/// The entries of `X-Forwarded-For` in order, or, without one, the `for=`
+/// of `Forwarded` (RFC 7239); `None` for an entry that is no address
+/// (`unknown`, an obfuscated name, garbage).
+fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let values = |name| headers.get_all(name).iter().filter_map(|value| value.to_str().ok());
-    let from_xff: Vec<IpAddr> = values("x-forwarded-for")
+    let from_xff: Vec<Option<IpAddr>> = values("x-forwarded-for")
         .flat_map(|value| value.split(','))
-        .filter_map(|entry| entry.trim().parse().ok())
+        .map(|entry| address_of(entry.trim()))
         .collect();
     if !from_xff.is_empty() {
         return from_xff;
     }
     values("forwarded")
-        .flat_map(|value| value.split([',', ';']))
-        .filter_map(|pair| {
-            pair.trim()
-                .strip_prefix("for=")
-                .or_else(|| pair.trim().strip_prefix("For="))
-        })
-        .filter_map(|node| {
-            // `for="[2001:db8::1]:4711"`, `for=192.0.2.60`, `for=192.0.2.60:80`.
-            let node = node.trim_matches('"');
-            let host = match node.strip_prefix('[') {
-                Some(rest) => rest.split(']').next()?,
-                None => node.split(':').next()?,
-            };
-            host.parse().ok()
+        .flat_map(|value| value.split(','))
+        .filter_map(|element| {
+            element.split(';').find_map(|pair| {
+                let (key, value) = pair.trim().split_once('=')?;
+                key.eq_ignore_ascii_case("for")
+                    .then(|| address_of(value.trim_matches('"')))
+            })
         })
         .collect()
+}
+
+/// `192.0.2.60`, `192.0.2.60:80`, `2001:db8::1`, `[2001:db8::1]:4711`.
+fn address_of(node: &str) -> Option<IpAddr> {
+    if let Ok(address) = node.parse() {
+        return Some(address);
+    }
+    let host = match node.strip_prefix('[') {
+        Some(rest) => rest.split(']').next()?,
+        None => node.rsplit_once(':')?.0,
+    };
+    host.parse().ok()
 }
 
 #[cfg(test)]
@@ -184,6 +201,18 @@ mod tests {
             Some(proxy),
             "nothing forwarded"
         );
+        // A proxy that writes ports: the client's own entry cannot pass for the real one.
+        let ported = headers(&[("x-forwarded-for", "6.6.6.6, 203.0.113.9:5555")]);
+        assert_eq!(
+            limits.client_address(Some(proxy), &ported),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        // An entry that is no address ends the walk: nothing left of it is believed.
+        let unknown = headers(&[("x-forwarded-for", "6.6.6.6, unknown, 10.3.3.3")]);
+        assert_eq!(
+            limits.client_address(Some(proxy), &unknown),
+            Some("10.3.3.3".parse().unwrap())
+        );
     }
 
     #[test]
@@ -200,6 +229,11 @@ mod tests {
             limits.take_call(&Caller::Anonymous, Some(two)).is_ok(),
             "another client's bucket"
         );
+        // IPv6: one bucket per /64.
+        let (a, b): (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::ffff:2".parse().unwrap());
+        assert!(limits.take_call(&Caller::Anonymous, Some(a)).is_ok());
+        assert!(limits.take_call(&Caller::Anonymous, Some(b)).is_ok());
+        assert!(limits.take_call(&Caller::Anonymous, Some(a)).is_err(), "the same /64");
         assert!(
             CallLimits::default().take_call(&Caller::Anonymous, Some(one)).is_ok(),
             "off"

@@ -198,6 +198,16 @@ pub struct Policy {
     rules: Arc<RwLock<Arc<Rules>>>,
 }
 
+/// What `rules` say about `method`.
+fn verdict(rules: &Rules, method: &str, auth_on: bool) -> Verdict {
+    match rules.rule_for(method) {
+        Some(rule) if rule.allow == Allow::Anyone => Verdict::Open,
+        Some(_) => Verdict::NeedsCaller,
+        None if !auth_on || is_public_method(method) => Verdict::Open,
+        None => Verdict::NeedsCaller,
+    }
+}
+
 /// gRPC services that reveal no data and that tools call without
 /// credentials (load balancers, grpcurl): open unless a rule names them.
 pub fn is_public_method(path: &str) -> bool {
@@ -229,9 +239,19 @@ impl Policy {
     }
 
     /// Reads the file again (SIGHUP); on an error the rules in force stay.
-    pub fn reload(&self) -> Result<(), String> {
+    /// A rule asking for a caller is an error without authentication
+    /// (`auth_on`), as at start.
+    pub fn reload(&self, auth_on: bool) -> Result<(), String> {
         let Some(path) = &self.path else { return Ok(()) };
         let rules = Rules::load(path)?;
+        if let Some(rule) = rules.first_needing_a_caller()
+            && !auth_on
+        {
+            return Err(format!(
+                "--policy {}: rule {rule} asks for an authenticated caller, but neither --auth-token nor --jwt-jwks is set",
+                path.display()
+            ));
+        }
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
         Ok(())
     }
@@ -243,18 +263,26 @@ impl Policy {
     /// Whether a call to `method` needs a caller that authenticated, when
     /// authentication is on (`auth_on`).
     pub fn verdict(&self, method: &str, auth_on: bool) -> Verdict {
-        match self.rules().rule_for(method) {
-            Some(rule) if rule.allow == Allow::Anyone => Verdict::Open,
-            Some(_) => Verdict::NeedsCaller,
-            None if !auth_on || is_public_method(method) => Verdict::Open,
-            None => Verdict::NeedsCaller,
-        }
+        verdict(&self.rules(), method, auth_on)
     }
 
-    /// Once the caller is known: PERMISSION_DENIED if the rule for
-    /// `method` asks for claims `identity` does not hold.
-    pub fn permits(&self, method: &str, identity: Option<&Identity>) -> Result<(), tonic::Status> {
+    /// Whether a call of `method` may go on, with one look at the rules (a
+    /// SIGHUP between two looks could mix two files): UNAUTHENTICATED when
+    /// it needs a caller and has none (`anonymous`), PERMISSION_DENIED when
+    /// its rule asks for claims `identity` does not hold.
+    pub fn check(
+        &self,
+        method: &str,
+        auth_on: bool,
+        anonymous: bool,
+        identity: Option<&Identity>,
+    ) -> Result<(), tonic::Status> {
         let rules = self.rules();
+        if anonymous && verdict(&rules, method, auth_on) == Verdict::NeedsCaller {
+            return Err(tonic::Status::unauthenticated(
+                "missing bearer token: send the metadata `authorization: Bearer <token>`",
+            ));
+        }
         match rules.rule_for(method) {
             Some(rule) if !rule.claims_hold(identity) => Err(tonic::Status::permission_denied(format!(
                 "{method} needs claims the caller's token does not have (--policy, rule {})",
@@ -319,10 +347,14 @@ mod tests {
         let policy = Policy::load(Some(&path)).unwrap();
         assert_eq!(policy.verdict("/a.B/C", true), Verdict::Open);
         std::fs::write(&path, "[[rules]]\nmethods = [\"/a.B/*\"]\nallow = \"nobody\"").unwrap();
-        assert!(policy.reload().unwrap_err().contains("unknown variant"));
+        assert!(policy.reload(true).unwrap_err().contains("unknown variant"));
         assert_eq!(policy.verdict("/a.B/C", true), Verdict::Open, "the rules in force stay");
         std::fs::write(&path, "[[rules]]\nmethods = [\"/a.B/*\"]\nallow = \"authenticated\"").unwrap();
-        policy.reload().unwrap();
+        assert!(
+            policy.reload(false).unwrap_err().contains("rule 1"),
+            "no way to authenticate"
+        );
+        policy.reload(true).unwrap();
         assert_eq!(policy.verdict("/a.B/C", true), Verdict::NeedsCaller);
         std::fs::remove_file(path).unwrap();
     }

@@ -274,10 +274,17 @@ impl Drop for Guard {
 
 fn reply(request: &EchoRequest, metadata: &tonic::metadata::MetadataMap, text: String) -> EchoReply {
     let headers = metadata.clone().into_headers();
-    let seen = headers
-        .iter()
-        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
-        .collect();
+    // A header sent more than once is reported once, its values joined by ", ".
+    let mut seen = std::collections::HashMap::<String, String>::new();
+    for (name, value) in &headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        seen.entry(name.to_string())
+            .and_modify(|all| {
+                all.push_str(", ");
+                all.push_str(&value);
+            })
+            .or_insert(value);
+    }
     let timeout_ms = headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())

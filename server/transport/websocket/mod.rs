@@ -139,12 +139,14 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     if let Protocol::V1(_) = protocol
         && let Err(status) = state.auth.admit(v2::BUILTIN_METHOD, &caller, client)
     {
-        let code = match status.code() {
-            tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            _ => StatusCode::FORBIDDEN,
+        let message = format!("{}\n", status.message());
+        return match status.code() {
+            tonic::Code::Unauthenticated => {
+                (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response()
+            }
+            tonic::Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, message).into_response(),
+            _ => (StatusCode::FORBIDDEN, message).into_response(),
         };
-        return (code, format!("{}\n", status.message())).into_response();
     }
     let who = Authenticated { caller, client };
     let lease = parts.extensions.get::<ConnectionLease>().cloned();
