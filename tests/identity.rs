@@ -12,15 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use prost::Message as _;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use serde_json::{Value, json};
-use streambridge_protocol::v2::{ClientBatch, ClientRecord, Open, ServerBatch, client_record, server_record};
 use support::upstream::{EchoClient, EchoReply, EchoRequest, EchoUpstream};
-use support::ws::{Sub, assert_one_round_trip, refused_upgrade};
+use support::ws::{Socket, Sub, assert_one_round_trip, refused_upgrade};
+use support::ws2::{proto_call_outcome, whole_call};
 use support::{ServerAddr, TestServer, within};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -404,10 +403,7 @@ async fn a_websocket_upgrade_needs_a_valid_token_in_the_header_a_subprotocol_ent
 }
 
 /// A v2 proto socket whose upgrade carries `token`.
-async fn v2_socket(
-    server: &impl ServerAddr,
-    token: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+async fn v2_socket(server: &impl ServerAddr, token: &str) -> Socket {
     let mut request = server.ws_url().into_client_request().unwrap();
     let offers = format!("streambridge.v2.proto, streambridge.bearer.{token}");
     request
@@ -421,54 +417,20 @@ async fn v2_socket(
 
 /// A unary `Echo/Unary` on call `call` with `metadata`, in one batch.
 fn unary_records(call: u32, metadata: &[(&str, &str)]) -> Message {
-    let open = Open {
-        method: UNARY.into(),
-        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        timeout_ms: 0,
-        window: 0,
-    };
     let message = EchoRequest {
         text: "v2".into(),
         ..Default::default()
-    }
-    .encode_to_vec();
-    let records = vec![
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::Open(open)),
-        },
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::Message(Bytes::from(message))),
-        },
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::CloseSend(Default::default())),
-        },
-    ];
-    Message::binary(ClientBatch { records }.encode_to_vec())
+    };
+    whole_call(call, UNARY, metadata, message.encode_to_vec())
 }
 
 /// Reads until `call` ends: the reply's metadata if it had one, and its status.
-async fn outcome(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    call: u32,
-) -> (Option<std::collections::HashMap<String, String>>, i32, String) {
-    let mut seen = None;
-    loop {
-        let message = within("v2 batch", socket.next()).await.expect("open").expect("read");
-        let Message::Binary(bytes) = message else { continue };
-        for record in ServerBatch::decode(bytes).unwrap().records {
-            if record.call != call {
-                continue;
-            }
-            match record.kind {
-                Some(server_record::Kind::Message(reply)) => seen = Some(EchoReply::decode(reply).unwrap().metadata),
-                Some(server_record::Kind::Status(status)) => return (seen, status.code, status.message),
-                _ => {}
-            }
-        }
-    }
+async fn outcome(socket: &mut Socket, call: u32) -> (Option<std::collections::HashMap<String, String>>, i32, String) {
+    let (messages, status) = proto_call_outcome(socket, call).await;
+    let seen = messages
+        .last()
+        .map(|reply| EchoReply::decode(reply.clone()).unwrap().metadata);
+    (seen, status.code, status.message)
 }
 
 #[tokio::test]

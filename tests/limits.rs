@@ -10,10 +10,9 @@ mod support;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use streambridge_protocol::StreamRequest;
-use streambridge_protocol::v2::{ClientBatch, ClientRecord, Open, ServerBatch, client_record, server_record};
 use support::ws::Sub;
+use support::ws2::{proto_call_outcome, whole_call};
 use support::{ServerAddr, TestServer, within};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tonic::Code;
 
@@ -99,43 +98,17 @@ async fn on_websockets_a_call_past_the_limit_ends_at_its_open_and_a_v1_upgrade_g
     let message = StreamRequest { data: "w".into() }.encode_to_vec();
     let mut codes = Vec::new();
     for call in (1..).step_by(2).take(BURST + 20) {
-        let records = vec![
-            ClientRecord {
-                call,
-                kind: Some(client_record::Kind::Open(Open {
-                    method: "/DataService/BidirectionalStream".into(),
-                    ..Default::default()
-                })),
-            },
-            ClientRecord {
-                call,
-                kind: Some(client_record::Kind::Message(message.clone().into())),
-            },
-            ClientRecord {
-                call,
-                kind: Some(client_record::Kind::CloseSend(Default::default())),
-            },
-        ];
         socket
-            .send(Message::binary(ClientBatch { records }.encode_to_vec()))
+            .send(whole_call(
+                call,
+                "/DataService/BidirectionalStream",
+                &[],
+                message.clone(),
+            ))
             .await
             .unwrap();
-        let code = loop {
-            let Message::Binary(bytes) = within("batch", socket.next()).await.unwrap().unwrap() else {
-                continue;
-            };
-            let status = ServerBatch::decode(bytes)
-                .unwrap()
-                .records
-                .into_iter()
-                .find_map(|r| match r.kind {
-                    Some(server_record::Kind::Status(status)) if r.call == call => Some(status),
-                    _ => None,
-                });
-            if let Some(status) = status {
-                break (status.code, status.message);
-            }
-        };
+        let (_, status) = proto_call_outcome(&mut socket, call).await;
+        let code = (status.code, status.message);
         codes.push(code.0);
         if code.0 != 0 {
             assert_eq!(code.0, 8, "{}", code.1);

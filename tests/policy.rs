@@ -8,16 +8,15 @@ mod support;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use prost::Message as _;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::json;
-use streambridge_protocol::v2::{ClientBatch, ClientRecord, Open, ServerBatch, client_record, server_record};
 use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
-use support::ws::{Sub, refused_upgrade};
+use support::ws::{Socket, Sub, refused_upgrade};
+use support::ws2::{proto_call_outcome, whole_call};
 use support::{ServerAddr, TestServer, within};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tonic::Code;
 
@@ -179,10 +178,7 @@ async fn rules_open_methods_to_anyone_ask_for_a_caller_or_for_claims_on_native_g
 }
 
 /// A v2 proto socket; `token` in its upgrade if given.
-async fn v2_socket(
-    server: &impl ServerAddr,
-    token: Option<&str>,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+async fn v2_socket(server: &impl ServerAddr, token: Option<&str>) -> Socket {
     let mut request = server.ws_url().into_client_request().unwrap();
     let offers = match token {
         Some(token) => format!("streambridge.v2.proto, streambridge.bearer.{token}"),
@@ -198,44 +194,10 @@ async fn v2_socket(
 }
 
 /// Opens `call` on `method` with one message and closeSend; returns its status code and message.
-async fn v2_call(
-    socket: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    call: u32,
-    method: &str,
-    message: Vec<u8>,
-) -> (i32, String) {
-    let open = Open {
-        method: method.into(),
-        ..Default::default()
-    };
-    let records = vec![
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::Open(open)),
-        },
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::Message(message.into())),
-        },
-        ClientRecord {
-            call,
-            kind: Some(client_record::Kind::CloseSend(Default::default())),
-        },
-    ];
-    socket
-        .send(Message::binary(ClientBatch { records }.encode_to_vec()))
-        .await
-        .unwrap();
-    loop {
-        let Message::Binary(bytes) = within("v2 batch", socket.next()).await.unwrap().unwrap() else {
-            continue;
-        };
-        for record in ServerBatch::decode(bytes).unwrap().records {
-            if let (true, Some(server_record::Kind::Status(status))) = (record.call == call, record.kind) {
-                return (status.code, status.message);
-            }
-        }
-    }
+async fn v2_call(socket: &mut Socket, call: u32, method: &str, message: Vec<u8>) -> (i32, String) {
+    socket.send(whole_call(call, method, &[], message)).await.unwrap();
+    let (_, status) = proto_call_outcome(socket, call).await;
+    (status.code, status.message)
 }
 
 #[tokio::test]

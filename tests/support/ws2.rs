@@ -383,3 +383,41 @@ pub fn status(got: &[Got]) -> (i32, String) {
         other => panic!("the call's last record is not its status: {other:?} in {got:?}"),
     }
 }
+
+/// A whole call in one proto batch: `open` of `method` with `metadata`,
+/// one `message`, `closeSend` (for tests that set what `Rec` does not).
+#[allow(dead_code)] // not every test file makes one
+pub fn whole_call(call: u32, method: &str, metadata: &[(&str, &str)], message: Vec<u8>) -> Message {
+    let open = Open {
+        method: method.into(),
+        metadata: metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let records = [
+        client_record::Kind::Open(open),
+        client_record::Kind::Message(Bytes::from(message)),
+        client_record::Kind::CloseSend(Empty {}),
+    ]
+    .into_iter()
+    .map(|kind| ClientRecord { call, kind: Some(kind) })
+    .collect();
+    Message::binary(ClientBatch { records }.encode_to_vec())
+}
+
+/// Reads a proto socket until `call` ends: its messages and its status.
+#[allow(dead_code)] // not every test file reads one
+pub async fn proto_call_outcome(socket: &mut Socket, call: u32) -> (Vec<Bytes>, streambridge_protocol::v2::Status) {
+    let mut messages = Vec::new();
+    loop {
+        let Message::Binary(bytes) = within("v2 batch", socket.next()).await.expect("open").expect("read") else {
+            continue;
+        };
+        for record in ServerBatch::decode(bytes).expect("a ServerBatch").records {
+            match (record.call == call, record.kind) {
+                (true, Some(server_record::Kind::Message(message))) => messages.push(message),
+                (true, Some(server_record::Kind::Status(status))) => return (messages, status),
+                _ => {}
+            }
+        }
+    }
+}
