@@ -19,7 +19,7 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyP
 use serde_json::{Value, json};
 use support::upstream::{EchoClient, EchoReply, EchoRequest, EchoUpstream};
 use support::ws::{Socket, Sub, assert_one_round_trip, refused_upgrade};
-use support::ws2::{proto_call_outcome, whole_call};
+use support::ws2::{proto_call_outcome, proto_socket, whole_call};
 use support::{ServerAddr, TestServer, within};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -402,19 +402,6 @@ async fn a_websocket_upgrade_needs_a_valid_token_in_the_header_a_subprotocol_ent
     std::fs::remove_file(jwks).unwrap();
 }
 
-/// A v2 proto socket whose upgrade carries `token`.
-async fn v2_socket(server: &impl ServerAddr, token: &str) -> Socket {
-    let mut request = server.ws_url().into_client_request().unwrap();
-    let offers = format!("streambridge.v2.proto, streambridge.bearer.{token}");
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", offers.parse().unwrap());
-    within("v2 upgrade", tokio_tungstenite::connect_async(request))
-        .await
-        .unwrap()
-        .0
-}
-
 /// A unary `Echo/Unary` on call `call` with `metadata`, in one batch.
 fn unary_records(call: u32, metadata: &[(&str, &str)]) -> Message {
     let message = EchoRequest {
@@ -443,7 +430,7 @@ async fn a_v2_call_may_bring_its_own_token_and_a_socket_whose_token_expired_open
         c.jwt_leeway = Duration::ZERO;
     })
     .await;
-    let mut socket = v2_socket(&bridge, &keys.token("alice")).await;
+    let mut socket = proto_socket(&bridge, Some(&keys.token("alice"))).await;
 
     // The socket's identity, whatever the client claims in its metadata.
     socket
@@ -486,7 +473,7 @@ async fn a_v2_call_may_bring_its_own_token_and_a_socket_whose_token_expired_open
     // A socket whose token expires: new calls get 16; the socket stays.
     // Three seconds: time enough for the upgrade on a slow machine.
     let short = keys.sign(Algorithm::ES256, Some("es"), &claims("brief", 3));
-    let mut brief = v2_socket(&bridge, &short).await;
+    let mut brief = proto_socket(&bridge, Some(&short)).await;
     let mut call = 1;
     let message = within("the socket's token expires", async {
         loop {

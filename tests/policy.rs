@@ -15,7 +15,7 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::json;
 use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
 use support::ws::{Socket, Sub, refused_upgrade};
-use support::ws2::{proto_call_outcome, whole_call};
+use support::ws2::{proto_call_outcome, proto_socket, whole_call};
 use support::{ServerAddr, TestServer, within};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tonic::Code;
@@ -177,22 +177,6 @@ async fn rules_open_methods_to_anyone_ask_for_a_caller_or_for_claims_on_native_g
     );
 }
 
-/// A v2 proto socket; `token` in its upgrade if given.
-async fn v2_socket(server: &impl ServerAddr, token: Option<&str>) -> Socket {
-    let mut request = server.ws_url().into_client_request().unwrap();
-    let offers = match token {
-        Some(token) => format!("streambridge.v2.proto, streambridge.bearer.{token}"),
-        None => "streambridge.v2.proto".into(),
-    };
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", offers.parse().unwrap());
-    within("v2 upgrade", tokio_tungstenite::connect_async(request))
-        .await
-        .unwrap()
-        .0
-}
-
 /// Opens `call` on `method` with one message and closeSend; returns its status code and message.
 async fn v2_call(socket: &mut Socket, call: u32, method: &str, message: Vec<u8>) -> (i32, String) {
     socket.send(whole_call(call, method, &[], message)).await.unwrap();
@@ -204,7 +188,7 @@ async fn v2_call(socket: &mut Socket, call: u32, method: &str, message: Vec<u8>)
 async fn a_socket_without_a_token_may_open_for_the_methods_open_to_anyone_and_the_built_in_service_obeys_the_rules() {
     let setup = Setup::new("sockets");
     let (bridge, _cancelled) = EchoUpstream::added_to_bridge(|c| setup.configure(c)).await;
-    let mut anonymous = v2_socket(&bridge, None).await;
+    let mut anonymous = proto_socket(&bridge, None).await;
     assert_eq!(
         v2_call(
             &mut anonymous,
@@ -229,11 +213,11 @@ async fn a_socket_without_a_token_may_open_for_the_methods_open_to_anyone_and_th
     let builtin = TestServer::start_with(|c| setup.configure(c)).await;
     let request = streambridge_protocol::StreamRequest { data: "d".into() }.encode_to_vec();
     let method = "/DataService/BidirectionalStream";
-    let mut reader = v2_socket(&builtin, Some(&setup.token("rita", "echo:read"))).await;
+    let mut reader = proto_socket(&builtin, Some(&setup.token("rita", "echo:read"))).await;
     let (code, message) = v2_call(&mut reader, 1, method, request.clone()).await;
     assert_eq!(code, 7, "{message}");
     assert!(message.contains(method), "{message}");
-    let mut writer = v2_socket(&builtin, Some(&setup.token("will", "echo:write"))).await;
+    let mut writer = proto_socket(&builtin, Some(&setup.token("will", "echo:write"))).await;
     assert_eq!(v2_call(&mut writer, 1, method, request).await.0, 0);
 
     // Protocol v1 has only that method: the policy is asked at the upgrade.

@@ -421,3 +421,20 @@ pub async fn proto_call_outcome(socket: &mut Socket, call: u32) -> (Vec<Bytes>, 
         }
     }
 }
+
+/// A v2 proto socket; `token` in its upgrade (the bearer subprotocol entry) if given.
+#[allow(dead_code)] // not every test file opens one
+pub async fn proto_socket(server: &impl ServerAddr, token: Option<&str>) -> Socket {
+    let mut request = server.ws_url().into_client_request().unwrap();
+    let offers = match token {
+        Some(token) => format!("streambridge.v2.proto, streambridge.bearer.{token}"),
+        None => "streambridge.v2.proto".into(),
+    };
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", offers.parse().unwrap());
+    within("v2 upgrade", tokio_tungstenite::connect_async(request))
+        .await
+        .unwrap()
+        .0
+}
