@@ -664,12 +664,7 @@ async fn native_calls_to_the_built_in_and_to_an_added_service_are_counted_live_a
     use support::upstream::{EchoClient, EchoRequest, EchoUpstream};
 
     let built_in = TestServer::start().await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", built_in.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = streambridge::grpc::DataServiceClient::new(channel);
+    let mut client = built_in.grpc_client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut replies = client
         .bidirectional_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -698,7 +693,7 @@ async fn native_calls_to_the_built_in_and_to_an_added_service_are_counted_live_a
     );
 
     let (added, _cancelled) = EchoUpstream::added_to_bridge(|_| {}).await;
-    let mut echo = EchoClient::connect(format!("http://{}", added.addr)).await.unwrap();
+    let mut echo = EchoClient::new(added.grpc_channel().await);
     let failing = EchoRequest {
         text: "x".into(),
         fail_with: 9,

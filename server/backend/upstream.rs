@@ -635,10 +635,9 @@ impl ResponseBody {
     /// holds back a prefix cut by the chunk's end.
     fn follow(&mut self, data: Bytes) -> Bytes {
         let limit = self.shared.max_message_size;
-        let refused = self.cursor.advance(&data, |prefix| match prefix.length > limit {
-            true => Err(prefix),
-            false => Ok(()),
-        });
+        let refused = self
+            .cursor
+            .advance(&data, |prefix| if prefix.length > limit { Err(prefix) } else { Ok(()) });
         // The bytes held back begin the prefix that `data` continues.
         let held = std::mem::take(&mut self.partial_prefix);
         let held_len = held.len();

@@ -222,9 +222,10 @@ impl Auth {
         !self.is_on() || self.policy.opens_anything()
     }
 
-    /// `inner` (the gRPC services) behind authentication: a call to any
-    /// method but health and reflection must pass it, else it is refused
-    /// with UNAUTHENTICATED. Then the request is made fit for the services:
+    /// `inner` (the gRPC services) behind authentication: a call of a method
+    /// not open to anyone (health, reflection, what `--policy` opens) must
+    /// pass it, else it is refused with UNAUTHENTICATED, and every call must
+    /// pass [`Auth::admit`]. Then the request is made fit for the services:
     /// the shared token (and the JWT, unless `--jwt-forward-token`) taken
     /// out, so no service behind the bridge (in process or upstream) sees
     /// it; the client's own copies of the claim headers

@@ -95,9 +95,7 @@ impl BuiltinCall {
         if !self.queued && self.credit > 0 {
             return self.answer(call, &request, socket);
         }
-        socket.budget.take(request.len());
-        self.rest.waiting.push_back(request.detached());
-        self.queued = true;
+        self.wait(request.detached(), socket);
         Ok(())
     }
 
@@ -109,11 +107,16 @@ impl BuiltinCall {
         }
         // Never on v1, whose credit is without limit; encoded as the request it is.
         let request = streambridge_protocol::StreamRequest { data: data.to_owned() };
-        let payload = Payload::Proto(prost::Message::encode_to_vec(&request).into());
+        self.wait(Payload::Proto(prost::Message::encode_to_vec(&request).into()), socket);
+        Ok(())
+    }
+
+    /// Queues a request until response credit comes, its bytes taken from
+    /// the socket's budget.
+    fn wait(&mut self, payload: Payload, socket: &mut SocketSide<'_>) {
         socket.budget.take(payload.len());
         self.rest.waiting.push_back(payload);
         self.queued = true;
-        Ok(())
     }
 
     pub fn close_send(&mut self) {

@@ -821,16 +821,10 @@ impl Socket {
     /// that holds).
     fn caller(&self, open: &v2::Open) -> Result<Caller, Status> {
         let auth = &self.context.auth;
-        self.call_caller(open).inspect_err(|status| {
-            if status.code() == Code::Unauthenticated {
-                auth.refused(Refused::Unauthenticated);
-            }
-        })
-    }
-
-    /// [`Socket::caller`], uncounted.
-    fn call_caller(&self, open: &v2::Open) -> Result<Caller, Status> {
-        let auth = &self.context.auth;
+        let refuse = |why: String| {
+            auth.refused(Refused::Unauthenticated);
+            Status::unauthenticated(why)
+        };
         if auth.has_jwt()
             && let Some(value) = open
                 .metadata
@@ -839,16 +833,17 @@ impl Socket {
         {
             let mut headers = http::HeaderMap::new();
             let value = http::HeaderValue::try_from(value.as_str())
-                .map_err(|_| Status::unauthenticated("the call's authorization metadata is not a header value"))?;
+                .map_err(|_| refuse("the call's authorization metadata is not a header value".into()))?;
             headers.insert(http::header::AUTHORIZATION, value);
-            return auth.authenticate(&headers).map_err(|Refusal { why, .. }| {
-                Status::unauthenticated(format!("{why} (the call's authorization metadata)"))
-            });
+            return auth
+                .authenticate(&headers)
+                .map_err(|Refusal { why, .. }| refuse(format!("{why} (the call's authorization metadata)")));
         }
         match &self.who.caller {
-            Caller::Identity(identity) if identity.has_expired(auth.leeway()) => Err(Status::unauthenticated(
+            Caller::Identity(identity) if identity.has_expired(auth.leeway()) => Err(refuse(
                 "the socket's token has expired: send a fresh one as the call's authorization metadata, \
-                 or open a new socket",
+                 or open a new socket"
+                    .into(),
             )),
             caller => Ok(caller.clone()),
         }
