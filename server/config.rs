@@ -205,6 +205,22 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_LIMIT_CALLS_BURST", requires = "limit_calls_per_second")]
     pub limit_calls_burst: Option<std::num::NonZeroU32>,
 
+    /// Request messages a caller may send per second, over all its calls
+    /// (bucketed as the call limit is). Past it the bridge stops taking
+    /// that caller's requests until the bucket refills (v2 grants no
+    /// credit, HTTP/2 flow control holds the stream): nothing is dropped,
+    /// no call fails. Unset: no limit.
+    #[arg(long, env = "STREAMBRIDGE_LIMIT_MESSAGES_PER_SECOND")]
+    pub limit_messages_per_second: Option<std::num::NonZeroU32>,
+
+    /// Messages a quiet caller may send at once (default: one second's worth).
+    #[arg(
+        long,
+        env = "STREAMBRIDGE_LIMIT_MESSAGES_BURST",
+        requires = "limit_messages_per_second"
+    )]
+    pub limit_messages_burst: Option<std::num::NonZeroU32>,
+
     /// A proxy (address or CIDR) whose `X-Forwarded-For` / `Forwarded`
     /// names the client whose calls are counted. Repeatable.
     #[arg(long = "trusted-proxy", env = "STREAMBRIDGE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]

@@ -134,3 +134,46 @@ async fn on_websockets_a_call_past_the_limit_ends_at_its_open_and_a_v1_upgrade_g
     }
     assert_eq!(refusal, Some(429));
 }
+
+/// Request messages past `--limit-messages-per-second` wait for the bucket:
+/// a fast sender on native gRPC (HTTP/2 flow control holds it) and on v1
+/// (the socket stops reading) gets every reply, in order, and no sooner
+/// than the bucket allows (a lower bound only; no machine can beat it).
+#[tokio::test]
+async fn a_fast_sender_is_slowed_by_the_message_limit_and_loses_nothing() {
+    const RATE: u32 = 400;
+    let server = TestServer::start_with(|config| {
+        config.limit_messages_per_second = std::num::NonZeroU32::new(RATE);
+        config.limit_messages_burst = std::num::NonZeroU32::new(RATE / 10);
+    })
+    .await;
+    let sent: Vec<String> = (0..RATE).map(|i| format!("m{i}")).collect();
+    let expected: Vec<String> = sent.iter().map(|m| format!("processed: {m}")).collect();
+
+    let started = std::time::Instant::now();
+    let mut client = server.grpc_client().await;
+    let requests = tokio_stream::iter(sent.clone().into_iter().map(|data| StreamRequest { data }));
+    let replies = within("call", client.bidirectional_stream(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<String> = within("replies", replies.map(|reply| reply.unwrap().result).collect()).await;
+    let took = started.elapsed();
+    assert_eq!(got, expected, "native gRPC: every reply, in order");
+    assert!(
+        took >= std::time::Duration::from_millis(750),
+        "native gRPC: {RATE} messages past a burst of {} in {took:?}",
+        RATE / 10
+    );
+
+    let started = std::time::Instant::now();
+    let mut socket = support::ws::connect_with(&server, Sub::Json).await;
+    let transcript = support::ws::call_with(&mut socket, Sub::Json, &sent).await;
+    let took = started.elapsed();
+    assert_eq!(transcript.responses(), expected, "v1: every reply, in order");
+    assert_eq!(transcript.status().0, 0);
+    assert!(
+        took >= std::time::Duration::from_millis(750),
+        "v1: {RATE} messages in {took:?}"
+    );
+}

@@ -769,3 +769,28 @@ async fn json_descriptors_come_from_v1alpha_reflection_or_descriptor_set_files()
     assert_eq!(json_echo(&described).await, Ok("described".to_string()));
     std::fs::remove_file(&file).unwrap();
 }
+
+/// `--limit-messages-per-second` slows a sender that keeps to its credit on
+/// every path: every request answered, in order, none refused, and no
+/// sooner than the bucket allows. Only a lower bound on the time, which no
+/// machine however fast can beat; never an upper one.
+#[tokio::test]
+async fn a_message_rate_limit_slows_a_sender_on_every_path_and_loses_nothing() {
+    fn limited(config: &mut streambridge::Config) {
+        config.limit_messages_per_second = std::num::NonZeroU32::new(1000);
+        config.limit_messages_burst = std::num::NonZeroU32::new(100);
+    }
+    for (server, target, _behind) in every_path(limited).await {
+        let started = std::time::Instant::now();
+        // 1200 requests, each answered (and 256 more past the credit: 8).
+        request_credit(&server, target).await;
+        let took = started.elapsed();
+        // 1100 past the burst at 1000 a second (each call may take a
+        // few tokens ahead: 6 here).
+        assert!(
+            took >= std::time::Duration::from_millis(1000),
+            "{}: 1200 requests in {took:?}, faster than the bucket",
+            target.method
+        );
+    }
+}

@@ -23,7 +23,7 @@ use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::Auth;
-use crate::policy::limits::CallLimits;
+use crate::policy::limits::{LimitSettings, RateLimits};
 use crate::policy::origin::OriginPolicy;
 use crate::policy::rules::Policy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
@@ -71,11 +71,11 @@ impl Core {
         }
         Ok(Core {
             auth: Auth::new(token, jwt, policy)
-                .with_limits(CallLimits::new(
-                    config.limit_calls_per_second,
-                    config.limit_calls_burst,
-                    config.trusted_proxies.clone(),
-                ))
+                .with_limits(RateLimits::new(LimitSettings {
+                    calls: (config.limit_calls_per_second, config.limit_calls_burst),
+                    messages: (config.limit_messages_per_second, config.limit_messages_burst),
+                    trusted_proxies: config.trusted_proxies.clone(),
+                }))
                 .with_metrics(calls.metrics().clone()),
             calls,
             drain: Drain::follow(&shutdown, &tasks),

@@ -30,7 +30,8 @@ use crate::net::listener::PeerAddr;
 use crate::ops::metrics::{Metrics, Refused};
 
 use super::jwt::{Claims, Identity, JwtVerifier, TokenError};
-use super::limits::CallLimits;
+use super::limits::{MessageMeter, RateLimits};
+use super::pace::PacedBody;
 use super::rules::{Policy, Verdict};
 
 /// Prefix of the subprotocol entry that carries a token.
@@ -43,7 +44,7 @@ pub struct Auth {
     token: Option<Arc<str>>,
     jwt: Option<Arc<JwtVerifier>>,
     policy: Policy,
-    limits: CallLimits,
+    limits: RateLimits,
     /// Where refusals are counted (`streambridge_calls_refused_total`).
     metrics: Option<Arc<Metrics>>,
 }
@@ -83,7 +84,7 @@ impl Auth {
             token: token.map(Arc::from),
             jwt: jwt.map(Arc::new),
             policy,
-            limits: CallLimits::default(),
+            limits: RateLimits::default(),
             metrics: None,
         }
     }
@@ -103,13 +104,13 @@ impl Auth {
         }
     }
 
-    /// The same, with call rate limits.
-    pub fn with_limits(self, limits: CallLimits) -> Self {
+    /// The same, with rate limits.
+    pub fn with_limits(self, limits: RateLimits) -> Self {
         Auth { limits, ..self }
     }
 
-    /// The call rate limits (to forget idle buckets, and to find a client's address).
-    pub fn limits(&self) -> &CallLimits {
+    /// The rate limits (to forget idle buckets, and to find a client's address).
+    pub fn limits(&self) -> &RateLimits {
         &self.limits
     }
 
@@ -209,6 +210,20 @@ impl Auth {
         self.limits
             .take_call(caller, client)
             .inspect_err(|_| self.refused(Refused::RateLimited))
+    }
+
+    /// What paces the request messages of an admitted call of `method`
+    /// (none when messages are not limited; health and reflection never are).
+    pub fn message_meter(
+        &self,
+        method: &str,
+        caller: &Caller,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<MessageMeter> {
+        if super::rules::is_public_method(method) {
+            return None;
+        }
+        self.limits.message_meter(caller, client)
     }
 
     /// Whether `method` may be called without a token.
@@ -373,9 +388,9 @@ pub struct RequireToken<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<Request<B>> for RequireToken<S>
+impl<S> tower::Service<Request<tonic::body::Body>> for RequireToken<S>
 where
-    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -386,7 +401,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
         use futures_util::future::Either;
         let refuse = |status: tonic::Status| Either::Right(std::future::ready(Ok(status.into_http())));
         let method = request.uri().path();
@@ -411,6 +426,9 @@ where
         };
         if let Err(status) = self.auth.admit(method, &caller, client) {
             return refuse(status);
+        }
+        if let Some(meter) = self.auth.message_meter(request.uri().path(), &caller, client) {
+            request = request.map(|body| tonic::body::Body::new(PacedBody::new(body, meter)));
         }
         request.extensions_mut().remove::<Authenticated>();
         self.auth.prepare(request.headers_mut(), caller.identity());

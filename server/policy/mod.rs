@@ -5,4 +5,5 @@ pub mod auth;
 pub mod jwt;
 pub mod limits;
 pub mod origin;
+pub mod pace;
 pub mod rules;

@@ -16,7 +16,7 @@
 //! runs each rule through this path and through the generic one.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
@@ -31,6 +31,7 @@ use super::table::{REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;
+use crate::policy::limits::{MessageMeter, Paid};
 
 /// The built-in method's path, as clients name it in `open`.
 pub const METHOD: &str = "/DataService/BidirectionalStream";
@@ -52,8 +53,12 @@ pub struct BuiltinCall {
     unsent_grants: u32,
     /// The client sent `closeSend`: the call ends once nothing waits.
     closed_send: bool,
-    /// Requests wait in `rest.waiting` (for response credit).
+    /// Requests wait in `rest.waiting` (for response credit, or for the
+    /// caller's message bucket).
     queued: bool,
+    /// Pays for each request from the caller's message bucket
+    /// (`--limit-messages-per-second`; none without it).
+    meter: Option<Box<MessageMeter>>,
     rest: Box<Rest>,
 }
 
@@ -68,13 +73,19 @@ struct Rest {
 }
 
 impl BuiltinCall {
-    pub fn new(response_window: u32, deadline: Option<(Instant, u32)>, guard: CallGuard) -> BuiltinCall {
+    pub fn new(
+        response_window: u32,
+        deadline: Option<(Instant, u32)>,
+        guard: CallGuard,
+        meter: Option<MessageMeter>,
+    ) -> BuiltinCall {
         BuiltinCall {
             credit: response_window,
             request_left: REQUEST_WINDOW as u32,
             unsent_grants: 0,
             closed_send: false,
             queued: false,
+            meter: meter.map(Box::new),
             rest: Box::new(Rest {
                 waiting: VecDeque::new(),
                 deadline,
@@ -92,7 +103,7 @@ impl BuiltinCall {
     /// socket's budget until it is answered. An error is the call's end:
     /// its status record is for the caller to send.
     pub fn receive(&mut self, call: u32, request: Request<'_>, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        if !self.queued && self.credit > 0 {
+        if !self.queued && self.credit > 0 && self.pay(call, socket) {
             return self.answer(call, &request, socket);
         }
         self.wait(request.detached(), socket);
@@ -102,10 +113,11 @@ impl BuiltinCall {
     /// A request already decoded by protocol v1's envelope (its `data`):
     /// the same as [`BuiltinCall::receive`], without reading it again.
     pub fn receive_data(&mut self, call: u32, data: &str, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        if !self.queued && self.credit > 0 {
+        if !self.queued && self.credit > 0 && self.pay(call, socket) {
             return self.answer_data(call, data, socket);
         }
-        // Never on v1, whose credit is without limit; encoded as the request it is.
+        // On v1 (whose credit is without limit) only for the message bucket;
+        // encoded as the request it is.
         let request = streambridge_protocol::StreamRequest { data: data.to_owned() };
         self.wait(Payload::Proto(prost::Message::encode_to_vec(&request).into()), socket);
         Ok(())
@@ -133,9 +145,23 @@ impl BuiltinCall {
         !self.queued || self.credit == 0
     }
 
-    /// Answers waiting requests while the response credit lasts.
+    /// Pays for one request from the caller's message bucket; when it is
+    /// empty, asks the socket to come back once it has refilled.
+    fn pay(&mut self, call: u32, socket: &mut SocketSide<'_>) -> bool {
+        let Some(meter) = &mut self.meter else { return true };
+        match meter.pay(1) {
+            Paid::All => true,
+            Paid::Part { retry, .. } => {
+                socket.paced.insert((retry, call));
+                false
+            }
+        }
+    }
+
+    /// Answers waiting requests while the response credit and the
+    /// caller's message bucket last.
     pub fn serve(&mut self, call: u32, socket: &mut SocketSide<'_>) -> Result<(), Status> {
-        while self.queued && self.credit > 0 {
+        while self.queued && self.credit > 0 && self.pay(call, socket) {
             let Some(payload) = self.rest.waiting.pop_front() else {
                 break;
             };
@@ -208,6 +234,8 @@ pub struct SocketSide<'a> {
     /// per incoming batch (one per call would touch each call's own
     /// counters: more cache lines per message).
     pub messages: &'a StreamMetrics,
+    /// When calls held back by their message bucket may go on.
+    pub paced: &'a mut BTreeSet<(Instant, u32)>,
 }
 
 /// A request's `data`, read in place; an error if the request does not
@@ -404,13 +432,15 @@ mod tests {
         let budget = Budget::new(1 << 20);
         let mut batch = Batch::new(v2::Encoding::Proto, Framing::Records);
         let messages = calls.metrics().message_counters(Transport::WebSocket);
+        let mut paced = BTreeSet::new();
         let mut socket = SocketSide {
             budget: &budget,
             batch: &mut batch,
             messages: &messages,
+            paced: &mut paced,
         };
         // No response credit: the request has to wait.
-        let mut call = BuiltinCall::new(0, None, calls.enter(Transport::WebSocket));
+        let mut call = BuiltinCall::new(0, None, calls.enter(Transport::WebSocket), None);
         let request = streambridge_protocol::StreamRequest { data: "hi".into() }.encode_to_vec();
         let mut whole = vec![0u8; 1 << 20];
         whole[..request.len()].copy_from_slice(&request);

@@ -107,6 +107,7 @@ where
             ready: VecDeque::new(),
             batch: Batch::new(encoding, framing),
             deadlines: BTreeSet::new(),
+            paced: BTreeSet::new(),
             unsettled: Vec::new(),
             messages: None,
             closing: None,
@@ -149,15 +150,16 @@ where
                 drain_deadline = Some(state.start_drain(&settings));
                 continue;
             }
-            // One timer for both kinds of deadline: each timer in the `select!`
-            // below would add its size to every socket, idle or not.
-            let next_deadline = match (
+            // One timer for every kind of deadline: each timer in the
+            // `select!` below would add its size to every socket, idle or not.
+            let next_deadline = [
                 drain_deadline.filter(|_| !state.calls.is_empty()),
-                state.deadlines.first(),
-            ) {
-                (Some(drain), Some(&(call, _))) => Some(drain.min(call)),
-                (drain, call) => drain.or(call.map(|&(at, _)| at)),
-            };
+                state.deadlines.first().map(|&(at, _)| at),
+                state.paced.first().map(|&(at, _)| at),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             tokio::select! {
                 biased;
                 _ = ping.tick() => {
@@ -215,6 +217,11 @@ where
                         let timeout_ms = state.calls.get(&call).and_then(LiveCall::deadline).map_or(0, |(_, ms)| ms);
                         state.end_call(call, deadline_passed(timeout_ms));
                     }
+                    while let Some(&(at, call)) = state.paced.first() && at <= now {
+                        state.paced.pop_first();
+                        state.serve(call);
+                    }
+                    state.settle();
                 }
             }
         }
@@ -241,12 +248,14 @@ fn socket_side<'a>(
     budget: &'a Budget,
     batch: &'a mut Batch,
     messages: &'a mut Option<Box<StreamMetrics>>,
+    paced: &'a mut BTreeSet<(Instant, u32)>,
     context: &SocketContext,
 ) -> SocketSide<'a> {
     SocketSide {
         budget,
         batch,
         messages: messages.get_or_insert_with(|| builtin_messages(context)),
+        paced,
     }
 }
 
@@ -342,6 +351,9 @@ struct Socket {
     batch: Batch,
     /// When the calls' deadlines pass.
     deadlines: BTreeSet<(Instant, u32)>,
+    /// When built-in calls held back by their caller's message bucket may
+    /// go on (`--limit-messages-per-second`).
+    paced: BTreeSet<(Instant, u32)>,
     /// Built-in calls with something to settle once the current incoming
     /// batch is applied (a grant to count, or their end).
     unsettled: Vec<u32>,
@@ -420,7 +432,11 @@ impl Socket {
             .data_service
             .as_ref()
             .expect("v1 sockets only where the built-in service runs");
-        let call = BuiltinCall::new(u32::MAX, None, calls.enter(Transport::WebSocket));
+        let meter = self
+            .context
+            .auth
+            .message_meter(builtin::METHOD, &self.who.caller, self.who.client);
+        let call = BuiltinCall::new(u32::MAX, None, calls.enter(Transport::WebSocket), meter);
         self.calls.insert(v1::CALL, LiveCall::new(Route::Builtin(call)));
         self.last_open = v1::CALL;
     }
@@ -450,7 +466,13 @@ impl Socket {
         let Route::Builtin(builtin) = &mut live.route else {
             return;
         };
-        let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
+        let mut side = socket_side(
+            &self.budget,
+            &mut self.batch,
+            &mut self.messages,
+            &mut self.paced,
+            &self.context,
+        );
         let served = builtin.serve(call, &mut side).map(|()| builtin.needs_settling());
         self.after_serving(call, served);
     }
@@ -788,7 +810,8 @@ impl Socket {
         let route = match builtin {
             Some(calls) => {
                 let guard = calls.enter(Transport::WebSocket);
-                Route::Builtin(BuiltinCall::new(response_window, deadline, guard))
+                let meter = self.context.auth.message_meter(&open.method, &caller, self.who.client);
+                Route::Builtin(BuiltinCall::new(response_window, deadline, guard, meter))
             }
             None => {
                 let wakeups = self.wakeups.get_or_insert_with(Arc::default);
@@ -891,7 +914,13 @@ impl Socket {
             // v1's one call is the built-in service's.
             (Route::Grpc(_), Arrived::V1Data(_)) => {}
             (Route::Builtin(builtin), request) => {
-                let mut side = socket_side(&self.budget, &mut self.batch, &mut self.messages, &self.context);
+                let mut side = socket_side(
+                    &self.budget,
+                    &mut self.batch,
+                    &mut self.messages,
+                    &mut self.paced,
+                    &self.context,
+                );
                 let received = match request {
                     Arrived::Record(request) => builtin.receive(call, request, &mut side),
                     Arrived::V1Data(data) => builtin.receive_data(call, data, &mut side),
