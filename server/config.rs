@@ -226,6 +226,16 @@ pub struct Config {
     #[arg(long = "trusted-proxy", env = "STREAMBRIDGE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
+    /// An OpenTelemetry collector (OTLP over gRPC, e.g.
+    /// `http://collector:4317`): every call gets a span, its parent the
+    /// client's `traceparent`, passed on to the service. Unset: no traces.
+    #[arg(long, env = "STREAMBRIDGE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the spans (`--otlp-endpoint`).
+    #[arg(long, env = "STREAMBRIDGE_SERVICE_NAME", default_value = "streambridge")]
+    pub service_name: String,
+
     /// How log lines are written (to standard output): `text` for people,
     /// `json` (one object per line) for log collectors.
     #[arg(long, env = "STREAMBRIDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

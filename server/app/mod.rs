@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::ops::calls::ActiveCalls;
 use crate::ops::health;
 use crate::ops::shutdown::Drain;
+use crate::ops::traces::Traces;
 use crate::policy::auth::Auth;
 use crate::policy::limits::{LimitSettings, RateLimits};
 use crate::policy::origin::OriginPolicy;
@@ -57,7 +58,13 @@ impl Core {
     pub fn new(config: &Config) -> Result<Core, ConfigError> {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let calls = ActiveCalls::default();
+        let traces = config
+            .otlp_endpoint
+            .as_deref()
+            .map(|endpoint| Traces::start(endpoint, &config.service_name))
+            .transpose()
+            .map_err(ConfigError::Invalid)?;
+        let calls = ActiveCalls::default().with_traces(traces);
         let policy = Policy::load(config.policy.as_deref()).map_err(ConfigError::Invalid)?;
         let (token, jwt) = (config.bearer_token()?, config.jwt_verifier()?);
         // A rule no caller could ever satisfy is a mistake, not a lock.

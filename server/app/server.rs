@@ -256,6 +256,10 @@ impl Server {
         if !drained {
             tracing::warn!(timeout = ?config.drain_timeout, "drain deadline passed with calls still open");
         }
+        if let Some(traces) = core.calls.traces().cloned() {
+            // The last spans (the drained calls') go out before the end.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
         let cut = state.drain_cut_calls();
         if cut {
             tracing::warn!(timeout = ?config.drain_timeout, "the drain deadline cut WebSocket calls");

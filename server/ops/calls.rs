@@ -13,6 +13,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::metrics::{Metrics, StreamMetrics};
+use super::traces::{CallSpan, HeaderExtractor, Tally, Traces};
 
 /// The ways into the server's calls; a label on every call metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,6 +56,8 @@ const CANCELLED: i32 = streambridge_protocol::code::CANCELLED;
 pub struct ActiveCalls {
     counts: Arc<watch::Sender<Counts>>,
     metrics: Arc<Metrics>,
+    /// Where each call's span goes (`--otlp-endpoint`).
+    traces: Option<Traces>,
 }
 
 impl Default for ActiveCalls {
@@ -62,11 +65,22 @@ impl Default for ActiveCalls {
         ActiveCalls {
             counts: Arc::new(watch::Sender::new(Counts::default())),
             metrics: Arc::default(),
+            traces: None,
         }
     }
 }
 
 impl ActiveCalls {
+    /// The same, each call traced to `traces`.
+    pub fn with_traces(self, traces: Option<Traces>) -> Self {
+        ActiveCalls { traces, ..self }
+    }
+
+    /// The traces calls go to, if any.
+    pub fn traces(&self) -> Option<&Traces> {
+        self.traces.as_ref()
+    }
+
     /// Counts a new call until the returned guard is dropped.
     pub fn enter(&self, transport: Transport) -> CallGuard {
         self.counts.send_modify(|counts| counts[transport.index()] += 1);
@@ -76,7 +90,23 @@ impl ActiveCalls {
             metrics,
             started: Instant::now(),
             code: CANCELLED,
+            span: None,
         }
+    }
+
+    /// [`ActiveCalls::enter`] for a call of `method`, with its span when
+    /// traces are on (its parent the `traceparent` `parent` carries).
+    pub fn enter_traced(
+        &self,
+        transport: Transport,
+        method: &str,
+        parent: &dyn opentelemetry::propagation::Extractor,
+    ) -> CallGuard {
+        let mut guard = self.enter(transport);
+        if let Some(traces) = &self.traces {
+            guard.span = Some(Box::new(traces.start_call(transport, method, parent)));
+        }
+        guard
     }
 
     /// The server's metrics registry.
@@ -104,6 +134,8 @@ pub struct CallGuard {
     metrics: StreamMetrics,
     started: Instant,
     code: i32,
+    /// The call's span, ended with the guard (boxed: most calls have none).
+    span: Option<Box<CallSpan>>,
 }
 
 impl CallGuard {
@@ -117,6 +149,11 @@ impl CallGuard {
     pub fn set_code(&mut self, code: i32) {
         self.code = code;
     }
+
+    /// The call's span, when traces are on.
+    pub fn span(&self) -> Option<&CallSpan> {
+        self.span.as_deref()
+    }
 }
 
 impl Drop for CallGuard {
@@ -126,6 +163,9 @@ impl Drop for CallGuard {
             .metrics
             .stream_ended(transport, self.started.elapsed().as_secs_f64(), self.code);
         self.calls.counts.send_modify(|counts| counts[transport.index()] -= 1);
+        if let Some(span) = self.span.take() {
+            span.end(self.code);
+        }
     }
 }
 
@@ -155,9 +195,13 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for CountCalls<
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> tower::Service<http::Request<B>> for CountCalls<S>
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CountCalls<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = std::convert::Infallible>,
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
     S::Future: Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -168,14 +212,27 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
         let transport = request
             .extensions()
             .get::<Transport>()
             .copied()
             .unwrap_or(Transport::Grpc);
-        let mut guard = self.calls.enter(transport);
+        let mut guard = self
+            .calls
+            .enter_traced(transport, request.uri().path(), &HeaderExtractor(request.headers()));
         request.extensions_mut().insert(guard.metrics().clone());
+        // Traced: the service's work is the span's child, and the messages
+        // are counted both ways as they pass.
+        let tally = guard.span().map(|span| {
+            span.propagate(request.headers_mut());
+            request.extensions_mut().insert(span.span_context());
+            span.tally().clone()
+        });
+        if let Some(tally) = &tally {
+            let tally = tally.clone();
+            request = request.map(|body| tonic::body::Body::new(TalliedBody::received(body, tally)));
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let Ok(response) = response.await;
@@ -184,12 +241,81 @@ where
                 guard.set_code(code);
             }
             Ok(response.map(|body| {
+                let body = match tally {
+                    Some(tally) => tonic::body::Body::new(TalliedBody::sent(body, tally)),
+                    None => body,
+                };
                 tonic::body::Body::new(CountedBody {
                     body,
                     guard: Some(guard),
                 })
             }))
         })
+    }
+}
+
+/// A body whose gRPC messages are counted, for a call's span.
+struct TalliedBody {
+    body: tonic::body::Body,
+    cursor: streambridge_protocol::grpc::PrefixCursor,
+    tally: Arc<Tally>,
+    received: bool,
+}
+
+impl TalliedBody {
+    fn received(body: tonic::body::Body, tally: Arc<Tally>) -> TalliedBody {
+        TalliedBody {
+            body,
+            cursor: Default::default(),
+            tally,
+            received: true,
+        }
+    }
+
+    fn sent(body: tonic::body::Body, tally: Arc<Tally>) -> TalliedBody {
+        TalliedBody {
+            received: false,
+            ..TalliedBody::received(body, tally)
+        }
+    }
+}
+
+impl http_body::Body for TalliedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(std::pin::Pin::new(&mut this.body).poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            let mut messages = 0u64;
+            let _ = this.cursor.advance(data, |_| {
+                messages += 1;
+                Ok::<(), ()>(())
+            });
+            // The messages' own bytes: the prefixes are not counted.
+            let prefixes = messages * streambridge_protocol::grpc::PREFIX_LEN as u64;
+            let bytes = (data.len() as u64).saturating_sub(prefixes);
+            if this.received {
+                this.tally.received(messages, bytes);
+            } else {
+                this.tally.sent(messages, bytes);
+            }
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -1,7 +1,8 @@
 //! What keeps the server observable and stoppable, whatever it serves:
-//! live calls and their metrics, health and reflection, shutdown.
+//! live calls, their metrics and traces, health and reflection, shutdown.
 
 pub mod calls;
 pub mod health;
 pub mod metrics;
 pub mod shutdown;
+pub mod traces;

@@ -18,6 +18,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use streambridge_protocol::v2::{self, Encoding};
@@ -31,6 +32,7 @@ use super::table::{REQUEST_CREDIT, REQUEST_WINDOW};
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;
+use crate::ops::traces::Tally;
 use crate::policy::limits::{MessageMeter, Paid};
 
 /// The built-in method's path, as clients name it in `open`.
@@ -59,6 +61,8 @@ pub struct BuiltinCall {
     /// Pays for each request from the caller's message bucket
     /// (`--limit-messages-per-second`; none without it).
     meter: Option<Box<MessageMeter>>,
+    /// Counts the messages for the call's span (`--otlp-endpoint`).
+    tally: Option<Arc<Tally>>,
     rest: Box<Rest>,
 }
 
@@ -86,6 +90,7 @@ impl BuiltinCall {
             closed_send: false,
             queued: false,
             meter: meter.map(Box::new),
+            tally: guard.span().map(|span| span.tally().clone()),
             rest: Box::new(Rest {
                 waiting: VecDeque::new(),
                 deadline,
@@ -180,6 +185,11 @@ impl BuiltinCall {
 
     fn answer_data(&mut self, call: u32, data: &str, socket: &mut SocketSide<'_>) -> Result<(), Status> {
         append_reply(call, data, socket.batch);
+        if let Some(tally) = &self.tally {
+            // As protobuf carries them (the span's bytes are the messages').
+            tally.received(1, string_message_len(data.len()));
+            tally.sent(1, string_message_len(processor::REPLY_PREFIX.len() + data.len()));
+        }
         socket.messages.message_received();
         socket.messages.message_sent();
         // Credit that reached 2^32-1 is without limit: v1's call, and a v2
@@ -224,6 +234,15 @@ impl BuiltinCall {
         }
         self.rest.guard.set_code(status.code() as i32);
     }
+}
+
+/// The encoded size of a message whose only field is a string of `len`
+/// bytes (`StreamRequest`, `StreamResponse`).
+fn string_message_len(len: usize) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    (1 + prost::encoding::encoded_len_varint(len as u64) + len) as u64
 }
 
 /// What a built-in call writes to and counts in: its socket's.

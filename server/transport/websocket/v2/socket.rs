@@ -41,6 +41,7 @@ use crate::error::Error;
 use crate::ops::metrics::Refused;
 use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
+use crate::ops::traces::{HeaderExtractor, MetadataExtractor};
 use crate::policy::auth::{Authenticated, Caller, Refusal};
 use crate::transport::Transport;
 use crate::transport::websocket::{Protocol, v1};
@@ -436,7 +437,13 @@ impl Socket {
             .context
             .auth
             .message_meter(builtin::METHOD, &self.who.caller, self.who.client);
-        let call = BuiltinCall::new(u32::MAX, None, calls.enter(Transport::WebSocket), meter);
+        // v1 carries no metadata: its span has no parent from the client.
+        let guard = calls.enter_traced(
+            Transport::WebSocket,
+            builtin::METHOD,
+            &HeaderExtractor(&http::HeaderMap::new()),
+        );
+        let call = BuiltinCall::new(u32::MAX, None, guard, meter);
         self.calls.insert(v1::CALL, LiveCall::new(Route::Builtin(call)));
         self.last_open = v1::CALL;
     }
@@ -809,7 +816,7 @@ impl Socket {
         });
         let route = match builtin {
             Some(calls) => {
-                let guard = calls.enter(Transport::WebSocket);
+                let guard = calls.enter_traced(Transport::WebSocket, &open.method, &MetadataExtractor(&open.metadata));
                 let meter = self.context.auth.message_meter(&open.method, &caller, self.who.client);
                 Route::Builtin(BuiltinCall::new(response_window, deadline, guard, meter))
             }
