@@ -23,6 +23,7 @@ fn at_least_one() -> RangedU64ValueParser<usize> {
 /// Settings of a streambridge server.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "streambridge", version, about)]
+#[command(group(clap::ArgGroup::new("jwt_keys").multiple(true)))]
 pub struct Config {
     /// Address to listen on. One port serves native gRPC, gRPC-Web, the
     /// WebSocket bridge and the web page.
@@ -146,11 +147,23 @@ pub struct Config {
     /// A JWKS file (JSON Web Key Set): callers may also authenticate with a
     /// JWT signed by one of its keys (RS256, ES256 or EdDSA; `exp` required).
     /// Read again when it changes. With --auth-token as well, either passes.
-    #[arg(long, env = "STREAMBRIDGE_JWT_JWKS")]
+    #[arg(long, env = "STREAMBRIDGE_JWT_JWKS", group = "jwt_keys")]
     pub jwt_jwks: Option<PathBuf>,
 
+    /// A JWKS URL (https) of the identity provider: fetched at start (the
+    /// server does not start without it), again when a token names a key
+    /// it does not hold (at most every 30 s), and every 5 minutes. With
+    /// --jwt-jwks as well, a key from either verifies.
+    #[arg(long, env = "STREAMBRIDGE_JWT_JWKS_URL", group = "jwt_keys")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// PEM CA certificates to trust for --jwt-jwks-url instead of the
+    /// system's.
+    #[arg(long, env = "STREAMBRIDGE_JWT_JWKS_CA", requires = "jwt_jwks_url")]
+    pub jwt_jwks_ca: Option<PathBuf>,
+
     /// The `iss` a JWT must carry.
-    #[arg(long, env = "STREAMBRIDGE_JWT_ISSUER", requires = "jwt_jwks")]
+    #[arg(long, env = "STREAMBRIDGE_JWT_ISSUER", requires = "jwt_keys")]
     pub jwt_issuer: Option<String>,
 
     /// An `aud` a JWT must carry (repeatable: any one of them passes).
@@ -158,7 +171,7 @@ pub struct Config {
         long = "jwt-audience",
         env = "STREAMBRIDGE_JWT_AUDIENCES",
         value_delimiter = ',',
-        requires = "jwt_jwks"
+        requires = "jwt_keys"
     )]
     pub jwt_audiences: Vec<String>,
 
@@ -175,17 +188,17 @@ pub struct Config {
         env = "STREAMBRIDGE_JWT_CLAIM_HEADERS",
         value_delimiter = ',',
         value_parser = parse_claim_header,
-        requires = "jwt_jwks"
+        requires = "jwt_keys"
     )]
     pub jwt_claim_headers: Vec<(String, http::HeaderName)>,
 
     /// Pass the JWT on to the services (by default it is removed, as the
     /// shared token always is).
-    #[arg(long, env = "STREAMBRIDGE_JWT_FORWARD_TOKEN", requires = "jwt_jwks")]
+    #[arg(long, env = "STREAMBRIDGE_JWT_FORWARD_TOKEN", requires = "jwt_keys")]
     pub jwt_forward_token: bool,
 
     /// A cookie whose value a WebSocket upgrade may carry its JWT in.
-    #[arg(long, env = "STREAMBRIDGE_JWT_COOKIE", requires = "jwt_jwks")]
+    #[arg(long, env = "STREAMBRIDGE_JWT_COOKIE", requires = "jwt_keys")]
     pub jwt_cookie: Option<String>,
 
     /// A TOML file of per-method rules: the first whose `methods` match a
@@ -427,11 +440,13 @@ impl Config {
 
     /// The JWT verifier `--jwt-*` configure, if any; its key set read.
     pub fn jwt_verifier(&self) -> Result<Option<crate::policy::jwt::JwtVerifier>, ConfigError> {
-        let Some(jwks) = &self.jwt_jwks else {
+        if self.jwt_jwks.is_none() && self.jwt_jwks_url.is_none() {
             return Ok(None);
-        };
+        }
         let settings = crate::policy::jwt::JwtSettings {
-            jwks: jwks.clone(),
+            jwks: self.jwt_jwks.clone(),
+            jwks_url: self.jwt_jwks_url.clone(),
+            jwks_ca: self.jwt_jwks_ca.clone(),
             issuer: self.jwt_issuer.clone(),
             audiences: self.jwt_audiences.clone(),
             leeway: self.jwt_leeway,

@@ -598,3 +598,148 @@ async fn with_forward_token_only_the_token_that_was_verified_goes_on() {
     assert_eq!(seen.get("x-user-id").map(String::as_str), Some("gina"));
     std::fs::remove_file(jwks).unwrap();
 }
+
+/// An identity provider's JWKS endpoint, served over TLS by the test with
+/// a certificate of its own CA; counts the fetches.
+struct JwksServer {
+    url: String,
+    jwks: std::sync::Arc<std::sync::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pki: support::upstream::TestPki,
+}
+
+impl JwksServer {
+    async fn start(jwks: &Value) -> JwksServer {
+        use rustls_pki_types::pem::PemObject;
+        use std::sync::atomic::Ordering;
+        let pki = support::upstream::TestPki::new("jwks");
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pki.server_cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pki.server_key.as_bytes()).unwrap();
+        let config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let served = std::sync::Arc::new(std::sync::Mutex::new(jwks.to_string()));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (jwks, counter) = (served.clone(), fetches.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, jwks, counter) = (acceptor.clone(), jwks.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                        let body = match request.uri().path() {
+                            "/.well-known/jwks.json" => {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                jwks.lock().unwrap().clone()
+                            }
+                            _ => String::new(),
+                        };
+                        std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        JwksServer {
+            url,
+            jwks: served,
+            fetches,
+            pki,
+        }
+    }
+
+    fn serve(&self, jwks: &Value) {
+        *self.jwks.lock().unwrap() = jwks.to_string();
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn configure(&self, config: &mut streambridge::Config) {
+        configure(config, Path::new("unused"));
+        config.jwt_jwks = None;
+        config.jwt_jwks_url = Some(self.url.clone());
+        config.jwt_jwks_ca = Some(self.pki.file("ca.pem"));
+    }
+}
+
+/// An ES256 token signed by `key` under `kid`.
+fn token_of(key: &[u8], kid: &str, sub: &str) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(&header, &claims(sub, 3600), &EncodingKey::from_ec_der(key)).unwrap()
+}
+
+#[tokio::test]
+async fn a_jwks_url_is_fetched_at_start_and_again_when_a_token_names_a_new_key() {
+    let keys = Keys::new();
+    let provider = JwksServer::start(&keys.jwks).await;
+    // Two bridges: one for a gRPC call, one for a WebSocket upgrade, each
+    // with its own first refetch (then at most one per 30 s).
+    let grpc_bridge = TestServer::start_with(|c| provider.configure(c)).await;
+    let ws_bridge = TestServer::start_with(|c| provider.configure(c)).await;
+    assert_eq!(provider.fetches(), 2, "each bridge fetched the set at start");
+    unary_builtin(&grpc_bridge, &keys.token("ann")).await.unwrap();
+
+    // A key rotated in at the provider: the first token naming it makes the
+    // bridge fetch the set again, and waits for it.
+    let (new_key, mut new_jwk) = es256_key();
+    new_jwk["kid"] = "es-2".into();
+    let mut rotated = keys.jwks.clone();
+    rotated["keys"].as_array_mut().unwrap().push(new_jwk);
+    provider.serve(&rotated);
+    let rotated_token = token_of(&new_key, "es-2", "bea");
+    unary_builtin(&grpc_bridge, &rotated_token).await.unwrap();
+    assert_eq!(provider.fetches(), 3, "one fetch for the new kid");
+    let mut upgrade = ws_bridge.ws_url().into_client_request().unwrap();
+    upgrade
+        .headers_mut()
+        .insert("authorization", format!("Bearer {rotated_token}").parse().unwrap());
+    upgrade
+        .headers_mut()
+        .insert("sec-websocket-protocol", Sub::Json.name().parse().unwrap());
+    let (mut socket, _) = within("upgrade", tokio_tungstenite::connect_async(upgrade))
+        .await
+        .expect("the upgrade waits for the fetch");
+    assert_one_round_trip(&mut socket, Sub::Json, "rotated").await;
+    assert_eq!(provider.fetches(), 4);
+
+    // Another unknown kid within 30 s: refused, no new fetch.
+    let status = unary_builtin(&grpc_bridge, &token_of(&keys.stranger, "es-3", "cy"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("kid \"es-3\""), "{status:?}");
+    assert_eq!(provider.fetches(), 4, "at most one refetch per 30 s");
+
+    // A set that cannot be fetched, or a URL in the clear, stops the start.
+    let mut unreachable = streambridge::Config::with_listen("127.0.0.1:0".parse().unwrap());
+    provider.configure(&mut unreachable);
+    unreachable.jwt_jwks_url = Some("https://127.0.0.1:9/jwks.json".into());
+    let error = streambridge::Server::bind(unreachable)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("--jwt-jwks-url https://127.0.0.1:9/jwks.json") && error.contains("cannot connect"),
+        "{error}"
+    );
+    let mut clear = streambridge::Config::with_listen("127.0.0.1:0".parse().unwrap());
+    provider.configure(&mut clear);
+    clear.jwt_jwks_url = Some("http://127.0.0.1:9/jwks.json".into());
+    let error = streambridge::Core::new(&clear).err().expect("refused").to_string();
+    assert!(error.contains("https://"), "{error}");
+}

@@ -111,6 +111,10 @@ impl ServerBuilder {
             _ => None,
         };
         let core = Core::new(&config)?;
+        if let Some(jwt) = core.auth.jwt() {
+            jwt.fetch_keys().await.map_err(ConfigError::Invalid)?;
+            core.tasks.spawn(jwt.clone().refresh_keys(core.shutdown.clone()));
+        }
         core.tasks
             .spawn(core.auth.limits().clone().forget_idle(core.shutdown.clone()));
         if config.policy.is_some() {

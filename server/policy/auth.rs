@@ -76,6 +76,9 @@ impl Caller {
 pub struct Refusal {
     pub why: String,
     pub missing: bool,
+    /// The token names a key the JWKS URL's set may hold once the fetch
+    /// under way is done: a caller that can wait tries again then.
+    pub keys_fetching: bool,
 }
 
 impl Auth {
@@ -117,6 +120,11 @@ impl Auth {
     /// The policy in force (for SIGHUP).
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The JWT verifier, when JWTs are accepted.
+    pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
+        self.jwt.as_ref()
     }
 
     /// Whether JWTs are accepted (`--jwt-jwks`).
@@ -180,12 +188,18 @@ impl Auth {
             };
         }
         let missing = why == TokenError::Missing;
+        let keys_fetching =
+            matches!(why, TokenError::UnknownKey(_)) && self.jwt.as_ref().is_some_and(|jwt| jwt.is_fetching_keys());
         let why = match (&self.jwt, why) {
             // A shared token that does not match has no reason to tell.
             (None, _) => "missing or invalid bearer token".into(),
             (Some(_), why) => why.to_string(),
         };
-        Err(Refusal { why, missing })
+        Err(Refusal {
+            why,
+            missing,
+            keys_fetching,
+        })
     }
 
     /// Whether `caller` (at `client`) may start a call of `method`:
@@ -390,12 +404,16 @@ pub struct RequireToken<S> {
 
 impl<S> tower::Service<Request<tonic::body::Body>> for RequireToken<S>
 where
-    S: tower::Service<Request<tonic::body::Body>, Response = Response<tonic::body::Body>>,
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<tonic::body::Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = futures_util::future::Either<S::Future, std::future::Ready<Result<S::Response, S::Error>>>;
+    type Future = futures_util::future::Either<
+        S::Future,
+        futures_util::future::BoxFuture<'static, Result<S::Response, S::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -403,7 +421,9 @@ where
 
     fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
         use futures_util::future::Either;
-        let refuse = |status: tonic::Status| Either::Right(std::future::ready(Ok(status.into_http())));
+        let refuse = |status: tonic::Status| -> Self::Future {
+            Either::Right(Box::pin(std::future::ready(Ok(status.into_http()))))
+        };
         let method = request.uri().path();
         let (caller, client) = match request.extensions().get::<Authenticated>() {
             Some(Authenticated { caller, client }) => (caller.clone(), *client),
@@ -414,6 +434,24 @@ where
                     Ok(caller) => caller,
                     // A method open to anyone takes the call as anonymous.
                     Err(_) if self.auth.is_open(method) => Caller::Anonymous,
+                    // A key rotated in at the JWKS URL: once the set is
+                    // fetched again, the call is checked again (once).
+                    Err(Refusal {
+                        keys_fetching: true, ..
+                    }) if request.extensions().get::<KeysFetched>().is_none() => {
+                        let (auth, mut again) = (self.auth.clone(), self.clone());
+                        return Either::Right(Box::pin(async move {
+                            if let Some(jwt) = auth.jwt() {
+                                jwt.keys_fetched().await;
+                            }
+                            request.extensions_mut().insert(KeysFetched);
+                            std::future::poll_fn(|cx| again.inner.poll_ready(cx)).await?;
+                            match again.call(request) {
+                                Either::Left(call) => call.await,
+                                Either::Right(refused) => refused.await,
+                            }
+                        }));
+                    }
                     Err(Refusal { why, .. }) => {
                         self.auth.refused(Refused::Unauthenticated);
                         return refuse(tonic::Status::unauthenticated(format!(
@@ -438,6 +476,10 @@ where
         Either::Left(self.inner.call(request))
     }
 }
+
+/// Marks a request checked again after a key set fetch.
+#[derive(Clone, Copy, Debug)]
+struct KeysFetched;
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,8 @@
 //!   are set;
 //! - the key file is looked at again at most once a second and reloaded
 //!   when it changed (a broken new file keeps the old keys, with a warning);
+//!   the key set at `--jwt-jwks-url` is fetched as [`super::jwks_url`]
+//!   says; with both, a key from either verifies;
 //! - the reason a token is refused is told to the client (never the token).
 
 use std::collections::HashMap;
@@ -30,11 +32,16 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use super::jwks_url::{JwksUrl, REFRESH_EVERY};
+
 /// What `--jwt-*` configure.
 #[derive(Clone, Debug)]
 pub struct JwtSettings {
-    /// The JWKS file.
-    pub jwks: PathBuf,
+    /// The JWKS file, if any.
+    pub jwks: Option<PathBuf>,
+    /// The JWKS URL (https), if any, and the CA file to trust for it.
+    pub jwks_url: Option<String>,
+    pub jwks_ca: Option<PathBuf>,
     /// The `iss` a token must have, if set.
     pub issuer: Option<String>,
     /// One of these must be in the token's `aud`, if any are set.
@@ -133,7 +140,8 @@ struct Key {
     algorithm: Algorithm,
 }
 
-/// The keys of the JWKS file, and what the file looked like when read.
+/// The keys of a JWKS, and what its file looked like when read.
+#[derive(Default)]
 struct KeySet {
     by_kid: HashMap<String, Arc<Key>>,
     without_kid: Vec<Arc<Key>>,
@@ -151,12 +159,35 @@ impl FileStamp {
     }
 }
 
-/// Verifies tokens against the key set of `--jwt-jwks`.
+/// Verifies tokens against the key sets of `--jwt-jwks` and `--jwt-jwks-url`.
 pub struct JwtVerifier {
     settings: JwtSettings,
+    /// The file's keys (none without a file).
     keys: RwLock<Arc<KeySet>>,
     /// When the file was last looked at.
     looked: Mutex<Instant>,
+    /// The URL's keys, when there is one.
+    fetched: Option<Arc<FetchedKeys>>,
+}
+
+/// The key set at `--jwt-jwks-url` and where it comes from.
+struct FetchedKeys {
+    url: JwksUrl,
+    keys: RwLock<Arc<KeySet>>,
+}
+
+impl FetchedKeys {
+    /// Fetches the set and, if it loads, puts it in place of the old one.
+    async fn refresh(&self) -> Result<(), String> {
+        let text = self.url.fetch().await?;
+        let fresh = parse(&text, None).map_err(|why| format!("--jwt-jwks-url {}: {why}", self.url.uri()))?;
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -179,13 +210,84 @@ const RELOAD_LOOK: Duration = Duration::from_secs(1);
 
 impl JwtVerifier {
     /// Reads the key set; an error names the file and the key that is wrong.
+    /// The URL's keys are not fetched yet: see [`JwtVerifier::fetch_keys`].
     pub fn new(settings: JwtSettings) -> Result<JwtVerifier, String> {
-        let keys = load(&settings.jwks)?;
+        let keys = match &settings.jwks {
+            Some(path) => load(path)?,
+            None => KeySet::default(),
+        };
+        let fetched = match &settings.jwks_url {
+            Some(url) => Some(Arc::new(FetchedKeys {
+                url: JwksUrl::new(url, settings.jwks_ca.as_deref())?,
+                keys: RwLock::default(),
+            })),
+            None => None,
+        };
         Ok(JwtVerifier {
             settings,
             keys: RwLock::new(Arc::new(keys)),
             looked: Mutex::new(Instant::now()),
+            fetched,
         })
+    }
+
+    /// Fetches the key set at `--jwt-jwks-url` (at start: an error stops it).
+    pub async fn fetch_keys(&self) -> Result<(), String> {
+        match &self.fetched {
+            Some(fetched) => fetched.refresh().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Fetches the URL's key set every [`REFRESH_EVERY`] until `shutdown`
+    /// (a failed fetch keeps the keys in force, with a warning).
+    pub async fn refresh_keys(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let Some(fetched) = self.fetched.clone() else { return };
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH_EVERY, REFRESH_EVERY);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {
+                    if let Err(error) = fetched.refresh().await {
+                        tracing::warn!(%error, "the JWT key set could not be fetched again; keeping the keys in force");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a fetch of the URL's key set is under way (a token refused
+    /// for an unknown `kid` may pass once it is done).
+    pub fn is_fetching_keys(&self) -> bool {
+        self.fetched.as_ref().is_some_and(|fetched| fetched.url.is_fetching())
+    }
+
+    /// Resolves once the fetch under way, if any, is done.
+    pub async fn keys_fetched(&self) {
+        if let Some(fetched) = &self.fetched {
+            fetched.url.fetched().await;
+        }
+    }
+
+    /// A token named `kid`, which no key set holds: the URL's set is
+    /// fetched again, unless that happened within
+    /// [`REFETCH_AFTER`](super::jwks_url::REFETCH_AFTER).
+    fn unknown_kid(&self, kid: &str) {
+        let Some(fetched) = &self.fetched else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !fetched.url.may_refetch() {
+            return;
+        }
+        tracing::info!(kid, "a token names an unknown key: fetching the JWT key set again");
+        let fetched = fetched.clone();
+        runtime.spawn(async move {
+            if let Err(error) = fetched.refresh().await {
+                tracing::warn!(%error, "the JWT key set could not be fetched again; keeping the keys in force");
+            }
+            fetched.url.done();
+        });
     }
 
     pub fn settings(&self) -> &JwtSettings {
@@ -196,17 +298,20 @@ impl JwtVerifier {
     pub fn verify(&self, token: &str) -> Result<Arc<Identity>, TokenError> {
         let algorithm = accepted_algorithm(token)?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        let keys = self.current_keys();
+        let file_keys = self.current_keys();
+        let url_keys = self.fetched.as_ref().map(|fetched| fetched.current());
+        let sets = std::iter::once(&file_keys).chain(url_keys.as_ref());
         let candidates: Vec<&Arc<Key>> = match &header.kid {
-            Some(kid) => vec![
-                keys.by_kid
-                    .get(kid)
-                    .ok_or_else(|| TokenError::UnknownKey(kid.clone()))?,
-            ],
-            None => keys
-                .without_kid
-                .iter()
-                .chain(keys.by_kid.values())
+            Some(kid) => {
+                let found: Vec<&Arc<Key>> = sets.filter_map(|keys| keys.by_kid.get(kid)).collect();
+                if found.is_empty() {
+                    self.unknown_kid(kid);
+                    return Err(TokenError::UnknownKey(kid.clone()));
+                }
+                found
+            }
+            None => sets
+                .flat_map(|keys| keys.without_kid.iter().chain(keys.by_kid.values()))
                 .filter(|key| key.algorithm == algorithm)
                 .collect(),
         };
@@ -281,6 +386,7 @@ impl JwtVerifier {
     /// more than once a second).
     fn current_keys(&self) -> Arc<KeySet> {
         let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let Some(path) = &self.settings.jwks else { return keys };
         {
             let mut looked = self.looked.lock().unwrap_or_else(PoisonError::into_inner);
             if looked.elapsed() < RELOAD_LOOK {
@@ -288,12 +394,12 @@ impl JwtVerifier {
             }
             *looked = Instant::now();
         }
-        if FileStamp::of(&self.settings.jwks) == keys.stamp {
+        if FileStamp::of(path) == keys.stamp {
             return keys;
         }
-        match load(&self.settings.jwks) {
+        match load(path) {
             Ok(fresh) => {
-                tracing::info!(path = %self.settings.jwks.display(), "reloaded the JWT key set");
+                tracing::info!(path = %path.display(), "reloaded the JWT key set");
                 let fresh = Arc::new(fresh);
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
                 fresh
@@ -327,9 +433,14 @@ fn load(path: &Path) -> Result<KeySet, String> {
     let named = |why: String| format!("--jwt-jwks {}: {why}", path.display());
     let stamp = FileStamp::of(path);
     let text = std::fs::read_to_string(path).map_err(|e| named(e.to_string()))?;
-    let set: JwkSet = serde_json::from_str(&text).map_err(|e| named(format!("not a JWKS: {e}")))?;
+    parse(&text, stamp).map_err(named)
+}
+
+/// Reads a JWKS; an error names the key that is wrong.
+fn parse(text: &str, stamp: Option<FileStamp>) -> Result<KeySet, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
     if set.keys.is_empty() {
-        return Err(named("the key set has no keys".into()));
+        return Err("the key set has no keys".into());
     }
     let mut keys = KeySet {
         by_kid: HashMap::new(),
@@ -341,11 +452,11 @@ fn load(path: &Path) -> Result<KeySet, String> {
             Some(kid) => format!("key {index} (kid {kid:?})"),
             None => format!("key {index}"),
         };
-        let key = Arc::new(key_of(jwk).map_err(|why| named(format!("{which}: {why}")))?);
+        let key = Arc::new(key_of(jwk).map_err(|why| format!("{which}: {why}"))?);
         match &jwk.common.key_id {
             Some(kid) => {
                 if keys.by_kid.insert(kid.clone(), key).is_some() {
-                    return Err(named(format!("{which}: the kid is used twice")));
+                    return Err(format!("{which}: the kid is used twice"));
                 }
             }
             None => keys.without_kid.push(key),

@@ -2,6 +2,7 @@
 //! transport before a call starts.
 
 pub mod auth;
+pub mod jwks_url;
 pub mod jwt;
 pub mod limits;
 pub mod origin;

@@ -103,7 +103,19 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         return (StatusCode::FORBIDDEN, message).into_response();
     }
     let offered = offered_subprotocols(&parts.headers);
-    let caller = match state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied()) {
+    let mut authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
+    // A key rotated in at the JWKS URL: checked again once the set is fetched.
+    if let (
+        Err(Refusal {
+            keys_fetching: true, ..
+        }),
+        Some(jwt),
+    ) = (&authenticated, state.auth.jwt())
+    {
+        jwt.keys_fetched().await;
+        authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
+    }
+    let caller = match authenticated {
         Ok(caller) => caller,
         // No token at all: a socket may still call the methods open to anyone.
         Err(Refusal { missing: true, .. }) if state.auth.opens_sockets_to_anyone() => Caller::Anonymous,
