@@ -46,8 +46,13 @@ export async function usage(url: string): Promise<string[]> {
   const headers: Record<string, string> | null = call.headers;
   const timed: BidiStream = withOptions.bidirectionalStream({ timeoutMs: 1000, window: 64 });
   timed.cancel();
-  // @ts-expect-error: the token is a string
+  // A token function: asked before each socket and each call.
+  await DataClient.connect(url, { token: async () => 'fresh' });
+  await DataClient.connect(url, { token: () => 'fresh' });
+  // @ts-expect-error: the token is a string, or a function giving one
   await DataClient.connect(url, { token: 5 });
+  // @ts-expect-error: a token function gives a string
+  await DataClient.connect(url, { token: async () => 5 });
   // @ts-expect-error: the codec is json or proto
   await DataClient.connect(url, { codec: 'xml' });
   // @ts-expect-error: state is one of three names

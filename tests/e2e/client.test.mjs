@@ -241,3 +241,85 @@ test('call() and the typed stream work through a bridge in front of an upstream'
     await page.close();
   }
 });
+
+/** An ES256 key made here: its JWKS, and tokens signed with it. */
+async function jwtSigner() {
+  const { generateKeyPairSync, sign } = await import('node:crypto');
+  const { publicKey, privateKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const jwks = { keys: [{ ...publicKey.export({ format: 'jwk' }), kid: 'page', alg: 'ES256' }] };
+  const b64 = (bytes) => Buffer.from(bytes).toString('base64url');
+  const token = (claims) => {
+    const header = b64(JSON.stringify({ alg: 'ES256', kid: 'page', typ: 'JWT' }));
+    const body = b64(JSON.stringify({ exp: Math.floor(Date.now() / 1000) + 600, ...claims }));
+    const signature = sign('sha256', Buffer.from(`${header}.${body}`), { key: privateKey, dsaEncoding: 'ieee-p1363' });
+    return `${header}.${body}.${b64(signature)}`;
+  };
+  return { jwks, token };
+}
+
+test('a token function is asked before the socket and before each call, and each call carries its own token', async () => {
+  const { mkdtempSync, writeFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const { jwks, token } = await jwtSigner();
+  const dir = mkdtempSync(join(tmpdir(), 'streambridge-token-'));
+  writeFileSync(join(dir, 'jwks.json'), JSON.stringify(jwks));
+  // The built-in service needs a scope the socket's token does not have:
+  // only a call's own token can pass.
+  writeFileSync(
+    join(dir, 'policy.toml'),
+    '[[rules]]\nmethods = ["/DataService/*"]\nallow = "authenticated"\nclaims = { scope = "write" }\n',
+  );
+  const server = await start(['--jwt-jwks', join(dir, 'jwks.json'), '--policy', join(dir, 'policy.toml')]);
+  const page = await browser.newPage();
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(error.message));
+  await page.goto(`http://${server.address}/pkg/package.json`);
+  const outcome = await page.evaluate(
+    async ([url, socketToken, callToken]) => {
+      const { default: init, DataClient } = await import('/pkg/streambridge_client.js');
+      await init();
+      const echo = async (client, data) => {
+        const call = client.call('/DataService/BidirectionalStream');
+        call.send({ data });
+        call.closeSend();
+        const reply = await call.next().catch(() => null);
+        const status = await call.finished();
+        return { reply, code: status.code, message: status.message };
+      };
+      const asked = [];
+      let failing = false;
+      const client = await DataClient.connect(url, {
+        reconnect: false,
+        // A promise, as a page refreshing its token from its own server gives.
+        token: () => {
+          asked.push(asked.length === 0 ? 'socket' : 'call');
+          if (failing) return Promise.reject(new Error('no session'));
+          return new Promise((resolve) => setTimeout(() => resolve(asked.length === 1 ? socketToken : callToken), 0));
+        },
+      });
+      const calls = [await echo(client, 'one'), await echo(client, 'two')];
+      failing = true;
+      const failed = await echo(client, 'three');
+      // The same socket token as a fixed string: the policy refuses its calls.
+      const fixed = await DataClient.connect(url, { token: socketToken, reconnect: false });
+      const refused = await echo(fixed, 'four');
+      return { asked, calls, failed, refused, sockets: client.socketCount };
+    },
+    [`ws://${server.address}/ws`, token({ sub: 'page' }), token({ sub: 'page', scope: 'write' })],
+  );
+  assert.deepEqual(outcome.asked, ['socket', 'call', 'call', 'call']);
+  assert.deepEqual(
+    outcome.calls.map((c) => [c.reply, c.code]),
+    [
+      [{ result: 'processed: one' }, 0],
+      [{ result: 'processed: two' }, 0],
+    ],
+  );
+  assert.equal(outcome.sockets, 1, 'one socket for every call');
+  assert.equal(outcome.failed.code, 16, outcome.failed.message);
+  assert.match(outcome.failed.message, /the token function failed: no session/);
+  assert.equal(outcome.refused.code, 7, outcome.refused.message);
+  assert.deepEqual(problems, []);
+  await page.close();
+});

@@ -204,6 +204,18 @@ fn waited_too_long(timeout_ms: u32) -> CallStatus {
 
 /// Puts a waiting call on `connection` under a new id: its `open`, then what
 /// it queued. Ends it instead if its deadline passed while it waited.
+/// Gives a call its own token (`authorization` metadata), unless the page
+/// set that metadata itself.
+pub fn use_token(call: &CallRef, token: &str) {
+    let metadata = &mut call.borrow_mut().spec.metadata;
+    if !metadata
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+    {
+        metadata.push(("authorization".into(), format!("Bearer {token}")));
+    }
+}
+
 pub fn attach(call: &CallRef, connection: &ConnRef) {
     let remaining = {
         let state = call.borrow();

@@ -40,6 +40,7 @@ mod error;
 mod session;
 mod socket;
 mod timer;
+mod token;
 
 use js_sys::{Function, JSON, Object, Promise, Reflect, Uint8Array};
 use prost::Message;
@@ -51,6 +52,7 @@ use crate::call::{CallRef, CallSpec, Shape};
 use crate::codec::{Payload, push_json_string};
 use crate::error::{CallStatus, code, stream_error};
 use crate::session::{Backoff, Options, Session, SessionRef};
+use crate::token::TokenSource;
 
 /// The method of the built-in service.
 const DATA_METHOD: &str = "/DataService/BidirectionalStream";
@@ -97,11 +99,17 @@ export interface Call extends AsyncIterable<CallMessage> {}
 /** Options of `DataClient.connect`. */
 export interface ConnectOptions {
   /**
-   * Bearer token for a server started with `--auth-token`. Sent as the
-   * WebSocket subprotocol entry `streambridge.bearer.<token>`, so it must use
-   * only token characters (letters, digits, `-._~+` ...).
+   * Bearer token for a server started with `--auth-token` or `--jwt-jwks`.
+   * Sent as the WebSocket subprotocol entry `streambridge.bearer.<token>`,
+   * so it must use only token characters (letters, digits, `-._~+` ...; a
+   * JWT does). A function (returning the token or a promise of it) is asked
+   * before each socket and before each call: the call carries its token as
+   * its `authorization` metadata, which the server takes over the socket's,
+   * so a page refreshes a short-lived token without a new socket. If it
+   * throws or rejects, the call ends with UNAUTHENTICATED (16); for a
+   * socket, `connect` rejects with 16, or a reconnect is tried again later.
    */
-  token?: string;
+  token?: string | (() => string | Promise<string>);
   /** `json` (default: `streambridge.v2.json`) or `proto` (`streambridge.v2.proto`). */
   codec?: 'json' | 'proto';
   /**
@@ -451,8 +459,16 @@ fn invalid(message: &str) -> JsValue {
 /// `DataClient.connect`'s options, checked.
 fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
     let token = match option(options, "token") {
-        None => None,
-        Some(token) => Some(token.as_string().ok_or_else(|| invalid("token must be a string"))?),
+        None => TokenSource::None,
+        Some(token) => match (token.as_string(), token.dyn_into::<Function>()) {
+            (Some(token), _) => TokenSource::Fixed(token),
+            (None, Ok(provider)) => TokenSource::Function(provider),
+            (None, Err(_)) => {
+                return Err(invalid(
+                    "token must be a string or a function returning one (or a promise of one)",
+                ));
+            }
+        },
     };
     let encoding = match option(options, "codec").map(|codec| codec.as_string()) {
         None => Encoding::Json,

@@ -30,6 +30,7 @@ use crate::call::{self, CallRef, CallSpec, CallState};
 use crate::connection::{ConnRef, Connection};
 use crate::error::{CallStatus, code, stream_error};
 use crate::timer::Timer;
+use crate::token::{self, TokenSource};
 
 pub type SessionRef = Rc<RefCell<Session>>;
 
@@ -73,7 +74,7 @@ impl Default for Backoff {
 
 /// `DataClient.connect`'s options.
 pub struct Options {
-    pub token: Option<String>,
+    pub token: TokenSource,
     pub encoding: Encoding,
     /// `None`: `reconnect: false`.
     pub reconnect: Option<Backoff>,
@@ -118,8 +119,7 @@ impl Session {
             connect_waiter: None,
             calls: Vec::new(),
         }));
-        let connection = open_connection(&session)?;
-        session.borrow_mut().current = Some(connection);
+        open_socket(&session)?;
         Ok(session)
     }
 
@@ -164,23 +164,115 @@ impl Session {
     }
 }
 
-fn open_connection(session: &SessionRef) -> Result<ConnRef, JsValue> {
+/// Opens the next socket: at once with a fixed token (or none), or once
+/// the page's token function has given one.
+fn open_socket(session: &SessionRef) -> Result<(), JsValue> {
     let (url, encoding, token) = {
         let state = session.borrow();
-        (state.url.clone(), state.options.encoding, state.options.token.clone())
+        let token = match &state.options.token {
+            TokenSource::None => None,
+            TokenSource::Fixed(token) => Some(token.clone()),
+            TokenSource::Function(provider) => {
+                let provider = provider.clone();
+                drop(state);
+                let weak = Rc::downgrade(session);
+                token::ask(&provider, move |token| {
+                    let Some(session) = weak.upgrade() else { return };
+                    if session.borrow().state == ClientState::Closed {
+                        return;
+                    }
+                    let opened = token
+                        .map_err(|why| CallStatus::new(code::UNAUTHENTICATED, why))
+                        .map(|token| {
+                            let (url, encoding) = (session.borrow().url.clone(), session.borrow().options.encoding);
+                            Connection::open(&url, encoding, Some(&token), &session)
+                        });
+                    match opened {
+                        Ok(Ok(connection)) => session.borrow_mut().current = Some(connection),
+                        Ok(Err(error)) => shut(&session, refused_url(&error)),
+                        Err(status) => no_socket(&session, status),
+                    }
+                });
+                return Ok(());
+            }
+        };
+        (state.url.clone(), state.options.encoding, token)
     };
-    Connection::open(&url, encoding, token.as_deref(), session)
+    let connection = Connection::open(&url, encoding, token.as_deref(), session)?;
+    session.borrow_mut().current = Some(connection);
+    Ok(())
 }
 
-/// Starts a call: on the open socket at once, or waiting for one.
+fn refused_url(error: &JsValue) -> CallStatus {
+    CallStatus::new(code::UNAVAILABLE, format!("cannot open a WebSocket: {error:?}"))
+}
+
+/// No socket this time, for `status` (the token function failed): as a
+/// socket that never opened, retried with the backoff when reconnecting.
+fn no_socket(session: &SessionRef, status: CallStatus) {
+    let (state, reconnecting) = {
+        let state = session.borrow();
+        (state.state, state.options.reconnect.is_some())
+    };
+    match state {
+        ClientState::Closed => {}
+        ClientState::Connecting => {
+            if let Some((_, reject)) = session.borrow_mut().connect_waiter.take() {
+                let _ = reject.call1(&JsValue::NULL, &status.to_error());
+            }
+            shut(session, status);
+        }
+        ClientState::Open | ClientState::Reconnecting if reconnecting => {
+            set_state(session, ClientState::Reconnecting);
+            schedule_retry(session);
+        }
+        ClientState::Open | ClientState::Reconnecting => stop_new_calls(session, status),
+    }
+}
+
+/// Starts a call: on the open socket at once, or waiting for one; with a
+/// token function, once it has given the call its own token.
 pub fn start_call(session: &SessionRef, spec: CallSpec) -> CallRef {
     let call = CallState::new(spec);
-    let ready = {
+    let provider = {
         let mut state = session.borrow_mut();
         state
             .calls
             .retain(|call| call.upgrade().is_some_and(|call| !call.borrow().is_ended()));
         state.calls.push(Rc::downgrade(&call));
+        match &state.options.token {
+            TokenSource::Function(provider) => Some(provider.clone()),
+            _ => None,
+        }
+    };
+    match provider {
+        None => route_call(session, &call),
+        Some(provider) => {
+            let (session, waiting) = (Rc::downgrade(session), Rc::downgrade(&call));
+            token::ask(&provider, move |token| {
+                let (Some(session), Some(call)) = (session.upgrade(), waiting.upgrade()) else {
+                    return;
+                };
+                if call.borrow().is_ended() {
+                    return;
+                }
+                match token {
+                    Ok(token) => {
+                        call::use_token(&call, &token);
+                        route_call(&session, &call);
+                    }
+                    Err(why) => call::end(&call, CallStatus::new(code::UNAUTHENTICATED, why)),
+                }
+            });
+        }
+    }
+    call
+}
+
+/// Puts a call on the open socket, or in the queue for the next.
+fn route_call(session: &SessionRef, call: &CallRef) {
+    let ready = {
+        let mut state = session.borrow_mut();
         if state.state == ClientState::Closed {
             None
         } else {
@@ -189,16 +281,15 @@ pub fn start_call(session: &SessionRef, spec: CallSpec) -> CallRef {
                 _ => {
                     state.pending.retain(|call| !call.borrow().is_ended());
                     state.pending.push_back(call.clone());
-                    return call;
+                    return;
                 }
             }
         }
     };
     match ready {
-        Some(connection) => call::attach(&call, &connection),
-        None => call::end(&call, CallStatus::new(code::UNAVAILABLE, "the client is closed")),
+        Some(connection) => call::attach(call, &connection),
+        None => call::end(call, CallStatus::new(code::UNAVAILABLE, "the client is closed")),
     }
-    call
 }
 
 /// A socket opened.
@@ -307,13 +398,9 @@ fn reconnect(session: &SessionRef) {
     if session.borrow().state == ClientState::Closed {
         return;
     }
-    match open_connection(session) {
-        Ok(connection) => session.borrow_mut().current = Some(connection),
-        // A URL the browser refuses outright will not get better: stop.
-        Err(error) => shut(
-            session,
-            CallStatus::new(code::UNAVAILABLE, format!("cannot open a WebSocket: {error:?}")),
-        ),
+    // A URL the browser refuses outright will not get better: stop.
+    if let Err(error) = open_socket(session) {
+        shut(session, refused_url(&error));
     }
 }
 
