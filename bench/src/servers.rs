@@ -219,7 +219,8 @@ impl ServerPrograms {
                     .args(["--jwt-audience", edge::AUDIENCE, "--jwt-claim-header", "sub=x-user-id"])
                     .arg("--policy")
                     .arg(&edge.policy)
-                    .args(["--limit-calls-per-second", "1000000"]);
+                    .args(["--limit-calls-per-second", "1000000"])
+                    .args(["--limit-messages-per-second", "100000000"]);
                 c
             }
             ServerKind::PlainTonic => Command::new(&self.plain_tonic),

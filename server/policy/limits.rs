@@ -199,6 +199,13 @@ pub enum Paid {
 }
 
 impl MessageMeter {
+    /// Takes the tokens paid ahead, for a caller that spends them itself
+    /// (the built-in plug-in keeps them inline, beside what a message
+    /// touches anyway).
+    pub fn take_prepaid(&mut self) -> u32 {
+        std::mem::take(&mut self.prepaid)
+    }
+
     /// Pays for `n` messages: all of them, or as many as the bucket has
     /// tokens for now, and when it will have the next.
     pub fn pay(&mut self, n: usize) -> Paid {

@@ -61,6 +61,8 @@ pub struct BuiltinCall {
     /// Pays for each request from the caller's message bucket
     /// (`--limit-messages-per-second`; none without it).
     meter: Option<Box<MessageMeter>>,
+    /// Tokens the meter took ahead, spent here without touching its box.
+    prepaid: u32,
     /// Counts the messages for the call's span (`--otlp-endpoint`).
     tally: Option<Arc<Tally>>,
     rest: Box<Rest>,
@@ -90,6 +92,7 @@ impl BuiltinCall {
             closed_send: false,
             queued: false,
             meter: meter.map(Box::new),
+            prepaid: 0,
             tally: guard.span().map(|span| span.tally().clone()),
             rest: Box::new(Rest {
                 waiting: VecDeque::new(),
@@ -153,9 +156,16 @@ impl BuiltinCall {
     /// Pays for one request from the caller's message bucket; when it is
     /// empty, asks the socket to come back once it has refilled.
     fn pay(&mut self, call: u32, socket: &mut SocketSide<'_>) -> bool {
+        if self.prepaid > 0 {
+            self.prepaid -= 1;
+            return true;
+        }
         let Some(meter) = &mut self.meter else { return true };
         match meter.pay(1) {
-            Paid::All => true,
+            Paid::All => {
+                self.prepaid = meter.take_prepaid();
+                true
+            }
             Paid::Part { retry, .. } => {
                 socket.paced.insert((retry, call));
                 false
