@@ -49,7 +49,7 @@ pub struct BuiltinCall {
     credit: u32,
     /// Request credit given less requests answered: topped up to
     /// [`REQUEST_CREDIT`] when half of it is used up.
-    request_left: u32,
+    request_left: u16,
     /// Grants made since the socket last asked (their `window` records are
     /// in the batch, not yet on the wire: the client cannot have used them).
     unsent_grants: u32,
@@ -58,13 +58,13 @@ pub struct BuiltinCall {
     /// Requests wait in `rest.waiting` (for response credit, or for the
     /// caller's message bucket).
     queued: bool,
-    /// Pays for each request from the caller's message bucket
-    /// (`--limit-messages-per-second`; none without it).
-    meter: Option<Box<MessageMeter>>,
-    /// Tokens the meter took ahead, spent here without touching its box.
-    prepaid: u32,
-    /// Counts the messages for the call's span (`--otlp-endpoint`).
-    tally: Option<Arc<Tally>>,
+    /// Tokens the meter (in `rest`) took ahead (at most 32), spent here
+    /// without touching `rest`.
+    prepaid: u8,
+    /// The caller's messages are limited: `rest.meter` pays for them.
+    metered: bool,
+    /// The call has a span: `rest.tally` counts its messages.
+    traced: bool,
     rest: Box<Rest>,
 }
 
@@ -76,6 +76,11 @@ struct Rest {
     deadline: Option<(Instant, u32)>,
     /// Counts the call until it ends (its messages are counted by the socket).
     guard: CallGuard,
+    /// Pays for each request from the caller's message bucket
+    /// (`--limit-messages-per-second`; none without it).
+    meter: Option<MessageMeter>,
+    /// Counts the messages for the call's span (`--otlp-endpoint`).
+    tally: Option<Arc<Tally>>,
 }
 
 impl BuiltinCall {
@@ -87,17 +92,19 @@ impl BuiltinCall {
     ) -> BuiltinCall {
         BuiltinCall {
             credit: response_window,
-            request_left: REQUEST_WINDOW as u32,
+            request_left: REQUEST_WINDOW as u16,
             unsent_grants: 0,
             closed_send: false,
             queued: false,
-            meter: meter.map(Box::new),
             prepaid: 0,
-            tally: guard.span().map(|span| span.tally().clone()),
+            metered: meter.is_some(),
+            traced: guard.span().is_some(),
             rest: Box::new(Rest {
                 waiting: VecDeque::new(),
                 deadline,
+                tally: guard.span().map(|span| span.tally().clone()),
                 guard,
+                meter,
             }),
         }
     }
@@ -156,14 +163,17 @@ impl BuiltinCall {
     /// Pays for one request from the caller's message bucket; when it is
     /// empty, asks the socket to come back once it has refilled.
     fn pay(&mut self, call: u32, socket: &mut SocketSide<'_>) -> bool {
+        if !self.metered {
+            return true;
+        }
         if self.prepaid > 0 {
             self.prepaid -= 1;
             return true;
         }
-        let Some(meter) = &mut self.meter else { return true };
+        let Some(meter) = &mut self.rest.meter else { return true };
         match meter.pay(1) {
             Paid::All => {
-                self.prepaid = meter.take_prepaid();
+                self.prepaid = meter.take_prepaid().min(u32::from(u8::MAX)) as u8;
                 true
             }
             Paid::Part { retry, .. } => {
@@ -195,7 +205,9 @@ impl BuiltinCall {
 
     fn answer_data(&mut self, call: u32, data: &str, socket: &mut SocketSide<'_>) -> Result<(), Status> {
         append_reply(call, data, socket.batch);
-        if let Some(tally) = &self.tally {
+        if self.traced
+            && let Some(tally) = &self.rest.tally
+        {
             // As protobuf carries them (the span's bytes are the messages').
             tally.received(1, string_message_len(data.len()));
             tally.sent(1, string_message_len(processor::REPLY_PREFIX.len() + data.len()));
@@ -210,8 +222,9 @@ impl BuiltinCall {
         self.request_left -= 1;
         // Top the request credit up once half of it is used up (as the generic path does).
         if u64::from(self.request_left) <= REQUEST_CREDIT / 2 {
-            let grant = REQUEST_CREDIT as u32 - self.request_left;
+            let grant = REQUEST_CREDIT as u16 - self.request_left;
             self.request_left += grant;
+            let grant = u32::from(grant);
             self.unsent_grants += grant;
             socket.batch.record(call, Kind::Window(grant));
         }
