@@ -1,5 +1,6 @@
 // The package's TypeScript declarations type the API (no `any` where a user
-// reads results): `api-usage.ts` must compile under `strict`, and the lines
+// reads results): `api-usage.ts` and `connect-usage.ts` (the connect-es
+// transport) must compile under `strict`, and the lines
 // marked @ts-expect-error must fail to.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';

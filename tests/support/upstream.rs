@@ -311,15 +311,50 @@ fn parse_timeout(text: &str) -> Duration {
     }
 }
 
+/// `google.rpc.Status`, as `grpc-status-details-bin` carries it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// `google.rpc.ErrorInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ErrorInfo {
+    #[prost(string, tag = "1")]
+    reason: String,
+    #[prost(string, tag = "2")]
+    domain: String,
+}
+
+/// The rich details of a failure the echo was asked for: a
+/// `google.rpc.Status` holding one `google.rpc.ErrorInfo`.
+pub fn failure_details(code: i32, message: &str) -> Vec<u8> {
+    let info = ErrorInfo {
+        reason: "ASKED".into(),
+        domain: "echo.streambridge.test".into(),
+    };
+    prost::Message::encode_to_vec(&RpcStatus {
+        code,
+        message: message.into(),
+        details: vec![prost_types::Any {
+            type_url: "type.googleapis.com/google.rpc.ErrorInfo".into(),
+            value: prost::Message::encode_to_vec(&info),
+        }],
+    })
+}
+
 /// The failure a request asks for: its code, a message, rich details and a
 /// trailer of its own.
 fn failure(request: &EchoRequest) -> Option<Status> {
     (request.fail_with != 0).then(|| {
-        let mut status = Status::with_details(
-            tonic::Code::from_i32(request.fail_with),
-            format!("failed as asked: {}", request.text),
-            bytes::Bytes::from_static(b"\x08\x01details"),
-        );
+        let message = format!("failed as asked: {}", request.text);
+        let details = failure_details(request.fail_with, &message);
+        let mut status = Status::with_details(tonic::Code::from_i32(request.fail_with), message, details.into());
         status
             .metadata_mut()
             .insert("x-upstream-trailer", "from-upstream".parse().unwrap());

@@ -184,6 +184,12 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
     }
     let e2e = root().join("tests/e2e");
     web::npm_ci(&e2e)?;
+    // The connect-es transport: the Rust test starts the services (in
+    // process and upstream) and drives tests/e2e/connect in Chromium.
+    run_counted(
+        cargo().args(["test", "--locked", "--test", "connect_es", "--", "--ignored"]),
+        counts,
+    )?;
     let server = ServerProcess::start(&[])?;
     run_counted(
         Command::new("node")

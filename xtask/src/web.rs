@@ -49,6 +49,11 @@ pub fn build() -> Result<PathBuf> {
         .arg("--out-dir")
         .arg(&pkg)
         .arg(&wasm))?;
+    // The connect-es transport: hand-written JavaScript over the WASM client.
+    for file in ["connect.js", "connect.d.ts"] {
+        let from = root().join("web-client/js").join(file);
+        fs::copy(&from, pkg.join(file)).map_err(|e| format!("{}: {e}", from.display()))?;
+    }
     write_package_json(&pkg)?;
     report_size(&pkg.join("streambridge_client_bg.wasm"))?;
     Ok(pkg)
@@ -130,10 +135,22 @@ fn write_package_json(pkg: &Path) -> Result {
       "types": "./streambridge_client.d.ts",
       "default": "./streambridge_client.js"
     }},
+    "./connect": {{
+      "types": "./connect.d.ts",
+      "default": "./connect.js"
+    }},
     "./streambridge_client_bg.wasm": "./streambridge_client_bg.wasm"
   }},
-  "files": ["streambridge_client.js", "streambridge_client.d.ts", "streambridge_client_bg.wasm", "streambridge_client_bg.wasm.d.ts", "snippets"],
-  "sideEffects": ["./snippets/*"]
+  "files": ["streambridge_client.js", "streambridge_client.d.ts", "streambridge_client_bg.wasm", "streambridge_client_bg.wasm.d.ts", "snippets", "connect.js", "connect.d.ts"],
+  "sideEffects": ["./snippets/*"],
+  "peerDependencies": {{
+    "@bufbuild/protobuf": "^2.0.0",
+    "@connectrpc/connect": "^2.0.0"
+  }},
+  "peerDependenciesMeta": {{
+    "@bufbuild/protobuf": {{ "optional": true }},
+    "@connectrpc/connect": {{ "optional": true }}
+  }}
 }}
 "#
     );
