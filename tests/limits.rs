@@ -1,7 +1,9 @@
-//! Call rate limits (`--limit-calls-per-second`, `--limit-calls-burst`,
-//! `--trusted-proxy`): a caller past its bucket gets RESOURCE_EXHAUSTED for
-//! new calls at once, on native gRPC and on WebSocket v2 (v1: 429 at the
-//! upgrade), while other callers' buckets are untouched. One call a second
+//! Rate limits (`--limit-calls-per-second`, `--limit-calls-burst`,
+//! `--trusted-proxy`, `--limit-messages-per-second`): a caller past its call
+//! bucket gets RESOURCE_EXHAUSTED for new calls at once, on native gRPC,
+//! gRPC-Web and WebSocket v2 (v1: 429 at the upgrade), while other callers'
+//! buckets are untouched; a sender past its message bucket is slowed, and
+//! loses nothing. One call a second
 //! refills a bucket: each test drains one and checks the refusal comes
 //! within a few calls of the burst, never sooner.
 
@@ -85,6 +87,41 @@ async fn past_its_burst_a_client_gets_resource_exhausted_and_other_clients_do_no
         "a fresh bucket for a forged X-Forwarded-For: {made} calls"
     );
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+/// One gRPC-Web call to the built-in service: its `grpc-status`.
+async fn grpc_web_call(server: &impl ServerAddr) -> String {
+    let request = http::Request::post(server.http_url("/DataService/BidirectionalStream"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(http_body_util::Full::new(support::http::grpc_web_body(&["g"])))
+        .unwrap();
+    let reply = support::http::send(&support::http::http1_client(), request).await;
+    let result = support::http::decode_grpc_web(reply.body.clone());
+    // A refusal is trailers-only: its status is in the headers.
+    reply
+        .headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .or(result.trailer("grpc-status"))
+        .expect("a grpc-status")
+        .to_string()
+}
+
+#[tokio::test]
+async fn on_grpc_web_a_call_past_the_limit_gets_resource_exhausted() {
+    let server = TestServer::start_with(limited).await;
+    let mut statuses = Vec::new();
+    for _ in 0..BURST + 20 {
+        let status = grpc_web_call(&server).await;
+        let refused = status != "0";
+        statuses.push(status);
+        if refused {
+            break;
+        }
+    }
+    assert!(statuses.len() > BURST, "refused within the burst: {statuses:?}");
+    assert_eq!(statuses.last().map(String::as_str), Some("8"), "{statuses:?}");
 }
 
 #[tokio::test]

@@ -200,7 +200,7 @@ async fn main() -> ExitCode {
         }
     };
     if let Ok(addr) = server.local_addr() {
-        tracing::info!("chat room on {addr}: native gRPC, gRPC-Web and WebSocket");
+        tracing::info!("chat room listening on {addr}: native gRPC, gRPC-Web and WebSocket");
     }
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {

@@ -14,13 +14,14 @@ const binary = process.env.STREAMBRIDGE_BIN;
 export const staticDir = fileURLToPath(new URL('../../static', import.meta.url));
 
 /**
- * streambridge with `args` (`--listen 127.0.0.1:0` unless `listen` is given);
+ * streambridge (or `program`, a server built on the library, such as the
+ * chat example) with `args` (`--listen 127.0.0.1:0` unless `listen` is given);
  * resolves once it listens, to `{ child, address, exit }` where `exit`
  * resolves to the exit code.
  */
-export async function startStreambridge(args, { listen = '127.0.0.1:0' } = {}) {
-  assert.ok(binary, 'set STREAMBRIDGE_BIN to the streambridge binary (cargo xtask test does)');
-  const child = spawn(binary, ['--listen', listen, ...args], {
+export async function startStreambridge(args, { listen = '127.0.0.1:0', program = binary } = {}) {
+  assert.ok(program, 'set STREAMBRIDGE_BIN to the streambridge binary (cargo xtask test does)');
+  const child = spawn(program, ['--listen', listen, ...args], {
     env: { ...process.env, RUST_LOG: 'info', NO_COLOR: '1' },
     stdio: ['ignore', 'pipe', 'inherit'],
   });

@@ -85,8 +85,9 @@ pub fn run_browser(args: &[String]) -> Result {
     browser(args.iter().any(|a| a == "--quick"))
 }
 
-/// The browser benchmark: the page's own throughput demo, driven by
-/// `tests/e2e/browser-bench.mjs`, Chromium and the server on different CPUs.
+/// The browser benchmarks, Chromium and the server on different CPUs: the
+/// page's own throughput demo (`tests/e2e/browser-bench.mjs`), then the
+/// connect-es transport (`tests/e2e/connect/bench.mjs`).
 fn browser(quick: bool) -> Result {
     web::build()?;
     let e2e = root().join("tests/e2e");
@@ -103,6 +104,19 @@ fn browser(quick: bool) -> Result {
         node.env("BENCH_ROUNDS", "1")
             .env("BENCH_CLIENT_MESSAGES", "20000")
             .env("BENCH_RAW_MESSAGES", "1000");
+    }
+    run_command(&mut node)?;
+    // connect-es on the transport, against the typed stream and raw (issue 25).
+    let mut node = Command::new("taskset");
+    node.args(["-c", "0", "node", "connect/bench.mjs"])
+        .current_dir(&e2e)
+        .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr))
+        .env("BENCH_OUT", target_dir().join("bench/browser-connect.json"));
+    if quick {
+        node.env("BENCH_ROUNDS", "1")
+            .env("BENCH_CLIENT_MESSAGES", "20000")
+            .env("BENCH_RAW_MESSAGES", "1000")
+            .env("BENCH_UNARY_CALLS", "100");
     }
     run_command(&mut node)
 }

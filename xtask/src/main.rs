@@ -12,20 +12,25 @@
 //!   transport over TLS, and a rolling restart with clients streaming.
 //!   Installs Debian's `nginx-light` and `haproxy` when missing (as root).
 //! - `cargo xtask build-web`: the WASM package into `static/pkg/`.
+//! - `cargo xtask build-chat`: `build-web`, then the chat example's page
+//!   (`examples/chat/web/dist`: protoc-gen-es client on the connect-es
+//!   transport).
 //! - `cargo xtask serve [ARGS]`: `build-web`, then the server (release) on
 //!   127.0.0.1:8080 with its page; ARGS go to `streambridge`.
 //! - `cargo xtask bench [--quick] [ARGS]`: the benchmarks (`bench/`), servers
 //!   and load generator pinned to different CPUs, three rounds, medians and
 //!   spread, then the browser benchmark; see `docs/benchmarks.md`.
-//! - `cargo xtask bench-browser [--quick]`: only the browser benchmark (the
-//!   WASM client against raw WebSocket in headless Chromium).
+//! - `cargo xtask bench-browser [--quick]`: only the browser benchmarks (the
+//!   WASM client against raw WebSocket in headless Chromium, then the
+//!   connect-es transport against both).
 //! - `cargo xtask mutants [ARGS]`: mutation testing of the safety-critical
 //!   files with cargo-mutants; see `docs/testing.md`.
 //!
 //! Tools are installed when missing, at pinned versions: the
 //! `wasm32-unknown-unknown` target, `wasm-bindgen-cli` at exactly the
 //! `wasm-bindgen` version of `Cargo.lock`, the Python virtualenv, the npm
-//! packages of `tests/e2e/package-lock.json`. Chromium and chromedriver come
+//! packages of `tests/e2e/package-lock.json` and
+//! `examples/chat/web/package-lock.json`. Chromium and chromedriver come
 //! from the system (Debian packages `chromium`, `chromium-driver`).
 
 mod bench;
@@ -46,13 +51,14 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("build-web") => web::build().map(|_| ()),
+        Some("build-chat") => web::build().and_then(|_| web::build_chat_page()),
         Some("serve") => serve(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("bench-browser") => bench::run_browser(&args[1..]),
         Some("test-deploy") => test_deploy(),
         Some("mutants") => mutants::run_mutants(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <test | test-deploy | build-web | serve [streambridge args] | bench [--quick] | bench-browser [--quick] | mutants [args]>"
+            "usage: cargo xtask <test | test-deploy | build-web | build-chat | serve [streambridge args] | bench [--quick] | bench-browser [--quick] | mutants [args]>"
                 .to_string(),
         ),
     };
@@ -115,7 +121,8 @@ fn test() -> Result {
             &mut counts,
         )?;
         web::build()?;
-        run(cargo().args(["build", "--bin", "streambridge", "--locked"]))?;
+        run(cargo().args(["build", "--bin", "streambridge", "--example", "chat", "--locked"]))?;
+        web::build_chat_page()?;
         browser_tests(&mut counts)
     })();
     println!("summary: {} passed, {} failed", counts.passed, counts.failed);
@@ -197,7 +204,9 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
             .current_dir(&e2e)
             .env("STREAMBRIDGE_BASE_URL", format!("http://{}", server.addr))
             // origin.test.mjs starts its own server, with an allowed origin it chooses.
-            .env("STREAMBRIDGE_BIN", target_dir().join("debug/streambridge")),
+            .env("STREAMBRIDGE_BIN", target_dir().join("debug/streambridge"))
+            // chat.test.mjs: the chat example, serving its page.
+            .env("STREAMBRIDGE_CHAT_BIN", target_dir().join("debug/examples/chat")),
         counts,
     )
 }

@@ -173,6 +173,15 @@ fn report_size(wasm: &Path) -> Result {
     Ok(())
 }
 
+/// The chat example's page into `examples/chat/web/dist` (after
+/// [`build`]): its npm modules, then its own build script (protoc-gen-es
+/// through buf, esbuild).
+pub fn build_chat_page() -> Result {
+    let dir = root().join("examples/chat/web");
+    npm_ci(&dir)?;
+    run(Command::new("node").arg("build.mjs").current_dir(&dir))
+}
+
 /// `npm ci` in `dir` unless its `node_modules` matches `package-lock.json`.
 pub fn npm_ci(dir: &Path) -> Result {
     let lock = fs::read_to_string(dir.join("package-lock.json")).map_err(|e| format!("package-lock.json: {e}"))?;
