@@ -17,6 +17,8 @@ export interface StreambridgeTransportOptions {
   reconnect?: false | { initialDelayMs?: number; maxDelayMs?: number };
   /** Response messages a call may have in flight before it is read (default 1024). */
   window?: number;
+  /** Calls live on the socket at once (default 100: the server's `--ws-max-calls`); more wait. */
+  maxCalls?: number;
   /** Interceptors applied to every call, as on every connect-es transport. */
   interceptors?: Interceptor[];
   /** The deadline of calls that set no `timeoutMs` of their own. */

@@ -29,7 +29,7 @@ export function createStreambridgeTransport(options) {
     throw new TypeError('createStreambridgeTransport: options.url (the bridge\'s ws:// or wss:// URL) is required');
   }
   const connectOptions = { codec: 'proto' };
-  for (const name of ['token', 'reconnect', 'window']) {
+  for (const name of ['token', 'reconnect', 'window', 'maxCalls']) {
     if (options[name] !== undefined) connectOptions[name] = options[name];
   }
   let client;
@@ -115,10 +115,14 @@ export function createStreambridgeTransport(options) {
           );
           const trailer = new Headers();
           async function* replies() {
-            let reply = first.reply;
-            while (reply !== null) {
-              yield parse(reply);
-              reply = await call.next().catch(() => null);
+            if (first.reply !== null) {
+              yield parse(first.reply);
+              try {
+                // The call's own iterator: one promise per reply, no more.
+                for await (const reply of call) yield parse(reply);
+              } catch {
+                // Its status says why.
+              }
             }
             const status = await call.finished();
             headersOf(status.metadata).forEach((value, key) => trailer.set(key, value));

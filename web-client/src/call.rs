@@ -415,12 +415,17 @@ pub fn finished(call: &CallRef) -> Promise {
 /// Ends the call from this side: a `cancel` record if it is live, then
 /// `status` here at once (the server's own status for it is ignored).
 pub fn cancel_with(call: &CallRef, status: CallStatus) {
-    if let Some((connection, id)) = live(call) {
+    let freed = live(call).map(|(connection, id)| {
         let mut connection = connection.borrow_mut();
         connection.forget(id);
         connection.write(|batch| batch.cancel(id), 32);
-    }
+        connection.session()
+    });
     end(call, status);
+    if let Some(session) = freed.and_then(|session| session.upgrade()) {
+        // A slot for a call waiting for one.
+        crate::session::start_waiting(&session);
+    }
 }
 
 /// Records the final status (the first one wins) and settles every waiter.

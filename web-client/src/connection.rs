@@ -36,6 +36,8 @@ pub struct Connection {
     flush_scheduled: bool,
     /// Sends the batch; queued as a microtask.
     flush: Option<Function>,
+    /// The client it belongs to (told when a call's slot frees).
+    session: Weak<RefCell<session::Session>>,
 }
 
 impl Connection {
@@ -50,6 +52,7 @@ impl Connection {
             batch: Batch::new(encoding),
             flush_scheduled: false,
             flush: None,
+            session: Rc::downgrade(session),
         }));
         let weak = Rc::downgrade(&connection);
         let flush = Closure::<dyn FnMut()>::new(move || {
@@ -84,6 +87,16 @@ impl Connection {
     /// Drops a call the client ended itself; later records for it are ignored.
     pub fn forget(&mut self, id: u32) {
         self.calls.remove(&id);
+    }
+
+    pub fn session(&self) -> Weak<RefCell<session::Session>> {
+        self.session.clone()
+    }
+
+    /// Calls live on this socket, as the server counts them (until their
+    /// status, or the client's `cancel`, has passed).
+    pub fn live_calls(&self) -> usize {
+        self.calls.len()
     }
 
     /// Adds a record of about `size` bytes to the batch: the batch goes out
@@ -196,6 +209,8 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
             Incoming::Status(status) => {
                 connection.borrow_mut().forget(id);
                 call::end(&call, status);
+                // A slot for a call waiting for one.
+                session::start_waiting(&session);
             }
             Incoming::GoAway => {}
         }

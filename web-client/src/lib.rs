@@ -59,6 +59,9 @@ const DATA_METHOD: &str = "/DataService/BidirectionalStream";
 /// Response credit a call opens with unless told otherwise: enough replies in
 /// flight to get past a browser's per-message cost.
 const DEFAULT_WINDOW: u32 = 1024;
+/// Calls live on one socket at most unless told otherwise: the server's
+/// default `--ws-max-calls`.
+const DEFAULT_MAX_CALLS: usize = 100;
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &'static str = r#"
@@ -120,6 +123,12 @@ export interface ConnectOptions {
   reconnect?: false | { initialDelayMs?: number; maxDelayMs?: number };
   /** Response messages a call may have in flight before it is read (default 1024). */
   window?: number;
+  /**
+   * Calls live on the socket at once (default 100, the server's default
+   * `--ws-max-calls`; set it to the server's value): more calls wait in the
+   * client, in order, until one ends, as HTTP/2 clients wait for a stream.
+   */
+  maxCalls?: number;
 }
 
 /** Options of `bidirectionalStream()` and `call()`. */
@@ -493,11 +502,17 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
         }
     };
     let window = window_option(options)?.unwrap_or(DEFAULT_WINDOW);
+    let max_calls = match option_number(options, "maxCalls")? {
+        None => DEFAULT_MAX_CALLS,
+        Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+        Some(_) => return Err(invalid("maxCalls must be a whole number of at least 1")),
+    };
     Ok(Options {
         token,
         encoding,
         reconnect,
         window,
+        max_calls,
     })
 }
 

@@ -80,6 +80,9 @@ pub struct Options {
     pub reconnect: Option<Backoff>,
     /// Response credit calls open with.
     pub window: u32,
+    /// Calls live on one socket at most (the server's `--ws-max-calls`):
+    /// more wait in the client for a slot, as HTTP/2 clients wait for a stream.
+    pub max_calls: usize,
 }
 
 /// See the module documentation.
@@ -276,8 +279,12 @@ fn route_call(session: &SessionRef, call: &CallRef) {
         if state.state == ClientState::Closed {
             None
         } else {
+            let room = |connection: &ConnRef| {
+                let connection = connection.borrow();
+                connection.is_open() && connection.live_calls() < state.options.max_calls && state.pending.is_empty()
+            };
             match &state.current {
-                Some(connection) if connection.borrow().is_open() => Some(connection.clone()),
+                Some(connection) if room(connection) => Some(connection.clone()),
                 _ => {
                     state.pending.retain(|call| !call.borrow().is_ended());
                     state.pending.push_back(call.clone());
@@ -310,14 +317,34 @@ pub fn on_open(session: &SessionRef, connection: &ConnRef) {
         }
         return;
     }
-    loop {
-        let Some(call) = session.borrow_mut().pending.pop_front() else {
-            break;
-        };
-        call::attach(&call, connection);
-    }
+    start_waiting(session);
     if let Some((resolve, _)) = waiter {
         let _ = resolve.call0(&JsValue::NULL);
+    }
+}
+
+/// Starts the calls waiting for a socket, as far as the open socket has
+/// room for them (`maxCalls`); called when a socket opens and when a call
+/// on it ends.
+pub fn start_waiting(session: &SessionRef) {
+    loop {
+        let next = {
+            let mut state = session.borrow_mut();
+            let Some(connection) = state.current.clone() else { return };
+            let room = {
+                let connection = connection.borrow();
+                connection.is_open() && connection.live_calls() < state.options.max_calls
+            };
+            if !room {
+                return;
+            }
+            state.pending.retain(|call| !call.borrow().is_ended());
+            match state.pending.pop_front() {
+                Some(call) => (call, connection),
+                None => return,
+            }
+        };
+        call::attach(&next.0, &next.1);
     }
 }
 

@@ -92,6 +92,8 @@ fn browser(quick: bool) -> Result {
     web::build()?;
     let e2e = root().join("tests/e2e");
     npm_ci(&e2e)?;
+    let out = target_dir().join("bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut server = Command::new("taskset");
     server.args(["-c", "1"]).arg(target_dir().join("release/streambridge"));
     let server = ServerProcess::spawn(server)?;
