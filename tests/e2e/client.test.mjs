@@ -323,3 +323,27 @@ test('a token function is asked before the socket and before each call, and each
   assert.deepEqual(problems, []);
   await page.close();
 });
+
+test('calls past the server\'s --ws-max-calls wait in the client for a slot, in order, and all end with 0', async () => {
+  const server = await start(['--ws-max-calls', '10']);
+  const { page, problems } = await clientPage(server, { maxCalls: 10 });
+  const outcome = await page.evaluate(async () => {
+    // 60 calls at once on one socket whose server takes 10 at a time.
+    const calls = Array.from({ length: 60 }, (_, i) => {
+      const call = window.client.call('/DataService/BidirectionalStream');
+      call.send({ data: `c${i}` });
+      call.closeSend();
+      return call;
+    });
+    return Promise.all(
+      calls.map(async (call) => ({ reply: await call.next(), code: (await call.finished()).code })),
+    );
+  });
+  assert.equal(outcome.length, 60);
+  outcome.forEach(({ reply, code }, i) => {
+    assert.equal(code, 0, `call ${i}`);
+    assert.deepEqual(reply, { result: `processed: c${i}` });
+  });
+  assert.deepEqual(problems, []);
+  await page.close();
+});
