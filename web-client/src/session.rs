@@ -210,8 +210,10 @@ fn refused_url(error: &JsValue) -> CallStatus {
     CallStatus::new(code::UNAVAILABLE, format!("cannot open a WebSocket: {error:?}"))
 }
 
-/// No socket this time, for `status` (the token function failed): as a
-/// socket that never opened, retried with the backoff when reconnecting.
+/// No socket now, for `status` (it closed, never opened, or the token
+/// function failed): the first `connect` fails with it; later the client
+/// retries with the backoff, or, with reconnect off, new calls fail with it
+/// (sockets draining after a `goaway` keep their calls until those end).
 fn no_socket(session: &SessionRef, status: CallStatus) {
     let (state, reconnecting) = {
         let state = session.borrow();
@@ -363,38 +365,22 @@ pub fn on_goaway(session: &SessionRef, connection: &ConnRef) {
 
 /// A socket closed (or never opened). Its calls have ended already.
 pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
-    let (state, reconnecting) = {
+    let state = {
         let mut state = session.borrow_mut();
         state.draining.retain(|draining| !Rc::ptr_eq(draining, connection));
         if !state.is_current(connection) {
             return;
         }
         state.current = None;
-        (state.state, state.options.reconnect.is_some())
+        state.state
     };
-    match state {
-        ClientState::Closed => {}
-        ClientState::Connecting => {
-            let status = CallStatus::new(code::UNAVAILABLE, cannot_connect(&session.borrow().url));
-            if let Some((_, reject)) = session.borrow_mut().connect_waiter.take() {
-                let _ = reject.call1(&JsValue::NULL, &status.to_error());
-            }
-            shut(session, status);
-        }
-        ClientState::Open | ClientState::Reconnecting if reconnecting => {
-            set_state(session, ClientState::Reconnecting);
-            schedule_retry(session);
-        }
-        ClientState::Open | ClientState::Reconnecting => {
-            let message = if was_open {
-                format!("the connection to {} closed and reconnect is off", session.borrow().url)
-            } else {
-                cannot_connect(&session.borrow().url)
-            };
-            // Sockets draining after a `goaway` keep their calls until they end.
-            stop_new_calls(session, CallStatus::new(code::UNAVAILABLE, message));
-        }
-    }
+    let url = session.borrow().url.clone();
+    let message = if was_open && state != ClientState::Connecting {
+        format!("the connection to {url} closed and reconnect is off")
+    } else {
+        cannot_connect(&url)
+    };
+    no_socket(session, CallStatus::new(code::UNAVAILABLE, message));
 }
 
 pub fn cannot_connect(url: &str) -> String {
