@@ -332,7 +332,9 @@ pub fn start_waiting(session: &SessionRef) {
     loop {
         let next = {
             let mut state = session.borrow_mut();
-            let Some(connection) = state.current.clone() else { return };
+            let Some(connection) = state.current.clone() else {
+                return;
+            };
             let room = {
                 let connection = connection.borrow();
                 connection.is_open() && connection.live_calls() < state.options.max_calls
