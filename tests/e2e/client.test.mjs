@@ -347,3 +347,36 @@ test('calls past the server\'s --ws-max-calls wait in the client for a slot, in 
   assert.deepEqual(problems, []);
   await page.close();
 });
+
+test('a producer that awaits drained() runs no further ahead than the call\'s request credit, and loses nothing', async () => {
+  const server = await start();
+  const { page, problems } = await clientPage(server);
+  const outcome = await page.evaluate(async () => {
+    // A window of 4 replies, not read yet: the server answers 4 and then
+    // grants no request credit, so past its first 256 requests wait.
+    const call = window.client.call('/DataService/BidirectionalStream', { window: 4 });
+    let pulled = 0;
+    const producer = (async () => {
+      for (let i = 0; i < 1000; i++) {
+        pulled++;
+        call.send({ data: `m${i}` });
+        if (call.queuedRequests > 0) await call.drained();
+      }
+      call.closeSend();
+    })();
+    // Every pending microtask has run by the next task: the producer ran
+    // until it sent past the credit (256 on the wire, one queued) and waits.
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    const whileUnread = { pulled, queued: call.queuedRequests };
+    const replies = [];
+    for await (const reply of call) replies.push(reply.result);
+    await producer;
+    return { whileUnread, replies, status: (await call.finished()).code };
+  });
+  assert.deepEqual(outcome.whileUnread, { pulled: 257, queued: 1 });
+  assert.equal(outcome.replies.length, 1000);
+  outcome.replies.forEach((reply, i) => assert.equal(reply, `processed: m${i}`));
+  assert.equal(outcome.status, 0);
+  assert.deepEqual(problems, []);
+  await page.close();
+});

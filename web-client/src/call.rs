@@ -126,6 +126,8 @@ pub struct CallState {
     waiting: VecDeque<Pending>,
     /// `finished()` promises.
     finished: Vec<Function>,
+    /// `drained()` promises: settled once `queued` is empty (or the call ended).
+    drained: Vec<Function>,
     /// Replies taken by the application since the last `window` sent.
     taken: u32,
     headers: JsValue,
@@ -150,6 +152,7 @@ impl CallState {
             inbox: VecDeque::new(),
             waiting: VecDeque::new(),
             finished: Vec::new(),
+            drained: Vec::new(),
             taken: 0,
             headers: JsValue::NULL,
             status: None,
@@ -300,18 +303,49 @@ fn live(call: &CallRef) -> Option<(ConnRef, u32)> {
 /// as request credit allows.
 fn pump(call: &CallRef) {
     let Some((connection, id)) = live(call) else { return };
-    let mut connection = connection.borrow_mut();
+    let drained = {
+        let mut connection = connection.borrow_mut();
+        let mut state = call.borrow_mut();
+        while state.credit > 0 {
+            let Some(payload) = state.queued.pop_front() else { break };
+            state.credit -= 1;
+            let size = payload.len();
+            connection.write(|batch| batch.message(id, payload), size);
+        }
+        if state.queued.is_empty() && state.half_close == HalfClose::Requested {
+            state.half_close = HalfClose::Sent;
+            connection.write(|batch| batch.close_send(id), 32);
+        }
+        if state.queued.is_empty() {
+            std::mem::take(&mut state.drained)
+        } else {
+            Vec::new()
+        }
+    };
+    // Settled with no borrow held: a producer may send again at once.
+    for resolve in drained {
+        let _ = resolve.call0(&JsValue::NULL);
+    }
+}
+
+/// Requests queued in the client, not yet on the socket (waiting for
+/// request credit, or for a socket).
+pub fn queued(call: &CallRef) -> usize {
+    call.borrow().queued.len()
+}
+
+/// Resolves once no request of the call waits in the client (they all went
+/// to the socket), or the call ended: what a producer awaits so that it
+/// runs no further ahead of the server than the call's credit.
+pub fn drained(call: &CallRef) -> Promise {
     let mut state = call.borrow_mut();
-    while state.credit > 0 {
-        let Some(payload) = state.queued.pop_front() else { break };
-        state.credit -= 1;
-        let size = payload.len();
-        connection.write(|batch| batch.message(id, payload), size);
+    if state.queued.is_empty() || state.status.is_some() {
+        return Promise::resolve(&JsValue::UNDEFINED);
     }
-    if state.queued.is_empty() && state.half_close == HalfClose::Requested {
-        state.half_close = HalfClose::Sent;
-        connection.write(|batch| batch.close_send(id), 32);
-    }
+    let mut waiter = None;
+    let promise = Promise::new(&mut |resolve, _reject| waiter = Some(resolve));
+    state.drained.extend(waiter);
+    promise
 }
 
 /// A reply from the server.
@@ -430,7 +464,7 @@ pub fn cancel_with(call: &CallRef, status: CallStatus) {
 
 /// Records the final status (the first one wins) and settles every waiter.
 pub fn end(call: &CallRef, status: CallStatus) {
-    let (waiting, finished) = {
+    let (waiting, finished, drained) = {
         let mut state = call.borrow_mut();
         if state.status.is_some() {
             return;
@@ -439,8 +473,15 @@ pub fn end(call: &CallRef, status: CallStatus) {
         state.wire = Wire::Ended;
         state.queued.clear();
         state.deadline_timer = None;
-        (std::mem::take(&mut state.waiting), std::mem::take(&mut state.finished))
+        (
+            std::mem::take(&mut state.waiting),
+            std::mem::take(&mut state.finished),
+            std::mem::take(&mut state.drained),
+        )
     };
+    for resolve in drained {
+        let _ = resolve.call0(&JsValue::NULL);
+    }
     // `waiting` is only non-empty when the inbox is empty: each gets the end.
     for pending in waiting {
         let _ = if status.code == code::OK {

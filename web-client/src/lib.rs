@@ -425,6 +425,21 @@ impl Call {
         call::close_send(&self.call);
     }
 
+    /// Request messages queued in the client, not yet on the socket (they
+    /// wait for the server's request credit, or for a socket).
+    #[wasm_bindgen(getter, js_name = queuedRequests)]
+    pub fn queued_requests(&self) -> usize {
+        call::queued(&self.call)
+    }
+
+    /// Resolves once every queued request went to the socket, or the call
+    /// ended: a producer that awaits it before its next `send` runs no
+    /// further ahead of the service than the call's request credit.
+    #[wasm_bindgen(unchecked_return_type = "Promise<void>")]
+    pub fn drained(&self) -> Promise {
+        call::drained(&self.call)
+    }
+
     /// The next response message, `null` once the call ended successfully;
     /// rejects with a `StreamError` if it ended with an error.
     #[wasm_bindgen(unchecked_return_type = "Promise<CallMessage | null>")]
