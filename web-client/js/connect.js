@@ -100,12 +100,7 @@ export function createStreambridgeTransport(options) {
           // come in: a reply may arrive before the client half-closes.
           (async () => {
             try {
-              for await (const message of req.message) {
-                call.send(serialize(message));
-                // Backpressure: the input is pulled no further ahead of the
-                // service than the call's request credit.
-                if (call.queuedRequests > 0) await call.drained();
-              }
+              for await (const message of req.message) call.send(serialize(message));
               call.closeSend();
             } catch {
               // The input failed (or the call is over): the call cannot go on.
