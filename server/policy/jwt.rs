@@ -185,6 +185,14 @@ impl FetchedKeys {
         Ok(())
     }
 
+    /// [`FetchedKeys::refresh`] after the start: a set that cannot be
+    /// fetched (or used) leaves the keys in force, with a warning.
+    async fn refresh_or_keep(&self) {
+        if let Err(error) = self.refresh().await {
+            tracing::warn!(%error, "the JWT key set could not be fetched again; keeping the keys in force");
+        }
+    }
+
     fn current(&self) -> Arc<KeySet> {
         self.keys.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -247,11 +255,7 @@ impl JwtVerifier {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = every.tick() => {
-                    if let Err(error) = fetched.refresh().await {
-                        tracing::warn!(%error, "the JWT key set could not be fetched again; keeping the keys in force");
-                    }
-                }
+                _ = every.tick() => fetched.refresh_or_keep().await,
             }
         }
     }
@@ -283,9 +287,7 @@ impl JwtVerifier {
         tracing::info!(kid, "a token names an unknown key: fetching the JWT key set again");
         let fetched = fetched.clone();
         runtime.spawn(async move {
-            if let Err(error) = fetched.refresh().await {
-                tracing::warn!(%error, "the JWT key set could not be fetched again; keeping the keys in force");
-            }
+            fetched.refresh_or_keep().await;
             fetched.url.done();
         });
     }

@@ -160,6 +160,14 @@ impl Session {
         self.current.iter().count() + self.draining.len()
     }
 
+    /// The current socket, if it is open and has room for another call
+    /// (`maxCalls`).
+    fn socket_with_room(&self) -> Option<ConnRef> {
+        let connection = self.current.as_ref()?;
+        let open = connection.borrow();
+        (open.is_open() && open.live_calls() < self.options.max_calls).then(|| connection.clone())
+    }
+
     fn is_current(&self, connection: &ConnRef) -> bool {
         self.current
             .as_ref()
@@ -170,38 +178,37 @@ impl Session {
 /// Opens the next socket: at once with a fixed token (or none), or once
 /// the page's token function has given one.
 fn open_socket(session: &SessionRef) -> Result<(), JsValue> {
-    let (url, encoding, token) = {
-        let state = session.borrow();
-        let token = match &state.options.token {
-            TokenSource::None => None,
-            TokenSource::Fixed(token) => Some(token.clone()),
-            TokenSource::Function(provider) => {
-                let provider = provider.clone();
-                drop(state);
-                let weak = Rc::downgrade(session);
-                token::ask(&provider, move |token| {
-                    let Some(session) = weak.upgrade() else { return };
-                    if session.borrow().state == ClientState::Closed {
-                        return;
-                    }
-                    let opened = token
-                        .map_err(|why| CallStatus::new(code::UNAUTHENTICATED, why))
-                        .map(|token| {
-                            let (url, encoding) = (session.borrow().url.clone(), session.borrow().options.encoding);
-                            Connection::open(&url, encoding, Some(&token), &session)
-                        });
-                    match opened {
-                        Ok(Ok(connection)) => session.borrow_mut().current = Some(connection),
-                        Ok(Err(error)) => shut(&session, refused_url(&error)),
-                        Err(status) => no_socket(&session, status),
-                    }
-                });
-                return Ok(());
-            }
-        };
-        (state.url.clone(), state.options.encoding, token)
+    let source = session.borrow().options.token.clone();
+    let provider = match source {
+        TokenSource::None => return open_connection(session, None),
+        TokenSource::Fixed(token) => return open_connection(session, Some(&token)),
+        TokenSource::Function(provider) => provider,
     };
-    let connection = Connection::open(&url, encoding, token.as_deref(), session)?;
+    let weak = Rc::downgrade(session);
+    token::ask(&provider, move |token| {
+        let Some(session) = weak.upgrade() else { return };
+        if session.borrow().state == ClientState::Closed {
+            return;
+        }
+        match token {
+            Ok(token) => {
+                if let Err(error) = open_connection(&session, Some(&token)) {
+                    shut(&session, refused_url(&error));
+                }
+            }
+            Err(why) => no_socket(&session, CallStatus::new(code::UNAUTHENTICATED, why)),
+        }
+    });
+    Ok(())
+}
+
+/// Opens the client's new current socket with `token`.
+fn open_connection(session: &SessionRef, token: Option<&str>) -> Result<(), JsValue> {
+    let (url, encoding) = {
+        let state = session.borrow();
+        (state.url.clone(), state.options.encoding)
+    };
+    let connection = Connection::open(&url, encoding, token, session)?;
     session.borrow_mut().current = Some(connection);
     Ok(())
 }
@@ -281,13 +288,10 @@ fn route_call(session: &SessionRef, call: &CallRef) {
         if state.state == ClientState::Closed {
             None
         } else {
-            let room = |connection: &ConnRef| {
-                let connection = connection.borrow();
-                connection.is_open() && connection.live_calls() < state.options.max_calls && state.pending.is_empty()
-            };
-            match &state.current {
-                Some(connection) if room(connection) => Some(connection.clone()),
-                _ => {
+            // Calls already waiting go first.
+            match state.socket_with_room().filter(|_| state.pending.is_empty()) {
+                Some(connection) => Some(connection),
+                None => {
                     state.pending.retain(|call| !call.borrow().is_ended());
                     state.pending.push_back(call.clone());
                     return;
@@ -332,16 +336,9 @@ pub fn start_waiting(session: &SessionRef) {
     loop {
         let next = {
             let mut state = session.borrow_mut();
-            let Some(connection) = state.current.clone() else {
+            let Some(connection) = state.socket_with_room() else {
                 return;
             };
-            let room = {
-                let connection = connection.borrow();
-                connection.is_open() && connection.live_calls() < state.options.max_calls
-            };
-            if !room {
-                return;
-            }
             state.pending.retain(|call| !call.borrow().is_ended());
             match state.pending.pop_front() {
                 Some(call) => (call, connection),

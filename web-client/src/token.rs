@@ -9,6 +9,7 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
 
 /// `DataClient.connect`'s `token` option.
+#[derive(Clone)]
 pub enum TokenSource {
     None,
     Fixed(String),
