@@ -280,6 +280,27 @@ impl TalliedBody {
     }
 }
 
+/// The messages whose prefix completes in `chunk`, and the chunk's bytes
+/// that belong to messages (none of a prefix, even one cut by a chunk's
+/// end, is counted).
+fn message_bytes(cursor: &mut streambridge_protocol::grpc::PrefixCursor, chunk: &[u8]) -> (u64, u64) {
+    let prefix_before = cursor.in_prefix();
+    let (mut messages, mut prefix_bytes) = (0u64, 0usize);
+    let _ = cursor.advance(chunk, |prefix| {
+        messages += 1;
+        // A prefix cut by the chunk before ends early in this one.
+        prefix_bytes += prefix.end.min(streambridge_protocol::grpc::PREFIX_LEN);
+        Ok::<(), ()>(())
+    });
+    // A prefix the chunk ends inside: its bytes in this chunk (it may have
+    // begun in the chunk before, if no prefix completed here).
+    prefix_bytes += match messages {
+        0 => cursor.in_prefix().saturating_sub(prefix_before),
+        _ => cursor.in_prefix(),
+    };
+    (messages, (chunk.len() - prefix_bytes) as u64)
+}
+
 impl http_body::Body for TalliedBody {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
@@ -293,14 +314,7 @@ impl http_body::Body for TalliedBody {
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
-            let mut messages = 0u64;
-            let _ = this.cursor.advance(data, |_| {
-                messages += 1;
-                Ok::<(), ()>(())
-            });
-            // The messages' own bytes: the prefixes are not counted.
-            let prefixes = messages * streambridge_protocol::grpc::PREFIX_LEN as u64;
-            let bytes = (data.len() as u64).saturating_sub(prefixes);
+            let (messages, bytes) = message_bytes(&mut this.cursor, data);
             if this.received {
                 this.tally.received(messages, bytes);
             } else {
@@ -365,5 +379,26 @@ impl http_body::Body for CountedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_bytes_leave_out_every_prefix_however_the_chunks_cut_it() {
+        let mut body = bytes::BytesMut::new();
+        for message in [&b"abc"[..], b"", b"defgh"] {
+            streambridge_protocol::grpc::put_message(&mut body, message);
+        }
+        for size in 1..=body.len() {
+            let mut cursor = streambridge_protocol::grpc::PrefixCursor::default();
+            let (messages, bytes) = body
+                .chunks(size)
+                .map(|chunk| message_bytes(&mut cursor, chunk))
+                .fold((0, 0), |(m, b), (dm, db)| (m + dm, b + db));
+            assert_eq!((messages, bytes), (3, 8), "chunks of {size}");
+        }
     }
 }
