@@ -156,7 +156,7 @@ fn run(args: &Args) -> Result<(), String> {
         backend_cpu: pinning.load_cpu,
     };
     let servers = selected_servers(args, &programs)?;
-    if servers.contains(&ServerKind::StreambridgeEdge) {
+    if servers.contains(&ServerKind::StreambridgeEdge) || servers.contains(&ServerKind::StreambridgeAddedEdge) {
         servers::edge::send_tokens();
     }
     println!(
@@ -234,7 +234,7 @@ fn selected_servers(args: &Args, programs: &ServerPrograms) -> Result<Vec<Server
             .into_iter()
             .filter(|k| match k {
                 // Only on request (`--servers streambridge,streambridge-edge`).
-                ServerKind::StreambridgeEdge => false,
+                ServerKind::StreambridgeEdge | ServerKind::StreambridgeAddedEdge => false,
                 ServerKind::GrpcGo => programs.grpc_go.is_some(),
                 ServerKind::NodeWs => programs.node_dir.is_some(),
                 ServerKind::NginxProxy => programs.nginx.is_some(),

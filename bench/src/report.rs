@@ -551,6 +551,7 @@ fn color(server: Option<ServerKind>) -> &'static str {
         Some(ServerKind::NginxProxy) => "#009639",
         Some(ServerKind::StreambridgeAdded) => "#d53f8c",
         Some(ServerKind::StreambridgeEdge) => "#2c5282",
+        Some(ServerKind::StreambridgeAddedEdge) => "#97266d",
         Some(ServerKind::NodeWs) => "#805ad5",
         None => "#999999",
     }

@@ -43,10 +43,13 @@ pub enum ServerKind {
     /// load. Its clients send the harness's token (so do the other
     /// streambridge's in the same run: unchecked there, it costs nothing).
     StreambridgeEdge,
+    /// `bench-added-service` with the same edge on: the edge on the path
+    /// users' services take (WebSocket v2's generic calls, native gRPC).
+    StreambridgeAddedEdge,
 }
 
 impl ServerKind {
-    pub const ALL: [ServerKind; 10] = [
+    pub const ALL: [ServerKind; 11] = [
         ServerKind::Streambridge,
         ServerKind::PlainTonic,
         ServerKind::StockTonic,
@@ -57,6 +60,7 @@ impl ServerKind {
         ServerKind::NginxProxy,
         ServerKind::StreambridgeAdded,
         ServerKind::StreambridgeEdge,
+        ServerKind::StreambridgeAddedEdge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl ServerKind {
             ServerKind::NginxProxy => "nginx-proxy",
             ServerKind::StreambridgeAdded => "streambridge-added",
             ServerKind::StreambridgeEdge => "streambridge-edge",
+            ServerKind::StreambridgeAddedEdge => "streambridge-added-edge",
         }
     }
 
@@ -87,13 +92,17 @@ impl ServerKind {
                 | ServerKind::GrpcGo
                 | ServerKind::StreambridgeAdded
                 | ServerKind::StreambridgeEdge
+                | ServerKind::StreambridgeAddedEdge
         ) || self.is_proxy()
     }
 
     /// streambridge with WebSocket protocol v2 to a service that is not the
     /// built-in one (the generic call path users' services take).
     pub fn serves_users_service(self) -> bool {
-        matches!(self, ServerKind::StreambridgeProxy | ServerKind::StreambridgeAdded)
+        matches!(
+            self,
+            ServerKind::StreambridgeProxy | ServerKind::StreambridgeAdded | ServerKind::StreambridgeAddedEdge
+        )
     }
 
     /// streambridge serving its built-in `DataService` (with or without the edge).
@@ -210,9 +219,13 @@ impl ServerPrograms {
                 c.env("RUST_LOG", "warn");
                 c
             }
-            ServerKind::StreambridgeEdge => {
+            ServerKind::StreambridgeEdge | ServerKind::StreambridgeAddedEdge => {
                 let edge = edge::files(&self.logs)?;
-                let mut c = Command::new(&self.streambridge);
+                let program = match kind {
+                    ServerKind::StreambridgeEdge => &self.streambridge,
+                    _ => &self.added_service,
+                };
+                let mut c = Command::new(program);
                 c.env("RUST_LOG", "warn")
                     .arg("--jwt-jwks")
                     .arg(&edge.jwks)
