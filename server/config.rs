@@ -312,6 +312,26 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_WS_SOCKET_BUFFER", default_value_t = 4 * 1024 * 1024, value_parser = at_least_one())]
     pub ws_socket_buffer: usize,
 
+    /// Protocol v2 over HTTP (the fallback where WebSockets are blocked): a
+    /// session whose client has sent nothing for this long (its client
+    /// answers the server's pings, sent every half of it) or has read none
+    /// of its replies for this long is gone, and its calls cancelled.
+    #[arg(long, env = "STREAMBRIDGE_HTTP_SESSION_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub http_session_idle_timeout: Duration,
+
+    /// Protocol v2 over HTTP: live sessions this server holds; one past it
+    /// is refused with 503. Each also holds its down-stream's connection,
+    /// within --max-connections.
+    #[arg(long, env = "STREAMBRIDGE_HTTP_MAX_SESSIONS", default_value_t = 10_000, value_parser = at_least_one())]
+    pub http_max_sessions: usize,
+
+    /// Protocol v2 over HTTP: a name for this instance, put at the start of
+    /// its session ids (`NAME.` then random) so that a load balancer can send
+    /// a session's POSTs to the instance that holds it (docs/deploy.md).
+    /// Letters, digits, `-` and `_`.
+    #[arg(long, env = "STREAMBRIDGE_HTTP_SESSION_ROUTE", value_parser = parse_route)]
+    pub http_session_route: Option<String>,
+
     /// An encoded `FileDescriptorSet` (`protoc --descriptor_set_out
     /// --include_imports`) describing upstream methods for the JSON encoding
     /// of WebSocket v2; without it the upstream's reflection is asked.
@@ -363,6 +383,7 @@ impl Config {
             ("--ws-max-calls", self.ws_max_calls),
             ("--upstream-max-parked-calls", self.upstream_max_parked_calls),
             ("--ws-socket-buffer", self.ws_socket_buffer),
+            ("--http-max-sessions", self.http_max_sessions),
             ("--connection-message-buffer", self.connection_message_buffer),
             (
                 "--http2-max-concurrent-streams",
@@ -380,6 +401,7 @@ impl Config {
         let durations = [
             ("--ws-close-timeout", self.ws_close_timeout),
             ("--ws-ping-interval", self.ws_ping_interval),
+            ("--http-session-idle-timeout", self.http_session_idle_timeout),
             ("--http1-header-read-timeout", self.http1_header_read_timeout),
             ("--connection-idle-timeout", self.connection_idle_timeout),
             ("--request-body-timeout", self.request_body_timeout),
@@ -535,6 +557,16 @@ fn parse_token(text: &str) -> Result<String, String> {
             "the token contains {bad:?}; use letters, digits and !#$%&'*+-.^_`|~ only, so that \
              browsers can send it as a WebSocket subprotocol (base64: use the URL-safe alphabet without padding)"
         ));
+    }
+    Ok(text.to_string())
+}
+
+/// An instance's session route: it goes into URLs unescaped and is matched
+/// by load balancers' rules, so only characters that need no quoting there.
+fn parse_route(text: &str) -> Result<String, String> {
+    let fits = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if text.is_empty() || text.len() > 32 || !text.chars().all(fits) {
+        return Err("use 1 to 32 letters, digits, `-` and `_`".into());
     }
     Ok(text.to_string())
 }

@@ -28,6 +28,7 @@ use crate::policy::limits::{LimitSettings, RateLimits};
 use crate::policy::origin::OriginPolicy;
 use crate::policy::rules::Policy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
+use crate::transport::http_session::HttpSessions;
 use crate::transport::websocket::{SocketContext, WebSocketState};
 use crate::transport::{grpc, grpc_web, static_files, websocket};
 
@@ -127,20 +128,24 @@ pub struct AppState {
     data_service: bool,
     /// The backend, and what sockets need of it.
     sockets: Arc<SocketContext>,
+    /// Protocol v2's sessions over plain HTTP.
+    http_sessions: HttpSessions,
 }
 
 impl AppState {
     /// The state of a server whose calls `backend` answers; `data_service`
     /// says whether that includes the built-in `DataService` in process.
     pub fn new(config: &Config, core: Core, backend: Backend, data_service: bool) -> AppState {
+        let sockets = SocketContext::new(
+            config,
+            backend,
+            core.auth.clone(),
+            data_service.then(|| core.calls.clone()),
+        );
         AppState {
             origins: OriginPolicy::new(&config.allowed_origins),
-            sockets: Arc::new(SocketContext::new(
-                config,
-                backend,
-                core.auth.clone(),
-                data_service.then(|| core.calls.clone()),
-            )),
+            http_sessions: HttpSessions::new(config, &sockets),
+            sockets: Arc::new(sockets),
             data_service,
             core,
         }
@@ -166,6 +171,7 @@ impl FromRef<AppState> for WebSocketState {
             tasks: state.core.tasks.clone(),
             context: state.sockets.clone(),
             v1_available: state.data_service,
+            http_sessions: state.http_sessions.clone(),
         }
     }
 }

@@ -24,11 +24,18 @@ pub enum Transport {
     GrpcWeb,
     /// The WebSocket bridge at `/ws`.
     WebSocket,
+    /// Protocol v2 over plain HTTP at `/ws`, where WebSockets are blocked.
+    Http,
 }
 
 impl Transport {
     /// Every transport, in [`Transport::index`] order.
-    pub const ALL: [Transport; 3] = [Transport::Grpc, Transport::GrpcWeb, Transport::WebSocket];
+    pub const ALL: [Transport; 4] = [
+        Transport::Grpc,
+        Transport::GrpcWeb,
+        Transport::WebSocket,
+        Transport::Http,
+    ];
 
     /// A dense index, for per-transport arrays.
     pub fn index(self) -> usize {
@@ -42,6 +49,7 @@ impl fmt::Display for Transport {
             Transport::Grpc => "grpc",
             Transport::GrpcWeb => "grpc-web",
             Transport::WebSocket => "websocket",
+            Transport::Http => "http",
         })
     }
 }

@@ -7,6 +7,8 @@
 //! - [`grpc_framing`]: what both gRPC transports check in a request body
 //!   (truncation, stalls, the per-connection bound on unfinished messages);
 //! - [`websocket`]: the `/ws` upgrade and its bridged calls;
+//! - [`http_session`]: the same calls over plain HTTP at `/ws`, where
+//!   WebSockets are blocked;
 //! - [`static_files`]: the page and the WASM package.
 //!
 //! [`Transport`], the name of each way in, is defined with the call counts
@@ -15,6 +17,7 @@
 pub mod grpc;
 pub mod grpc_framing;
 pub mod grpc_web;
+pub mod http_session;
 pub mod static_files;
 pub mod websocket;
 

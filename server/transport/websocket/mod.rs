@@ -38,8 +38,10 @@ use crate::ops::metrics::Refused;
 use crate::ops::shutdown::Drain;
 use crate::policy::auth::{Auth, Authenticated, BEARER_SUBPROTOCOL_PREFIX, Caller, Refusal};
 use crate::policy::origin::OriginPolicy;
+use crate::transport::http_session::{self, HttpSessions};
 
 pub use v2::SocketContext;
+pub(crate) use v2::{Closing, Wire, run as run_v2};
 
 /// The subprotocols of both protocol versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,48 +87,36 @@ pub struct WebSocketState {
     /// carries only that service, so without it a v1 upgrade is refused
     /// rather than answered by a service the server does not offer.
     pub v1_available: bool,
+    /// Protocol v2's sessions over plain HTTP, also at `/ws`.
+    pub http_sessions: HttpSessions,
 }
 
 /// Answers `GET /ws`: refuses what cannot become a call with a plain HTTP
 /// error that says why, and otherwise switches protocols and starts the call.
 pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) -> Response {
+    if http_session::is_for_http_session(&request) {
+        return if request.method() == Method::POST {
+            http_session::post(state, request).await
+        } else {
+            http_session::open(state, request).await
+        };
+    }
     let key = match check_handshake(request.version(), request.method(), request.headers()) {
         Ok(key) => key,
         Err(refusal) => return refusal,
     };
     let (parts, body) = request.into_parts();
-    if let Some(origin) = parts.headers.get(ORIGIN)
-        && !state.origins.allows(origin, &parts)
-    {
-        let origin = String::from_utf8_lossy(origin.as_bytes());
-        let message = format!("origin {origin} may not open WebSockets here; see --allowed-origin\n");
-        return (StatusCode::FORBIDDEN, message).into_response();
-    }
     let offered = offered_subprotocols(&parts.headers);
-    let mut authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
-    // A key rotated in at the JWKS URL: checked again once the set is fetched.
-    if let (
-        Err(Refusal {
-            keys_fetching: true, ..
-        }),
-        Some(jwt),
-    ) = (&authenticated, state.auth.jwt())
+    let caller = match admit(
+        &state,
+        &parts,
+        &offered,
+        "send `Authorization: Bearer <token>` or offer the subprotocol `streambridge.bearer.<token>` beside the real one",
+    )
+    .await
     {
-        jwt.keys_fetched().await;
-        authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
-    }
-    let caller = match authenticated {
         Ok(caller) => caller,
-        // No token at all: a socket may still call the methods open to anyone.
-        Err(Refusal { missing: true, .. }) if state.auth.opens_sockets_to_anyone() => Caller::Anonymous,
-        Err(Refusal { why, .. }) => {
-            state.auth.refused(Refused::Unauthenticated);
-            let message = format!(
-                "{why}: send `Authorization: Bearer <token>` or offer the subprotocol \
-                 `streambridge.bearer.<token>` beside the real one\n"
-            );
-            return (StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response();
-        }
+        Err(refusal) => return refusal,
     };
     let (protocol, echoed) = match choose_subprotocol(&offered) {
         Ok(choice) => choice,
@@ -202,6 +192,47 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
         headers.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol.name()));
     }
     response
+}
+
+/// What every connection at `/ws` must pass, whichever transport carries
+/// it: its page's origin and its token (`how_to_send` tells a refused
+/// client how to send one). The refusal is the HTTP answer.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+pub(crate) async fn admit(
+    state: &WebSocketState,
+    parts: &http::request::Parts,
+    offered: &[&str],
+    how_to_send: &str,
+) -> Result<Caller, Response> {
+    if let Some(origin) = parts.headers.get(ORIGIN)
+        && !state.origins.allows(origin, parts)
+    {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        let message = format!("origin {origin} may not open connections here; see --allowed-origin\n");
+        return Err((StatusCode::FORBIDDEN, message).into_response());
+    }
+    let mut authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
+    // A key rotated in at the JWKS URL: checked again once the set is fetched.
+    if let (
+        Err(Refusal {
+            keys_fetching: true, ..
+        }),
+        Some(jwt),
+    ) = (&authenticated, state.auth.jwt())
+    {
+        jwt.keys_fetched().await;
+        authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
+    }
+    match authenticated {
+        Ok(caller) => Ok(caller),
+        // No token at all: a connection may still call the methods open to anyone.
+        Err(Refusal { missing: true, .. }) if state.auth.opens_sockets_to_anyone() => Ok(Caller::Anonymous),
+        Err(Refusal { why, .. }) => {
+            state.auth.refused(Refused::Unauthenticated);
+            let message = format!("{why}: {how_to_send}\n");
+            Err((StatusCode::UNAUTHORIZED, [(WWW_AUTHENTICATE, "Bearer")], message).into_response())
+        }
+    }
 }
 
 /// The WebSocket on the upgraded connection, once hyper hands it over.

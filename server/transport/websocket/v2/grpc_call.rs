@@ -56,6 +56,8 @@ pub struct Opening {
     /// Who the call is from (its own token's, or its socket's, caller) and
     /// its client's address.
     pub who: Authenticated,
+    /// The way the call came in (its metrics' label).
+    pub transport: Transport,
 }
 
 /// One live call on the backend, as the socket's call table holds it (boxed).
@@ -125,6 +127,7 @@ impl GrpcCall {
             waker,
             deadline,
             who,
+            transport,
         } = opening;
         let inbox = Arc::new(Inbox {
             budget,
@@ -139,7 +142,15 @@ impl GrpcCall {
                 call: Waker::from(waker.clone()),
             }),
         });
-        let start = start(open, encoding, backend, catalog, inbox.clone(), max_message_size, who);
+        let start = start(
+            open,
+            encoding,
+            backend,
+            catalog,
+            inbox.clone(),
+            max_message_size,
+            (who, transport),
+        );
         GrpcCall {
             inbox,
             wake: Waker::from(waker.clone()),
@@ -307,7 +318,7 @@ async fn start(
     catalog: Catalog,
     inbox: Arc<Inbox>,
     max_message_size: usize,
-    who: Authenticated,
+    (who, transport): (Authenticated, Transport),
 ) -> Result<Reading, Status> {
     let method = match (encoding, catalog.method(&open.method).await) {
         (_, Ok(method)) => Some(method),
@@ -324,6 +335,7 @@ async fn start(
     let mut request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
     // The socket's upgrade (or the call's own token) was checked.
     request.extensions_mut().insert(who);
+    request.extensions_mut().insert(transport);
     let Ok(response) = backend.oneshot(request).await;
     let (parts, body) = response.into_parts();
     if let Some(status) = status_in(&parts.headers) {
@@ -588,7 +600,6 @@ fn build_request(open: &v2::Open) -> Result<Request<()>, Status> {
             HeaderValue::from_str(&format!("{}m", open.timeout_ms)).expect("digits and a unit"),
         );
     }
-    request.extensions_mut().insert(Transport::WebSocket);
     Ok(request)
 }
 

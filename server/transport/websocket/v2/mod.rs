@@ -33,6 +33,7 @@ mod grpc_call;
 mod records;
 mod socket;
 mod table;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -40,11 +41,13 @@ use std::time::Duration;
 
 pub use self::builtin::METHOD as BUILTIN_METHOD;
 pub use self::socket::run;
+pub use self::wire::{Closing, Wire};
 use crate::backend::descriptors::Catalog;
 use crate::backend::{Backend, GrpcService};
 use crate::config::Config;
 use crate::ops::calls::ActiveCalls;
 use crate::policy::auth::Auth;
+use crate::transport::Transport;
 
 /// The limits of a socket, of either protocol (from [`crate::Config`]).
 #[derive(Clone, Debug)]
@@ -85,6 +88,8 @@ pub struct SocketContext {
     /// Set when this process runs the built-in `DataService`: its calls are
     /// answered on the socket's task ([`builtin`]) and counted here.
     pub data_service: Option<ActiveCalls>,
+    /// The transport its sockets are (a label of their calls' metrics).
+    pub transport: Transport,
 }
 
 impl SocketContext {
@@ -108,6 +113,7 @@ impl SocketContext {
             }),
             cut: Arc::default(),
             data_service,
+            transport: Transport::WebSocket,
         }
     }
 }

@@ -21,13 +21,10 @@ use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use streambridge_protocol::client_frame;
 use streambridge_protocol::v2::{self, Encoding};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tonic::{Code, Status};
 
 use super::batch::{Batch, Framing};
@@ -36,6 +33,7 @@ use super::builtin::{self, BuiltinCall, SocketSide};
 use super::grpc_call::{self, GrpcCall, Opening};
 use super::records::{self, Incoming, Kind, Request};
 use super::table::{CallTable, CallWaker, LiveCall, Route, Wakeups};
+use super::wire::{Closing, Wire};
 use super::{SocketContext, SocketSettings};
 use crate::error::Error;
 use crate::ops::metrics::Refused;
@@ -43,38 +41,7 @@ use crate::ops::metrics::StreamMetrics;
 use crate::ops::shutdown::{Drain, DrainCheck};
 use crate::ops::traces::{HeaderExtractor, MetadataExtractor};
 use crate::policy::auth::{Authenticated, Caller, Refusal};
-use crate::transport::Transport;
 use crate::transport::websocket::{Protocol, v1};
-
-/// How the socket ends.
-struct Closing {
-    code: CloseCode,
-    reason: String,
-    /// Whether the peer's messages can still be parsed (not after one over
-    /// the size limit, or text that is not UTF-8): then its Close is awaited.
-    framing_intact: bool,
-}
-
-impl Closing {
-    fn new(code: impl Into<CloseCode>, reason: &str, framing_intact: bool) -> Closing {
-        Closing {
-            code: code.into(),
-            reason: close_reason(reason).to_string(),
-            framing_intact,
-        }
-    }
-}
-
-/// A close frame's reason: `message` cut to the 123 bytes a close frame
-/// allows, on a character boundary.
-fn close_reason(message: &str) -> &str {
-    const MAX: usize = 123;
-    let mut end = message.len().min(MAX);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    &message[..end]
-}
 
 /// Runs a socket of either protocol until it closes.
 ///
@@ -82,16 +49,13 @@ fn close_reason(message: &str) -> &str {
 /// keeps their first slots as well (rust-lang/rust#62958), which for the
 /// socket is 328 bytes of every idle socket's task.
 #[expect(clippy::manual_async_fn, reason = "an async fn would hold the socket twice")]
-pub fn run<S>(
-    mut socket: WebSocketStream<S>,
+pub fn run<W: Wire>(
+    mut socket: W,
     protocol: Protocol,
     context: Arc<SocketContext>,
     drain: &Drain,
     who: Authenticated,
-) -> impl Future<Output = ()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> impl Future<Output = ()> {
     async move {
         let settings = context.settings.clone();
         let (encoding, framing) = match protocol {
@@ -140,7 +104,7 @@ where
                     .closing
                     .take()
                     .unwrap_or_else(|| Closing::new(CloseCode::Away, "server shutting down", true));
-                close(&mut socket, closing, settings.close_timeout).await;
+                socket.close(closing, settings.close_timeout).await;
                 return;
             }
             let reading = state.closing.is_none();
@@ -266,56 +230,13 @@ fn builtin_messages(context: &SocketContext) -> Box<StreamMetrics> {
         .data_service
         .as_ref()
         .expect("built-in calls only where the service runs");
-    Box::new(calls.metrics().message_counters(Transport::WebSocket))
+    Box::new(calls.metrics().message_counters(context.transport))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Sends our Close and waits (bounded) for the peer's, so that frames still
-/// in flight are not answered with a reset (which would destroy the
-/// statuses and the Close the peer has not read yet).
-async fn close<S>(socket: &mut WebSocketStream<S>, closing: Closing, timeout: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = CloseFrame {
-        code: closing.code,
-        reason: Utf8Bytes::from(closing.reason),
-    };
-    let _ = tokio::time::timeout(timeout, async {
-        if socket.close(Some(frame)).await.is_ok() {
-            drain_after_close(socket, closing.framing_intact).await;
-        }
-    })
-    .await;
-}
-
-/// After our Close is out: reads until the peer ends the connection, so
-/// that nothing it sent is left unread when ours drops (unread data turns
-/// the close into a TCP reset, which destroys what the peer has not read
-/// yet). Unbounded: the caller bounds it.
-async fn drain_after_close<S>(socket: &mut WebSocketStream<S>, framing_intact: bool)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    if framing_intact {
-        // Messages after ours are discarded until the peer's Close ends the stream.
-        while let Some(Ok(_)) = socket.next().await {}
-        return;
-    }
-    // The peer's Close cannot be parsed any more: end our side of the TCP
-    // connection (our Close is out) and drop its bytes until it ends its side.
-    let io = socket.get_mut();
-    if io.shutdown().await.is_ok() {
-        // On the heap: an array here would be part of every socket's future
-        // (4 KiB on each idle socket), for the rare connection that gets here.
-        let mut sink = vec![0u8; 4096];
-        while let Ok(1..) = io.read(&mut sink).await {}
     }
 }
 
@@ -439,7 +360,7 @@ impl Socket {
             .message_meter(builtin::METHOD, &self.who.caller, self.who.client);
         // v1 carries no metadata: its span has no parent from the client.
         let guard = calls.enter_traced(
-            Transport::WebSocket,
+            self.context.transport,
             builtin::METHOD,
             &HeaderExtractor(&http::HeaderMap::new()),
         );
@@ -535,10 +456,7 @@ impl Socket {
     /// that takes none of a message for two ping intervals is gone (the
     /// last message and the flush share one deadline: the usual batch is one
     /// message, and a deadline costs a timer).
-    async fn flush<S>(&mut self, socket: &mut WebSocketStream<S>, settings: &SocketSettings) -> bool
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn flush(&mut self, socket: &mut impl Wire, settings: &SocketSettings) -> bool {
         let deadline = settings.ping_interval * 2;
         let mut messages = self.batch.take().peekable();
         while let Some(message) = messages.next() {
@@ -598,15 +516,12 @@ impl Socket {
     }
 
     /// Applies what one read of the socket gave.
-    async fn on_frame<S>(
+    async fn on_frame(
         &mut self,
         frame: Option<Result<Message, WsError>>,
-        socket: &mut WebSocketStream<S>,
+        socket: &mut impl Wire,
         settings: &SocketSettings,
-    ) -> Gone
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    ) -> Gone {
         let message = match frame {
             Some(Ok(message)) => message,
             Some(Err(error)) if self.batch.framing == Framing::V1 => {
@@ -816,7 +731,8 @@ impl Socket {
         });
         let route = match builtin {
             Some(calls) => {
-                let guard = calls.enter_traced(Transport::WebSocket, &open.method, &MetadataExtractor(&open.metadata));
+                let guard =
+                    calls.enter_traced(self.context.transport, &open.method, &MetadataExtractor(&open.metadata));
                 let meter = self.context.auth.message_meter(&open.method, &caller, self.who.client);
                 Route::Builtin(BuiltinCall::new(response_window, deadline, guard, meter))
             }
@@ -835,6 +751,7 @@ impl Socket {
                         caller,
                         client: self.who.client,
                     },
+                    transport: self.context.transport,
                 };
                 // Polled once to start: its waker takes over from there.
                 self.ready.push_back(call);
@@ -957,19 +874,5 @@ impl Socket {
         for call in self.calls.keys().copied().collect::<Vec<_>>() {
             self.end_call(call, Status::new(code, message.clone()));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_reasons_fit_a_control_frame_and_stay_utf8() {
-        let long = "é".repeat(100);
-        let reason = close_reason(&long);
-        assert!(reason.len() <= 123);
-        assert!(long.starts_with(reason));
-        assert_eq!(close_reason("short"), "short");
     }
 }

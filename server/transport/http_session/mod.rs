@@ -1,0 +1,314 @@
+//! Protocol v2 over plain HTTP at `/ws`, for networks whose proxies refuse
+//! WebSocket upgrades (docs/protocol-v2.md, "HTTP binding"):
+//!
+//! - `GET /ws?protocol=streambridge.v2.proto` (no `Upgrade`) opens a session
+//!   and is its down-stream: a `text/event-stream` response that carries the
+//!   session id, then the server's batches as events, for as long as the
+//!   session lives;
+//! - `POST /ws?session=ID&seq=N` carries one batch of the client's records
+//!   (an empty body answers a ping), applied in `seq` order; 204 once the
+//!   session has it.
+//!
+//! A session is the same call machine as a WebSocket ([`wire`] makes it
+//! look like one), so every rule of protocol v2 holds on it unchanged. What
+//! is HTTP's own lives here: the session table and its cap, the `seq`
+//! order, the POST's size limit, and the answers a client reconnects on.
+
+mod wire;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN};
+use http::{HeaderValue, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use streambridge_protocol::v2::Encoding;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::net::listener::{ConnectionLease, PeerAddr};
+use crate::policy::auth::Authenticated;
+use crate::transport::Transport;
+use crate::transport::websocket::{self, Protocol, SocketContext, WebSocketState};
+
+/// The HTTP sessions of one server; cheap to clone.
+#[derive(Clone)]
+pub struct HttpSessions(Arc<Sessions>);
+
+struct Sessions {
+    live: Mutex<HashMap<Box<str>, Arc<Inbox>>>,
+    /// `--http-max-sessions`.
+    max: usize,
+    /// `--http-session-route`, with its `.`, or empty.
+    prefix: String,
+    /// The machine's context for sessions: the sockets' own, labelled
+    /// `http`, pinging every half of `--http-session-idle-timeout`.
+    context: Arc<SocketContext>,
+}
+
+/// Where a session's POSTs go, in order.
+struct Inbox {
+    state: tokio::sync::Mutex<InboxState>,
+}
+
+struct InboxState {
+    /// The `seq` the next new POST must carry.
+    next_seq: u64,
+    encoding: Encoding,
+    to_machine: mpsc::Sender<Result<Message, WsError>>,
+}
+
+impl HttpSessions {
+    pub fn new(config: &Config, sockets: &SocketContext) -> HttpSessions {
+        let mut settings = (*sockets.settings).clone();
+        // The machine's ping rule ("silent for a whole interval is gone";
+        // a write untaken for two intervals is gone) becomes the idle timeout.
+        settings.ping_interval = config.http_session_idle_timeout / 2;
+        let context = SocketContext {
+            settings: Arc::new(settings),
+            transport: Transport::Http,
+            ..sockets.clone()
+        };
+        HttpSessions(Arc::new(Sessions {
+            live: Mutex::default(),
+            max: config.http_max_sessions,
+            prefix: config
+                .http_session_route
+                .as_ref()
+                .map(|route| format!("{route}."))
+                .unwrap_or_default(),
+            context: Arc::new(context),
+        }))
+    }
+
+    fn inbox(&self, id: &str) -> Option<Arc<Inbox>> {
+        self.0.live.lock().expect("not poisoned").get(id).cloned()
+    }
+
+    fn end(&self, id: &str) {
+        self.0.live.lock().expect("not poisoned").remove(id);
+    }
+}
+
+/// Whether a request at `/ws` is for the HTTP binding rather than a
+/// WebSocket upgrade: no `Upgrade` header, and the binding's parameters.
+pub fn is_for_http_session(request: &Request) -> bool {
+    !request.headers().contains_key(http::header::UPGRADE)
+        && query(request, "protocol")
+            .or_else(|| query(request, "session"))
+            .is_some()
+}
+
+/// `GET /ws?protocol=…`: opens a session; the answer is its down-stream.
+pub async fn open(state: WebSocketState, request: Request) -> Response {
+    if request.method() != http::Method::GET {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "an HTTP session is opened with GET /ws?protocol=… and fed with POST /ws?session=…&seq=…",
+        );
+    }
+    let name = query(&request, "protocol").unwrap_or_default();
+    let Some(encoding) = Encoding::from_name(name) else {
+        let supported = Encoding::ALL.map(Encoding::name).join(", ");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            &format!("the HTTP binding speaks protocol v2 only; protocol {name:?} is not one of: {supported}"),
+        );
+    };
+    let (parts, _) = request.into_parts();
+    let caller = match websocket::admit(&state, &parts, &[], "send `Authorization: Bearer <token>`").await {
+        Ok(caller) => caller,
+        Err(refusal) => return refusal,
+    };
+    let sessions = &state.http_sessions;
+    let id = format!("{}{}", sessions.0.prefix, random_id());
+    let (wire, down_stream, to_machine) = wire::session(wire::session_event(&id, encoding));
+    {
+        let mut live = sessions.0.live.lock().expect("not poisoned");
+        if live.len() >= sessions.0.max {
+            drop(live);
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "this server holds its most HTTP sessions ({}, --http-max-sessions); try again later",
+                    sessions.0.max
+                ),
+            );
+        }
+        let inbox = Arc::new(Inbox {
+            state: tokio::sync::Mutex::new(InboxState {
+                next_seq: 0,
+                encoding,
+                to_machine,
+            }),
+        });
+        match live.entry(id.clone().into_boxed_str()) {
+            Entry::Vacant(entry) => entry.insert(inbox),
+            Entry::Occupied(_) => unreachable!("128 random bits do not repeat"),
+        };
+    }
+    let peer = parts.extensions.get::<PeerAddr>().copied();
+    let client = state
+        .auth
+        .limits()
+        .client_address(peer.map(|peer| peer.0.ip()), &parts.headers);
+    let who = Authenticated { caller, client };
+    // The session holds its down-stream's connection slot for its life.
+    let lease = parts.extensions.get::<ConnectionLease>().cloned();
+    let span = tracing::debug_span!("http_session", peer = ?peer.map(|p| p.0), protocol = encoding.name());
+    let (context, drain, ended) = (sessions.0.context.clone(), state.drain.clone(), sessions.clone());
+    state.tasks.spawn(
+        async move {
+            let _lease = lease;
+            websocket::run_v2(wire, Protocol::V2(encoding), context, &drain, who).await;
+            ended.end(&id);
+        }
+        .instrument(span),
+    );
+    let mut response = Response::new(Body::new(down_stream));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    // Neither a cache nor a compressing proxy may hold the events back.
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
+    // nginx buffers responses unless told not to, per response.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// `POST /ws?session=ID&seq=N`: one batch of a session's records.
+pub async fn post(state: WebSocketState, request: Request) -> Response {
+    if request.method() != http::Method::POST {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "a session's batches are sent with POST /ws?session=…&seq=…",
+        );
+    }
+    let (Some(id), Some(seq)) = (
+        query(&request, "session").map(str::to_string),
+        query(&request, "seq").and_then(|seq| seq.parse::<u64>().ok()),
+    ) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a POST to /ws needs ?session=<id from the session event>&seq=<0, 1, 2, …>",
+        );
+    };
+    let (parts, body) = request.into_parts();
+    if let Some(origin) = parts.headers.get(ORIGIN)
+        && !state.origins.allows(origin, &parts)
+    {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        return refuse(
+            StatusCode::FORBIDDEN,
+            &format!("origin {origin} may not open connections here; see --allowed-origin"),
+        );
+    }
+    let Some(inbox) = state.http_sessions.inbox(&id) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no HTTP session {id} here: it ended or expired, or this request reached another instance; \
+                 open a new session"
+            ),
+        );
+    };
+    let settings = &state.http_sessions.0.context.settings;
+    // v2 carries records around each message: a batch holding a message of
+    // the largest size fits with 64 KiB to spare (as a WebSocket message).
+    let limit = settings.max_message_size.saturating_add(64 * 1024);
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<usize>().ok());
+    let batch = match declared {
+        Some(size) if size > limit => Err(size),
+        _ => match Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<LengthLimitError>() => Err(limit + 1),
+            Err(_) => {
+                // The client went away mid-body: it does not know what
+                // arrived, so it will not reuse the session; neither do we.
+                state.http_sessions.end(&id);
+                return refuse(StatusCode::BAD_REQUEST, "the request body broke off");
+            }
+        },
+    };
+    let mut inbox = inbox.state.lock().await;
+    let message = match batch {
+        Err(size) => {
+            // As a WebSocket message over the limit: the session fails (its
+            // calls end with 8), the batch is not applied.
+            let too_long = CapacityError::MessageTooLong { size, max_size: limit };
+            let _ = inbox.to_machine.send(Err(WsError::Capacity(too_long))).await;
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("a batch of {size} bytes is larger than {limit} (--max-message-size plus 64 KiB)"),
+            );
+        }
+        Ok(batch) => to_message(batch, inbox.encoding),
+    };
+    if seq < inbox.next_seq {
+        // A repeat of a POST already applied (a proxy or client retried it).
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if seq > inbox.next_seq {
+        let expected = inbox.next_seq;
+        drop(inbox);
+        state.http_sessions.end(&id);
+        return refuse(
+            StatusCode::CONFLICT,
+            &format!("POST seq {seq} skips {expected}: a batch was lost, so the session ended; open a new one"),
+        );
+    }
+    if inbox.to_machine.send(message).await.is_err() {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            &format!("HTTP session {id} ended before this batch reached it; open a new session"),
+        );
+    }
+    inbox.next_seq += 1;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// A POSTed body as the message a WebSocket would have brought: an empty
+/// one is the answer to a ping.
+fn to_message(batch: Bytes, encoding: Encoding) -> Result<Message, WsError> {
+    if batch.is_empty() {
+        return Ok(Message::Pong(Bytes::new()));
+    }
+    match encoding {
+        Encoding::Proto => Ok(Message::Binary(batch)),
+        Encoding::Json => match String::from_utf8(batch.to_vec()) {
+            Ok(text) => Ok(Message::Text(text.into())),
+            Err(error) => Err(WsError::Utf8(error.to_string())),
+        },
+    }
+}
+
+/// 128 random bits, base64url.
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the system's random source works");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A query parameter's value, as it is (the binding's values need no escaping).
+fn query<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
