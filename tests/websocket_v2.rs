@@ -7,14 +7,16 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::ws2::{BIDI, Enc, Got, Rec, V2, close_send, data, json_echo_unary, messages, open, status};
+use support::ws2::{
+    BIDI, Enc, Got, Rec, V2, Via, close_send, data, every_way, json_echo_unary, messages, open, status,
+};
 use support::{TestServer, within};
 
 #[tokio::test]
 async fn many_calls_interleave_on_one_socket_and_each_ends_with_its_status() {
     let server = TestServer::start().await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&server, enc).await;
+    for (enc, via) in every_way() {
+        let mut socket = V2::connect_via(&server, enc, via).await;
         // Three calls opened in one batch, their messages interleaved.
         socket
             .send(&[
@@ -32,8 +34,8 @@ async fn many_calls_interleave_on_one_socket_and_each_ends_with_its_status() {
             .await;
         let mut others = Vec::new();
         let first = socket.until_status(1, &mut others).await;
-        assert_eq!(messages(&first), ["processed: a1", "processed: a2"], "{enc:?}");
-        assert_eq!(status(&first).0, 0, "{enc:?}");
+        assert_eq!(messages(&first), ["processed: a1", "processed: a2"], "{enc:?}/{via:?}");
+        assert_eq!(status(&first).0, 0, "{enc:?}/{via:?}");
         let mut second = others.clone();
         second.retain(|g| g.call() == 2);
         let mut third: Vec<Got> = others.into_iter().filter(|g| g.call() == 3).collect();
@@ -44,8 +46,8 @@ async fn many_calls_interleave_on_one_socket_and_each_ends_with_its_status() {
             third.extend(socket.until_status(3, &mut Vec::new()).await);
         }
         let of = |call| if call == 2 { second.clone() } else { third.clone() };
-        assert_eq!(messages(&of(2)), ["processed: b1"], "{enc:?}");
-        assert_eq!(messages(&of(3)), ["processed: c1", "processed: c2"], "{enc:?}");
+        assert_eq!(messages(&of(2)), ["processed: b1"], "{enc:?}/{via:?}");
+        assert_eq!(messages(&of(3)), ["processed: c1", "processed: c2"], "{enc:?}/{via:?}");
         assert_eq!(status(&of(2)).0, 0);
         assert_eq!(status(&of(3)).0, 0);
     }
@@ -58,14 +60,14 @@ async fn json_messages_are_the_methods_own_json_and_a_single_record_is_accepted(
     let mut socket = V2::connect(&server, Enc::Json).await;
     // One record object instead of an array; camelCase and snake_case alike.
     socket
-        .socket
+        .ws()
         .send(tokio_tungstenite::tungstenite::Message::text(
             r#"{"call":1,"open":{"method":"/DataService/BidirectionalStream","timeout_ms":60000}}"#,
         ))
         .await
         .unwrap();
     socket
-        .socket
+        .ws()
         .send(tokio_tungstenite::tungstenite::Message::text(
             r#"[{"call":1,"message":{"data":"hi","unknownField":1}},{"call":1,"close_send":{}}]"#,
         ))
@@ -126,15 +128,19 @@ async fn per_call_failures_end_only_that_call_through_an_upstream() {
 async fn per_call_failures(server: &TestServer, target: &Target) {
     let open = |call| open_method(call, target.method, 0);
     let message = target.message;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(server, enc).await;
+    for (enc, via) in every_way() {
+        let mut socket = V2::connect_via(server, enc, via).await;
         let mut others = Vec::new();
         // A live neighbour that must survive everything below.
         socket.send(&[open(1), message(1, "before")]).await;
 
         // Unknown method: 12.
         socket.send(&[open_method(2, "/nope.Service/Missing", 0)]).await;
-        assert_eq!(status(&socket.until_status(2, &mut others).await).0, 12, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(2, &mut others).await).0,
+            12,
+            "{enc:?}/{via:?}"
+        );
 
         // A message that is not the method's input type: 3.
         socket
@@ -147,28 +153,48 @@ async fn per_call_failures(server: &TestServer, target: &Target) {
                 },
             ])
             .await;
-        assert_eq!(status(&socket.until_status(3, &mut others).await).0, 3, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(3, &mut others).await).0,
+            3,
+            "{enc:?}/{via:?}"
+        );
 
         // A message after closeSend: 3.
         socket.send(&[open(4), close_send(4), message(4, "late")]).await;
-        assert_eq!(status(&socket.until_status(4, &mut others).await).0, 3, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(4, &mut others).await).0,
+            3,
+            "{enc:?}/{via:?}"
+        );
 
         // cancel: 1.
         socket.send(&[open(5), Rec::Cancel { call: 5 }]).await;
-        assert_eq!(status(&socket.until_status(5, &mut others).await).0, 1, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(5, &mut others).await).0,
+            1,
+            "{enc:?}/{via:?}"
+        );
 
         // timeoutMs passed: 4.
         socket.send(&[open_method(6, target.method, 100)]).await;
-        assert_eq!(status(&socket.until_status(6, &mut others).await).0, 4, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(6, &mut others).await).0,
+            4,
+            "{enc:?}/{via:?}"
+        );
 
         // A message over --max-message-size: 8.
         socket.send(&[open(7), message(7, &"x".repeat(2000))]).await;
-        assert_eq!(status(&socket.until_status(7, &mut others).await).0, 8, "{enc:?}");
+        assert_eq!(
+            status(&socket.until_status(7, &mut others).await).0,
+            8,
+            "{enc:?}/{via:?}"
+        );
 
         // More live calls than --ws-max-calls (3): 8 for the new one.
         socket.send(&[open(8), open(9), open(10)]).await;
         let refused = socket.until_status(10, &mut others).await;
-        assert_eq!(status(&refused).0, 8, "{enc:?}");
+        assert_eq!(status(&refused).0, 8, "{enc:?}/{via:?}");
         assert!(status(&refused).1.contains("--ws-max-calls"), "{refused:?}");
 
         // Records for calls that are not live are ignored.
@@ -190,7 +216,7 @@ async fn per_call_failures(server: &TestServer, target: &Target) {
         assert_eq!(
             messages(&all),
             [(target.reply)("before"), (target.reply)("after")],
-            "{enc:?}"
+            "{enc:?}/{via:?}"
         );
         assert_eq!(status(&first).0, 0);
     }
@@ -241,8 +267,8 @@ async fn response_credit_holds_replies_back_and_an_unread_call_stalls_only_itsel
         let (message, reply) = (target.message, |texts: &[&str]| -> Vec<String> {
             texts.iter().map(|t| (target.reply)(t)).collect()
         });
-        for enc in Enc::BOTH {
-            let mut socket = V2::connect(&server, enc).await;
+        for (enc, via) in every_way() {
+            let mut socket = V2::connect_via(&server, enc, via).await;
             socket.send(&[open_windowed_on(target, 1, 2)]).await;
             let five: Vec<Rec> = (0..5).map(|i| message(1, &format!("m{i}"))).collect();
             socket.send(&five).await;
@@ -265,11 +291,15 @@ async fn response_credit_holds_replies_back_and_an_unread_call_stalls_only_itsel
                 others.extend(socket.batch().await.expect("open"));
             }
             let held: Vec<_> = others.iter().filter(|g| g.call() == 1).cloned().collect();
-            assert_eq!(messages(&held), reply(&["m0", "m1"]), "{enc:?}: only the credit");
+            assert_eq!(
+                messages(&held),
+                reply(&["m0", "m1"]),
+                "{enc:?}/{via:?}: only the credit"
+            );
             // More credit releases the rest.
             socket.send(&[Rec::Window { call: 1, n: 3 }, close_send(1)]).await;
             let rest = socket.until_status(1, &mut Vec::new()).await;
-            assert_eq!(messages(&rest), reply(&["m2", "m3", "m4"]), "{enc:?}");
+            assert_eq!(messages(&rest), reply(&["m2", "m3", "m4"]), "{enc:?}/{via:?}");
             assert_eq!(status(&rest).0, 0);
         }
     }
@@ -285,8 +315,8 @@ async fn request_credit_is_granted_as_requests_are_consumed_and_enforced() {
 async fn request_credit(server: &TestServer, target: &Target) {
     let data = target.message;
     let open_windowed = |call, window| open_windowed_on(target, call, window);
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(server, enc).await;
+    for (enc, via) in every_way() {
+        let mut socket = V2::connect_via(server, enc, via).await;
         // 600 requests in batches of 100, each sent only when the credit allows
         // (the replies' credit is no limit here).
         socket.send(&[open_windowed(1, 1000)]).await;
@@ -310,28 +340,27 @@ async fn request_credit(server: &TestServer, target: &Target) {
         }
         socket.send(&[close_send(1)]).await;
         got.extend(socket.until_status(1, &mut Vec::new()).await);
-        assert_eq!(messages(&got).len(), 600, "{enc:?}");
-        assert!(credit > 256, "{enc:?}: the server granted credit");
+        assert_eq!(messages(&got).len(), 600, "{enc:?}/{via:?}");
+        assert!(credit > 256, "{enc:?}/{via:?}: the server granted credit");
         assert_eq!(status(&got).0, 0);
 
         // 257 requests at once, before any grant: the call ends with 8.
-        let mut socket = V2::connect(server, enc).await;
+        let mut socket = V2::connect_via(server, enc, via).await;
         let mut batch = vec![open_windowed(1, 1000)];
         batch.extend((0..257).map(|i| data(1, &i.to_string())));
         socket.send(&batch).await;
         let got = socket.until_status(1, &mut Vec::new()).await;
         let (code, message) = status(&got);
-        assert_eq!(code, 8, "{enc:?}: {message}");
+        assert_eq!(code, 8, "{enc:?}/{via:?}: {message}");
         assert!(message.contains("credit"), "{message}");
     }
 }
 
 #[tokio::test]
 async fn socket_errors_end_every_call_then_close_with_the_matching_code() {
-    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let server = TestServer::start_with(|config| config.max_message_size = 1000).await;
-    for enc in Enc::BOTH {
+    for (enc, via) in every_way() {
         let bad_batch = match enc {
             Enc::Json => Message::text("[{\"call\":"),
             Enc::Proto => Message::binary(vec![0xff, 0xff, 0xff]),
@@ -351,25 +380,27 @@ async fn socket_errors_end_every_call_then_close_with_the_matching_code() {
             ("wrong message type", Some(wrong_type), 3, 1003),
             ("message too large", Some(huge), 8, 1009),
         ] {
-            let mut socket = V2::connect(&server, enc).await;
+            let mut socket = V2::connect_via(&server, enc, via).await;
             socket.send(&[open(5), data(5, "due")]).await;
             let mut got = Vec::new();
             while !messages(&got).contains(&"processed: due".to_string()) {
                 got.extend(socket.batch().await.unwrap());
             }
             match (what, message) {
-                (_, Some(message)) => socket.socket.send(message).await.unwrap(),
+                // HTTP carries bytes, not typed messages.
+                ("wrong message type", _) if via == Via::Http => continue,
+                (_, Some(message)) => socket.send_raw(message).await,
                 ("call id 0", None) => socket.send(&[close_send(0)]).await,
                 (_, None) => socket.send(&[open(3)]).await,
             }
             got.extend(socket.read_to_close().await);
             let mine: Vec<_> = got.iter().filter(|g| g.call() == 5).cloned().collect();
-            assert_eq!(messages(&mine), ["processed: due"], "{enc:?} {what}");
-            assert_eq!(status(&mine).0, code, "{enc:?} {what}: {mine:?}");
+            assert_eq!(messages(&mine), ["processed: due"], "{enc:?}/{via:?} {what}");
+            assert_eq!(status(&mine).0, code, "{enc:?}/{via:?} {what}: {mine:?}");
             assert_eq!(
                 socket.closed.as_ref().map(|c| c.0),
                 Some(close),
-                "{enc:?} {what}: {:?}",
+                "{enc:?}/{via:?} {what}: {:?}",
                 socket.closed
             );
         }
@@ -394,7 +425,7 @@ async fn an_oversize_message_still_in_flight_does_not_reset_away_the_status_and_
             Enc::Json => Message::text(String::from_utf8(huge).unwrap()),
             Enc::Proto => Message::binary(huge),
         };
-        within("the whole oversize message is taken", socket.socket.send(huge))
+        within("the whole oversize message is taken", socket.ws().send(huge))
             .await
             .expect("the server reads (and drops) the rest of the message instead of resetting");
         let got = socket.read_to_close().await;
@@ -437,9 +468,11 @@ async fn drain_sends_goaway_refuses_new_calls_lets_live_ones_finish_then_closes_
     // The bridge ends no call at the drain before its deadline, whatever
     // answers it. The built-in service ends its own calls with UNAVAILABLE,
     // as it does on every transport; the echo, added or upstream, does not.
-    for enc in Enc::BOTH {
-        for (server, target, _behind) in every_path(|_| {}).await {
-            let mut socket = V2::connect(&server, enc).await;
+    for (enc, via) in every_way() {
+        for (server, target, _behind) in
+            every_path(|config| config.drain_timeout = std::time::Duration::from_secs(2)).await
+        {
+            let mut socket = V2::connect_via(&server, enc, via).await;
             socket
                 .send(&[open_windowed_on(target, 1, 0), (target.message)(1, "one")])
                 .await;
@@ -460,24 +493,36 @@ async fn drain_sends_goaway_refuses_new_calls_lets_live_ones_finish_then_closes_
                     ended.extend(socket.until_status(1, &mut Vec::new()).await);
                 }
                 let (code, message) = status(&ended);
-                assert_eq!(code, 14, "{enc:?}: the built-in service ends its calls at the drain");
+                assert_eq!(
+                    code, 14,
+                    "{enc:?}/{via:?}: the built-in service ends its calls at the drain"
+                );
                 assert!(message.contains("shutting down"), "{message}");
+            } else if via == Via::Http {
+                // The draining server's listener is closed and its idle
+                // connections wound down: a POST may not reach it any more
+                // (docs/protocol-v2.md, "HTTP binding", drain). The down-stream
+                // still brings everything, and the call's end at the deadline.
+                let cut = socket.until_status(1, &mut got).await;
+                let (code, message) = status(&cut);
+                assert_eq!(code, 14, "{enc:?}/{via:?} {}: {message}", target.method);
+                assert!(message.contains("--drain-timeout"), "{message}");
             } else {
                 socket.send(&[open_windowed_on(target, 2, 0)]).await;
                 let refused = socket.until_status(2, &mut got).await;
-                assert_eq!(status(&refused).0, 14, "{enc:?} {}", target.method);
+                assert_eq!(status(&refused).0, 14, "{enc:?}/{via:?} {}", target.method);
                 socket.send(&[(target.message)(1, "two"), close_send(1)]).await;
                 let live = socket.until_status(1, &mut got).await;
                 assert_eq!(
                     messages(&live),
                     [(target.reply)("two")],
-                    "{enc:?} {}: the live call runs on",
+                    "{enc:?}/{via:?} {}: the live call runs on",
                     target.method
                 );
                 assert_eq!(status(&live).0, 0);
             }
             socket.read_to_close().await;
-            assert_eq!(socket.closed.as_ref().map(|c| c.0), Some(1001), "{enc:?}");
+            assert_eq!(socket.closed.as_ref().map(|c| c.0), Some(1001), "{enc:?}/{via:?}");
         }
     }
 }
@@ -485,8 +530,8 @@ async fn drain_sends_goaway_refuses_new_calls_lets_live_ones_finish_then_closes_
 #[tokio::test]
 async fn a_calls_deadline_ends_it_with_4_on_every_path() {
     for (server, target, _behind) in every_path(|_| {}).await {
-        for enc in Enc::BOTH {
-            let mut socket = V2::connect(&server, enc).await;
+        for (enc, via) in every_way() {
+            let mut socket = V2::connect_via(&server, enc, via).await;
             socket
                 .send(&[
                     Rec::Open {
@@ -499,9 +544,14 @@ async fn a_calls_deadline_ends_it_with_4_on_every_path() {
                 ])
                 .await;
             let got = socket.until_status(1, &mut Vec::new()).await;
-            assert_eq!(messages(&got), [(target.reply)("before")], "{enc:?} {}", target.method);
+            assert_eq!(
+                messages(&got),
+                [(target.reply)("before")],
+                "{enc:?}/{via:?} {}",
+                target.method
+            );
             let (code, message) = status(&got);
-            assert_eq!(code, 4, "{enc:?} {}: {message}", target.method);
+            assert_eq!(code, 4, "{enc:?}/{via:?} {}: {message}", target.method);
             assert!(message.contains("timeoutMs 300"), "{message}");
             // The socket goes on: a new call after the deadline works.
             socket
@@ -512,7 +562,7 @@ async fn a_calls_deadline_ends_it_with_4_on_every_path() {
                 ])
                 .await;
             let next = socket.until_status(2, &mut Vec::new()).await;
-            assert_eq!(status(&next).0, 0, "{enc:?}");
+            assert_eq!(status(&next).0, 0, "{enc:?}/{via:?}");
         }
     }
 }
@@ -522,8 +572,8 @@ async fn calls_reach_an_upstream_by_method_name_in_both_encodings() {
     let upstream = EchoUpstream::start().await;
     let url = upstream.url();
     let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&bridge, enc).await;
+    for (enc, via) in every_way() {
+        let mut socket = V2::connect_via(&bridge, enc, via).await;
         socket
             .send(&[
                 open_method(1, "/streambridge.testing.Echo/Unary", 5000),
@@ -536,15 +586,15 @@ async fn calls_reach_an_upstream_by_method_name_in_both_encodings() {
             .await;
         let mut others = Vec::new();
         let unary = socket.until_status(1, &mut others).await;
-        assert_eq!(messages(&unary), ["u"], "{enc:?}: {unary:?}");
+        assert_eq!(messages(&unary), ["u"], "{enc:?}/{via:?}: {unary:?}");
         assert!(
             unary.iter().any(|g| matches!(g, Got::Headers(1))),
-            "{enc:?}: headers pass"
+            "{enc:?}/{via:?}: headers pass"
         );
         assert_eq!(status(&unary).0, 0);
         let mut bidi: Vec<Got> = others.into_iter().filter(|g| g.call() == 2).collect();
         bidi.extend(socket.until_status(2, &mut Vec::new()).await);
-        assert_eq!(messages(&bidi), ["b", "b"], "{enc:?}");
+        assert_eq!(messages(&bidi), ["b", "b"], "{enc:?}/{via:?}");
         assert_eq!(status(&bidi).0, 0);
     }
 }
@@ -569,7 +619,7 @@ async fn metadata_deadline_headers_and_error_details_cross_to_the_upstream_and_b
     let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
     let mut socket = V2::connect(&bridge, Enc::Json).await;
     socket
-        .socket
+        .ws()
         .send(Message::text(
             r#"[{"call":1,"open":{"method":"/streambridge.testing.Echo/Unary","metadata":{"x-request-id":"7","x-trace-bin":"AAE="},"timeoutMs":5000}},
                 {"call":1,"message":{"text":"m"}},{"call":1,"closeSend":{}},
@@ -580,7 +630,7 @@ async fn metadata_deadline_headers_and_error_details_cross_to_the_upstream_and_b
         .unwrap();
     let mut records: Vec<serde_json::Value> = Vec::new();
     while records.iter().filter(|r| r.get("status").is_some()).count() < 2 {
-        let message = within("records", socket.socket.next()).await.unwrap().unwrap();
+        let message = within("records", socket.ws().next()).await.unwrap().unwrap();
         records.extend(serde_json::from_str::<Vec<serde_json::Value>>(message.to_text().unwrap()).unwrap());
     }
     let of = |call: u64| records.iter().filter(move |r| r["call"] == call);
@@ -607,8 +657,8 @@ async fn closing_the_socket_cancels_its_calls_at_the_upstream() {
     let mut upstream = EchoUpstream::start().await;
     let url = upstream.url();
     let bridge = TestServer::start_with(|config| config.upstream = Some(url.parse().unwrap())).await;
-    for enc in Enc::BOTH {
-        let mut socket = V2::connect(&bridge, enc).await;
+    for (enc, via) in every_way() {
+        let mut socket = V2::connect_via(&bridge, enc, via).await;
         socket
             .send(&[open_method(1, "/streambridge.testing.Echo/Bidi", 0), echo(1, "live")])
             .await;
@@ -618,7 +668,7 @@ async fn closing_the_socket_cancels_its_calls_at_the_upstream() {
         }
         drop(socket);
         let ended = within("the upstream sees the cancel", upstream.cancelled.recv()).await;
-        assert_eq!(ended, Some("bidi"), "{enc:?}");
+        assert_eq!(ended, Some("bidi"), "{enc:?}/{via:?}");
     }
 }
 
@@ -636,10 +686,10 @@ async fn the_readme_example_health_and_data_on_one_socket() {
         { "call": 2, "closeSend": {} },
         { "call": 1, "closeSend": {} },
     ]);
-    socket.socket.send(Message::text(batch.to_string())).await.unwrap();
+    socket.ws().send(Message::text(batch.to_string())).await.unwrap();
     let mut records: Vec<serde_json::Value> = Vec::new();
     while records.iter().filter(|r| r.get("status").is_some()).count() < 2 {
-        let message = within("records", socket.socket.next()).await.unwrap().unwrap();
+        let message = within("records", socket.ws().next()).await.unwrap().unwrap();
         records.extend(serde_json::from_str::<Vec<serde_json::Value>>(message.to_text().unwrap()).unwrap());
     }
     let message = |call: u64| {
@@ -668,8 +718,8 @@ async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() 
     // the buffer behind). Only the `window` record the client sends next can
     // move call 1: the socket must read it.
     for (server, target, _behind) in every_path(|config| config.ws_socket_buffer = 10_000).await {
-        for enc in Enc::BOTH {
-            let mut socket = V2::connect(&server, enc).await;
+        for (enc, via) in every_way() {
+            let mut socket = V2::connect_via(&server, enc, via).await;
             let mut batch = vec![open_windowed_on(target, 1, 1)];
             batch.extend((0..60).map(|i| (target.message)(1, &format!("{i:0>1000}"))));
             socket.send(&batch).await;
@@ -679,16 +729,16 @@ async fn a_full_socket_buffer_never_holds_back_the_credit_that_would_empty_it() 
             }
             socket.send(&[Rec::Window { call: 1, n: 100 }, close_send(1)]).await;
             got.extend(socket.until_status(1, &mut Vec::new()).await);
-            assert_eq!(messages(&got).len(), 60, "{enc:?}: nothing lost");
-            assert_eq!(status(&got).0, 0, "{enc:?}");
+            assert_eq!(messages(&got).len(), 60, "{enc:?}/{via:?}: nothing lost");
+            assert_eq!(status(&got).0, 0, "{enc:?}/{via:?}");
             // Every byte came back to the buffer: as much again passes on a new call.
             let mut batch = vec![open_windowed_on(target, 2, 100)];
             batch.extend((0..60).map(|i| (target.message)(2, &format!("{i:0>1000}"))));
             batch.push(close_send(2));
             socket.send(&batch).await;
             let again = socket.until_status(2, &mut Vec::new()).await;
-            assert_eq!(status(&again).0, 0, "{enc:?}: {:?}", status(&again));
-            assert_eq!(messages(&again).len(), 60, "{enc:?}");
+            assert_eq!(status(&again).0, 0, "{enc:?}/{via:?}: {:?}", status(&again));
+            assert_eq!(messages(&again).len(), 60, "{enc:?}/{via:?}");
         }
     }
 }
@@ -698,8 +748,8 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
     for (server, target, _behind) in every_path(|_| {}).await {
         let (data, reply) = (target.message, target.reply);
         let open_windowed = |call, window| open_windowed_on(target, call, window);
-        for enc in Enc::BOTH {
-            let mut socket = V2::connect(&server, enc).await;
+        for (enc, via) in every_way() {
+            let mut socket = V2::connect_via(&server, enc, via).await;
             socket
                 .send(&[
                     open_windowed(1, u32::MAX),
@@ -711,7 +761,7 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
                 ])
                 .await;
             let got = socket.until_status(1, &mut Vec::new()).await;
-            assert_eq!(messages(&got), [reply("a"), reply("b")], "{enc:?}");
+            assert_eq!(messages(&got), [reply("a"), reply("b")], "{enc:?}/{via:?}");
             assert_eq!(status(&got).0, 0);
             // A zero window grants nothing: a call opened with one reply of
             // credit gets exactly one until real credit comes.
@@ -729,10 +779,10 @@ async fn credit_saturates_and_a_zero_window_is_ignored() {
             let mut others = Vec::new();
             socket.until_status(3, &mut others).await;
             let held: Vec<_> = others.iter().filter(|g| g.call() == 2).cloned().collect();
-            assert_eq!(messages(&held), [reply("x")], "{enc:?}");
+            assert_eq!(messages(&held), [reply("x")], "{enc:?}/{via:?}");
             socket.send(&[Rec::Window { call: 2, n: 1 }, close_send(2)]).await;
             let rest = socket.until_status(2, &mut Vec::new()).await;
-            assert_eq!(messages(&rest), [reply("y")], "{enc:?}");
+            assert_eq!(messages(&rest), [reply("y")], "{enc:?}/{via:?}");
         }
     }
 }

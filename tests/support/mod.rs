@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of this module
 
 pub mod http;
+pub mod http_session;
 pub mod process;
 pub mod tls;
 pub mod upstream;

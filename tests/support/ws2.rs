@@ -11,6 +11,7 @@ use streambridge_protocol::{StreamRequest, StreamResponse};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
+use super::http_session::HttpLink;
 use super::ws::Socket;
 use super::{ServerAddr, within};
 
@@ -116,8 +117,31 @@ impl Got {
     }
 }
 
+/// The way a [`V2`] client reaches the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    WebSocket,
+    Http,
+}
+
+impl Via {
+    pub const BOTH: [Via; 2] = [Via::WebSocket, Via::Http];
+}
+
+/// Every encoding over every way in.
+pub fn every_way() -> impl Iterator<Item = (Enc, Via)> {
+    Enc::BOTH
+        .into_iter()
+        .flat_map(|enc| Via::BOTH.into_iter().map(move |via| (enc, via)))
+}
+
+enum Link {
+    WebSocket(Box<Socket>),
+    Http(Box<HttpLink>),
+}
+
 pub struct V2 {
-    pub socket: Socket,
+    link: Link,
     pub enc: Enc,
     /// Records read but not yet taken (the rest of a batch).
     pending: std::collections::VecDeque<Got>,
@@ -136,17 +160,69 @@ impl V2 {
             .expect("upgrade");
         assert_eq!(response.headers()["sec-websocket-protocol"], enc.name());
         V2 {
-            socket,
+            link: Link::WebSocket(Box::new(socket)),
             enc,
             pending: Default::default(),
             closed: None,
         }
     }
 
-    /// Sends `records` as one WebSocket message.
+    /// A session of the HTTP binding instead of a WebSocket.
+    pub async fn connect_http(server: &impl ServerAddr, enc: Enc) -> V2 {
+        let link = super::http_session::open(server, enc.name(), &[])
+            .await
+            .unwrap_or_else(|(status, body)| panic!("session refused: {status} {body}"));
+        V2 {
+            link: Link::Http(Box::new(link)),
+            enc,
+            pending: Default::default(),
+            closed: None,
+        }
+    }
+
+    /// Connects over `via`.
+    pub async fn connect_via(server: &impl ServerAddr, enc: Enc, via: Via) -> V2 {
+        match via {
+            Via::WebSocket => V2::connect(server, enc).await,
+            Via::Http => V2::connect_http(server, enc).await,
+        }
+    }
+
+    /// The WebSocket, for tests of WebSocket framing.
+    pub fn ws(&mut self) -> &mut Socket {
+        match &mut self.link {
+            Link::WebSocket(socket) => socket,
+            Link::Http(_) => panic!("a WebSocket test on an HTTP session"),
+        }
+    }
+
+    /// The HTTP session, for tests of the HTTP binding.
+    pub fn http(&mut self) -> &mut HttpLink {
+        match &mut self.link {
+            Link::Http(link) => link,
+            Link::WebSocket(_) => panic!("an HTTP binding test on a WebSocket"),
+        }
+    }
+
+    /// Sends `records` as one WebSocket message or one POST.
     pub async fn send(&mut self, records: &[Rec]) {
         let message = self.encode(records);
-        self.socket.send(message).await.expect("send batch");
+        match &mut self.link {
+            Link::WebSocket(socket) => socket.send(message).await.expect("send batch"),
+            Link::Http(link) => {
+                let (status, body) = link.post(message.into_data()).await;
+                assert_eq!(status, http::StatusCode::NO_CONTENT, "POST of a batch: {body}");
+            }
+        }
+    }
+
+    /// Sends `message` as it is: a WebSocket message, or a POST's body
+    /// (whose answer is not checked: the test looks at what follows).
+    pub async fn send_raw(&mut self, message: Message) {
+        match &mut self.link {
+            Link::WebSocket(socket) => socket.send(message).await.expect("send"),
+            Link::Http(link) => drop(link.post(message.into_data()).await),
+        }
     }
 
     pub fn encode(&self, records: &[Rec]) -> Message {
@@ -171,8 +247,33 @@ impl V2 {
     }
 
     async fn read_batch(&mut self) -> Option<Vec<Got>> {
+        let socket = match &mut self.link {
+            Link::WebSocket(socket) => socket,
+            Link::Http(link) => {
+                let Some(event) = link.next_non_ping().await else {
+                    self.closed.get_or_insert((1006, String::new()));
+                    return None;
+                };
+                return match event.name.as_str() {
+                    "" => {
+                        let bytes = super::http_session::batch_bytes(&event, self.enc == Enc::Proto);
+                        Some(match self.enc {
+                            Enc::Json => parse_json_batch(std::str::from_utf8(&bytes).unwrap()),
+                            Enc::Proto => parse_proto_batch(&bytes),
+                        })
+                    }
+                    "close" => {
+                        let close: Value = serde_json::from_str(&event.data).expect("close data is JSON");
+                        let code = close["code"].as_u64().expect("a close code") as u16;
+                        self.closed = Some((code, close["reason"].as_str().unwrap_or_default().into()));
+                        None
+                    }
+                    other => panic!("unexpected event {other:?}: {event:?}"),
+                };
+            }
+        };
         loop {
-            let message = within("next server message", self.socket.next()).await;
+            let message = within("next server message", socket.next()).await;
             match message {
                 Some(Ok(Message::Text(text))) => {
                     assert_eq!(self.enc, Enc::Json, "text message on a proto socket");
@@ -185,7 +286,7 @@ impl V2 {
                 Some(Ok(Message::Close(frame))) => {
                     self.closed = Some(frame.map_or((1005, String::new()), |f| (f.code.into(), f.reason.to_string())));
                     // Finish the close handshake.
-                    let _ = self.socket.close(None).await;
+                    let _ = Socket::close(socket, None).await;
                     return None;
                 }
                 Some(Ok(_)) => continue,
