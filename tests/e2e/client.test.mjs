@@ -62,6 +62,7 @@ test('twenty concurrent streams run on one socket, counted at the server', async
   const results = await page.evaluate(async (url) => {
     const { DataClient } = await import('/pkg/streambridge_client.js');
     window.client = await DataClient.connect(url);
+    window.transport = window.client.transport;
     const streams = Array.from({ length: 20 }, () => window.client.bidirectionalStream());
     streams.forEach((stream, i) => stream.send(`stream ${i}`));
     const first = await Promise.all(streams.map((stream) => stream.next()));
@@ -69,6 +70,7 @@ test('twenty concurrent streams run on one socket, counted at the server', async
     return first.map((reply) => reply.result);
   }, `ws://${server.address}/ws`);
   assert.deepEqual(results, Array.from({ length: 20 }, (_, i) => `processed: stream ${i}`));
+  assert.equal(await page.evaluate(() => window.transport), 'websocket', 'where WebSockets pass, they are used');
   const during = await metric(server.address, 'streambridge_open_connections');
   assert.equal(during - before, 1, 'twenty live streams, one more connection at the server');
   const statuses = await page.evaluate(async () => {

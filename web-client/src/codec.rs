@@ -55,6 +55,15 @@ pub enum Frame {
     Binary(Vec<u8>),
 }
 
+impl Frame {
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Text(text) => text.len(),
+            Frame::Binary(bytes) => bytes.len(),
+        }
+    }
+}
+
 impl Batch {
     pub fn new(encoding: Encoding) -> Self {
         Batch {

@@ -1,5 +1,6 @@
-//! One WebSocket of protocol v2: the calls live on it, the batch being
-//! written, and the dispatch of what arrives.
+//! One connection of protocol v2 (a WebSocket, or an HTTP session where
+//! WebSockets are blocked): the calls live on it, the batch being written,
+//! and the dispatch of what arrives.
 //!
 //! Writes go into one [`Batch`] that is sent at the end of the current turn
 //! of the event loop (a microtask), so everything a page sends in one turn,
@@ -18,16 +19,67 @@ use crate::call::{self, CallRef};
 use crate::codec::{BATCH_LIMIT, Batch, Frame, Incoming, decode_binary, decode_text};
 use crate::error::{CallStatus, code};
 use crate::session::{self, SessionRef};
+use crate::http_link::HttpLink;
 use crate::socket::{Socket, SocketEvent};
 use crate::timer::queue_microtask;
 
 /// Shared handle to a connection.
 pub type ConnRef = Rc<RefCell<Connection>>;
 
+/// The ways a connection reaches the server, in `transports`' names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    WebSocket,
+    Http,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::WebSocket => "websocket",
+            TransportKind::Http => "http",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<TransportKind> {
+        [TransportKind::WebSocket, TransportKind::Http]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// What carries a connection's records.
+enum Link {
+    WebSocket(Socket),
+    Http(HttpLink),
+}
+
+impl Link {
+    fn send(&self, frame: Frame) {
+        // A failed send means the socket is closing: its close event ends the calls.
+        let _ = match (self, frame) {
+            (Link::WebSocket(socket), Frame::Text(text)) => socket.send_text(&text),
+            (Link::WebSocket(socket), Frame::Binary(bytes)) => socket.send_binary(&bytes),
+            (Link::Http(link), frame) => {
+                link.send(frame);
+                Ok(())
+            }
+        };
+    }
+
+    fn close(&self, reason: &str) {
+        match self {
+            Link::WebSocket(socket) => socket.close(reason),
+            Link::Http(link) => link.close(),
+        }
+    }
+}
+
 /// One socket and the calls on it.
 pub struct Connection {
     url: String,
-    socket: Option<Socket>,
+    transport: TransportKind,
+    link: Option<Link>,
     open: bool,
     /// The id of the next call opened here (ids start at 1 and only grow).
     next_id: u32,
@@ -42,10 +94,17 @@ pub struct Connection {
 
 impl Connection {
     /// Starts connecting. `session` hears the socket open, drain and close.
-    pub fn open(url: &str, encoding: Encoding, token: Option<&str>, session: &SessionRef) -> Result<ConnRef, JsValue> {
+    pub fn open(
+        url: &str,
+        transport: TransportKind,
+        encoding: Encoding,
+        token: Option<&str>,
+        session: &SessionRef,
+    ) -> Result<ConnRef, JsValue> {
         let connection = Rc::new(RefCell::new(Connection {
             url: url.to_string(),
-            socket: None,
+            transport,
+            link: None,
             open: false,
             next_id: 1,
             calls: HashMap::new(),
@@ -64,12 +123,22 @@ impl Connection {
         });
         connection.borrow_mut().flush = Some(flush.into_js_value().unchecked_into());
 
-        let mut offers = vec![encoding.name().to_string()];
-        offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
         let (weak, session) = (Rc::downgrade(&connection), Rc::downgrade(session));
-        let socket = Socket::open(url, &offers, move |event| on_event(&weak, &session, event))?;
-        connection.borrow_mut().socket = Some(socket);
+        let on_link_event = move |event| on_event(&weak, &session, event);
+        let link = match transport {
+            TransportKind::WebSocket => {
+                let mut offers = vec![encoding.name().to_string()];
+                offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
+                Link::WebSocket(Socket::open(url, &offers, on_link_event)?)
+            }
+            TransportKind::Http => Link::Http(HttpLink::open(url, encoding, token, on_link_event)?),
+        };
+        connection.borrow_mut().link = Some(link);
         Ok(connection)
+    }
+
+    pub fn transport(&self) -> TransportKind {
+        self.transport
     }
 
     pub fn is_open(&self) -> bool {
@@ -122,24 +191,21 @@ impl Connection {
             return;
         }
         let frame = self.batch.take();
-        let Some(socket) = &self.socket else { return };
-        // A failed send means the socket is closing: its close event ends the calls.
-        let _ = match &frame {
-            Frame::Text(text) => socket.send_text(text),
-            Frame::Binary(bytes) => socket.send_binary(bytes),
-        };
+        if let Some(link) = &self.link {
+            link.send(frame);
+        }
     }
 
     /// Closes the socket; its calls end with `status` and the session is
     /// not told (the caller is the session, or the socket is broken).
     pub fn close(connection: &ConnRef, reason: &str, status: CallStatus) {
-        let (socket, calls) = {
+        let (link, calls) = {
             let mut state = connection.borrow_mut();
             state.open = false;
-            (state.socket.take(), std::mem::take(&mut state.calls))
+            (state.link.take(), std::mem::take(&mut state.calls))
         };
-        if let Some(socket) = socket {
-            socket.close(reason);
+        if let Some(link) = link {
+            link.close(reason);
         }
         for call in calls.values() {
             call::end(call, status.clone());
@@ -172,11 +238,13 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
                     format!(": {reason}")
                 };
                 format!("connection to {url} closed before the call finished (close code {close_code}{reason})")
-            } else {
+            } else if reason.is_empty() {
                 format!("{} (close code {close_code})", session::cannot_connect(&url))
+            } else {
+                format!("{}: {reason}", session::cannot_connect(&url))
             };
             Connection::close(&connection, "", CallStatus::new(code::UNAVAILABLE, message));
-            session::on_close(&session, &connection, was_open);
+            session::on_close(&session, &connection, was_open, &reason);
             return;
         }
         SocketEvent::Text(text) => decode_text(&text),
@@ -187,7 +255,7 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
         Err(error) => {
             // A server that breaks the protocol: nothing on this socket can be trusted.
             Connection::close(&connection, "protocol error", CallStatus::new(code::INTERNAL, error));
-            session::on_close(&session, &connection, true);
+            session::on_close(&session, &connection, true, "");
             return;
         }
     };

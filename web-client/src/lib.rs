@@ -37,6 +37,8 @@ mod call;
 mod codec;
 mod connection;
 mod error;
+mod http_link;
+mod promise;
 mod session;
 mod socket;
 mod timer;
@@ -49,6 +51,7 @@ use streambridge_protocol::v2::Encoding;
 use wasm_bindgen::prelude::*;
 
 use crate::call::{CallRef, CallSpec, Shape};
+use crate::connection::TransportKind;
 use crate::codec::{Payload, push_json_string};
 use crate::error::{CallStatus, code, stream_error};
 use crate::session::{Backoff, Options, Session, SessionRef};
@@ -129,6 +132,15 @@ export interface ConnectOptions {
    * client, in order, until one ends, as HTTP/2 clients wait for a stream.
    */
   maxCalls?: number;
+  /**
+   * The ways to reach the server, in order of preference (default
+   * `['websocket', 'http']`). Each attempt tries them in this order: one
+   * refused before it opens (a proxy that answers WebSocket upgrades with an
+   * error) hands over to the next at once. `http` is protocol v2 over plain
+   * HTTP (a streamed GET down, POSTs up) at the same URL (`ws://` becomes
+   * `http://`). `client.transport` says which one is in use.
+   */
+  transports?: ('websocket' | 'http')[];
 }
 
 /** Options of `bidirectionalStream()` and `call()`. */
@@ -222,6 +234,13 @@ impl DataClient {
     #[wasm_bindgen(getter)]
     pub fn url(&self) -> String {
         self.session.borrow().url().to_string()
+    }
+
+    /// How the open connection reaches the server: `websocket`, or `http`
+    /// (the fallback where WebSockets are blocked); `null` while none is open.
+    #[wasm_bindgen(getter, unchecked_return_type = "'websocket' | 'http' | null")]
+    pub fn transport(&self) -> Option<String> {
+        self.session.borrow().transport().map(|kind| kind.name().to_string())
     }
 
     /// `open`, `reconnecting` or `closed`.
@@ -522,12 +541,27 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
         Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
         Some(_) => return Err(invalid("maxCalls must be a whole number of at least 1")),
     };
+    let transports = match option(options, "transports") {
+        None => vec![TransportKind::WebSocket, TransportKind::Http],
+        Some(list) => {
+            let names: Vec<Option<String>> = js_sys::Array::from(&list).iter().map(|name| name.as_string()).collect();
+            let kinds: Option<Vec<TransportKind>> = names
+                .iter()
+                .map(|name| name.as_deref().and_then(TransportKind::from_name))
+                .collect();
+            match kinds {
+                Some(kinds) if !kinds.is_empty() && js_sys::Array::is_array(&list) => kinds,
+                _ => return Err(invalid("transports must be a non-empty array of 'websocket' and 'http'")),
+            }
+        }
+    };
     Ok(Options {
         token,
         encoding,
         reconnect,
         window,
         max_calls,
+        transports,
     })
 }
 

@@ -27,7 +27,7 @@ use streambridge_protocol::v2::Encoding;
 use wasm_bindgen::prelude::*;
 
 use crate::call::{self, CallRef, CallSpec, CallState};
-use crate::connection::{ConnRef, Connection};
+use crate::connection::{ConnRef, Connection, TransportKind};
 use crate::error::{CallStatus, code, stream_error};
 use crate::timer::Timer;
 use crate::token::{self, TokenSource};
@@ -83,6 +83,8 @@ pub struct Options {
     /// Calls live on one socket at most (the server's `--ws-max-calls`):
     /// more wait in the client for a slot, as HTTP/2 clients wait for a stream.
     pub max_calls: usize,
+    /// The ways to try, in order of preference (never empty).
+    pub transports: Vec<TransportKind>,
 }
 
 /// See the module documentation.
@@ -98,6 +100,10 @@ pub struct Session {
     pending: VecDeque<CallRef>,
     /// Failed attempts since the socket was last open.
     attempt: u32,
+    /// Which of `transports` this attempt is on: one that fails before it
+    /// opens hands over to the next at once; the next attempt starts again
+    /// from the first.
+    fallback: usize,
     retry: Option<Timer>,
     on_state_change: Option<Function>,
     /// `connect`'s promise: resolved at the first open, rejected if it fails.
@@ -117,6 +123,7 @@ impl Session {
             draining: Vec::new(),
             pending: VecDeque::new(),
             attempt: 0,
+            fallback: 0,
             retry: None,
             on_state_change: None,
             connect_waiter: None,
@@ -140,6 +147,12 @@ impl Session {
 
     pub fn state(&self) -> ClientState {
         self.state
+    }
+
+    /// The way the current connection goes, once it is open.
+    pub fn transport(&self) -> Option<TransportKind> {
+        let current = self.current.as_ref()?.borrow();
+        current.is_open().then(|| current.transport())
     }
 
     pub fn on_state_change(&self) -> Option<Function> {
@@ -204,11 +217,12 @@ fn open_socket(session: &SessionRef) -> Result<(), JsValue> {
 
 /// Opens the client's new current socket with `token`.
 fn open_connection(session: &SessionRef, token: Option<&str>) -> Result<(), JsValue> {
-    let (url, encoding) = {
+    let (url, encoding, transport) = {
         let state = session.borrow();
-        (state.url.clone(), state.options.encoding)
+        let transports = &state.options.transports;
+        (state.url.clone(), state.options.encoding, transports[state.fallback.min(transports.len() - 1)])
     };
-    let connection = Connection::open(&url, encoding, token, session)?;
+    let connection = Connection::open(&url, transport, encoding, token, session)?;
     session.borrow_mut().current = Some(connection);
     Ok(())
 }
@@ -313,6 +327,7 @@ pub fn on_open(session: &SessionRef, connection: &ConnRef) {
             return;
         }
         state.attempt = 0;
+        state.fallback = 0;
         state.connect_waiter.take()
     };
     set_state(session, ClientState::Open);
@@ -362,8 +377,9 @@ pub fn on_goaway(session: &SessionRef, connection: &ConnRef) {
     reconnect(session);
 }
 
-/// A socket closed (or never opened). Its calls have ended already.
-pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
+/// A socket closed (or never opened: then `reason` may say why). Its calls
+/// have ended already.
+pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool, reason: &str) {
     let state = {
         let mut state = session.borrow_mut();
         state.draining.retain(|draining| !Rc::ptr_eq(draining, connection));
@@ -373,11 +389,29 @@ pub fn on_close(session: &SessionRef, connection: &ConnRef, was_open: bool) {
         state.current = None;
         state.state
     };
+    // Refused before it opened (a proxy that answers WebSocket upgrades with
+    // an error, say): the next way in, at once.
+    if !was_open && state != ClientState::Closed {
+        let next = {
+            let mut state = session.borrow_mut();
+            state.fallback += 1;
+            state.fallback < state.options.transports.len()
+        };
+        if next {
+            if let Err(error) = open_socket(session) {
+                shut(session, refused_url(&error));
+            }
+            return;
+        }
+    }
+    session.borrow_mut().fallback = 0;
     let url = session.borrow().url.clone();
     let message = if was_open && state != ClientState::Connecting {
         format!("the connection to {url} closed and reconnect is off")
-    } else {
+    } else if reason.is_empty() {
         cannot_connect(&url)
+    } else {
+        format!("{}: {reason}", cannot_connect(&url))
     };
     no_socket(session, CallStatus::new(code::UNAVAILABLE, message));
 }

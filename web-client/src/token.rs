@@ -4,8 +4,7 @@
 //! without a new socket: the server takes a call's own `authorization`
 //! metadata over the socket's token.
 
-use js_sys::{Array, Function, Promise, Reflect};
-use wasm_bindgen::JsCast;
+use js_sys::{Function, Promise};
 use wasm_bindgen::prelude::*;
 
 /// `DataClient.connect`'s `token` option.
@@ -21,29 +20,17 @@ pub enum TokenSource {
 /// none (the function threw, its promise rejected, or it gave no string).
 /// `done` runs later, from the promise's settling, never during this call.
 pub fn ask(provider: &Function, done: impl FnOnce(Result<String, String>) + 'static) {
-    // One callback for both outcomes: `Promise.allSettled` never rejects,
-    // so no second closure is left uncalled (and leaked).
-    let settled = match provider.call0(&JsValue::NULL) {
-        Ok(value) => Promise::all_settled(&Array::of1(&value)),
-        Err(thrown) => Promise::all_settled(&Array::of1(&Promise::reject(&thrown))),
+    let value = match provider.call0(&JsValue::NULL) {
+        Ok(value) => value,
+        Err(thrown) => Promise::reject(&thrown).into(),
     };
-    let callback = Closure::once_into_js(move |results: JsValue| {
-        let result = Array::from(&results).get(0);
-        let field = |name: &str| Reflect::get(&result, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED);
-        let outcome = if field("status").as_string().as_deref() == Some("fulfilled") {
-            match field("value").as_string() {
+    crate::promise::settle(&value, move |outcome| {
+        done(match outcome {
+            Ok(value) => match value.as_string() {
                 Some(token) if !token.is_empty() => Ok(token),
                 _ => Err("the token function gave no string".to_string()),
-            }
-        } else {
-            Err(format!(
-                "the token function failed: {}",
-                crate::describe(&field("reason"))
-            ))
-        };
-        done(outcome);
+            },
+            Err(reason) => Err(format!("the token function failed: {}", crate::describe(&reason))),
+        });
     });
-    if let Ok(then) = Reflect::get(&settled, &JsValue::from_str("then")).and_then(|then| then.dyn_into::<Function>()) {
-        let _ = then.call1(&settled, &callback);
-    }
 }

@@ -131,7 +131,11 @@ pub async fn open(state: WebSocketState, request: Request) -> Response {
     };
     let sessions = &state.http_sessions;
     let id = format!("{}{}", sessions.0.prefix, random_id());
-    let (wire, down_stream, to_machine) = wire::session(wire::session_event(&id, encoding));
+    let (wire, down_stream, to_machine) = wire::session(wire::session_event(
+        &id,
+        encoding,
+        sessions.0.context.settings.ping_interval,
+    ));
     {
         let mut live = sessions.0.live.lock().expect("not poisoned");
         if live.len() >= sessions.0.max {

@@ -174,9 +174,12 @@ pub fn event(message: &Message) -> Bytes {
     event.freeze()
 }
 
-/// The `session` event that opens a down-stream.
-pub fn session_event(id: &str, encoding: Encoding) -> Bytes {
-    let data = serde_json::json!({ "session": id, "protocol": encoding.name() });
+/// The `session` event that opens a down-stream: the id POSTs name, and
+/// how often the server pings (a client that hears nothing, not even a
+/// ping, for two intervals may take the session for lost).
+pub fn session_event(id: &str, encoding: Encoding, ping_interval: Duration) -> Bytes {
+    let ping_ms = u64::try_from(ping_interval.as_millis()).unwrap_or(u64::MAX);
+    let data = serde_json::json!({ "session": id, "protocol": encoding.name(), "pingMs": ping_ms });
     Bytes::from(format!("event: session\ndata: {data}\n\n"))
 }
 
