@@ -452,7 +452,7 @@ async fn v2_client(balancer: Arc<Balancer>, pki: Arc<Pki>, tally: Arc<Tally>, st
                         _ if !started => {
                             // The socket closed before the server started this
                             // call: an `open` that crossed the server's goaway
-                            // (docs/websocket-protocol-v2.md, "Drain"). Never
+                            // (docs/protocol-v2.md, "Drain"). Never
                             // processed, so retried; the application sees 14.
                             tally.unanswered.fetch_add(1, Ordering::Relaxed);
                             tally.cut.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,6 @@
 // WebSocket protocol v2 from a real browser: headless Chromium's own
 // WebSocket, no client library, speaking `streambridge.v2.json` exactly as
-// docs/websocket-protocol-v2.md and the README show it. Two calls of two
+// docs/protocol-v2.md and the README show it. Two calls of two
 // different services on one socket, in one batch.
 //
 // STREAMBRIDGE_BASE_URL: the server (cargo xtask test starts one).

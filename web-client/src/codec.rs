@@ -1,5 +1,5 @@
 //! Protocol v2 records on the wire, in both encodings
-//! (docs/websocket-protocol-v2.md).
+//! (docs/protocol-v2.md).
 //!
 //! Outgoing: a [`Batch`] collects the records of one turn of the event loop
 //! and becomes one WebSocket message. JSON records are written as text

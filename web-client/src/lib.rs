@@ -1,5 +1,5 @@
 //! A typed JavaScript client for streambridge over WebSocket protocol v2
-//! (docs/websocket-protocol-v2.md): one socket per client carries every
+//! (docs/protocol-v2.md): one socket per client carries every
 //! call, everything sent in one turn of the event loop travels as one
 //! WebSocket message, and the client reconnects by itself.
 //!

@@ -10,6 +10,12 @@ use wasm_bindgen::prelude::*;
 /// value, or why it rejected. `done` runs later, from the promise's
 /// settling, never during this call.
 pub fn settle(value: &JsValue, done: impl FnOnce(Result<JsValue, JsValue>) + 'static) {
+    settle_boxed(value, Box::new(done));
+}
+
+/// One closure type for every caller: each `Closure` type costs the
+/// package its own glue.
+fn settle_boxed(value: &JsValue, done: Box<dyn FnOnce(Result<JsValue, JsValue>)>) {
     let settled = Promise::all_settled(&Array::of1(value));
     let callback = Closure::once_into_js(move |results: JsValue| {
         let result = Array::from(&results).get(0);

@@ -251,7 +251,7 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
     }
 
-    /// The example session of docs/websocket-protocol-v2.md, byte for byte.
+    /// The example session of docs/protocol-v2.md, byte for byte.
     #[test]
     fn the_documented_proto_session_is_what_the_types_encode() {
         let open = ClientRecord {

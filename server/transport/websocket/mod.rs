@@ -1,6 +1,6 @@
 //! The WebSocket bridge at `/ws`: the HTTP upgrade, the subprotocol choice
 //! and the origin check. Every accepted socket runs on one call machine
-//! ([`v2`]): protocol v2's many calls (`docs/websocket-protocol-v2.md`), or
+//! ([`v2`]): protocol v2's many calls (`docs/protocol-v2.md`), or
 //! protocol v1's one ([`v1`], `docs/websocket-protocol.md`).
 //!
 //! The upgrade is done here with hyper and tokio-tungstenite rather than

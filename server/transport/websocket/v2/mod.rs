@@ -1,6 +1,6 @@
 //! WebSocket protocol v2 on one socket: many calls of any method, records
 //! batched into WebSocket messages, flow control per call
-//! (`docs/websocket-protocol-v2.md`). Protocol v1 runs on the same machine,
+//! (`docs/protocol-v2.md`). Protocol v1 runs on the same machine,
 //! as one implicit call in its own envelope ([`super::v1`]).
 //!
 //! One task owns the socket and drives every call on it: there is no task

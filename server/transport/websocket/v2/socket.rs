@@ -375,7 +375,7 @@ impl Socket {
         self.draining = true;
         let message = "server shutting down: finish your calls, open new ones elsewhere".into();
         self.batch.record(0, Kind::GoAway(v2::GoAway { message }));
-        // Live calls run on (docs/websocket-protocol-v2.md §7). The
+        // Live calls run on (docs/protocol-v2.md §7). The
         // built-in service ends its own at the drain, as it does on
         // every transport (status 14: safe to retry elsewhere).
         for call in self.builtin_calls() {
