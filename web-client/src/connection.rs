@@ -18,8 +18,8 @@ use wasm_bindgen::prelude::*;
 use crate::call::{self, CallRef};
 use crate::codec::{BATCH_LIMIT, Batch, Frame, Incoming, decode_binary, decode_text};
 use crate::error::{CallStatus, code};
-use crate::session::{self, SessionRef};
 use crate::http_link::HttpLink;
+use crate::session::{self, SessionRef};
 use crate::socket::{Socket, SocketEvent};
 use crate::timer::queue_microtask;
 
@@ -124,7 +124,9 @@ impl Connection {
         connection.borrow_mut().flush = Some(flush.into_js_value().unchecked_into());
 
         let (weak, session) = (Rc::downgrade(&connection), Rc::downgrade(session));
-        let on_link_event = move |event| on_event(&weak, &session, event);
+        // Boxed: each transport takes the handler as a generic, and a plain
+        // closure would put a copy of the whole dispatch into each.
+        let on_link_event: Box<dyn FnMut(SocketEvent)> = Box::new(move |event| on_event(&weak, &session, event));
         let link = match transport {
             TransportKind::WebSocket => {
                 let mut offers = vec![encoding.name().to_string()];

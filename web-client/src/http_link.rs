@@ -10,7 +10,6 @@
 //! trip is one POST and the reply on the open down-stream).
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 
 use base64::Engine;
@@ -51,8 +50,8 @@ struct LinkState {
     /// The next POST's `seq`.
     seq: u64,
     posting: bool,
-    /// Batches written while a POST was in flight.
-    queued: VecDeque<Frame>,
+    /// Batches written while a POST was in flight, in order.
+    queued: Vec<Frame>,
     /// A `ping` came: the next POST (an empty one if there is nothing else)
     /// answers it.
     pong_owed: bool,
@@ -99,7 +98,7 @@ impl HttpLink {
             session: None,
             seq: 0,
             posting: false,
-            queued: VecDeque::new(),
+            queued: Vec::new(),
             pong_owed: false,
             abort,
             unparsed: Vec::new(),
@@ -113,7 +112,11 @@ impl HttpLink {
             let Some(state) = weak.upgrade() else { return };
             match answer {
                 Ok(response) => on_open_answer(&state, response.unchecked_into()),
-                Err(error) => end(&state, ABNORMAL, format!("the session request failed: {}", crate::describe(&error))),
+                Err(error) => end(
+                    &state,
+                    ABNORMAL,
+                    format!("the session request failed: {}", crate::describe(&error)),
+                ),
             }
         });
         Ok(HttpLink { state })
@@ -121,7 +124,7 @@ impl HttpLink {
 
     /// Sends one batch: now, or after the POST in flight.
     pub fn send(&self, frame: Frame) {
-        self.state.borrow_mut().queued.push_back(frame);
+        self.state.borrow_mut().queued.push(frame);
         post_next(&self.state);
     }
 
@@ -200,7 +203,11 @@ fn read_next(weak: Weak<RefCell<LinkState>>, reader: ReadableStreamDefaultReader
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(error) => {
-                return end(&state, ABNORMAL, format!("the down-stream broke: {}", crate::describe(&error)));
+                return end(
+                    &state,
+                    ABNORMAL,
+                    format!("the down-stream broke: {}", crate::describe(&error)),
+                );
             }
         };
         let field = |name: &str| Reflect::get(&chunk, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED);
@@ -236,7 +243,8 @@ struct Event {
 fn next_event(unparsed: &mut Vec<u8>) -> Option<Event> {
     let end = unparsed.windows(2).position(|pair| pair == b"\n\n")?;
     let block: Vec<u8> = unparsed.drain(..end + 2).collect();
-    let text = String::from_utf8_lossy(&block[..end]);
+    // The server writes UTF-8; anything else is no event of this protocol.
+    let text = std::str::from_utf8(&block[..end]).unwrap_or_default();
     let mut event = Event {
         name: String::new(),
         data: String::new(),
@@ -340,7 +348,12 @@ fn post_next(state: &Rc<RefCell<LinkState>>) {
         let body = merge(&mut link.queued);
         link.posting = true;
         link.pong_owed = false;
-        let url = format!("{}{}session={session}&seq={}", link.url, if link.url.contains('?') { '&' } else { '?' }, link.seq);
+        let url = format!(
+            "{}{}session={session}&seq={}",
+            link.url,
+            if link.url.contains('?') { '&' } else { '?' },
+            link.seq
+        );
         (url, body)
     };
     let init = RequestInit::new();
@@ -371,7 +384,11 @@ fn post_next(state: &Rc<RefCell<LinkState>>) {
                     let text = response.text().unwrap_or_else(|error| Promise::reject(&error));
                     settle(&text, move |body| {
                         let body = body.ok().and_then(|body| body.as_string()).unwrap_or_default();
-                        end(&state, ABNORMAL, format!("a POST was refused: HTTP {status}: {}", body.trim_end()));
+                        end(
+                            &state,
+                            ABNORMAL,
+                            format!("a POST was refused: HTTP {status}: {}", body.trim_end()),
+                        );
                     });
                 }
             }
@@ -383,20 +400,32 @@ fn post_next(state: &Rc<RefCell<LinkState>>) {
 /// The queued batches as one POST body (batches concatenate: proto's
 /// repeated records merge, JSON arrays are joined), up to [`BATCH_LIMIT`];
 /// `None` for an empty POST.
-fn merge(queued: &mut VecDeque<Frame>) -> Option<Frame> {
-    let mut body = queued.pop_front()?;
-    while let Some(next) = queued.front() {
-        let fits = body.len() + next.len() <= BATCH_LIMIT;
+fn merge(queued: &mut Vec<Frame>) -> Option<Frame> {
+    if queued.is_empty() {
+        return None;
+    }
+    let mut taken = 1;
+    let mut size = queued[0].len();
+    while let Some(next) = queued.get(taken)
+        && size + next.len() <= BATCH_LIMIT
+    {
+        size += next.len();
+        taken += 1;
+    }
+    let mut frames = queued.drain(..taken);
+    let mut body = frames.next()?;
+    for next in frames {
         match (&mut body, next) {
-            (Frame::Binary(body), Frame::Binary(next)) if fits => body.extend_from_slice(next),
-            (Frame::Text(body), Frame::Text(next)) if fits && body.ends_with(']') && next.starts_with('[') => {
+            (Frame::Binary(body), Frame::Binary(next)) => body.extend_from_slice(&next),
+            (Frame::Text(body), Frame::Text(next)) => {
+                // `[a,b]` and `[c]` make `[a,b,c]`.
                 body.pop();
                 body.push(',');
-                body.push_str(&next[1..]);
+                body.push_str(next.strip_prefix('[').unwrap_or(&next));
             }
-            _ => break,
+            // One connection has one encoding.
+            _ => {}
         }
-        queued.pop_front();
     }
     Some(body)
 }

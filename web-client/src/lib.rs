@@ -51,8 +51,8 @@ use streambridge_protocol::v2::Encoding;
 use wasm_bindgen::prelude::*;
 
 use crate::call::{CallRef, CallSpec, Shape};
-use crate::connection::TransportKind;
 use crate::codec::{Payload, push_json_string};
+use crate::connection::TransportKind;
 use crate::error::{CallStatus, code, stream_error};
 use crate::session::{Backoff, Options, Session, SessionRef};
 use crate::token::TokenSource;
@@ -551,7 +551,11 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
                 .collect();
             match kinds {
                 Some(kinds) if !kinds.is_empty() && js_sys::Array::is_array(&list) => kinds,
-                _ => return Err(invalid("transports must be a non-empty array of 'websocket' and 'http'")),
+                _ => {
+                    return Err(invalid(
+                        "transports must be a non-empty array of 'websocket' and 'http'",
+                    ));
+                }
             }
         }
     };

@@ -220,7 +220,11 @@ fn open_connection(session: &SessionRef, token: Option<&str>) -> Result<(), JsVa
     let (url, encoding, transport) = {
         let state = session.borrow();
         let transports = &state.options.transports;
-        (state.url.clone(), state.options.encoding, transports[state.fallback.min(transports.len() - 1)])
+        (
+            state.url.clone(),
+            state.options.encoding,
+            transports[state.fallback.min(transports.len() - 1)],
+        )
     };
     let connection = Connection::open(&url, transport, encoding, token, session)?;
     session.borrow_mut().current = Some(connection);
