@@ -258,3 +258,34 @@ async fn token_and_origin_are_checked_as_for_websockets() {
         "seq 0 is still free"
     );
 }
+
+#[tokio::test]
+async fn a_cancel_posted_ends_a_hanging_call_at_the_service() {
+    let (server, mut cancelled) = support::upstream::EchoUpstream::added_to_bridge(|_| {}).await;
+    let mut link = session(&server).await;
+    let (status, body) = link
+        .post(batch(
+            r#"[{"call":1,"open":{"method":"/streambridge.testing.Echo/ServerStream"}},{"call":1,"message":{"text":"a","repeat":1,"hang":true}},{"call":1,"closeSend":{}}]"#,
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let mut seen = String::new();
+    while !seen.contains("\"a 0\"") && !seen.contains("a 0") {
+        seen.push_str(&link.next_non_ping().await.expect("the first reply").data);
+    }
+    let text = metrics_text(server.addr()).await;
+    assert_eq!(
+        metric(&text, r#"streambridge_active_streams{transport="http"}"#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        link.post(batch(r#"[{"call":1,"cancel":{}}]"#)).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        within("the service sees the cancel", cancelled.recv()).await,
+        Some("server_stream")
+    );
+    within("call released", server.calls.wait_for(Transport::Http, 0)).await;
+}

@@ -19,6 +19,12 @@ export interface StreambridgeTransportOptions {
   window?: number;
   /** Calls live on the socket at once (default 100: the server's `--ws-max-calls`); more wait. */
   maxCalls?: number;
+  /**
+   * The ways to reach the server, in order (default `['websocket', 'http']`):
+   * as `DataClient.connect`'s `transports`. Behind a proxy that refuses
+   * WebSockets, every call runs over the HTTP fallback unchanged.
+   */
+  transports?: ('websocket' | 'http')[];
   /** Interceptors applied to every call, as on every connect-es transport. */
   interceptors?: Interceptor[];
   /** The deadline of calls that set no `timeoutMs` of their own. */

@@ -29,7 +29,7 @@ export function createStreambridgeTransport(options) {
     throw new TypeError('createStreambridgeTransport: options.url (the bridge\'s ws:// or wss:// URL) is required');
   }
   const connectOptions = { codec: 'proto' };
-  for (const name of ['token', 'reconnect', 'window', 'maxCalls']) {
+  for (const name of ['token', 'reconnect', 'window', 'maxCalls', 'transports']) {
     if (options[name] !== undefined) connectOptions[name] = options[name];
   }
   let client;

@@ -18,13 +18,20 @@ declare global {
 }
 
 const url = `ws://${location.host}/ws`;
+// `?transport=http`: every call over the HTTP fallback instead of the WebSocket.
+const only = new URLSearchParams(location.search).get('transport');
+const label = only ?? 'websocket';
 const intercepted: string[] = [];
 const stamp: Interceptor = (next) => async (req) => {
   req.header.set('x-intercepted', 'yes');
   intercepted.push(req.method.name);
   return await next(req);
 };
-const transport = createStreambridgeTransport({ url, interceptors: [stamp] });
+const transport = createStreambridgeTransport({
+  url,
+  interceptors: [stamp],
+  ...(only === 'http' ? { transports: ['http' as const] } : {}),
+});
 const echo = createClient(Echo, transport);
 
 /** A ConnectError as plain data. */
@@ -39,14 +46,14 @@ function failure(error: unknown) {
   };
 }
 
-/** The bridge's live WebSocket calls, from its /metrics. */
+/** The bridge's live calls on this page's transport, from its /metrics. */
 async function liveCalls(): Promise<number> {
   const text = await (await fetch('/metrics')).text();
-  const line = text.split('\n').find((l) => l.startsWith('streambridge_active_streams{transport="websocket"}'));
+  const line = text.split('\n').find((l) => l.startsWith(`streambridge_active_streams{transport="${label}"}`));
   return Number(line?.split(' ').pop() ?? NaN);
 }
 
-/** Whether the bridge's live WebSocket calls fall to 0 (looked at for up to 5 s). */
+/** Whether the bridge's live calls fall to 0 (looked at for up to 5 s). */
 async function noLiveCalls(): Promise<boolean> {
   for (let look = 0; look < 250; look++) {
     if ((await liveCalls()) === 0) return true;

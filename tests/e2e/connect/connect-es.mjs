@@ -70,12 +70,12 @@ test('connect-es clients run on the streambridge transport', async (t) => {
 
   const browser = await launchChromium();
   try {
-    for (const bridge of bridges) {
-      await t.test(bridge.name, async () => {
+    for (const [bridge, transport] of bridges.flatMap((bridge) => [[bridge, 'websocket'], [bridge, 'http']])) {
+      await t.test(`${bridge.name} over ${transport}`, async () => {
         const page = await browser.newPage();
         const problems = [];
         page.on('pageerror', (error) => problems.push(error.message));
-        await page.goto(`http://${bridge.address}/index.html`);
+        await page.goto(`http://${bridge.address}/index.html?transport=${transport}`);
         await page.waitForFunction(() => window.ready !== undefined);
         await page.evaluate(() => window.ready);
         const run = (name) => page.evaluate((name) => window.scenarios[name](), name);
@@ -110,7 +110,11 @@ test('connect-es clients run on the streambridge transport', async (t) => {
         assert.equal((await run('deadline')).code, 'DeadlineExceeded');
         assert.equal(await run('fiftyUnary'), true);
         const counts = await run('counts');
-        assert.equal(counts.sockets, 1, 'one WebSocket for every call of every client');
+        if (transport === 'http') {
+          assert.equal(counts.sockets, 0, 'no WebSocket: every call over the HTTP fallback');
+        } else {
+          assert.equal(counts.sockets, 1, 'one WebSocket for every call of every client');
+        }
         assert.ok(counts.intercepted >= 57, `the interceptor saw every call: ${counts.intercepted}`);
         assert.deepEqual(problems, []);
         await page.close();
