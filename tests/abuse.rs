@@ -426,3 +426,103 @@ async fn paths_no_file_can_have_get_404_with_a_body_and_no_redirect() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An HTTP session of the built-in service, and its id.
+async fn http_session_id(server: &TestServer) -> support::http_session::HttpLink {
+    support::http_session::open(server, "streambridge.v2.json", &[])
+        .await
+        .expect("session opens")
+}
+
+#[tokio::test]
+async fn an_http_session_post_whose_body_stalls_is_answered_408_and_ends_the_session() {
+    let server = TestServer::start_with(|c| c.request_body_timeout = SHORT).await;
+    let mut link = http_session_id(&server).await;
+    // A body announced as 100 bytes, of which 10 ever come.
+    let mut socket = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /ws?session={}&seq=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n[{{\"call\":1",
+        link.id
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&closed_or_answered(&mut socket).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--request-body-timeout"), "{answer}");
+    assert_eq!(link.next_event().await, None, "the session ended with it");
+    assert_eq!(
+        link.post(Bytes::from_static(b"[]")).await.0,
+        http::StatusCode::NOT_FOUND
+    );
+}
+
+/// Reads one HTTP answer (up to the server closing, or the end of its body).
+async fn closed_or_answered(socket: &mut TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = within("an answer", socket.read(&mut buffer)).await.unwrap_or(0);
+        if read == 0 {
+            return answer;
+        }
+        answer.extend_from_slice(&buffer[..read]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            // A 204 has no body; otherwise the body is as long as it says.
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .and_then(|length| length.trim().parse::<usize>().ok());
+            if head.starts_with("HTTP/1.1 204") || length.is_some_and(|length| body.len() >= length) {
+                return answer;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_second_post_while_one_is_in_flight_is_refused_unread_and_the_first_goes_on() {
+    let server = TestServer::start().await;
+    let mut link = http_session_id(&server).await;
+    assert_eq!(
+        link.post(Bytes::from_static(b"[]")).await.0,
+        http::StatusCode::NO_CONTENT
+    );
+    // POST seq 1, whose body is still coming (only its first bytes are sent).
+    let mut first = TcpStream::connect(server.addr).await.unwrap();
+    let records = r#"[{"call":1,"open":{"method":"/DataService/BidirectionalStream"}},{"call":1,"message":{"data":"one"}},{"call":1,"closeSend":{}}]"#;
+    let head = format!(
+        "POST /ws?session={}&seq=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        link.id,
+        records.len()
+    );
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&records.as_bytes()[..10]).await.unwrap();
+    // Another POST (a repeat of seq 0, 4 MiB) meanwhile: once the first
+    // holds the session, it is refused without its body being read, so a
+    // session holds at most one body. (Until the first has reached the
+    // session, the repeat is acknowledged and not applied.)
+    let client = http1_client();
+    let url = server.http_url("/ws");
+    let refused = within("the repeat is refused", async {
+        loop {
+            let body = Bytes::from(vec![b' '; 4 << 20]);
+            let (status, text) = support::http_session::post(&client, &url, &link.id, 0, body, &[]).await;
+            if status == http::StatusCode::CONFLICT {
+                return text;
+            }
+            assert_eq!(status, http::StatusCode::NO_CONTENT, "{text}");
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(refused.contains("in flight"), "{refused}");
+    // The first one completes and is applied.
+    first.write_all(&records.as_bytes()[10..]).await.unwrap();
+    let answer = String::from_utf8_lossy(&closed_or_answered(&mut first).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let mut seen = String::new();
+    while !seen.contains("status") {
+        seen.push_str(&link.next_non_ping().await.expect("the reply").data);
+    }
+    assert!(seen.contains("processed: one"), "{seen}");
+}

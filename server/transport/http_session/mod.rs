@@ -50,6 +50,8 @@ struct Sessions {
     max: usize,
     /// `--http-session-route`, with its `.`, or empty.
     prefix: String,
+    /// `--request-body-timeout`: a POST body that stalls this long fails.
+    body_timeout: std::time::Duration,
     /// The machine's context for sessions: the sockets' own, labelled
     /// `http`, pinging every half of `--http-session-idle-timeout`.
     context: Arc<SocketContext>,
@@ -86,6 +88,7 @@ impl HttpSessions {
                 .as_ref()
                 .map(|route| format!("{route}."))
                 .unwrap_or_default(),
+            body_timeout: config.request_body_timeout,
             context: Arc::new(context),
         }))
     }
@@ -224,28 +227,43 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
             ),
         );
     };
-    let settings = &state.http_sessions.0.context.settings;
+    // One POST at a time per session (its client waits for each answer):
+    // a second one is refused before its body is read, so a session holds
+    // at most one body in memory.
+    let Ok(mut inbox) = inbox.state.try_lock() else {
+        return refuse(
+            StatusCode::CONFLICT,
+            "another POST of this session is in flight: send the next once it is answered",
+        );
+    };
+    let sessions = &state.http_sessions.0;
     // v2 carries records around each message: a batch holding a message of
     // the largest size fits with 64 KiB to spare (as a WebSocket message).
-    let limit = settings.max_message_size.saturating_add(64 * 1024);
+    let limit = sessions.context.settings.max_message_size.saturating_add(64 * 1024);
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|length| length.to_str().ok()?.parse::<usize>().ok());
     let batch = match declared {
         Some(size) if size > limit => Err(size),
-        _ => match Limited::new(body, limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(error) if error.is::<LengthLimitError>() => Err(limit + 1),
-            Err(_) => {
-                // The client went away mid-body: it does not know what
-                // arrived, so it will not reuse the session; neither do we.
+        _ => match tokio::time::timeout(sessions.body_timeout, Limited::new(body, limit).collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.is::<LengthLimitError>() => Err(limit + 1),
+            broken => {
+                // The body broke off or stalled: the client does not know
+                // what arrived, so it will not reuse the session; neither do we.
+                drop(inbox);
                 state.http_sessions.end(&id);
-                return refuse(StatusCode::BAD_REQUEST, "the request body broke off");
+                return match broken {
+                    Err(_) => refuse(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body stalled (--request-body-timeout); the session ended",
+                    ),
+                    _ => refuse(StatusCode::BAD_REQUEST, "the request body broke off; the session ended"),
+                };
             }
         },
     };
-    let mut inbox = inbox.state.lock().await;
     let message = match batch {
         Err(size) => {
             // As a WebSocket message over the limit: the session fails (its
