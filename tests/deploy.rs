@@ -257,9 +257,20 @@ impl Balancer {
     }
 }
 
+/// Instance `i`'s flags: `args`, and the route its HTTP sessions' ids
+/// start with, which the shipped configs send their POSTs by (`s1`, `s2`).
+fn instance_args<'a>(i: usize, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    all.extend(["--http-session-route", ["s1", "s2"][i]]);
+    all
+}
+
 /// Two instances on ports of their own.
 async fn instances(args: &[&str]) -> [ServerProcess; 2] {
-    [ServerProcess::start(args).await, ServerProcess::start(args).await]
+    [
+        ServerProcess::start(&instance_args(0, args)).await,
+        ServerProcess::start(&instance_args(1, args)).await,
+    ]
 }
 
 async fn every_transport(kind: Kind) {
@@ -575,13 +586,14 @@ struct BrowserClients {
 }
 
 impl BrowserClients {
-    async fn start(balancer: &Balancer, pki: &Pki, clients: usize) -> BrowserClients {
+    async fn start(balancer: &Balancer, pki: &Pki, clients: usize, http_clients: usize) -> BrowserClients {
         let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
         let mut child = Command::new("node")
             .arg("deploy-clients.mjs")
             .current_dir(&e2e)
             .env("STREAMBRIDGE_BASE_URL", format!("https://localhost:{}", balancer.port))
             .env("STREAMBRIDGE_CLIENTS", clients.to_string())
+            .env("STREAMBRIDGE_HTTP_CLIENTS", http_clients.to_string())
             .env("STREAMBRIDGE_CA_SPKI", spki_hash(pki))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -655,7 +667,8 @@ async fn rolling_restart(kind: Kind) {
     let mut servers = instances(&["--drain-timeout", DRAIN]).await;
     let addrs = [servers[0].server.0, servers[1].server.0];
     let balancer = Arc::new(Balancer::start(kind, addrs, &pki).await);
-    let mut browser = BrowserClients::start(&balancer, &pki, 10).await;
+    // Ten on WebSockets, five on the HTTP fallback (`transports: ['http']`).
+    let mut browser = BrowserClients::start(&balancer, &pki, 10, 5).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let advanced = Arc::new(tokio::sync::Notify::new());
@@ -720,7 +733,8 @@ async fn rolling_restart(kind: Kind) {
         servers[i].terminate();
         let status = within("the instance exits", servers[i].child.wait()).await.unwrap();
         exits.push((status.code(), started.elapsed()));
-        servers[i] = ServerProcess::start_at(&addrs[i].to_string(), &["--drain-timeout", DRAIN]).await;
+        servers[i] =
+            ServerProcess::start_at(&addrs[i].to_string(), &instance_args(i, &["--drain-timeout", DRAIN])).await;
         progress(replied()).await;
     }
     browser.progressed().await;
@@ -746,7 +760,10 @@ async fn rolling_restart(kind: Kind) {
             "{kind:?} {name}: sent {sent}, replied {replied}, cut {unanswered}"
         );
     }
-    for client in report["clients"].as_array().expect("browser clients") {
+    let clients = report["clients"].as_array().expect("browser clients");
+    let over = |transport: &str| clients.iter().filter(|c| c["transport"] == transport).count();
+    assert_eq!((over("websocket"), over("http")), (10, 5), "{kind:?}: {clients:?}");
+    for client in clients {
         let sent = client["sent"].as_u64().unwrap();
         let replied = client["replied"].as_u64().unwrap();
         let unanswered = client["unanswered"].as_u64().unwrap();
@@ -776,7 +793,7 @@ async fn rolling_restart(kind: Kind) {
         "rolling restart behind {kind:?}: instances exited in {:?} (codes {:?}); \
          v2 (Rust, 10): {} requests, {} calls cut, longest gap {} ms; \
          gRPC (tonic, 4): {} requests, {} streams cut, longest gap {} ms; \
-         browser (WASM client, 10): {}",
+         browser (WASM client, 10 on WebSockets and 5 on the HTTP fallback): {}",
         exits.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
         exits.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
         sum(&v2, |t| t.sent.load(Ordering::Relaxed)),

@@ -1,14 +1,16 @@
 // WASM clients in headless Chromium for tests/deploy.rs's rolling restart
 // (not a test of its own). Opens the page through the load balancer (HTTPS,
 // trusting only the test's certificate), starts STREAMBRIDGE_CLIENTS
-// clients, each ping-ponging on one DataService stream and starting a new
-// one whenever a stream is cut, and talks to the Rust test over stdio:
+// clients (STREAMBRIDGE_HTTP_CLIENTS more on the HTTP fallback, with
+// `transports: ['http']`), each ping-ponging on one DataService stream and
+// starting a new one whenever a stream is cut, and talks to the Rust test
+// over stdio:
 //
 //   prints `ready`        once every client has replies;
 //   reads  `mark`         then prints `progressed` once every client has 20
 //                         more replies (the restarts are over);
 //   reads  `stop`         then stops the clients and prints one JSON line:
-//                         { clients: [{ sent, replied, unanswered, cut,
+//                         { clients: [{ transport, sent, replied, unanswered, cut,
 //                         repliedAfterRestart, longestOfflineMs, longestGapMs }],
 //                         summary }: a gap is from a cut to the next reply.
 //
@@ -20,6 +22,7 @@ import { chromiumArgs, executablePath } from './chromium.mjs';
 
 const base = process.env.STREAMBRIDGE_BASE_URL;
 const count = Number(process.env.STREAMBRIDGE_CLIENTS ?? 10);
+const httpCount = Number(process.env.STREAMBRIDGE_HTTP_CLIENTS ?? 0);
 const spki = process.env.STREAMBRIDGE_CA_SPKI;
 
 const browser = await chromium.launch({
@@ -30,17 +33,19 @@ try {
   const page = await browser.newPage();
   page.on('pageerror', (error) => console.log(`page error: ${error.message}`));
   await page.goto(base + '/');
-  await page.evaluate(async (count) => {
+  await page.evaluate(async ([count, httpCount]) => {
     // The page's app.js may still be loading the module: init() is idempotent.
     const { default: init, DataClient } = await import('/pkg/streambridge_client.js');
     await init();
     const url = `wss://${location.host}/ws`;
     window.tallies = [];
-    for (let i = 0; i < count; i++) {
-      const tally = { sent: 0, replied: 0, unanswered: 0, cut: 0, mark: 0, longestOfflineMs: 0, longestGapMs: 0, stop: false };
+    for (let i = 0; i < count + httpCount; i++) {
+      const transports = i < count ? ['websocket'] : ['http'];
+      const tally = { transport: transports[0], sent: 0, replied: 0, unanswered: 0, cut: 0, mark: 0, longestOfflineMs: 0, longestGapMs: 0, stop: false };
       window.tallies.push(tally);
       tally.done = (async () => {
-        const client = await DataClient.connect(url, { reconnect: { initialDelayMs: 50, maxDelayMs: 500 } });
+        const client = await DataClient.connect(url, { transports, reconnect: { initialDelayMs: 50, maxDelayMs: 500 } });
+        if (client.transport !== transports[0]) throw new Error(`connected over ${client.transport}`);
         let offlineSince = null;
         let lostAt = null;
         client.onstatechange = (state) => {
@@ -78,7 +83,7 @@ try {
         client.close();
       })();
     }
-  }, count);
+  }, [count, httpCount]);
   const everyClientHas = (n) =>
     page.waitForFunction((n) => window.tallies.every((t) => t.replied - t.mark >= n), n, { timeout: 60_000 });
   await everyClientHas(5);
@@ -92,7 +97,8 @@ try {
       const clients = await page.evaluate(async () => {
         window.tallies.forEach((t) => (t.stop = true));
         await Promise.all(window.tallies.map((t) => t.done));
-        return window.tallies.map(({ sent, replied, unanswered, cut, mark, longestOfflineMs, longestGapMs }) => ({
+        return window.tallies.map(({ transport, sent, replied, unanswered, cut, mark, longestOfflineMs, longestGapMs }) => ({
+          transport,
           sent,
           replied,
           unanswered,
@@ -104,7 +110,7 @@ try {
       });
       const sum = (key) => clients.reduce((total, c) => total + c[key], 0);
       const longest = (key) => Math.max(...clients.map((c) => c[key]));
-      const summary = `${clients.length} clients, ${sum('sent')} requests, ${sum('cut')} streams cut, ` +
+      const summary = `${clients.length} clients (${httpCount} over HTTP), ${sum('sent')} requests, ${sum('cut')} streams cut, ` +
         `longest gap ${longest('longestGapMs')} ms, longest without a socket ${longest('longestOfflineMs')} ms`;
       console.log(JSON.stringify({ clients, summary }));
       break;
