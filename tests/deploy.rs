@@ -772,6 +772,13 @@ async fn rolling_restart(kind: Kind) {
             client["repliedAfterRestart"].as_u64().unwrap() > 0,
             "{kind:?}: {client}"
         );
+        // Only a restart cuts a stream: at each, the live one and perhaps a
+        // retry that reached the draining instance first. (An HTTP session
+        // whose POSTs reached the wrong instance would be cut at every turn.)
+        assert!(
+            client["cut"].as_u64().unwrap() <= 3 * 2,
+            "{kind:?}: streams cut without a restart to cut them: {client}"
+        );
     }
     for (code, took) in &exits {
         assert_eq!(*code, Some(0), "{kind:?}: the instance drained in time");
