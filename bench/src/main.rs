@@ -28,6 +28,7 @@
 
 mod grpc_load;
 mod grpc_web_load;
+mod http_session_load;
 mod measure;
 mod report;
 mod scenarios;
@@ -330,6 +331,16 @@ async fn bench_server(
                 if timing.selects(&load.name()) {
                     outcomes.push(measure_load(&running, load, payload, timing, None).await);
                 }
+                // The same over the HTTP fallback: its CPU per message beside the socket's.
+                let load = Load::HttpV2 {
+                    codec,
+                    sessions: 200,
+                    calls: 10,
+                    window: 8,
+                };
+                if timing.selects(&load.name()) {
+                    outcomes.push(measure_load(&running, load, payload, timing, None).await);
+                }
                 // At exactly the rate v1's fixed-rate scenario was offered this
                 // round, so CPU per message compares at one message rate.
                 let v1_rate = outcomes
@@ -381,6 +392,11 @@ async fn bench_server(
                 outcomes.push(memory_outcome(&fresh, name, memory));
             }
         }
+    }
+    if server.is_builtin_streambridge() && timing.selects("idle http sessions") {
+        let fresh = programs.start(server)?;
+        let memory = scenarios::idle_http_sessions(&fresh, timing.idle_calls).await;
+        outcomes.push(memory_outcome(&fresh, "idle http sessions", memory));
     }
     if server.speaks_grpc() && !server.is_proxy() && timing.selects("idle grpc streams") {
         let fresh = programs.start(server)?;

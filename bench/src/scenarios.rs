@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::measure::{Control, Phase, TaskStats, cpu_time, machine_busy_time, resident_kib};
 use crate::servers::RunningServer;
 use crate::ws_load::{Codec, Frames, Pacing};
-use crate::{grpc_load, grpc_web_load, ws_load, ws2_load};
+use crate::{grpc_load, grpc_web_load, http_session_load, ws_load, ws2_load};
 
 /// Sockets or calls being opened at once while setting up a scenario.
 const SETUP_CONCURRENCY: usize = 64;
@@ -82,6 +82,14 @@ pub enum Load {
         calls: u32,
         pacing: WsPacing,
     },
+    /// Protocol v2 over HTTP (the fallback where WebSockets are blocked):
+    /// the `WsV2` load with `window` in flight, on `sessions` HTTP sessions.
+    HttpV2 {
+        codec: Codec,
+        sessions: usize,
+        calls: u32,
+        window: usize,
+    },
 }
 
 /// How the sockets of a WebSocket scenario send.
@@ -144,6 +152,12 @@ impl Load {
                 calls,
                 pacing: WsPacing::Rate(_),
             } => format!("ws2-{} {sockets}x{calls} fixed-rate", codec.name()),
+            Load::HttpV2 {
+                codec,
+                sessions,
+                calls,
+                window,
+            } => format!("http2-{} {sessions}x{calls}x{window}", codec.name()),
         }
     }
 }
@@ -240,6 +254,28 @@ async fn start_tasks(
         Load::GrpcWeb { connections } => {
             for _ in 0..connections {
                 tasks.push(tokio::spawn(grpc_web_load::drive(addr, payload, control.clone())));
+            }
+        }
+        Load::HttpV2 {
+            codec,
+            sessions,
+            calls,
+            window,
+        } => {
+            let opened: Vec<_> = stream::iter(0..sessions)
+                .map(|_| http_session_load::connect(addr, codec))
+                .buffer_unordered(SETUP_CONCURRENCY)
+                .try_collect()
+                .await?;
+            for session in opened {
+                tasks.push(tokio::spawn(ws2_load::drive(
+                    session,
+                    codec,
+                    calls,
+                    Pacing::Window(window),
+                    payload,
+                    control.clone(),
+                )));
             }
         }
         Load::WsV2 {
@@ -349,6 +385,27 @@ pub async fn idle_ws2(server: &RunningServer, sockets: usize, calls_per_socket: 
         } else {
             sockets * calls_per_socket as usize
         },
+        rss_before_kib: before,
+        rss_after_kib: after,
+    })
+}
+
+/// Resident memory per idle HTTP session (protocol v2 over HTTP, no call),
+/// as `idle_ws2` measures idle sockets.
+pub async fn idle_http_sessions(server: &RunningServer, sessions: usize) -> Result<IdleMemory, String> {
+    for _ in 0..8 {
+        drop(ws2_load::make_idle(http_session_load::connect(server.addr, Codec::Json).await?, 4).await?);
+    }
+    let before = settled_rss(server).await?;
+    let opened: Vec<_> = stream::iter(0..sessions)
+        .map(|_| http_session_load::connect(server.addr, Codec::Json))
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .try_collect()
+        .await?;
+    let after = settled_rss(server).await?;
+    drop(opened);
+    Ok(IdleMemory {
+        calls: sessions,
         rss_before_kib: before,
         rss_after_kib: after,
     })

@@ -189,8 +189,8 @@ fn parse(codec: Codec, message: &Message, expected: &str, verify: bool) -> Resul
 
 /// Drives `calls` calls on one socket until the control says stop and
 /// every reply is in, then half-closes them all and waits for their OK.
-pub async fn drive(
-    mut socket: Socket,
+pub async fn drive<S: Wire>(
+    mut socket: S,
     codec: Codec,
     calls: u32,
     pacing: Pacing,
@@ -297,7 +297,7 @@ pub async fn drive(
 }
 
 /// Half-closes every call, reads their OK statuses, closes the socket.
-async fn finish(socket: &mut Socket, batch: &mut Batch, codec: Codec, calls: u32) -> Result<(), String> {
+async fn finish<S: Wire>(socket: &mut S, batch: &mut Batch, codec: Codec, calls: u32) -> Result<(), String> {
     let ending = async {
         for call in 1..=calls {
             batch.close_send(call);
@@ -320,7 +320,7 @@ async fn finish(socket: &mut Socket, batch: &mut Batch, codec: Codec, calls: u32
                 None => return Err("connection ended before the statuses".into()),
             }
         }
-        let _ = socket.close(None).await;
+        let _ = SinkExt::close(socket).await;
         while let Some(Ok(_)) = socket.next().await {}
         Ok(())
     };
@@ -331,7 +331,13 @@ async fn finish(socket: &mut Socket, batch: &mut Batch, codec: Codec, calls: u32
 
 /// A socket with `calls` idle calls, each after one exchange.
 pub async fn open_idle(addr: SocketAddr, calls: u32) -> Result<Socket, String> {
-    let mut socket = connect(addr, Codec::Json).await?;
+    let socket = connect(addr, Codec::Json).await?;
+    make_idle(socket, calls).await
+}
+
+/// `socket` (a WebSocket or an HTTP session) with `calls` idle calls, each
+/// after one exchange.
+pub async fn make_idle<S: Wire>(mut socket: S, calls: u32) -> Result<S, String> {
     let mut batch = Batch::new(Codec::Json, payload(16));
     for call in 1..=calls {
         batch.open(call);
@@ -357,6 +363,22 @@ pub async fn open_idle(addr: SocketAddr, calls: u32) -> Result<Socket, String> {
         }
     }
     Ok(socket)
+}
+
+/// What the load runs on: a WebSocket, or an HTTP session shaped as one
+/// ([`crate::http_session_load`]).
+pub trait Wire:
+    futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+    + futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+    + Unpin
+{
+}
+
+impl<S> Wire for S where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error>
+        + Unpin
+{
 }
 
 fn write_error(error: tokio_tungstenite::tungstenite::Error) -> String {
