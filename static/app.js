@@ -90,12 +90,21 @@ function addStream() {
   return card;
 }
 
-/** The demo's clients by codec: the page's own (json), and a proto one made when first asked for. */
+/**
+ * The demo's clients by codec: the page's own (json), and the others made
+ * when first asked for: `proto`, and `http-json` / `http-proto` on the HTTP
+ * fallback (for the benchmark: the page itself takes the WebSocket where it can).
+ */
 const demoClients = {};
 
 async function demoClient(codec) {
   if (codec === 'json') return client;
-  demoClients[codec] ??= await DataClient.connect(wsUrl, { token, codec });
+  const overHttp = codec.startsWith('http-');
+  demoClients[codec] ??= await DataClient.connect(wsUrl, {
+    token,
+    codec: overHttp ? codec.slice('http-'.length) : codec,
+    ...(overHttp ? { transports: ['http'] } : {}),
+  });
   return demoClients[codec];
 }
 

@@ -157,7 +157,10 @@ async fn post_in_order(addr: SocketAddr, session: String, mut outgoing: mpsc::Un
         }
         let request = Request::post(format!("/ws?session={session}&seq={seq}"))
             .header("host", addr.to_string())
-            .header("content-type", if json { "text/plain" } else { "application/octet-stream" })
+            .header(
+                "content-type",
+                if json { "text/plain" } else { "application/octet-stream" },
+            )
             .body(Full::new(body.freeze()))
             .unwrap();
         match up.send_request(request).await {

@@ -31,6 +31,11 @@ extern "C" {
     fn fetch(input: &str, init: &RequestInit) -> Promise;
 }
 
+/// How much of the queued batches one POST takes: more than a WebSocket
+/// message ([`BATCH_LIMIT`]), since each POST costs a round trip; far below
+/// what the server takes (`--max-message-size` + 64 KiB).
+const POST_LIMIT: usize = 4 * BATCH_LIMIT;
+
 /// The close code of a session that broke (as a WebSocket's 1006).
 const ABNORMAL: u16 = 1006;
 
@@ -220,10 +225,8 @@ fn read_next(weak: Weak<RefCell<LinkState>>, reader: ReadableStreamDefaultReader
             link.unparsed.extend(bytes.unwrap_or_default());
             link.last_heard = js_sys::Date::now();
         }
-        loop {
-            // Not `while let`: its scrutinee's borrow would last through the body.
-            let event = next_event(&mut state.borrow_mut().unparsed);
-            let Some(event) = event else { break };
+        let events = take_events(&mut state.borrow_mut().unparsed);
+        for event in events {
             on_event(&state, event);
             if state.borrow().ended {
                 return;
@@ -239,12 +242,38 @@ struct Event {
     data: String,
 }
 
-/// Takes the first whole event out of `unparsed`, if there is one.
-fn next_event(unparsed: &mut Vec<u8>) -> Option<Event> {
-    let end = unparsed.windows(2).position(|pair| pair == b"\n\n")?;
-    let block: Vec<u8> = unparsed.drain(..end + 2).collect();
-    // The server writes UTF-8; anything else is no event of this protocol.
-    let text = std::str::from_utf8(&block[..end]).unwrap_or_default();
+/// The whole events at the start of `unparsed`, taken out of it (what is
+/// left is the start of an event still arriving). One pass and one move of
+/// the rest, however many events a chunk brought.
+fn take_events(unparsed: &mut Vec<u8>) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut start = 0;
+    while let Some(end) = find_blank_line(&unparsed[start..]) {
+        // The server writes UTF-8; anything else is no event of this protocol.
+        let text = std::str::from_utf8(&unparsed[start..start + end]).unwrap_or_default();
+        events.push(parse_event(text));
+        start += end + 2;
+    }
+    unparsed.drain(..start);
+    events
+}
+
+/// Where the first `\n\n` starts.
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let at = from + at;
+        match bytes.get(at + 1) {
+            Some(b'\n') => return Some(at),
+            Some(_) => from = at + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// One event's lines: its name and its data lines joined.
+fn parse_event(text: &str) -> Event {
     let mut event = Event {
         name: String::new(),
         data: String::new(),
@@ -267,7 +296,7 @@ fn next_event(unparsed: &mut Vec<u8>) -> Option<Event> {
             _ => {}
         }
     }
-    Some(event)
+    event
 }
 
 fn on_event(state: &Rc<RefCell<LinkState>>, event: Event) {
@@ -335,7 +364,7 @@ fn watch(weak: Weak<RefCell<LinkState>>, ping_ms: f64) {
     state.borrow_mut().watchdog = Some(timer);
 }
 
-/// POSTs what is queued (as one batch, up to [`BATCH_LIMIT`] unless a
+/// POSTs what is queued (as one batch, up to [`POST_LIMIT`] unless a
 /// single batch is larger), or the answer to a ping; nothing while a POST is
 /// in flight or before the session is known.
 fn post_next(state: &Rc<RefCell<LinkState>>) {
@@ -398,7 +427,7 @@ fn post_next(state: &Rc<RefCell<LinkState>>) {
 }
 
 /// The queued batches as one POST body (batches concatenate: proto's
-/// repeated records merge, JSON arrays are joined), up to [`BATCH_LIMIT`];
+/// repeated records merge, JSON arrays are joined), up to [`POST_LIMIT`];
 /// `None` for an empty POST.
 fn merge(queued: &mut Vec<Frame>) -> Option<Frame> {
     if queued.is_empty() {
@@ -407,7 +436,7 @@ fn merge(queued: &mut Vec<Frame>) -> Option<Frame> {
     let mut taken = 1;
     let mut size = queued[0].len();
     while let Some(next) = queued.get(taken)
-        && size + next.len() <= BATCH_LIMIT
+        && size + next.len() <= POST_LIMIT
     {
         size += next.len();
         taken += 1;

@@ -40,6 +40,9 @@ use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 use crate::transport::websocket::{self, Protocol, SocketContext, WebSocketState};
 
+/// The request credit an HTTP session's calls are kept topped up to.
+const HTTP_REQUEST_CREDIT: u16 = 4096;
+
 /// The HTTP sessions of one server; cheap to clone.
 #[derive(Clone)]
 pub struct HttpSessions(Arc<Sessions>);
@@ -75,6 +78,11 @@ impl HttpSessions {
         // The machine's ping rule ("silent for a whole interval is gone";
         // a write untaken for two intervals is gone) becomes the idle timeout.
         settings.ping_interval = config.http_session_idle_timeout / 2;
+        // One POST at a time, each a browser round trip of a few
+        // milliseconds: the credit a call has per round trip bounds its
+        // rate, so calls here are kept topped up to four times a socket's.
+        // Memory stays bounded by the session's byte budget (--ws-socket-buffer).
+        settings.request_credit = HTTP_REQUEST_CREDIT;
         let context = SocketContext {
             settings: Arc::new(settings),
             transport: Transport::Http,

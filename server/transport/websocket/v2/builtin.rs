@@ -28,7 +28,7 @@ use tonic::Status;
 use super::batch::{Batch, Framing};
 use super::budget::Budget;
 use super::records::{Kind, Payload, Request};
-use super::table::{REQUEST_CREDIT, REQUEST_WINDOW};
+use super::table::REQUEST_WINDOW;
 use crate::backend::processor;
 use crate::ops::calls::CallGuard;
 use crate::ops::metrics::StreamMetrics;
@@ -221,8 +221,8 @@ impl BuiltinCall {
         }
         self.request_left -= 1;
         // Top the request credit up once half of it is used up (as the generic path does).
-        if u64::from(self.request_left) <= REQUEST_CREDIT / 2 {
-            let grant = REQUEST_CREDIT as u16 - self.request_left;
+        if self.request_left <= socket.request_credit / 2 {
+            let grant = socket.request_credit - self.request_left;
             self.request_left += grant;
             let grant = u32::from(grant);
             self.unsent_grants += grant;
@@ -278,6 +278,8 @@ pub struct SocketSide<'a> {
     pub messages: &'a StreamMetrics,
     /// When calls held back by their message bucket may go on.
     pub paced: &'a mut BTreeSet<(Instant, u32)>,
+    /// What each call's request credit is topped up to.
+    pub request_credit: u16,
 }
 
 /// A request's `data`, read in place; an error if the request does not
@@ -480,6 +482,7 @@ mod tests {
             batch: &mut batch,
             messages: &messages,
             paced: &mut paced,
+            request_credit: crate::transport::websocket::v2::table::REQUEST_CREDIT,
         };
         // No response credit: the request has to wait.
         let mut call = BuiltinCall::new(0, None, calls.enter(Transport::WebSocket), None);

@@ -35,7 +35,7 @@ use tower::ServiceExt;
 use super::batch::Batch;
 use super::budget::Budget;
 use super::records::{self, Kind, Request as Incoming, is_reserved, metadata_of};
-use super::table::{CallWaker, REQUEST_CREDIT, REQUEST_WINDOW};
+use super::table::{CallWaker, REQUEST_WINDOW};
 use crate::backend::descriptors::Catalog;
 use crate::backend::transcode::{decodes_as, from_json, to_json};
 use crate::backend::{ConnectionLost, GrpcService, ParkingLimit};
@@ -58,6 +58,8 @@ pub struct Opening {
     pub who: Authenticated,
     /// The way the call came in (its metrics' label).
     pub transport: Transport,
+    /// What the call's request credit is topped up to.
+    pub request_credit: u16,
 }
 
 /// One live call on the backend, as the socket's call table holds it (boxed).
@@ -128,6 +130,7 @@ impl GrpcCall {
             deadline,
             who,
             transport,
+            request_credit,
         } = opening;
         let inbox = Arc::new(Inbox {
             budget,
@@ -149,7 +152,7 @@ impl GrpcCall {
             catalog,
             inbox.clone(),
             max_message_size,
-            (who, transport),
+            (who, transport, request_credit),
         );
         GrpcCall {
             inbox,
@@ -318,7 +321,7 @@ async fn start(
     catalog: Catalog,
     inbox: Arc<Inbox>,
     max_message_size: usize,
-    (who, transport): (Authenticated, Transport),
+    (who, transport, request_credit): (Authenticated, Transport, u16),
 ) -> Result<Reading, Status> {
     let method = match (encoding, catalog.method(&open.method).await) {
         (_, Ok(method)) => Some(method),
@@ -331,6 +334,7 @@ async fn start(
         input: method.as_ref().map(MethodDescriptor::input),
         consumed: 0,
         granted: REQUEST_WINDOW,
+        credit: u64::from(request_credit),
     };
     let mut request = build_request(&open)?.map(|()| tonic::body::Body::new(body));
     // The socket's upgrade (or the call's own token) was checked.
@@ -486,6 +490,8 @@ struct RequestBody {
     consumed: u64,
     /// Request credit given: the first window plus every grant.
     granted: u64,
+    /// What the credit is topped up to.
+    credit: u64,
 }
 
 impl http_body::Body for RequestBody {
@@ -532,10 +538,10 @@ impl RequestBody {
     fn consumed(&mut self, messages: usize) -> Option<u32> {
         self.consumed += messages as u64;
         let left = self.granted.saturating_sub(self.consumed);
-        if left > REQUEST_CREDIT / 2 {
+        if left > self.credit / 2 {
             return None;
         }
-        let more = REQUEST_CREDIT - left;
+        let more = self.credit - left;
         self.granted += more;
         Some(more as u32)
     }

@@ -71,6 +71,10 @@ pub struct SocketSettings {
     pub ping_interval: Duration,
     /// `--drain-timeout`: how long live calls may run after `goaway`.
     pub drain_timeout: Duration,
+    /// The request credit each call is kept topped up to
+    /// ([`table::REQUEST_CREDIT`] on a WebSocket; more over HTTP, where each
+    /// POST costs a round trip).
+    pub request_credit: u16,
 }
 
 /// What every socket shares. Cheap to clone.
@@ -110,6 +114,7 @@ impl SocketContext {
                 close_timeout: config.ws_close_timeout,
                 ping_interval: config.ws_ping_interval,
                 drain_timeout: config.drain_timeout,
+                request_credit: table::REQUEST_CREDIT,
             }),
             cut: Arc::default(),
             data_service,

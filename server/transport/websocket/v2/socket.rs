@@ -221,6 +221,7 @@ fn socket_side<'a>(
         batch,
         messages: messages.get_or_insert_with(|| builtin_messages(context)),
         paced,
+        request_credit: context.settings.request_credit,
     }
 }
 
@@ -752,6 +753,7 @@ impl Socket {
                         client: self.who.client,
                     },
                     transport: self.context.transport,
+                    request_credit: settings.request_credit,
                 };
                 // Polled once to start: its waker takes over from there.
                 self.ready.push_back(call);

@@ -35,7 +35,7 @@ pub const REQUEST_WINDOW: u64 = streambridge_protocol::v2::DEFAULT_WINDOW as u64
 /// first 256 in flight, a browser and the server take turns (each idle while
 /// the other works through its batch); 1024 keeps both busy. Memory is
 /// bounded by the socket's byte budget (`--ws-socket-buffer`), not by this.
-pub const REQUEST_CREDIT: u64 = 1024;
+pub const REQUEST_CREDIT: u16 = 1024;
 
 /// A call the socket knows: what the client may send, and who answers.
 /// Small on purpose (see [`BuiltinCall`]): the socket looks it up for every
