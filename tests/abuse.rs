@@ -480,30 +480,34 @@ async fn closed_or_answered(socket: &mut TcpStream) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_second_post_while_one_is_in_flight_is_refused_unread_and_the_first_goes_on() {
+async fn pipelined_posts_apply_in_seq_order_and_a_fifth_in_flight_is_refused_unread() {
     let server = TestServer::start().await;
     let mut link = http_session_id(&server).await;
-    assert_eq!(
-        link.post(Bytes::from_static(b"[]")).await.0,
-        http::StatusCode::NO_CONTENT
-    );
-    // POST seq 1, whose body is still coming (only its first bytes are sent).
-    let mut first = TcpStream::connect(server.addr).await.unwrap();
-    let records = r#"[{"call":1,"open":{"method":"/DataService/BidirectionalStream"}},{"call":1,"message":{"data":"one"}},{"call":1,"closeSend":{}}]"#;
-    let head = format!(
-        "POST /ws?session={}&seq=1 HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-        link.id,
-        records.len()
-    );
-    first.write_all(head.as_bytes()).await.unwrap();
-    first.write_all(&records.as_bytes()[..10]).await.unwrap();
-    // Another POST (a repeat of seq 0, 4 MiB) meanwhile: once the first
-    // holds the session, it is refused without its body being read, so a
-    // session holds at most one body. (Until the first has reached the
-    // session, the repeat is acknowledged and not applied.)
+    let open = r#"[{"call":1,"open":{"method":"/DataService/BidirectionalStream"}}]"#;
+    assert_eq!(link.post(Bytes::from(open)).await.0, http::StatusCode::NO_CONTENT);
+    // POSTs seq 1 to 4, each with only the first bytes of its body sent.
+    let bodies: Vec<String> = (1..=4)
+        .map(|seq| format!(r#"[{{"call":1,"message":{{"data":"m{seq}"}}}}]"#))
+        .collect();
+    let mut posts = Vec::new();
+    for (seq, body) in (1..=4).zip(&bodies) {
+        let mut post = TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "POST /ws?session={}&seq={seq} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            link.id,
+            body.len()
+        );
+        post.write_all(head.as_bytes()).await.unwrap();
+        post.write_all(&body.as_bytes()[..5]).await.unwrap();
+        posts.push(post);
+    }
+    // A fifth, 4 MiB, is refused without being read once the four hold
+    // their places (a session holds at most four bodies). Until they do (the
+    // server may not have read their heads yet), it is a repeat of seq 0:
+    // acknowledged, not applied.
     let client = http1_client();
     let url = server.http_url("/ws");
-    let refused = within("the repeat is refused", async {
+    let refused = within("the fifth is refused", async {
         loop {
             let body = Bytes::from(vec![b' '; 4 << 20]);
             let (status, text) = support::http_session::post(&client, &url, &link.id, 0, body, &[]).await;
@@ -516,13 +520,20 @@ async fn a_second_post_while_one_is_in_flight_is_refused_unread_and_the_first_go
     })
     .await;
     assert!(refused.contains("in flight"), "{refused}");
-    // The first one completes and is applied.
-    first.write_all(&records.as_bytes()[10..]).await.unwrap();
-    let answer = String::from_utf8_lossy(&closed_or_answered(&mut first).await).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
-    let mut seen = String::new();
-    while !seen.contains("status") {
-        seen.push_str(&link.next_non_ping().await.expect("the reply").data);
+    // The four complete last to first; each is applied in its turn.
+    for (post, body) in posts.iter_mut().zip(&bodies).rev() {
+        post.write_all(&body.as_bytes()[5..]).await.unwrap();
     }
-    assert!(seen.contains("processed: one"), "{seen}");
+    for post in &mut posts {
+        let answer = String::from_utf8_lossy(&closed_or_answered(post).await).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    }
+    let mut seen = String::new();
+    while seen.matches("processed").count() < 4 {
+        seen.push_str(&link.next_non_ping().await.expect("the replies").data);
+    }
+    let order: Vec<usize> = (1..=4)
+        .map(|i| seen.find(&format!("processed: m{i}")).unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "applied in seq order: {seen}");
 }

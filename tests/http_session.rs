@@ -155,8 +155,11 @@ async fn posts_to_unknown_sessions_or_without_parameters_say_what_to_do() {
 }
 
 #[tokio::test]
-async fn a_repeated_post_is_applied_once_and_a_skipped_one_ends_the_session() {
-    let server = TestServer::start().await;
+async fn a_repeated_post_is_applied_once_and_a_lost_one_ends_the_session() {
+    let server = TestServer::start_with(|config| {
+        config.request_body_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
     let mut link = session(&server).await;
     let first = batch(
         r#"[{"call":1,"open":{"method":"/DataService/BidirectionalStream"}},{"call":1,"message":{"data":"once"}}]"#,
@@ -171,12 +174,19 @@ async fn a_repeated_post_is_applied_once_and_a_skipped_one_ends_the_session() {
         records.push_str(&link.next_non_ping().await.expect("records").data);
     }
     assert_eq!(records.matches("processed: once").count(), 1, "{records}");
-    // A gap: a batch was lost, so nothing after it can be trusted.
+    // A POST ahead of its turn waits for the ones before it; one that never
+    // comes (lost) ends the session when the wait is over.
     let (status, body) = link.post_with_seq(link.seq + 1, batch("[]")).await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert!(body.contains("skips"), "{body}");
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{body}");
+    assert!(body.contains("waited for the POSTs before it"), "{body}");
     assert_eq!(link.next_event().await, None, "the down-stream ends");
     assert_eq!(link.post(batch("[]")).await.0, StatusCode::NOT_FOUND);
+    // Further ahead than four POSTs in flight: a batch was lost for sure.
+    let mut link = session(&server).await;
+    let (status, body) = link.post_with_seq(4, batch("[]")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(body.contains("skips 0"), "{body}");
+    assert_eq!(link.next_event().await, None, "the down-stream ends");
 }
 
 #[tokio::test]

@@ -1,13 +1,15 @@
 //! Protocol v2 over plain HTTP (docs/protocol-v2.md, "HTTP binding"), the
 //! fetch-based twin of [`crate::socket`] for networks whose proxies refuse
 //! WebSockets: one long `GET` brings the server's batches as server-sent
-//! events, and the client's batches go up as POSTs, one at a time, in `seq`
+//! events, and the client's batches go up as POSTs, pipelined (up to four), in `seq`
 //! order. It speaks [`SocketEvent`]s, so the connection above it cannot
 //! tell it from a WebSocket.
 //!
-//! Batching adds no timer: batches written while a POST is in flight wait
-//! for it and then go up together in the next POST (an interactive round
-//! trip is one POST and the reply on the open down-stream).
+//! Batching adds no timer: a batch goes up at once when no POST is in
+//! flight; beside POSTs in flight (up to [`POSTS_IN_FLIGHT`]) only a full
+//! one ([`BATCH_LIMIT`]) does. Everything else waits and goes up together in
+//! the next POST (an interactive round trip is one POST and the reply on the
+//! open down-stream).
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -30,6 +32,10 @@ extern "C" {
     #[wasm_bindgen(js_name = fetch)]
     fn fetch(input: &str, init: &RequestInit) -> Promise;
 }
+
+/// POSTs in flight at once, as the server allows: each is a round trip, so
+/// they are pipelined (the server applies them in `seq` order).
+const POSTS_IN_FLIGHT: usize = 4;
 
 /// How much of the queued batches one POST takes: more than a WebSocket
 /// message ([`BATCH_LIMIT`]), since each POST costs a round trip; far below
@@ -54,7 +60,8 @@ struct LinkState {
     session: Option<String>,
     /// The next POST's `seq`.
     seq: u64,
-    posting: bool,
+    /// POSTs sent and not yet answered (at most [`POSTS_IN_FLIGHT`]).
+    posting: usize,
     /// Batches written while a POST was in flight, in order.
     queued: Vec<Frame>,
     /// A `ping` came: the next POST (an empty one if there is nothing else)
@@ -102,7 +109,7 @@ impl HttpLink {
             encoding,
             session: None,
             seq: 0,
-            posting: false,
+            posting: 0,
             queued: Vec::new(),
             pong_owed: false,
             abort,
@@ -365,24 +372,27 @@ fn watch(weak: Weak<RefCell<LinkState>>, ping_ms: f64) {
 }
 
 /// POSTs what is queued (as one batch, up to [`POST_LIMIT`] unless a
-/// single batch is larger), or the answer to a ping; nothing while a POST is
-/// in flight or before the session is known.
+/// single batch is larger), or the answer to a ping; nothing while
+/// [`POSTS_IN_FLIGHT`] are in flight or before the session is known.
 fn post_next(state: &Rc<RefCell<LinkState>>) {
     let (url, body) = {
         let mut link = state.borrow_mut();
         let Some(session) = link.session.clone() else { return };
-        if link.posting || link.ended || (link.queued.is_empty() && !link.pong_owed) {
+        if link.posting >= POSTS_IN_FLIGHT || link.ended || (link.queued.is_empty() && !link.pong_owed) {
+            return;
+        }
+        // Beside a POST in flight, only a full one: each POST costs the page
+        // a fetch, so small batches wait and go up together.
+        let queued: usize = link.queued.iter().map(Frame::len).sum();
+        if link.posting > 0 && queued < BATCH_LIMIT {
             return;
         }
         let body = merge(&mut link.queued);
-        link.posting = true;
+        link.posting += 1;
         link.pong_owed = false;
-        let url = format!(
-            "{}{}session={session}&seq={}",
-            link.url,
-            if link.url.contains('?') { '&' } else { '?' },
-            link.seq
-        );
+        let separator = if link.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}session={session}&seq={}", link.url, link.seq);
+        link.seq += 1;
         (url, body)
     };
     let init = RequestInit::new();
@@ -400,11 +410,7 @@ fn post_next(state: &Rc<RefCell<LinkState>>) {
             Ok(response) => {
                 let response: Response = response.unchecked_into();
                 if response.status() == 204 {
-                    {
-                        let mut link = state.borrow_mut();
-                        link.posting = false;
-                        link.seq += 1;
-                    }
+                    state.borrow_mut().posting -= 1;
                     post_next(&state);
                 } else {
                     // The session is gone (ended, expired, or on another

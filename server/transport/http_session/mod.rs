@@ -6,8 +6,8 @@
 //!   session id, then the server's batches as events, for as long as the
 //!   session lives;
 //! - `POST /ws?session=ID&seq=N` carries one batch of the client's records
-//!   (an empty body answers a ping), applied in `seq` order; 204 once the
-//!   session has it.
+//!   (an empty body answers a ping), applied in `seq` order (up to
+//!   [`POSTS_IN_FLIGHT`] pipelined); 204 once the session has it.
 //!
 //! A session is the same call machine as a WebSocket ([`wire`] makes it
 //! look like one), so every rule of protocol v2 holds on it unchanged. What
@@ -18,6 +18,7 @@ mod wire;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -29,7 +30,7 @@ use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN};
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use streambridge_protocol::v2::Encoding;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tracing::Instrument;
@@ -39,6 +40,11 @@ use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::policy::auth::Authenticated;
 use crate::transport::Transport;
 use crate::transport::websocket::{self, Protocol, SocketContext, WebSocketState};
+
+/// POSTs one session may have in flight: a client pipelines them (each is a
+/// round trip), the server applies them in `seq` order; their bodies are
+/// what a session holds in memory besides its calls.
+const POSTS_IN_FLIGHT: usize = 4;
 
 /// The request credit an HTTP session's calls are kept topped up to.
 const HTTP_REQUEST_CREDIT: u16 = 4096;
@@ -62,14 +68,38 @@ struct Sessions {
 
 /// Where a session's POSTs go, in order.
 struct Inbox {
+    encoding: Encoding,
+    /// POSTs of the session between their start and their answer.
+    posting: AtomicUsize,
+    /// The `seq` the next new POST must carry, as a POST ahead of its turn
+    /// waits for it.
+    turn: watch::Sender<u64>,
+    /// Where batches go, one POST at a time, in `seq` order.
     state: tokio::sync::Mutex<InboxState>,
 }
 
 struct InboxState {
     /// The `seq` the next new POST must carry.
     next_seq: u64,
-    encoding: Encoding,
     to_machine: mpsc::Sender<Result<Message, WsError>>,
+}
+
+/// A POST's place among its session's in flight; freed when it is answered.
+struct Posting<'a>(&'a AtomicUsize);
+
+impl Drop for Posting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Inbox {
+    /// A place for one more POST, unless [`POSTS_IN_FLIGHT`] are in flight.
+    fn posting(&self) -> Option<Posting<'_>> {
+        let before = self.posting.fetch_add(1, Ordering::Relaxed);
+        let posting = Posting(&self.posting);
+        (before < POSTS_IN_FLIGHT).then_some(posting)
+    }
 }
 
 impl HttpSessions {
@@ -78,9 +108,9 @@ impl HttpSessions {
         // The machine's ping rule ("silent for a whole interval is gone";
         // a write untaken for two intervals is gone) becomes the idle timeout.
         settings.ping_interval = config.http_session_idle_timeout / 2;
-        // One POST at a time, each a browser round trip of a few
-        // milliseconds: the credit a call has per round trip bounds its
-        // rate, so calls here are kept topped up to four times a socket's.
+        // Each POST is a browser round trip of a few milliseconds: the
+        // credit a call has per round trip bounds its rate, so calls here
+        // are kept topped up to four times a socket's.
         // Memory stays bounded by the session's byte budget (--ws-socket-buffer).
         settings.request_credit = HTTP_REQUEST_CREDIT;
         let context = SocketContext {
@@ -160,9 +190,11 @@ pub async fn open(state: WebSocketState, request: Request) -> Response {
             );
         }
         let inbox = Arc::new(Inbox {
+            encoding,
+            posting: AtomicUsize::new(0),
+            turn: watch::Sender::new(0),
             state: tokio::sync::Mutex::new(InboxState {
                 next_seq: 0,
-                encoding,
                 to_machine,
             }),
         });
@@ -235,13 +267,12 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
             ),
         );
     };
-    // One POST at a time per session (its client waits for each answer):
-    // a second one is refused before its body is read, so a session holds
-    // at most one body in memory.
-    let Ok(mut inbox) = inbox.state.try_lock() else {
+    // Up to POSTS_IN_FLIGHT at once; one more is refused before its body
+    // is read, so a session holds at most that many bodies.
+    let Some(_posting) = inbox.posting() else {
         return refuse(
             StatusCode::CONFLICT,
-            "another POST of this session is in flight: send the next once it is answered",
+            &format!("{POSTS_IN_FLIGHT} POSTs of this session are in flight: send the next once one is answered"),
         );
     };
     let sessions = &state.http_sessions.0;
@@ -260,7 +291,6 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
             broken => {
                 // The body broke off or stalled: the client does not know
                 // what arrived, so it will not reuse the session; neither do we.
-                drop(inbox);
                 state.http_sessions.end(&id);
                 return match broken {
                     Err(_) => refuse(
@@ -277,7 +307,8 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
             // As a WebSocket message over the limit: the session fails (its
             // calls end with 8), the batch is not applied.
             let too_long = CapacityError::MessageTooLong { size, max_size: limit };
-            let _ = inbox.to_machine.send(Err(WsError::Capacity(too_long))).await;
+            let to_machine = inbox.state.lock().await.to_machine.clone();
+            let _ = to_machine.send(Err(WsError::Capacity(too_long))).await;
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("a batch of {size} bytes is larger than {limit} (--max-message-size plus 64 KiB)"),
@@ -285,26 +316,39 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
         }
         Ok(batch) => to_message(batch, inbox.encoding),
     };
-    if seq < inbox.next_seq {
-        // A repeat of a POST already applied (a proxy or client retried it).
-        return StatusCode::NO_CONTENT.into_response();
-    }
-    if seq > inbox.next_seq {
-        let expected = inbox.next_seq;
-        drop(inbox);
+    let expected = *inbox.turn.borrow();
+    if seq >= expected.saturating_add(POSTS_IN_FLIGHT as u64) {
         state.http_sessions.end(&id);
         return refuse(
             StatusCode::CONFLICT,
             &format!("POST seq {seq} skips {expected}: a batch was lost, so the session ended; open a new one"),
         );
     }
-    if inbox.to_machine.send(message).await.is_err() {
+    // Pipelined POSTs arrive in any order: each waits for the ones before it.
+    let mut turn = inbox.turn.subscribe();
+    if !matches!(
+        tokio::time::timeout(sessions.body_timeout, turn.wait_for(|next| *next >= seq)).await,
+        Ok(Ok(_))
+    ) {
+        state.http_sessions.end(&id);
+        return refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("POST seq {seq} waited for the POSTs before it (--request-body-timeout); the session ended"),
+        );
+    }
+    let mut inbox_state = inbox.state.lock().await;
+    if seq < inbox_state.next_seq {
+        // A repeat of a POST already applied (a proxy or client retried it).
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if inbox_state.to_machine.send(message).await.is_err() {
         return refuse(
             StatusCode::NOT_FOUND,
             &format!("HTTP session {id} ended before this batch reached it; open a new session"),
         );
     }
-    inbox.next_seq += 1;
+    inbox_state.next_seq += 1;
+    inbox.turn.send_replace(inbox_state.next_seq);
     StatusCode::NO_CONTENT.into_response()
 }
 

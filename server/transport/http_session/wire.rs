@@ -45,9 +45,10 @@ pub struct DownStream {
 /// A new session's two ends: the machine's wire, the down-stream body, and
 /// where POSTed batches go in. `first` is the first event (the session id).
 pub fn session(first: Bytes) -> (HttpWire, DownStream, mpsc::Sender<Result<Message, WsError>>) {
-    // One POST at a time is in flight from a client: one waiting batch is
-    // enough, and a full channel holds the next POST (its answer waits), so
-    // a client that sends faster than its calls consume is paced by HTTP.
+    // POSTs reach the session one at a time, in `seq` order: one waiting
+    // batch is enough, and a full channel holds the next POST (its answer
+    // waits), so a client that sends faster than its calls consume is paced
+    // by HTTP.
     let (posted, from_client) = mpsc::channel(1);
     let (to_client, events) = mpsc::channel(DOWN_STREAM_EVENTS);
     to_client.try_send(first).expect("a new channel has room");
