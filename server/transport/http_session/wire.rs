@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Sink, SinkExt, Stream};
 use http_body::Frame;
@@ -141,13 +140,14 @@ pub fn event(message: &Message) -> Bytes {
     let mut event = BytesMut::new();
     match message {
         Message::Binary(batch) => {
-            event.reserve(batch.len().div_ceil(3) * 4 + 8);
+            let base64 = base64_simd::STANDARD;
+            let encoded = base64.encoded_length(batch.len());
+            event.reserve(encoded + 8);
             event.put_slice(b"data: ");
             let start = event.len();
-            event.resize(start + base64::encoded_len(batch.len(), true).unwrap_or(0), 0);
-            let written = base64::engine::general_purpose::STANDARD
-                .encode_slice(batch, &mut event[start..])
-                .expect("sized for the encoding");
+            event.resize(start + encoded, 0);
+            let out = base64_simd::Out::from_slice(&mut event[start..]);
+            let written = base64.encode(batch, out).len();
             event.truncate(start + written);
             event.put_slice(b"\n\n");
         }
