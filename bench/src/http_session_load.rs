@@ -131,9 +131,19 @@ pub async fn connect(addr: SocketAddr, codec: Codec) -> Result<HttpSession, Stri
 /// POSTs what the session writes, one POST at a time, everything queued
 /// meanwhile merged into the next.
 async fn post_in_order(addr: SocketAddr, session: String, mut outgoing: mpsc::UnboundedReceiver<Option<Message>>) {
-    let Ok(mut up) = http1(addr).await else { return };
+    // Connected at the first POST, as a browser does: an idle session holds
+    // only its down-stream (the server closes a keep-alive connection that
+    // waits longer than --http1-header-read-timeout anyway).
+    let mut up = None;
     let mut seq = 0u64;
     while let Some(first) = outgoing.recv().await {
+        if up.is_none() {
+            match http1(addr).await {
+                Ok(connected) => up = Some(connected),
+                Err(_) => return,
+            }
+        }
+        let Some(up) = up.as_mut() else { return };
         let mut body = BytesMut::new();
         let mut json = false;
         let mut add = |message: Option<Message>, body: &mut BytesMut| match message {

@@ -31,10 +31,10 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use streambridge_protocol::v2::Encoding;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::Instrument;
 
+use self::wire::Posted;
 use crate::config::Config;
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::policy::auth::Authenticated;
@@ -81,7 +81,7 @@ struct Inbox {
 struct InboxState {
     /// The `seq` the next new POST must carry.
     next_seq: u64,
-    to_machine: mpsc::Sender<Result<Message, WsError>>,
+    to_machine: mpsc::Sender<Posted>,
 }
 
 /// A POST's place among its session's in flight; freed when it is answered.
@@ -306,9 +306,8 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
         Err(size) => {
             // As a WebSocket message over the limit: the session fails (its
             // calls end with 8), the batch is not applied.
-            let too_long = CapacityError::MessageTooLong { size, max_size: limit };
             let to_machine = inbox.state.lock().await.to_machine.clone();
-            let _ = to_machine.send(Err(WsError::Capacity(too_long))).await;
+            let _ = to_machine.send(Posted::TooLong(size, limit)).await;
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("a batch of {size} bytes is larger than {limit} (--max-message-size plus 64 KiB)"),
@@ -354,15 +353,15 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
 
 /// A POSTed body as the message a WebSocket would have brought: an empty
 /// one is the answer to a ping.
-fn to_message(batch: Bytes, encoding: Encoding) -> Result<Message, WsError> {
+fn to_message(batch: Bytes, encoding: Encoding) -> Posted {
     if batch.is_empty() {
-        return Ok(Message::Pong(Bytes::new()));
+        return Posted::Batch(Message::Pong(Bytes::new()));
     }
     match encoding {
-        Encoding::Proto => Ok(Message::Binary(batch)),
-        Encoding::Json => match String::from_utf8(batch.to_vec()) {
-            Ok(text) => Ok(Message::Text(text.into())),
-            Err(error) => Err(WsError::Utf8(error.to_string())),
+        Encoding::Proto => Posted::Batch(Message::Binary(batch)),
+        Encoding::Json => match Utf8Bytes::try_from(batch) {
+            Ok(text) => Posted::Batch(Message::Text(text)),
+            Err(_) => Posted::NotUtf8,
         },
     }
 }

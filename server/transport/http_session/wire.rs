@@ -13,7 +13,7 @@ use http_body::Frame;
 use streambridge_protocol::v2::Encoding;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_util::sync::PollSender;
 
@@ -25,9 +25,20 @@ use crate::transport::websocket::{Closing, Wire};
 /// blocks and its deadline (two ping intervals) ends the session.
 const DOWN_STREAM_EVENTS: usize = 2;
 
+/// What a POST brings the session: small, since every session's channel
+/// holds a block of them (a `Result<Message, WsError>` is four times the size).
+pub enum Posted {
+    /// A batch, as the message a WebSocket would have carried.
+    Batch(Message),
+    /// A body over the limit: its size, and the limit.
+    TooLong(usize, usize),
+    /// A JSON session's body that is not UTF-8.
+    NotUtf8,
+}
+
 /// The call machine's side of a session.
 pub struct HttpWire {
-    from_client: mpsc::Receiver<Result<Message, WsError>>,
+    from_client: mpsc::Receiver<Posted>,
     to_client: PollSender<Bytes>,
     /// Resolves when hyper drops the down-stream (its client went away).
     down_stream_dropped: oneshot::Receiver<()>,
@@ -43,7 +54,7 @@ pub struct DownStream {
 
 /// A new session's two ends: the machine's wire, the down-stream body, and
 /// where POSTed batches go in. `first` is the first event (the session id).
-pub fn session(first: Bytes) -> (HttpWire, DownStream, mpsc::Sender<Result<Message, WsError>>) {
+pub fn session(first: Bytes) -> (HttpWire, DownStream, mpsc::Sender<Posted>) {
     // POSTs reach the session one at a time, in `seq` order: one waiting
     // batch is enough, and a full channel holds the next POST (its answer
     // waits), so a client that sends faster than its calls consume is paced
@@ -90,7 +101,15 @@ impl Stream for HttpWire {
             self.gone = true;
             return Poll::Ready(None);
         }
-        self.from_client.poll_recv(cx)
+        self.from_client.poll_recv(cx).map(|posted| {
+            posted.map(|posted| match posted {
+                Posted::Batch(message) => Ok(message),
+                Posted::TooLong(size, max_size) => {
+                    Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))
+                }
+                Posted::NotUtf8 => Err(WsError::Utf8("a text batch that is not UTF-8".into())),
+            })
+        })
     }
 }
 
