@@ -26,7 +26,7 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ORIGIN};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use streambridge_protocol::v2::Encoding;
@@ -249,14 +249,8 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
         );
     };
     let (parts, body) = request.into_parts();
-    if let Some(origin) = parts.headers.get(ORIGIN)
-        && !state.origins.allows(origin, &parts)
-    {
-        let origin = String::from_utf8_lossy(origin.as_bytes());
-        return refuse(
-            StatusCode::FORBIDDEN,
-            &format!("origin {origin} may not open connections here; see --allowed-origin"),
-        );
+    if let Err(refusal) = websocket::check_origin(&state, &parts) {
+        return refusal;
     }
     let Some(inbox) = state.http_sessions.inbox(&id) else {
         return refuse(

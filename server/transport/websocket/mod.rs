@@ -194,6 +194,20 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     response
 }
 
+/// Whether the page's origin may use `/ws` (a request without `Origin` is
+/// no browser page's); the refusal is the HTTP answer.
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+pub(crate) fn check_origin(state: &WebSocketState, parts: &http::request::Parts) -> Result<(), Response> {
+    match parts.headers.get(ORIGIN) {
+        Some(origin) if !state.origins.allows(origin, parts) => {
+            let origin = String::from_utf8_lossy(origin.as_bytes());
+            let message = format!("origin {origin} may not open connections here; see --allowed-origin\n");
+            Err((StatusCode::FORBIDDEN, message).into_response())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What every connection at `/ws` must pass, whichever transport carries
 /// it: its page's origin and its token (`how_to_send` tells a refused
 /// client how to send one). The refusal is the HTTP answer.
@@ -204,13 +218,7 @@ pub(crate) async fn admit(
     offered: &[&str],
     how_to_send: &str,
 ) -> Result<Caller, Response> {
-    if let Some(origin) = parts.headers.get(ORIGIN)
-        && !state.origins.allows(origin, parts)
-    {
-        let origin = String::from_utf8_lossy(origin.as_bytes());
-        let message = format!("origin {origin} may not open connections here; see --allowed-origin\n");
-        return Err((StatusCode::FORBIDDEN, message).into_response());
-    }
+    check_origin(state, parts)?;
     let mut authenticated = state.auth.authenticate_upgrade(&parts.headers, offered.iter().copied());
     // A key rotated in at the JWKS URL: checked again once the set is fetched.
     if let (
