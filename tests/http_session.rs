@@ -299,3 +299,50 @@ async fn a_cancel_posted_ends_a_hanging_call_at_the_service() {
     );
     within("call released", server.calls.wait_for(Transport::Http, 0)).await;
 }
+
+/// A page from another allowed origin reads the answers (CORS): the WASM
+/// client's fallback works cross-origin, as its WebSocket does.
+#[tokio::test]
+async fn pages_of_allowed_origins_pass_cors_and_others_do_not() {
+    let server = TestServer::start_with(|config| config.allowed_origins = vec!["http://app.example".into()]).await;
+    let url = server.http_url("/ws");
+    let client = http1_client();
+    let preflight = |origin: &'static str| {
+        http::Request::options(format!("{url}?protocol={JSON}"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .body(http_body_util::Full::default())
+            .unwrap()
+    };
+    let allowed = support::http::send(&client, preflight("http://app.example")).await;
+    assert!(allowed.status.is_success(), "{}", allowed.status);
+    assert_eq!(allowed.headers["access-control-allow-origin"], "http://app.example");
+    let methods = allowed.headers["access-control-allow-methods"].to_str().unwrap();
+    assert!(methods.contains("GET") && methods.contains("POST"), "{methods}");
+    let headers = allowed.headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(headers.contains("authorization"), "{headers}");
+    let foreign = support::http::send(&client, preflight("http://evil.example")).await;
+    assert!(
+        !foreign.headers.contains_key("access-control-allow-origin"),
+        "{:?}",
+        foreign.headers
+    );
+
+    // The down-stream and the POSTs carry the origin back.
+    let open = http::Request::get(format!("{url}?protocol={JSON}"))
+        .header("origin", "http://app.example")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let down = within("session open", client.request(open)).await.unwrap();
+    assert_eq!(down.status(), StatusCode::OK);
+    assert_eq!(down.headers()["access-control-allow-origin"], "http://app.example");
+    let link = session(&server).await;
+    let post = http::Request::post(format!("{url}?session={}&seq=0", link.id))
+        .header("origin", "http://app.example")
+        .body(http_body_util::Full::new(batch("[]")))
+        .unwrap();
+    let posted = support::http::send(&client, post).await;
+    assert_eq!(posted.status, StatusCode::NO_CONTENT, "{}", posted.text());
+    assert_eq!(posted.headers["access-control-allow-origin"], "http://app.example");
+}

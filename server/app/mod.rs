@@ -30,7 +30,7 @@ use crate::policy::rules::Policy;
 use crate::transport::grpc_framing::{FollowFraming, FramingSettings};
 use crate::transport::http_session::HttpSessions;
 use crate::transport::websocket::{SocketContext, WebSocketState};
-use crate::transport::{grpc, grpc_web, static_files, websocket};
+use crate::transport::{grpc, grpc_web, http_session, static_files, websocket};
 
 pub use crate::transport::HttpService;
 
@@ -202,9 +202,10 @@ pub fn router(config: &Config, state: AppState) -> TransportRouter {
     let grpc = grpc::service(backend.clone());
     let grpc_web = grpc_web::service(backend, state.origins.clone());
     let files = static_files::service(&config.static_dir);
+    let sessions_cors = http_session::cors(&state.origins);
     let web = HttpService::new(
         axum::Router::new()
-            .route("/ws", any(websocket::upgrade))
+            .route("/ws", any(websocket::upgrade).layer(sessions_cors))
             .route("/metrics", get(health::metrics))
             .route("/healthz", get(health::healthz))
             // POST to a gRPC-shaped path without a gRPC content type: say why
@@ -255,10 +256,15 @@ fn classify(request: &Request<Body>) -> Route {
     match grpc_web::GrpcMediaType::of(content_type) {
         Some(grpc_web::GrpcMediaType::GrpcWeb(_)) => Route::GrpcWeb,
         Some(grpc_web::GrpcMediaType::Grpc) => Route::Grpc,
+        // A CORS preflight: for the HTTP sessions at `/ws`, or for gRPC-Web.
         None if request.method() == Method::OPTIONS
             && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) =>
         {
-            Route::GrpcWeb
+            if request.uri().path() == "/ws" {
+                Route::Web
+            } else {
+                Route::GrpcWeb
+            }
         }
         None => Route::Web,
     }

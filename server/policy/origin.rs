@@ -1,13 +1,20 @@
 //! Which web origins may use the server from a browser: the WebSocket upgrade
-//! check and the CORS policy of gRPC-Web share this one policy.
+//! check and the CORS policies of gRPC-Web and of the HTTP sessions at `/ws`
+//! share this one policy.
 //!
 //! The server's own origin (the page it serves) is always allowed: an `Origin`
 //! whose host and port equal the request's `Host`. Others must be listed
 //! (`--allowed-origin`). Requests without `Origin` come from non-browser
 //! clients, which the same-origin policy does not concern; they are allowed.
 
+use std::time::Duration;
+
 use http::HeaderValue;
 use http::request::Parts;
+use tower_http::cors::AllowOrigin;
+
+/// How long a browser may cache a CORS preflight's answer.
+pub const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// The allow-list of origins besides the server's own.
 #[derive(Clone, Debug, Default)]
@@ -34,6 +41,12 @@ impl OriginPolicy {
         self.allow_any
             || is_same_origin(origin, request_host(request))
             || self.allowed.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin))
+    }
+
+    /// This policy as CORS's: the origins whose pages may read the answers.
+    pub fn cors_origins(&self) -> AllowOrigin {
+        let policy = self.clone();
+        AllowOrigin::predicate(move |origin, request| policy.allows(origin, request))
     }
 }
 

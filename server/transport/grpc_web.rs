@@ -17,20 +17,18 @@
 //! Content types are parsed as media types (case-insensitive, parameters
 //! allowed) and handed to tonic-web in the exact spelling it knows.
 
-use std::time::Duration;
-
 use crate::backend::GrpcService;
 use axum::body::Body;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderName};
 use http::{HeaderValue, Method, Request};
 use tonic_web::GrpcWebLayer;
 use tower::ServiceBuilder;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::CorsLayer;
 
 use super::HttpService;
 use super::Transport;
 use super::grpc_framing::FollowFraming;
-use crate::policy::origin::OriginPolicy;
+use crate::policy::origin::{OriginPolicy, PREFLIGHT_MAX_AGE};
 
 /// The gRPC media types the server speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,9 +84,6 @@ fn canonical_content_type(mut request: Request<Body>) -> Request<Body> {
     request
 }
 
-/// How long a browser may cache a preflight's answer.
-const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
-
 /// `backend` (the gRPC services) as gRPC-Web, outermost first: CORS, the
 /// gRPC-Web translation, and a marker telling the service which transport a
 /// call came by.
@@ -111,9 +106,7 @@ pub fn service(backend: FollowFraming<GrpcService>, origins: OriginPolicy) -> Ht
 /// status, which gRPC-Web may send as headers, is readable by the page.
 fn cors(origins: OriginPolicy) -> CorsLayer {
     CorsLayer::new()
-        .allow_origin(AllowOrigin::predicate(move |origin, request| {
-            origins.allows(origin, request)
-        }))
+        .allow_origin(origins.cors_origins())
         .allow_methods([Method::POST])
         .allow_headers([
             CONTENT_TYPE,

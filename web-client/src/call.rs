@@ -134,6 +134,10 @@ pub struct CallState {
     status: Option<CallStatus>,
     /// Ends a waiting call at its deadline.
     deadline_timer: Option<Timer>,
+    /// `response_started()` promises (the tonic channel's): settled by the
+    /// call's first headers, reply or end.
+    #[cfg(feature = "tonic")]
+    started: Vec<Function>,
 }
 
 impl CallState {
@@ -157,6 +161,8 @@ impl CallState {
             headers: JsValue::NULL,
             status: None,
             deadline_timer: None,
+            #[cfg(feature = "tonic")]
+            started: Vec::new(),
         }));
         if timeout_ms > 0 {
             let weak = Rc::downgrade(&call);
@@ -194,7 +200,51 @@ impl CallState {
 
     pub fn set_headers(&mut self, headers: JsValue) {
         self.headers = headers;
+        #[cfg(feature = "tonic")]
+        self.settle_started();
     }
+
+    /// Settles the `response_started()` promises (resolving runs nothing
+    /// now: their continuations are microtasks).
+    #[cfg(feature = "tonic")]
+    fn settle_started(&mut self) {
+        for resolve in std::mem::take(&mut self.started) {
+            let _ = resolve.call0(&JsValue::NULL);
+        }
+    }
+}
+
+/// Resolves once the call has response headers, a reply or its end: when a
+/// gRPC client may be handed its response. (A service that sends no
+/// metadata shows no headers: then its first reply or its end starts it.)
+#[cfg(feature = "tonic")]
+pub fn response_started(call: &CallRef) -> Promise {
+    let mut state = call.borrow_mut();
+    if !state.headers.is_null() || !state.inbox.is_empty() || state.status.is_some() {
+        return Promise::resolve(&JsValue::UNDEFINED);
+    }
+    let mut waiter = None;
+    let promise = Promise::new(&mut |resolve, _reject| waiter = Some(resolve));
+    state.started.extend(waiter);
+    promise
+}
+
+/// The call's status if it ended before any headers or reply: what gRPC
+/// sends as a "trailers-only" response.
+#[cfg(feature = "tonic")]
+pub fn ended_before_response(call: &CallRef) -> Option<CallStatus> {
+    let state = call.borrow();
+    if state.headers.is_null() && state.inbox.is_empty() {
+        state.status.clone()
+    } else {
+        None
+    }
+}
+
+/// The final status, once the call has ended.
+#[cfg(feature = "tonic")]
+pub fn status(call: &CallRef) -> Option<CallStatus> {
+    call.borrow().status.clone()
 }
 
 /// The status of a call whose deadline passed before a socket was open.
@@ -358,6 +408,8 @@ pub fn deliver(call: &CallRef, received: Received) {
             return;
         }
     };
+    #[cfg(feature = "tonic")]
+    call.borrow_mut().settle_started();
     let waiter = call.borrow_mut().waiting.pop_front();
     match waiter {
         Some(pending) => {
@@ -473,6 +525,8 @@ pub fn end(call: &CallRef, status: CallStatus) {
         state.wire = Wire::Ended;
         state.queued.clear();
         state.deadline_timer = None;
+        #[cfg(feature = "tonic")]
+        state.settle_started();
         (
             std::mem::take(&mut state.waiting),
             std::mem::take(&mut state.finished),

@@ -31,7 +31,9 @@
 //! - `call`: one call's state between records and promises, flow control;
 //! - `codec`: the v2 records in both encodings;
 //! - `socket`, `timer`: the browser's WebSocket and event loop;
-//! - `error`: status codes, `StreamError`, the status object.
+//! - `error`: status codes, `StreamError`, the status object;
+//! - `tonic_channel` (feature `tonic`): the same calls for tonic clients in
+//!   Rust frontends.
 
 mod call;
 mod codec;
@@ -43,6 +45,8 @@ mod session;
 mod socket;
 mod timer;
 mod token;
+#[cfg(feature = "tonic")]
+pub mod tonic_channel;
 
 use js_sys::{Function, JSON, Object, Promise, Reflect, Uint8Array};
 use prost::Message;
@@ -61,10 +65,10 @@ use crate::token::TokenSource;
 const DATA_METHOD: &str = "/DataService/BidirectionalStream";
 /// Response credit a call opens with unless told otherwise: enough replies in
 /// flight to get past a browser's per-message cost.
-const DEFAULT_WINDOW: u32 = 1024;
+pub(crate) const DEFAULT_WINDOW: u32 = 1024;
 /// Calls live on one socket at most unless told otherwise: the server's
 /// default `--ws-max-calls`.
-const DEFAULT_MAX_CALLS: usize = 100;
+pub(crate) const DEFAULT_MAX_CALLS: usize = 100;
 
 #[wasm_bindgen(typescript_custom_section)]
 const TYPES: &'static str = r#"
@@ -614,7 +618,7 @@ fn string_map(options: Option<&JsValue>, name: &str) -> Result<Vec<(String, Stri
 }
 
 /// A thrown JavaScript value as text (a `SyntaxError` for a bad URL, ...).
-fn describe(error: &JsValue) -> String {
+pub(crate) fn describe(error: &JsValue) -> String {
     error
         .dyn_ref::<js_sys::Error>()
         .map(|error| String::from(error.message()))

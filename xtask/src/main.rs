@@ -155,10 +155,28 @@ fn test_deploy() -> Result {
 /// The bearer token of the server the wasm-bindgen tests talk to.
 const WASM_TEST_TOKEN: &str = "wasm-test-token";
 
+/// Where wasm-bindgen-test finds chromedriver.
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// `command` (a `cargo test` of wasm32 code, or one that runs such) set up
+/// to run its tests in headless Chromium with wasm-bindgen-test.
+fn in_browser(command: &mut Command) -> &mut Command {
+    command
+        .env(
+            "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
+            web::cargo_bin("wasm-bindgen-test-runner"),
+        )
+        .env("CHROMEDRIVER", CHROMEDRIVER)
+        .env(
+            "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
+            root().join("web-client/webdriver.json"),
+        )
+        .env("WASM_BINDGEN_TEST_TIMEOUT", "120")
+}
+
 /// The WASM client's tests and the page's, each against its own live server.
 fn browser_tests(counts: &mut TestCounts) -> Result {
-    let chromedriver = Path::new("/usr/bin/chromedriver");
-    if !chromedriver.exists() {
+    if !Path::new(CHROMEDRIVER).exists() {
         return Err("chromedriver not found: apt-get install chromium chromium-driver".into());
     }
     {
@@ -166,29 +184,29 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
         // a default server would refuse (403): allow any origin here.
         // With a token, so the client's token option is exercised too.
         let server = ServerProcess::start(&["--allowed-origin", "*", "--auth-token", WASM_TEST_TOKEN])?;
-        let runner = web::cargo_bin("wasm-bindgen-test-runner");
         run_counted(
-            cargo()
-                .args([
-                    "test",
-                    "-p",
-                    "streambridge-client",
-                    "--target",
-                    "wasm32-unknown-unknown",
-                    "--locked",
-                ])
-                .env("CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER", runner)
-                .env("CHROMEDRIVER", chromedriver)
-                .env(
-                    "WASM_BINDGEN_TEST_WEBDRIVER_JSON",
-                    root().join("web-client/webdriver.json"),
-                )
-                .env("WASM_BINDGEN_TEST_TIMEOUT", "120")
-                .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", server.addr))
-                .env("STREAMBRIDGE_TEST_TOKEN", WASM_TEST_TOKEN),
+            in_browser(cargo().args([
+                "test",
+                "-p",
+                "streambridge-client",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--locked",
+                // The tonic channel's own unit tests too; the rest is the same code.
+                "--features",
+                "tonic",
+            ]))
+            .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", server.addr))
+            .env("STREAMBRIDGE_TEST_TOKEN", WASM_TEST_TOKEN),
             counts,
         )?;
     }
+    // The tonic channel: the Rust test adds the test echo to a bridge, then
+    // builds and runs web-client/tonic-test in Chromium against it.
+    run_counted(
+        in_browser(cargo().args(["test", "--locked", "--test", "tonic_wasm", "--", "--ignored"])),
+        counts,
+    )?;
     let e2e = root().join("tests/e2e");
     web::npm_ci(&e2e)?;
     // The connect-es transport: the Rust test starts the services (in

@@ -26,18 +26,20 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use streambridge_protocol::v2::Encoding;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tower_http::cors::CorsLayer;
 use tracing::Instrument;
 
 use self::wire::Posted;
 use crate::config::Config;
 use crate::net::listener::{ConnectionLease, PeerAddr};
 use crate::policy::auth::Authenticated;
+use crate::policy::origin::{OriginPolicy, PREFLIGHT_MAX_AGE};
 use crate::transport::Transport;
 use crate::transport::websocket::{self, Protocol, SocketContext, WebSocketState};
 
@@ -147,6 +149,18 @@ pub fn is_for_http_session(request: &Request) -> bool {
         && query(request, "protocol")
             .or_else(|| query(request, "session"))
             .is_some()
+}
+
+/// CORS for `/ws`, so a page served from another allowed origin can use the
+/// HTTP sessions (a WebSocket is not subject to CORS: its origin is checked
+/// at the upgrade): the answers carry `Access-Control-Allow-Origin`, and a
+/// GET with a token (`Authorization`) passes its preflight.
+pub fn cors(origins: &OriginPolicy) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(origins.cors_origins())
+        .allow_methods([http::Method::GET, http::Method::POST])
+        .allow_headers([AUTHORIZATION, CONTENT_TYPE])
+        .max_age(PREFLIGHT_MAX_AGE)
 }
 
 /// `GET /ws?protocol=…`: opens a session; the answer is its down-stream.
