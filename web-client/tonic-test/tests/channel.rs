@@ -169,12 +169,20 @@ async fn an_error_after_replies_follows_them() {
 async fn an_unknown_method_is_unimplemented() {
     let channel = Channel::connect(server_url()).await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
-    let codec = tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
-    let path = http_path("/streambridge.testing.Echo/Missing");
+    let path = || http_path("/streambridge.testing.Echo/Missing");
+    let codec = || tonic_prost::ProstCodec::<EchoRequest, EchoReply>::default();
     let status = grpc
-        .unary(Request::new(request("?")), path, codec)
+        .unary(Request::new(request("?")), path(), codec())
         .await
         .expect_err("no such method");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    // A stream that fails before any reply fails where tonic over HTTP/2 does:
+    // at the call, not at its first message (a "trailers-only" response).
+    let status = grpc
+        .server_streaming(Request::new(request("?")), path(), codec())
+        .await
+        .err()
+        .expect("the call itself fails");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 }
 
@@ -199,6 +207,9 @@ async fn the_deadline_ends_a_call_the_service_does_not_answer() {
 #[wasm_bindgen_test]
 async fn dropping_a_response_stream_cancels_the_call() {
     let mut echo = echo_client().await;
+    // Never closed: closing the channel would cancel its calls too, and
+    // only the drops below may end these.
+    std::mem::forget(echo.clone());
     let mut hanging = echo
         .server_stream(EchoRequest {
             repeat: 1,
@@ -220,6 +231,48 @@ async fn dropping_a_response_stream_cancels_the_call() {
     // The channel still serves other calls.
     assert_eq!(echo.unary(request("after")).await.unwrap().into_inner().text, "after");
     drop(requests);
+}
+
+/// Resolves in the next task of the event loop: every microtask (where the
+/// request pump runs while it can) has run by then.
+async fn next_task() {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let set_timeout = js_sys::Function::new_with_args("resolve", "setTimeout(resolve, 0)");
+        set_timeout.call1(&js_sys::global(), &resolve).unwrap();
+    });
+    wasm_bindgen_futures::JsFuture::from(promise).await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn a_request_stream_is_pulled_no_faster_than_the_server_takes_it() {
+    const TOTAL: usize = 20_000;
+    // A window of 4 unread replies: the service stops, and so does its credit.
+    let options = ChannelOptions {
+        window: 4,
+        ..ChannelOptions::default()
+    };
+    let mut echo = EchoClient::new(Channel::connect_with(server_url(), options).await.unwrap());
+    let pulled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = pulled.clone();
+    let requests = futures_util::stream::iter(0..TOTAL).map(move |i| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        request(&format!("m{i}"))
+    });
+    let mut replies = echo.bidi(requests).await.unwrap().into_inner();
+    next_task().await;
+    let while_unread = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    // The request credit (256) and what tonic encodes ahead in one chunk
+    // (32 KiB), not the whole stream.
+    assert!(
+        while_unread < TOTAL / 2,
+        "{while_unread} of {TOTAL} pulled while no reply was read"
+    );
+    let mut count = 0;
+    while let Some(reply) = replies.message().await.unwrap() {
+        assert_eq!(reply.text, format!("m{count}"));
+        count += 1;
+    }
+    assert_eq!(count, TOTAL, "nothing lost");
 }
 
 #[wasm_bindgen_test]
