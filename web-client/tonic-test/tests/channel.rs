@@ -276,6 +276,26 @@ async fn a_request_stream_is_pulled_no_faster_than_the_server_takes_it() {
 }
 
 #[wasm_bindgen_test]
+async fn dropping_a_call_before_its_response_frees_its_slot() {
+    // One call at a time: the unary below runs only once the dropped call is gone.
+    let options = ChannelOptions {
+        max_calls: 1,
+        ..ChannelOptions::default()
+    };
+    let mut echo = EchoClient::new(Channel::connect_with(server_url(), options).await.unwrap());
+    // Its requests never end, so its reply never comes.
+    let never_ending = futures_util::stream::iter([request("one")]).chain(futures_util::stream::pending());
+    let mut waiting = echo.clone();
+    let call = Box::pin(waiting.client_stream(never_ending));
+    let under_way = Box::pin(next_task());
+    match futures_util::future::select(call, under_way).await {
+        futures_util::future::Either::Left(_) => panic!("a client stream whose requests never end was answered"),
+        futures_util::future::Either::Right((_, call)) => drop(call),
+    }
+    assert_eq!(echo.unary(request("after")).await.unwrap().into_inner().text, "after");
+}
+
+#[wasm_bindgen_test]
 async fn fifty_concurrent_unary_calls_share_one_connection() {
     let echo = echo_client().await;
     let calls = (0..50).map(|i| {
