@@ -350,6 +350,38 @@ test('calls past the server\'s --ws-max-calls wait in the client for a slot, in 
   await page.close();
 });
 
+test('what an async producer sends in one turn travels in one WebSocket message', async () => {
+  const server = await start();
+  const { page, problems } = await clientPage(server);
+  const outcome = await page.evaluate(async () => {
+    // Each message comes from a microtask of its own (as from connect-es's
+    // iterators): the batch must still wait for the end of the turn.
+    const frames = [];
+    const send = WebSocket.prototype.send;
+    WebSocket.prototype.send = function (data) {
+      frames.push(data);
+      return send.call(this, data);
+    };
+    try {
+      const call = window.client.call('/DataService/BidirectionalStream');
+      async function* produce() {
+        for (let i = 0; i < 200; i++) yield { data: `m${i}` };
+      }
+      for await (const message of produce()) call.send(message);
+      call.closeSend();
+      const replies = [];
+      for await (const reply of call) replies.push(reply.result);
+      return { frames: frames.length, replies };
+    } finally {
+      WebSocket.prototype.send = send;
+    }
+  });
+  assert.equal(outcome.frames, 1, 'open, 200 messages and closeSend in one batch');
+  assert.deepEqual(outcome.replies, Array.from({ length: 200 }, (_, i) => `processed: m${i}`));
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('a producer that awaits drained() runs no further ahead than the call\'s request credit, and loses nothing', async () => {
   const server = await start();
   const { page, problems } = await clientPage(server);

@@ -100,7 +100,10 @@ export function createStreambridgeTransport(options) {
           // come in: a reply may arrive before the client half-closes.
           (async () => {
             try {
-              for await (const message of req.message) call.send(serialize(message));
+              for await (const message of req.message) {
+                call.send(serialize(message));
+                if (call.queuedRequests > 0) await call.drained();
+              }
               call.closeSend();
             } catch {
               // The input failed (or the call is over): the call cannot go on.

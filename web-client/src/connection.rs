@@ -3,7 +3,7 @@
 //! and the dispatch of what arrives.
 //!
 //! Writes go into one [`Batch`] that is sent at the end of the current turn
-//! of the event loop (a microtask), so everything a page sends in one turn,
+//! of the event loop (a task posted after it), so everything a page sends in one turn,
 //! across all its calls, is one WebSocket message; a batch that reaches
 //! [`BATCH_LIMIT`] is sent at once.
 
@@ -21,7 +21,7 @@ use crate::error::{CallStatus, code};
 use crate::http_link::HttpLink;
 use crate::session::{self, SessionRef};
 use crate::socket::{Socket, SocketEvent};
-use crate::timer::queue_microtask;
+use crate::timer::queue_task;
 
 /// Shared handle to a connection.
 pub type ConnRef = Rc<RefCell<Connection>>;
@@ -86,7 +86,7 @@ pub struct Connection {
     calls: HashMap<u32, CallRef>,
     batch: Batch,
     flush_scheduled: bool,
-    /// Sends the batch; queued as a microtask.
+    /// Sends the batch; queued as a task after the current turn.
     flush: Option<Function>,
     /// The client it belongs to (told when a call's slot frees).
     session: Weak<RefCell<session::Session>>,
@@ -183,7 +183,7 @@ impl Connection {
         } else if !self.flush_scheduled {
             self.flush_scheduled = true;
             if let Some(flush) = &self.flush {
-                queue_microtask(flush);
+                queue_task(flush);
             }
         }
     }

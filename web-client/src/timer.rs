@@ -1,5 +1,5 @@
-//! The event loop's timers and microtasks, from the global scope (a page or
-//! a worker alike: no `window` needed).
+//! The event loop's timers and tasks, from the global scope (a page or a
+//! worker alike: no `window` needed).
 
 use js_sys::Function;
 use wasm_bindgen::prelude::*;
@@ -10,9 +10,27 @@ extern "C" {
     fn set_timeout(handler: &Function, ms: f64) -> JsValue;
     #[wasm_bindgen(js_name = clearTimeout)]
     fn clear_timeout(id: &JsValue);
-    /// Runs `f` at the end of the current turn, before any event.
-    #[wasm_bindgen(js_name = queueMicrotask)]
-    pub fn queue_microtask(f: &Function);
+}
+
+// A task of its own, not a microtask: an `async` producer (a `for await`
+// loop, connect-es's iterators) sends each message from a microtask of its
+// own, and a microtask queued at its first send would run before its
+// second, sending one message per WebSocket message. A posted message runs
+// once the current task and all its microtasks are done, without
+// `setTimeout`'s clamping.
+#[wasm_bindgen(inline_js = r#"
+const channel = new MessageChannel();
+const due = [];
+channel.port1.onmessage = () => due.shift()();
+export function queueTask(f) {
+  due.push(f);
+  channel.port2.postMessage(0);
+}
+"#)]
+extern "C" {
+    /// Runs `f` once the current turn (this task and its microtasks) is over.
+    #[wasm_bindgen(js_name = queueTask)]
+    pub fn queue_task(f: &Function);
 }
 
 /// A pending `setTimeout`; dropping it clears it.

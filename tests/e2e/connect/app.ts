@@ -192,6 +192,31 @@ window.scenarios = {
     }
   },
 
+  // A producer far faster than the service: with 4 replies in flight and
+  // none read, the service stops taking requests, and the transport pulls
+  // no more than the call's request credit (the bridge tops it up to 1024
+  // on a socket, 4096 over HTTP, and tonic's decoder holds what one read
+  // brought). Then every reply, in order.
+  async fastProducer() {
+    const total = 30000;
+    const slow = createClient(Echo, createStreambridgeTransport({ url, window: 4, ...(only === 'http' ? { transports: ['http' as const] } : {}) }));
+    let pulled = 0;
+    async function* requests() {
+      for (let i = 0; i < total; i++) {
+        pulled++;
+        yield create(EchoRequestSchema, { text: `m${i}` });
+      }
+    }
+    const replies = slow.bidi(requests())[Symbol.asyncIterator]();
+    const texts = [(await replies.next()).value.text];
+    // The next task: the producer has run as far as it can without the service.
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    const whileUnread = pulled;
+    for (let reply = await replies.next(); !reply.done; reply = await replies.next()) texts.push(reply.value.text);
+    const inOrder = texts.every((text, i) => text === `m${i}`);
+    return { total, whileUnread, replies: texts.length, inOrder };
+  },
+
   async fiftyUnary() {
     const replies = await Promise.all(Array.from({ length: 50 }, (_, i) => echo.unary({ text: `u${i}` })));
     return replies.every((reply, i) => reply.text === `u${i}`);

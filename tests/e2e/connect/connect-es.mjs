@@ -116,6 +116,11 @@ test('connect-es clients run on the streambridge transport', async (t) => {
           assert.equal(counts.sockets, 1, 'one WebSocket for every call of every client');
         }
         assert.ok(counts.intercepted >= 57, `the interceptor saw every call: ${counts.intercepted}`);
+        // On a transport of its own (a second socket): after the counts.
+        const producer = await run('fastProducer');
+        console.log(`${bridge.name} over ${transport}: pulled ${producer.whileUnread} of ${producer.total} while no reply was read`);
+        assert.ok(producer.whileUnread < producer.total / 2, `pulled ${producer.whileUnread} of ${producer.total} while no reply was read`);
+        assert.deepEqual([producer.replies, producer.inOrder], [producer.total, true], 'every reply, in order');
         assert.deepEqual(problems, []);
         await page.close();
       });
