@@ -181,8 +181,7 @@ async fn an_unknown_method_is_unimplemented() {
     let status = grpc
         .server_streaming(Request::new(request("?")), path(), codec())
         .await
-        .err()
-        .expect("the call itself fails");
+        .expect_err("the call itself fails");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
 }
 
