@@ -332,6 +332,18 @@ pub struct Config {
     #[arg(long, env = "STREAMBRIDGE_HTTP_SESSION_ROUTE", value_parser = parse_route)]
     pub http_session_route: Option<String>,
 
+    /// Also serve protocol v2 over WebTransport (HTTP/3) on this UDP
+    /// address, each call on a QUIC stream of its own (docs/protocol-v2.md
+    /// §12). Needs --tls-cert and --tls-key. HTTP responses on the TCP port
+    /// then advertise it (`Alt-Svc`).
+    #[arg(long, env = "STREAMBRIDGE_WEBTRANSPORT_LISTEN")]
+    pub webtransport_listen: Option<SocketAddr>,
+
+    /// WebTransport: live sessions this server holds; one past it is
+    /// closed at once with code 4503.
+    #[arg(long, env = "STREAMBRIDGE_WEBTRANSPORT_MAX_SESSIONS", default_value_t = 10_000, value_parser = at_least_one())]
+    pub webtransport_max_sessions: usize,
+
     /// An encoded `FileDescriptorSet` (`protoc --descriptor_set_out
     /// --include_imports`) describing upstream methods for the JSON encoding
     /// of WebSocket v2; without it the upstream's reflection is asked.
@@ -384,6 +396,7 @@ impl Config {
             ("--upstream-max-parked-calls", self.upstream_max_parked_calls),
             ("--ws-socket-buffer", self.ws_socket_buffer),
             ("--http-max-sessions", self.http_max_sessions),
+            ("--webtransport-max-sessions", self.webtransport_max_sessions),
             ("--connection-message-buffer", self.connection_message_buffer),
             (
                 "--http2-max-concurrent-streams",
@@ -420,6 +433,11 @@ impl Config {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(ConfigError::Invalid(
                 "--tls-cert and --tls-key go together: give both for TLS, or neither".into(),
+            ));
+        }
+        if self.webtransport_listen.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "--webtransport-listen needs --tls-cert and --tls-key: WebTransport is always TLS".into(),
             ));
         }
         if let Some(upstream) = &self.upstream {

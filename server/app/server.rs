@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 
+use axum::extract::FromRef;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -17,6 +18,8 @@ use crate::config::{Config, ConfigError};
 use crate::net::{listener, tls};
 use crate::ops::calls::ActiveCalls;
 use crate::ops::shutdown;
+use crate::transport::websocket::WebSocketState;
+use crate::transport::webtransport::{self, WebTransportEndpoint, WebTransportState};
 
 /// Why a server could not start; each names the flag or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -173,8 +176,17 @@ impl ServerBuilder {
                 addr: config.listen,
                 source,
             })?;
+        let webtransport = match config.webtransport_listen {
+            Some(addr) => Some(
+                WebTransportEndpoint::bind(&config, addr)
+                    .await
+                    .map_err(|why| StartError::Config(ConfigError::Invalid(why)))?,
+            ),
+            None => None,
+        };
         Ok(Server {
             listener,
+            webtransport,
             config,
             state,
             tls,
@@ -185,6 +197,8 @@ impl ServerBuilder {
 /// A bound, not yet running server.
 pub struct Server {
     listener: TcpListener,
+    /// `--webtransport-listen`'s UDP endpoint, bound.
+    webtransport: Option<WebTransportEndpoint>,
     config: Config,
     state: AppState,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -228,6 +242,13 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// The UDP address WebTransport is served on, if it is.
+    pub fn webtransport_addr(&self) -> Option<SocketAddr> {
+        self.webtransport
+            .as_ref()
+            .and_then(|endpoint| endpoint.local_addr().ok())
+    }
+
     /// Live calls per transport, for tests and metrics.
     pub fn active_calls(&self) -> ActiveCalls {
         self.state.core().calls.clone()
@@ -243,11 +264,17 @@ impl Server {
     pub async fn run(self) -> bool {
         let Server {
             listener,
+            webtransport,
             config,
             state,
             tls,
         } = self;
         let core = state.core().clone();
+        if let Some(endpoint) = webtransport {
+            let sessions = WebTransportState::new(&config, WebSocketState::from_ref(&state));
+            core.tasks
+                .spawn(webtransport::serve(endpoint, sessions, core.shutdown.clone()));
+        }
         let service = router(&config, state.clone());
         let settings = listener::ListenerSettings {
             tls,

@@ -26,15 +26,18 @@ pub enum Transport {
     WebSocket,
     /// Protocol v2 over plain HTTP at `/ws`, where WebSockets are blocked.
     Http,
+    /// Protocol v2 over WebTransport (HTTP/3), each call on its own stream.
+    WebTransport,
 }
 
 impl Transport {
     /// Every transport, in [`Transport::index`] order.
-    pub const ALL: [Transport; 4] = [
+    pub const ALL: [Transport; 5] = [
         Transport::Grpc,
         Transport::GrpcWeb,
         Transport::WebSocket,
         Transport::Http,
+        Transport::WebTransport,
     ];
 
     /// A dense index, for per-transport arrays.
@@ -50,6 +53,7 @@ impl fmt::Display for Transport {
             Transport::GrpcWeb => "grpc-web",
             Transport::WebSocket => "websocket",
             Transport::Http => "http",
+            Transport::WebTransport => "webtransport",
         })
     }
 }

@@ -9,6 +9,8 @@
 //! - [`websocket`]: the `/ws` upgrade and its bridged calls;
 //! - [`http_session`]: the same calls over plain HTTP at `/ws`, where
 //!   WebSockets are blocked;
+//! - [`webtransport`]: the same calls over WebTransport (HTTP/3, UDP), each
+//!   on a QUIC stream of its own;
 //! - [`static_files`]: the page and the WASM package.
 //!
 //! [`Transport`], the name of each way in, is defined with the call counts
@@ -20,8 +22,17 @@ pub mod grpc_web;
 pub mod http_session;
 pub mod static_files;
 pub mod websocket;
+pub mod webtransport;
 
 pub use crate::ops::calls::Transport;
+
+/// A query parameter's value, as sent (`/ws` parameters are protocol names,
+/// session ids and tokens, none of which need percent-encoding).
+pub(crate) fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
 
 /// Any of the server's HTTP services (a transport, as the router holds it),
 /// type-erased so the router can pick one.

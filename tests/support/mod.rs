@@ -8,6 +8,7 @@ pub mod http_session;
 pub mod process;
 pub mod tls;
 pub mod upstream;
+pub mod webtransport;
 pub mod ws;
 pub mod ws2;
 
@@ -71,6 +72,8 @@ impl ServerAddr for TestServer {
 /// A server running in this test's runtime; shut down when dropped.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The UDP address of `--webtransport-listen`, when it is on.
+    pub webtransport: Option<SocketAddr>,
     pub calls: ActiveCalls,
     shutdown: CancellationToken,
 }
@@ -97,10 +100,16 @@ impl TestServer {
         adjust(&mut config);
         let server = build(Server::builder(config)).bind().await.expect("bind 127.0.0.1:0");
         let addr = server.local_addr().unwrap();
+        let webtransport = server.webtransport_addr();
         let calls = server.active_calls();
         let shutdown = server.shutdown_token();
         tokio::spawn(server.run());
-        TestServer { addr, calls, shutdown }
+        TestServer {
+            addr,
+            webtransport,
+            calls,
+            shutdown,
+        }
     }
 }
 

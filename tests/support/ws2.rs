@@ -138,6 +138,8 @@ pub fn every_way() -> impl Iterator<Item = (Enc, Via)> {
 enum Link {
     WebSocket(Box<Socket>),
     Http(Box<HttpLink>),
+    /// One WebTransport stream: one call (docs/protocol-v2.md §12).
+    WebTransport(Box<super::webtransport::WtStream>),
 }
 
 pub struct V2 {
@@ -180,6 +182,32 @@ impl V2 {
         }
     }
 
+    /// A call's stream of a WebTransport session (which carries one call).
+    pub fn on_stream(stream: super::webtransport::WtStream, enc: Enc) -> V2 {
+        V2 {
+            link: Link::WebTransport(Box::new(stream)),
+            enc,
+            pending: Default::default(),
+            closed: None,
+        }
+    }
+
+    /// The WebTransport stream itself, to reset it.
+    pub fn into_stream(self) -> Option<super::webtransport::WtStream> {
+        match self.link {
+            Link::WebTransport(stream) => Some(*stream),
+            _ => None,
+        }
+    }
+
+    /// The WebTransport stream, for tests of its framing.
+    pub fn stream(&mut self) -> &mut super::webtransport::WtStream {
+        match &mut self.link {
+            Link::WebTransport(stream) => stream,
+            _ => panic!("a WebTransport test on another transport"),
+        }
+    }
+
     /// Connects over `via`.
     pub async fn connect_via(server: &impl ServerAddr, enc: Enc, via: Via) -> V2 {
         match via {
@@ -192,7 +220,7 @@ impl V2 {
     pub fn ws(&mut self) -> &mut Socket {
         match &mut self.link {
             Link::WebSocket(socket) => socket,
-            Link::Http(_) => panic!("a WebSocket test on an HTTP session"),
+            _ => panic!("a WebSocket test on another transport"),
         }
     }
 
@@ -200,7 +228,7 @@ impl V2 {
     pub fn http(&mut self) -> &mut HttpLink {
         match &mut self.link {
             Link::Http(link) => link,
-            Link::WebSocket(_) => panic!("an HTTP binding test on a WebSocket"),
+            _ => panic!("an HTTP binding test on another transport"),
         }
     }
 
@@ -213,6 +241,11 @@ impl V2 {
                 let (status, body) = link.post(message.into_data()).await;
                 assert_eq!(status, http::StatusCode::NO_CONTENT, "POST of a batch: {body}");
             }
+            Link::WebTransport(stream) => {
+                stream
+                    .write_frame(super::webtransport::BATCH, &message.into_data())
+                    .await
+            }
         }
     }
 
@@ -222,6 +255,11 @@ impl V2 {
         match &mut self.link {
             Link::WebSocket(socket) => socket.send(message).await.expect("send"),
             Link::Http(link) => drop(link.post(message.into_data()).await),
+            Link::WebTransport(stream) => {
+                stream
+                    .write_frame(super::webtransport::BATCH, &message.into_data())
+                    .await
+            }
         }
     }
 
@@ -249,6 +287,22 @@ impl V2 {
     async fn read_batch(&mut self) -> Option<Vec<Got>> {
         let socket = match &mut self.link {
             Link::WebSocket(socket) => socket,
+            Link::WebTransport(stream) => {
+                return match stream.read_frame().await {
+                    Some(super::webtransport::Frame::Batch(bytes)) => Some(match self.enc {
+                        Enc::Json => parse_json_batch(std::str::from_utf8(&bytes).unwrap()),
+                        Enc::Proto => parse_proto_batch(&bytes),
+                    }),
+                    Some(super::webtransport::Frame::Close(code, reason)) => {
+                        self.closed = Some((code, reason));
+                        None
+                    }
+                    None => {
+                        self.closed.get_or_insert((1006, String::new()));
+                        None
+                    }
+                };
+            }
             Link::Http(link) => {
                 let Some(event) = link.next_non_ping().await else {
                     self.closed.get_or_insert((1006, String::new()));

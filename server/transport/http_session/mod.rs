@@ -383,11 +383,7 @@ fn random_id() -> String {
 
 /// A query parameter's value, as it is (the binding's values need no escaping).
 fn query<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .uri()
-        .query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+    crate::transport::query_param(request.uri().query(), name)
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {

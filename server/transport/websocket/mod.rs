@@ -41,7 +41,7 @@ use crate::policy::origin::OriginPolicy;
 use crate::transport::http_session::{self, HttpSessions};
 
 pub use v2::SocketContext;
-pub(crate) use v2::{Closing, Wire, run as run_v2};
+pub(crate) use v2::{Closing, Wire, goaway_batch, run as run_v2};
 
 /// The subprotocols of both protocol versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

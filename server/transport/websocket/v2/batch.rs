@@ -150,6 +150,20 @@ impl Batch {
     }
 }
 
+/// One batch holding only a `goaway` (call 0), as its bytes: what a
+/// transport with a stream of its own for such records (WebTransport's
+/// control stream) sends there.
+pub fn goaway_batch(encoding: Encoding, message: &str) -> Bytes {
+    let mut batch = Batch::new(encoding, Framing::Records);
+    batch.record(
+        0,
+        Kind::GoAway(streambridge_protocol::v2::GoAway {
+            message: message.to_string(),
+        }),
+    );
+    batch.take().map(Message::into_data).collect::<Vec<_>>().concat().into()
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message as _;

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub use self::batch::goaway_batch;
 pub use self::builtin::METHOD as BUILTIN_METHOD;
 pub use self::socket::run;
 pub use self::wire::{Closing, Wire};
@@ -75,6 +76,9 @@ pub struct SocketSettings {
     /// ([`table::REQUEST_CREDIT`] on a WebSocket; more over HTTP, where each
     /// POST costs a round trip).
     pub request_credit: u16,
+    /// The connection carries one call and ends with it (a WebTransport
+    /// stream): once a call has been opened and none is live, it closes.
+    pub single_call: bool,
 }
 
 /// What every socket shares. Cheap to clone.
@@ -115,6 +119,7 @@ impl SocketContext {
                 ping_interval: config.ws_ping_interval,
                 drain_timeout: config.drain_timeout,
                 request_credit: table::REQUEST_CREDIT,
+                single_call: false,
             }),
             cut: Arc::default(),
             data_service,

@@ -99,11 +99,15 @@ pub fn run<W: Wire>(
                     continue;
                 }
             }
-            if (state.closing.is_some() || state.draining) && state.calls.is_empty() {
-                let closing = state
-                    .closing
-                    .take()
-                    .unwrap_or_else(|| Closing::new(CloseCode::Away, "server shutting down", true));
+            let call_done = settings.single_call && state.last_open > 0;
+            if (state.closing.is_some() || state.draining || call_done) && state.calls.is_empty() {
+                let closing = state.closing.take().unwrap_or_else(|| {
+                    if call_done {
+                        Closing::new(CloseCode::Normal, "", true)
+                    } else {
+                        Closing::new(CloseCode::Away, "server shutting down", true)
+                    }
+                });
                 socket.close(closing, settings.close_timeout).await;
                 return;
             }
