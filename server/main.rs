@@ -44,8 +44,12 @@ async fn main() -> ExitCode {
     } else {
         ("http", "ws")
     };
+    let webtransport = server
+        .webtransport_addr()
+        .map(|udp| format!("; WebTransport https://{udp}/ws (UDP)"))
+        .unwrap_or_default();
     tracing::info!(
-        "streambridge listening on {address}: page {scheme}://{address}/, WebSocket {ws}://{address}/ws, gRPC and gRPC-Web on the same port"
+        "streambridge listening on {address}: page {scheme}://{address}/, WebSocket {ws}://{address}/ws, gRPC and gRPC-Web on the same port{webtransport}"
     );
     let shutdown = server.shutdown_token();
     tokio::spawn(async move {

@@ -126,6 +126,7 @@ async fn refused_sessions_are_closed_with_a_code_and_a_reason() {
     let server = webtransport::start(|config| {
         config.auth_token = Some("s3cret".into());
         config.allowed_origins = vec!["https://app.example".into()];
+        config.ws_close_timeout = Duration::from_millis(200);
     })
     .await;
     let refusals = [
@@ -149,6 +150,16 @@ async fn refused_sessions_are_closed_with_a_code_and_a_reason() {
         let (closed_with, reason) = server.refusal(path, &headers).await;
         assert_eq!(closed_with, code, "{path} {headers:?}: {reason}");
         assert!(reason.contains(says), "{path}: {reason}");
+    }
+    // A client that does not close after being told is closed by the server
+    // (after --ws-close-timeout), with the same code and reason.
+    let deaf = server.session(PROTO, &[]).await.unwrap();
+    match within("the server closes it", deaf.closed()).await {
+        wtransport::error::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.code().into_inner(), 4401);
+            assert!(String::from_utf8_lossy(close.reason()).contains("token"));
+        }
+        other => panic!("not an application close: {other}"),
     }
     // The token as a parameter (browsers cannot send headers), or as a header.
     for (path, headers) in [

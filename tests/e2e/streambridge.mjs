@@ -16,8 +16,9 @@ export const staticDir = fileURLToPath(new URL('../../static', import.meta.url))
 /**
  * streambridge (or `program`, a server built on the library, such as the
  * chat example) with `args` (`--listen 127.0.0.1:0` unless `listen` is given);
- * resolves once it listens, to `{ child, address, exit }` where `exit`
- * resolves to the exit code.
+ * resolves once it listens, to `{ child, address, webtransport, exit }` where
+ * `webtransport` is the UDP address of `--webtransport-listen` (if on) and
+ * `exit` resolves to the exit code.
  */
 export async function startStreambridge(args, { listen = '127.0.0.1:0', program = binary } = {}) {
   assert.ok(program, 'set STREAMBRIDGE_BIN to the streambridge binary (cargo xtask test does)');
@@ -33,7 +34,8 @@ export async function startStreambridge(args, { listen = '127.0.0.1:0', program 
     if (found) {
       // Keep reading, so a full pipe never blocks the server's logging.
       lines.on('line', () => {});
-      return { child, address: found[1], exit };
+      const webtransport = line.match(/WebTransport https:\/\/(\S+?)\/ws/)?.[1];
+      return { child, address: found[1], webtransport, exit };
     }
   }
   throw new Error(`streambridge exited before it listened (${await exit})`);

@@ -12,7 +12,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use streambridge::Config;
 use tokio::io::AsyncWriteExt;
 use wtransport::endpoint::ConnectOptions;
-use wtransport::error::{ConnectingError, ConnectionError};
+use wtransport::error::ConnectingError;
 use wtransport::tls::Sha256Digest;
 use wtransport::{ClientConfig, Connection, Endpoint, Identity};
 
@@ -122,21 +122,35 @@ impl WtServer {
 }
 
 impl WtServer {
-    /// The close code and reason of a session the server refuses (it may
-    /// close it while the client is still connecting, or just after).
+    /// The code and reason of a session the server refuses, as a client
+    /// reads them: the CLOSE frame on the session's control stream. Then
+    /// the client closes the session, as a client told why does.
     pub async fn refusal(&self, path_and_query: &str, headers: &[(&str, &str)]) -> (u32, String) {
-        let error = match self.session(path_and_query, headers).await {
-            Ok(connection) => within("the session ends", connection.closed()).await,
-            Err(ConnectingError::ConnectionError(error)) => error,
-            Err(other) => panic!("{path_and_query}: not an application close: {other}"),
-        };
-        match error {
-            ConnectionError::ApplicationClosed(close) => (
-                close.code().into_inner() as u32,
-                String::from_utf8_lossy(close.reason()).into_owned(),
-            ),
-            other => panic!("{path_and_query}: the session ended without an application close: {other}"),
-        }
+        let connection = self
+            .session(path_and_query, headers)
+            .await
+            .unwrap_or_else(|error| panic!("{path_and_query}: the session is accepted, to be told why: {error}"));
+        let mut control = within("the control stream", connection.accept_uni())
+            .await
+            .expect("the server opens it");
+        let mut header = [0u8; 7];
+        within(
+            "the CLOSE frame",
+            tokio::io::AsyncReadExt::read_exact(&mut control, &mut header),
+        )
+        .await
+        .expect("a frame");
+        assert_eq!(header[4], CLOSE, "{path_and_query}: the first frame is a CLOSE");
+        let length = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+        let mut reason = vec![0u8; length - 3];
+        tokio::io::AsyncReadExt::read_exact(&mut control, &mut reason)
+            .await
+            .unwrap();
+        connection.close(wtransport::VarInt::from_u32(0), b"told why");
+        (
+            u32::from(u16::from_be_bytes([header[5], header[6]])),
+            String::from_utf8(reason).expect("a UTF-8 reason"),
+        )
     }
 }
 

@@ -7,8 +7,9 @@
 //!   (or `.json`; a `token` parameter where the client cannot send an
 //!   `Authorization` header, as browsers cannot). Its origin and token are
 //!   checked exactly as for the WebSocket ([`websocket::admit`]); a refused
-//!   session is accepted and closed at once with a code and a reason the
-//!   page can read ([`close_code`]), since browsers show no HTTP status.
+//!   session is accepted, told the code and reason in a CLOSE frame on its
+//!   control stream ([`close_code`]), and closed: browsers show neither an
+//!   HTTP status nor a QUIC close's reason, but they read streams.
 //! - The server opens one unidirectional stream at once, the session's
 //!   control stream: it carries what belongs to no call (`goaway`).
 //! - Each call is a bidirectional stream the client opens, carrying v2 with
@@ -184,12 +185,35 @@ async fn session(incoming: IncomingSession, state: WebTransportState) {
     let (encoding, who) = match admitted {
         Ok(admitted) => admitted,
         Err((status, reason)) => {
-            connection.close(VarInt::from_u32(close_code(status)), reason.trim_end().as_bytes());
+            refuse(&connection, status, reason.trim_end(), state.close_timeout).await;
             return;
         }
     };
     let _slot = slot;
     run_session(connection, encoding, who, state).await;
+}
+
+/// Ends a refused session: a CLOSE frame with the code and reason on its
+/// control stream (browsers show neither the code nor the reason of a QUIC
+/// close, but they read streams), then the client's own close is awaited
+/// (a browser drops what it has not read yet when the connection closes),
+/// at most `timeout`, before the QUIC close with the same code and reason.
+async fn refuse(connection: &Connection, status: StatusCode, reason: &str, timeout: Duration) {
+    let code = close_code(status);
+    let _ = tokio::time::timeout(timeout, async {
+        let told = async {
+            let control = connection.open_uni().await.ok()?.await.ok()?;
+            let mut frames = FramedWrite::new(control, StreamCodec::new(0));
+            let close_frame = StreamFrame::Close(u16::try_from(code).unwrap_or(u16::MAX), reason.to_string());
+            frames.send(close_frame).await.ok()?;
+            frames.into_inner().finish().await.ok()
+        };
+        if told.await.is_some() {
+            connection.closed().await;
+        }
+    })
+    .await;
+    connection.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
 /// The session's protocol and caller, or the status a WebSocket upgrade
