@@ -65,6 +65,11 @@ struct Args {
     /// Milliseconds between two pings.
     #[arg(long, default_value_t = 5)]
     ping_every: u64,
+    /// Limit the namespace's loopback to this many Mbit/s (a `tbf` qdisc,
+    /// 50 ms of queue): a bottleneck, so that the bulk call builds a queue
+    /// and losses cost a round trip of it (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    rate_mbit: u32,
     /// Where to write the results as JSON.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -130,7 +135,9 @@ impl Namespace {
         let name = format!("streambridge-hol-{}", std::process::id());
         run("ip", &["netns", "add", &name])?;
         let namespace = Namespace(name);
-        namespace.exec(&["ip", "link", "set", "lo", "up"])?;
+        // A network's MTU, not loopback's 64 KiB: TCP segments and QUIC
+        // packets of the sizes a real path carries, and lose.
+        namespace.exec(&["ip", "link", "set", "lo", "mtu", "1500", "up"])?;
         Ok(namespace)
     }
 
@@ -261,6 +268,12 @@ fn orchestrate(args: &Args) -> Result<(), String> {
     if args.loss > 0 {
         add_loss(&namespace, args.loss)?;
     }
+    if args.rate_mbit > 0 {
+        let rate = format!("{}mbit", args.rate_mbit);
+        namespace.exec(&[
+            "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "64kb", "latency", "50ms",
+        ])?;
+    }
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let me = me.to_string_lossy().into_owned();
     let mut results: Vec<Measured> = Vec::new();
@@ -344,8 +357,13 @@ fn report(results: &[Measured], args: &Args) {
             n => format!("{:.2} ({:.2}–{:.2})", values[n / 2], values[0], values[n - 1]),
         }
     };
+    let limit = if args.rate_mbit > 0 {
+        format!(", {} Mbit/s bottleneck", args.rate_mbit)
+    } else {
+        String::new()
+    };
     println!(
-        "\n{} % loss, {} rounds x {} s, ping every {} ms; median (min–max)",
+        "\n{} % loss{limit}, {} rounds x {} s, ping every {} ms; median (min–max)",
         args.loss, args.rounds, args.seconds, args.ping_every
     );
     for transport in ["websocket", "webtransport"] {
