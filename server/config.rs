@@ -725,6 +725,7 @@ mod tests {
             config.validate().unwrap_err().to_string()
         };
         assert!(refused(|c| c.tls_cert = Some("cert.pem".into())).contains("--tls-key"));
+        assert!(refused(|c| c.webtransport_listen = Some("127.0.0.1:4433".parse().unwrap())).contains("--tls-cert"));
         assert!(refused(|c| c.drain_timeout = Duration::from_secs(u64::MAX)).contains("--drain-timeout"));
     }
 

@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use streambridge::Transport;
 use support::upstream::{EchoRequest, EchoUpstream};
 use support::webtransport::{self, WtStream};
 use support::within;
@@ -44,6 +45,42 @@ async fn a_call_runs_on_a_stream_of_its_own_and_the_stream_ends_with_it() {
         let (got, _) = call_on_stream(&session, enc, &["c"]).await;
         assert_eq!(messages(&got), ["processed: c"]);
     }
+}
+
+#[tokio::test]
+async fn a_client_that_finishes_its_side_still_gets_every_reply() {
+    let server = webtransport::start(|_| {}).await;
+    let session = server.proto_session().await;
+    let mut call = V2::on_stream(WtStream::open(&session).await, Enc::Proto);
+    let mut records = vec![open(1)];
+    records.extend((0..100).map(|i| data(1, &format!("m{i}"))));
+    records.push(close_send(1));
+    call.send(&records).await;
+    // Nothing more to send: the client ends its side at once (FIN).
+    call.stream().finish().await;
+    let got = call.until_status(1, &mut Vec::new()).await;
+    assert_eq!(messages(&got).len(), 100, "{got:?}");
+    assert_eq!(status(&got), (0, String::new()));
+}
+
+#[tokio::test]
+async fn a_live_call_counts_as_webtransport() {
+    let server = webtransport::start(|_| {}).await;
+    let session = server.proto_session().await;
+    let mut call = V2::on_stream(WtStream::open(&session).await, Enc::Proto);
+    call.send(&[open(1), data(1, "live")]).await;
+    assert_eq!(messages(&call.batch().await.unwrap()), ["processed: live"]);
+    let calls = &server.server.calls;
+    assert_eq!(calls.get(Transport::WebTransport), 1);
+    assert_eq!(calls.get(Transport::WebSocket), 0);
+    let text = calls.metrics().render();
+    assert!(
+        text.contains(r#"streambridge_active_streams{transport="webtransport"} 1"#),
+        "{text}"
+    );
+    call.send(&[close_send(1)]).await;
+    assert_eq!(status(&call.until_status(1, &mut Vec::new()).await).0, 0);
+    within("call released", calls.wait_for(Transport::WebTransport, 0)).await;
 }
 
 #[tokio::test]
