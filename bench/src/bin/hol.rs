@@ -77,6 +77,34 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Server CPU per message, WebSocket against WebTransport, without loss:
+    /// `--sessions` x `--calls` x `--in-flight` of 16 B messages.
+    Cpu {
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        #[arg(long, default_value_t = 10)]
+        calls: usize,
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+    },
+    /// (Inside the namespace) drives the `cpu` load on one transport, prints
+    /// the replies it got as one JSON line.
+    Load {
+        #[arg(long)]
+        transport: String,
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value = "")]
+        hash: String,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        sessions: usize,
+        #[arg(long)]
+        calls: usize,
+        #[arg(long)]
+        in_flight: usize,
+    },
     /// (Inside the namespace) measures one transport, prints one JSON line.
     Measure {
         #[arg(long)]
@@ -123,6 +151,28 @@ fn main() -> Result<(), String> {
             println!("{}", serde_json::to_string(&measured).map_err(|e| e.to_string())?);
             Ok(())
         }
+        Some(Mode::Load {
+            transport,
+            addr,
+            hash,
+            seconds,
+            sessions,
+            calls,
+            in_flight,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let replies = runtime.block_on(load(&transport, &addr, &hash, seconds, sessions, calls, in_flight))?;
+            println!("{replies}");
+            Ok(())
+        }
+        Some(Mode::Cpu {
+            sessions,
+            calls,
+            in_flight,
+        }) => cpu(&args, sessions, calls, in_flight),
         None => orchestrate(&args),
     }
 }
@@ -216,7 +266,25 @@ fn start_server(namespace: &Namespace, program: &str, extra: &[&str]) -> Result<
     Err(format!("{program} exited before it listened"))
 }
 
-fn orchestrate(args: &Args) -> Result<(), String> {
+/// The namespace, a plain server (WebSocket) and a TLS one (WebTransport)
+/// in it, and what the client needs to reach them.
+struct Setup {
+    ws_server: Server,
+    wt_server: Server,
+    udp: String,
+    hash: String,
+    me: String,
+    dir: PathBuf,
+    namespace: Namespace,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn setup(args: &Args) -> Result<Setup, String> {
     let program = args
         .streambridge
         .canonicalize()
@@ -244,7 +312,6 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-
     // Servers first, then the loss: start-up is not what is measured.
     let namespace = Namespace::create()?;
     let ws_server = start_server(&namespace, &program, &[])?;
@@ -265,17 +332,126 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         .udp
         .clone()
         .ok_or("the server did not say where WebTransport listens")?;
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    Ok(Setup {
+        ws_server,
+        wt_server,
+        udp,
+        hash,
+        me: me.to_string_lossy().into_owned(),
+        dir,
+        namespace,
+    })
+}
+
+/// User plus system CPU time of a process so far.
+fn cpu_time(pid: u32) -> Result<Duration, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or("a /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().map_err(|e| e.to_string())? + fields[12].parse::<u64>().map_err(|e| e.to_string())?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
+fn cpu(args: &Args, sessions: usize, calls: usize, in_flight: usize) -> Result<(), String> {
+    let setup = setup(args)?;
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 {
+            ["websocket", "webtransport"]
+        } else {
+            ["webtransport", "websocket"]
+        };
+        for transport in order {
+            let (addr, server) = if transport == "websocket" {
+                (&setup.ws_server.tcp, &setup.ws_server)
+            } else {
+                (&setup.udp, &setup.wt_server)
+            };
+            let pid = server.child.id();
+            let mut child = setup.namespace.spawn(
+                0,
+                &[
+                    &setup.me,
+                    "load",
+                    "--transport",
+                    transport,
+                    "--addr",
+                    addr,
+                    "--hash",
+                    &setup.hash,
+                    "--seconds",
+                    &args.seconds.to_string(),
+                    "--sessions",
+                    &sessions.to_string(),
+                    "--calls",
+                    &calls.to_string(),
+                    "--in-flight",
+                    &in_flight.to_string(),
+                ],
+            )?;
+            let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+            match lines.next() {
+                Some(Ok(line)) if line == "ready" => {}
+                other => return Err(format!("{transport}: the load did not start: {other:?}")),
+            }
+            let before = cpu_time(pid)?;
+            let line = lines.next().and_then(Result::ok).unwrap_or_default();
+            let used = cpu_time(pid)? - before;
+            child.wait().map_err(|e| e.to_string())?;
+            let replies: u64 = line.trim().parse().map_err(|e| format!("{transport}: {e}: {line}"))?;
+            let per_message_us = used.as_secs_f64() * 1e6 / (2 * replies.max(1)) as f64;
+            let rate = replies as f64 / args.seconds as f64;
+            println!(
+                "round {}: {transport:<12} {rate:>9.0} replies/s, server CPU {:.2} s, {per_message_us:.2} µs per message (in + out)",
+                round + 1,
+                used.as_secs_f64()
+            );
+            rows.push((transport.to_string(), rate, per_message_us));
+        }
+    }
+    let spread = |transport: &str, pick: fn(&(String, f64, f64)) -> f64| {
+        let mut values: Vec<f64> = rows.iter().filter(|r| r.0 == transport).map(pick).collect();
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        format!("{:.2} ({:.2}–{:.2})", values[n / 2], values[0], values[n - 1])
+    };
+    println!(
+        "\n{sessions} sessions x {calls} calls x {in_flight} in flight, 16 B, {} rounds x {} s; median (min–max)",
+        args.rounds, args.seconds
+    );
+    for transport in ["websocket", "webtransport"] {
+        println!(
+            "{transport:<12} {} replies/s, server CPU {} µs per message",
+            spread(transport, |r| r.1),
+            spread(transport, |r| r.2)
+        );
+    }
+    Ok(())
+}
+
+fn orchestrate(args: &Args) -> Result<(), String> {
+    let setup = setup(args)?;
     if args.loss > 0 {
-        add_loss(&namespace, args.loss)?;
+        add_loss(&setup.namespace, args.loss)?;
     }
     if args.rate_mbit > 0 {
         let rate = format!("{}mbit", args.rate_mbit);
-        namespace.exec(&[
+        setup.namespace.exec(&[
             "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "64kb", "latency", "50ms",
         ])?;
     }
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let me = me.to_string_lossy().into_owned();
+    let (me, hash, udp) = (&setup.me, &setup.hash, &setup.udp);
+    let namespace = &setup.namespace;
+    let ws_server = &setup.ws_server;
     let mut results: Vec<Measured> = Vec::new();
     for round in 0..args.rounds {
         // Alternating order, so neither transport always goes first.
@@ -285,20 +461,20 @@ fn orchestrate(args: &Args) -> Result<(), String> {
             ["webtransport", "websocket"]
         };
         for transport in order {
-            let addr = if transport == "websocket" { &ws_server.tcp } else { &udp };
+            let addr = if transport == "websocket" { &ws_server.tcp } else { udp };
             let seconds = args.seconds.to_string();
             let ping_every = args.ping_every.to_string();
             let child = namespace.spawn(
                 0,
                 &[
-                    &me,
+                    me,
                     "measure",
                     "--transport",
                     transport,
                     "--addr",
                     addr,
                     "--hash",
-                    &hash,
+                    hash,
                     "--seconds",
                     &seconds,
                     "--ping-every",
@@ -328,8 +504,6 @@ fn orchestrate(args: &Args) -> Result<(), String> {
         let json = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
         std::fs::write(out, json).map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    drop((ws_server, wt_server, namespace));
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -423,7 +597,7 @@ fn batch(records: Vec<ClientRecord>) -> Bytes {
 }
 
 /// Replies (messages) per call in one server batch.
-fn replies(bytes: &[u8]) -> Result<Vec<u32>, String> {
+fn calls_replied(bytes: &[u8]) -> Result<Vec<u32>, String> {
     let batch = ServerBatch::decode(bytes).map_err(|e| e.to_string())?;
     let mut calls = Vec::new();
     for record in batch.records {
@@ -545,7 +719,7 @@ async fn websocket_lanes(addr: &str) -> Result<Lanes, String> {
     tokio::spawn(async move {
         while let Some(Ok(message)) = stream.next().await {
             let Message::Binary(bytes) = message else { continue };
-            let Ok(calls) = replies(&bytes) else { return };
+            let Ok(calls) = calls_replied(&bytes) else { return };
             for call in calls {
                 let _ = if call == BULK {
                     bulk_tx.send(())
@@ -614,7 +788,7 @@ async fn webtransport_lanes(addr: &str, hash: &str) -> Result<Lanes, String> {
                     if frame.get_u8() != 0 {
                         return;
                     }
-                    let Ok(calls) = replies(&frame) else { return };
+                    let Ok(calls) = calls_replied(&frame) else { return };
                     for _ in calls {
                         let _ = tx.send(());
                     }
@@ -645,4 +819,203 @@ async fn webtransport_lanes(addr: &str, hash: &str) -> Result<Lanes, String> {
         bulk_replies,
         ping_replies,
     })
+}
+
+// ------------------------------------------------- the CPU-per-message load
+
+/// Drives `sessions` x `calls` calls, `in_flight` 16 B messages in flight on
+/// each, for `seconds`; returns the replies counted.
+async fn load(
+    transport: &str,
+    addr: &str,
+    hash: &str,
+    seconds: u64,
+    sessions: usize,
+    calls: usize,
+    in_flight: usize,
+) -> Result<u64, String> {
+    let replies = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Set once every call is under way: set-up (handshakes) is not measured.
+    let deadline: Deadline = std::sync::Arc::default();
+    match transport {
+        "websocket" => {
+            for _ in 0..sessions {
+                let socket = ws_socket(addr).await?;
+                tokio::spawn(ws_session(socket, calls, in_flight, replies.clone(), deadline.clone()));
+            }
+        }
+        "webtransport" => {
+            let endpoint = wt_endpoint(hash)?;
+            for _ in 0..sessions {
+                let session = endpoint
+                    .connect(format!("https://{addr}/ws?protocol=streambridge.v2.proto"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let session = std::sync::Arc::new(session);
+                for _ in 0..calls {
+                    let (send, recv) = session
+                        .open_bi()
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(wt_call(
+                        session.clone(),
+                        send,
+                        recv,
+                        in_flight,
+                        replies.clone(),
+                        deadline.clone(),
+                    ));
+                }
+            }
+        }
+        other => return Err(format!("unknown transport {other}")),
+    }
+    // Counted from the moment every call is under way; the orchestrator
+    // reads the server's CPU time at "ready" and at the end.
+    let started = Instant::now();
+    let _ = deadline.set(started + Duration::from_secs(seconds));
+    let from = replies.load(std::sync::atomic::Ordering::Relaxed);
+    println!("ready");
+    tokio::time::sleep_until((started + Duration::from_secs(seconds)).into()).await;
+    Ok(replies.load(std::sync::atomic::Ordering::Relaxed) - from)
+}
+
+/// When the load stops sending (unset while it is being set up).
+type Deadline = std::sync::Arc<std::sync::OnceLock<Instant>>;
+
+fn sending(deadline: &Deadline) -> bool {
+    deadline.get().is_none_or(|deadline| Instant::now() < *deadline)
+}
+
+async fn ws_socket(addr: &str) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, String> {
+    let mut request = format!("ws://{addr}/ws")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "streambridge.v2.proto".parse().expect("a header value"),
+    );
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (socket, _) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(socket)
+}
+
+fn wt_endpoint(hash: &str) -> Result<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>, String> {
+    let bytes: Vec<u8> = (0..hash.len() / 2)
+        .map(|i| u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let digest = wtransport::tls::Sha256Digest::new(bytes.try_into().map_err(|_| "a 32-byte hash")?);
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([digest])
+        .build();
+    wtransport::Endpoint::client(config).map_err(|e| e.to_string())
+}
+
+/// Every reply replaced by a new request in the batch sent after each read;
+/// response credit granted back every 512 replies of a call.
+fn replacements(calls: &[u32], taken: &mut std::collections::HashMap<u32, u32>, sending: bool) -> Vec<ClientRecord> {
+    let mut records = Vec::new();
+    for &call in calls {
+        if sending {
+            records.push(message(call, 16));
+        }
+        let count = taken.entry(call).or_default();
+        *count += 1;
+        if *count >= 512 {
+            records.push(window(call, *count));
+            *count = 0;
+        }
+    }
+    records
+}
+
+async fn ws_session(
+    socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    calls: usize,
+    in_flight: usize,
+    replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    deadline: Deadline,
+) {
+    let (mut sink, mut stream) = socket.split();
+    let mut first = Vec::new();
+    for call in 1..=calls as u32 {
+        first.push(open(call, 1024));
+        first.extend((0..in_flight).map(|_| message(call, 16)));
+    }
+    if sink.send(Message::Binary(batch(first))).await.is_err() {
+        return;
+    }
+    let mut taken = std::collections::HashMap::new();
+    while let Some(Ok(message)) = stream.next().await {
+        let Message::Binary(bytes) = message else { continue };
+        let Ok(got) = calls_replied(&bytes) else { return };
+        replies_counted(&replies, got.len());
+        let records = replacements(&got, &mut taken, sending(&deadline));
+        if !records.is_empty() && sink.send(Message::Binary(batch(records))).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn replies_counted(replies: &std::sync::atomic::AtomicU64, n: usize) {
+    replies.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
+async fn wt_call(
+    _session: std::sync::Arc<wtransport::Connection>,
+    mut send: wtransport::SendStream,
+    mut recv: wtransport::RecvStream,
+    in_flight: usize,
+    replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    deadline: Deadline,
+) {
+    let write = |records: Vec<ClientRecord>| {
+        let payload = batch(records);
+        let mut frame = BytesMut::with_capacity(5 + payload.len());
+        frame.put_u32(payload.len() as u32 + 1);
+        frame.put_u8(0);
+        frame.put_slice(&payload);
+        frame
+    };
+    let mut first = vec![open(1, 1024)];
+    first.extend((0..in_flight).map(|_| message(1, 16)));
+    if send.write_all(&write(first)).await.is_err() {
+        return;
+    }
+    let mut taken = std::collections::HashMap::new();
+    let mut buffer = BytesMut::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let mut got = Vec::new();
+        while buffer.len() >= 4 {
+            let length = u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
+            if buffer.len() < 4 + length {
+                break;
+            }
+            buffer.advance(4);
+            let mut frame = buffer.split_to(length);
+            if frame.get_u8() != 0 {
+                return;
+            }
+            let Ok(calls) = calls_replied(&frame) else { return };
+            got.extend(calls);
+        }
+        if !got.is_empty() {
+            replies_counted(&replies, got.len());
+            let records = replacements(&got, &mut taken, sending(&deadline));
+            if !records.is_empty() && send.write_all(&write(records)).await.is_err() {
+                return;
+            }
+        }
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buffer.extend_from_slice(&chunk[..n]),
+            _ => return,
+        }
+    }
 }
