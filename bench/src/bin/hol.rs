@@ -693,18 +693,7 @@ async fn measure(transport: &str, addr: &str, hash: &str, seconds: u64, ping_eve
 
 /// Both calls on one WebSocket.
 async fn websocket_lanes(addr: &str) -> Result<Lanes, String> {
-    let mut request = format!("ws://{addr}/ws")
-        .into_client_request()
-        .map_err(|e| e.to_string())?;
-    request.headers_mut().insert(
-        "sec-websocket-protocol",
-        "streambridge.v2.proto".parse().expect("a header value"),
-    );
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let (socket, _) = tokio_tungstenite::client_async(request, tcp)
-        .await
-        .map_err(|e| e.to_string())?;
+    let socket = ws_socket(addr).await?;
     let (mut sink, mut stream) = socket.split();
     let (send, mut outgoing) = mpsc::unbounded_channel::<(u32, Bytes)>();
     tokio::spawn(async move {
@@ -738,15 +727,7 @@ async fn websocket_lanes(addr: &str) -> Result<Lanes, String> {
 
 /// Each call on a stream of its own of one WebTransport session.
 async fn webtransport_lanes(addr: &str, hash: &str) -> Result<Lanes, String> {
-    let bytes: Vec<u8> = (0..hash.len() / 2)
-        .map(|i| u8::from_str_radix(&hash[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let digest = wtransport::tls::Sha256Digest::new(bytes.try_into().map_err(|_| "a 32-byte hash")?);
-    let config = wtransport::ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([digest])
-        .build();
-    let endpoint = wtransport::Endpoint::client(config).map_err(|e| e.to_string())?;
+    let endpoint = wt_endpoint(hash)?;
     let session = endpoint
         .connect(format!("https://{addr}/ws?protocol=streambridge.v2.proto"))
         .await
@@ -756,7 +737,7 @@ async fn webtransport_lanes(addr: &str, hash: &str) -> Result<Lanes, String> {
     let mut replies_of = Vec::new();
     for _ in [BULK, PING] {
         let (tx, rx) = mpsc::unbounded_channel::<()>();
-        let (mut write, mut read) = session
+        let (mut write, read) = session
             .open_bi()
             .await
             .map_err(|e| e.to_string())?
@@ -765,37 +746,16 @@ async fn webtransport_lanes(addr: &str, hash: &str) -> Result<Lanes, String> {
         let (frames_tx, mut frames) = mpsc::unbounded_channel::<Bytes>();
         tokio::spawn(async move {
             while let Some(batch) = frames.recv().await {
-                let mut frame = BytesMut::with_capacity(5 + batch.len());
-                frame.put_u32(batch.len() as u32 + 1);
-                frame.put_u8(0);
-                frame.put_slice(&batch);
-                if write.write_all(&frame).await.is_err() {
+                if write.write_all(&wt_frame(&batch)).await.is_err() {
                     return;
                 }
             }
         });
         tokio::spawn(async move {
-            let mut buffer = BytesMut::new();
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                while buffer.len() >= 4 {
-                    let length = u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-                    if buffer.len() < 4 + length {
-                        break;
-                    }
-                    buffer.advance(4);
-                    let mut frame = buffer.split_to(length);
-                    if frame.get_u8() != 0 {
-                        return;
-                    }
-                    let Ok(calls) = calls_replied(&frame) else { return };
-                    for _ in calls {
-                        let _ = tx.send(());
-                    }
-                }
-                match read.read(&mut chunk).await {
-                    Ok(Some(n)) => buffer.extend_from_slice(&chunk[..n]),
-                    _ => return,
+            let mut reader = FrameReader::new(read);
+            while let Some(calls) = reader.next_replies().await {
+                for _ in calls {
+                    let _ = tx.send(());
                 }
             }
         });
@@ -970,52 +930,78 @@ fn replies_counted(replies: &std::sync::atomic::AtomicU64, n: usize) {
 async fn wt_call(
     _session: std::sync::Arc<wtransport::Connection>,
     mut send: wtransport::SendStream,
-    mut recv: wtransport::RecvStream,
+    recv: wtransport::RecvStream,
     in_flight: usize,
     replies: std::sync::Arc<std::sync::atomic::AtomicU64>,
     deadline: Deadline,
 ) {
-    let write = |records: Vec<ClientRecord>| {
-        let payload = batch(records);
-        let mut frame = BytesMut::with_capacity(5 + payload.len());
-        frame.put_u32(payload.len() as u32 + 1);
-        frame.put_u8(0);
-        frame.put_slice(&payload);
-        frame
-    };
     let mut first = vec![open(1, 1024)];
     first.extend((0..in_flight).map(|_| message(1, 16)));
-    if send.write_all(&write(first)).await.is_err() {
+    if send.write_all(&wt_frame(&batch(first))).await.is_err() {
         return;
     }
     let mut taken = std::collections::HashMap::new();
-    let mut buffer = BytesMut::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    loop {
-        let mut got = Vec::new();
-        while buffer.len() >= 4 {
-            let length = u32::from_be_bytes(buffer[..4].try_into().expect("4 bytes")) as usize;
-            if buffer.len() < 4 + length {
-                break;
-            }
-            buffer.advance(4);
-            let mut frame = buffer.split_to(length);
-            if frame.get_u8() != 0 {
-                return;
-            }
-            let Ok(calls) = calls_replied(&frame) else { return };
-            got.extend(calls);
+    let mut reader = FrameReader::new(recv);
+    while let Some(got) = reader.next_replies().await {
+        replies_counted(&replies, got.len());
+        let records = replacements(&got, &mut taken, sending(&deadline));
+        if !records.is_empty() && send.write_all(&wt_frame(&batch(records))).await.is_err() {
+            return;
         }
-        if !got.is_empty() {
-            replies_counted(&replies, got.len());
-            let records = replacements(&got, &mut taken, sending(&deadline));
-            if !records.is_empty() && send.write_all(&write(records)).await.is_err() {
-                return;
-            }
+    }
+}
+
+/// A batch as a WebTransport stream's BATCH frame (docs/protocol-v2.md §12).
+fn wt_frame(batch: &[u8]) -> BytesMut {
+    let mut frame = BytesMut::with_capacity(5 + batch.len());
+    frame.put_u32(batch.len() as u32 + 1);
+    frame.put_u8(0);
+    frame.put_slice(batch);
+    frame
+}
+
+/// A WebTransport stream's frames, read as the calls they reply to.
+struct FrameReader {
+    recv: wtransport::RecvStream,
+    buffer: BytesMut,
+    chunk: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(recv: wtransport::RecvStream) -> FrameReader {
+        FrameReader {
+            recv,
+            buffer: BytesMut::new(),
+            chunk: vec![0u8; 64 * 1024],
         }
-        match recv.read(&mut chunk).await {
-            Ok(Some(n)) => buffer.extend_from_slice(&chunk[..n]),
-            _ => return,
+    }
+
+    /// The calls replied to in the next frames that have arrived (at least
+    /// one frame); `None` at the stream's end, a CLOSE or a failed call.
+    async fn next_replies(&mut self) -> Option<Vec<u32>> {
+        loop {
+            let mut got = Vec::new();
+            let mut framed = false;
+            while self.buffer.len() >= 4 {
+                let length = u32::from_be_bytes(self.buffer[..4].try_into().expect("4 bytes")) as usize;
+                if self.buffer.len() < 4 + length {
+                    break;
+                }
+                self.buffer.advance(4);
+                let mut frame = self.buffer.split_to(length);
+                if frame.get_u8() != 0 {
+                    return None;
+                }
+                got.extend(calls_replied(&frame).ok()?);
+                framed = true;
+            }
+            if framed {
+                return Some(got);
+            }
+            match self.recv.read(&mut self.chunk).await {
+                Ok(Some(n)) => self.buffer.extend_from_slice(&self.chunk[..n]),
+                _ => return None,
+            }
         }
     }
 }
