@@ -60,8 +60,16 @@ pub async fn cert() -> WtCert {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    identity.certificate_chain().store_pemfile(&cert).await.unwrap();
-    identity.private_key().store_secret_pemfile(&key).await.unwrap();
+    // Not wtransport's `store_pemfile`: it does not flush its tokio file, so
+    // a server reading the file at once may find it empty.
+    let chain: String = identity
+        .certificate_chain()
+        .as_slice()
+        .iter()
+        .map(|c| c.to_pem())
+        .collect();
+    std::fs::write(&cert, chain).unwrap();
+    std::fs::write(&key, identity.private_key().to_secret_pem()).unwrap();
     let hash = identity.certificate_chain().as_slice()[0].hash();
     WtCert { hash, cert, key, dir }
 }

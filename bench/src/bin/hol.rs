@@ -292,7 +292,6 @@ fn setup(args: &Args) -> Result<Setup, String> {
     let program = program.to_string_lossy().into_owned();
     let dir = std::env::temp_dir().join(format!("streambridge-hol-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let identity = wtransport::Identity::self_signed_builder()
         .subject_alt_names(["localhost", "127.0.0.1"])
         .from_now_utc()
@@ -300,12 +299,15 @@ fn setup(args: &Args) -> Result<Setup, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    runtime
-        .block_on(async {
-            identity.certificate_chain().store_pemfile(&cert).await?;
-            identity.private_key().store_secret_pemfile(&key).await
-        })
-        .map_err(|e| e.to_string())?;
+    // Not wtransport's `store_pemfile`: it does not flush its tokio file.
+    let chain: String = identity
+        .certificate_chain()
+        .as_slice()
+        .iter()
+        .map(|c| c.to_pem())
+        .collect();
+    std::fs::write(&cert, chain).map_err(|e| e.to_string())?;
+    std::fs::write(&key, identity.private_key().to_secret_pem()).map_err(|e| e.to_string())?;
     let hash: String = identity.certificate_chain().as_slice()[0]
         .hash()
         .as_ref()
