@@ -72,7 +72,7 @@ try {
             }
             stream.closeSend();
             const status = await stream.finished();
-            if (status.code !== 0) throw new Error(`closing status ${status.code}`);
+            if (status.code !== 0) throw new Error(`closing status ${status.code} (${tally.transport}): ${status.message}`);
           } catch (error) {
             if (error.name !== 'StreamError' || !error.code) throw error;
             tally.unanswered++;
