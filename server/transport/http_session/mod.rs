@@ -284,9 +284,7 @@ pub async fn post(state: WebSocketState, request: Request) -> Response {
         );
     };
     let sessions = &state.http_sessions.0;
-    // v2 carries records around each message: a batch holding a message of
-    // the largest size fits with 64 KiB to spare (as a WebSocket message).
-    let limit = sessions.context.settings.max_message_size.saturating_add(64 * 1024);
+    let limit = sessions.context.settings.largest_batch();
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)

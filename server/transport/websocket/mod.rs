@@ -160,11 +160,9 @@ pub async fn upgrade(State(state): State<WebSocketState>, mut request: Request) 
     let context = state.context.clone();
     let drain = state.drain.clone();
     let settings = &context.settings;
-    // v2 carries records around each message: a message of the largest size
-    // fits in a WebSocket message with 64 KiB to spare.
     let largest = match protocol {
         Protocol::V1(_) => settings.max_message_size,
-        Protocol::V2(_) => settings.max_message_size.saturating_add(64 * 1024),
+        Protocol::V2(_) => settings.largest_batch(),
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(settings.read_buffer_size)

@@ -60,10 +60,6 @@ pub fn close_code(status: StatusCode) -> u32 {
 /// The session ended normally (the server drained, or the client left).
 const CLOSE_NORMAL: u32 = 0;
 
-/// Bytes a frame may carry beyond `--max-message-size`: the records around
-/// the message (as a WebSocket v2 message).
-const RECORD_ROOM: usize = 64 * 1024;
-
 /// The bound UDP endpoint, before it serves.
 pub struct WebTransportEndpoint(Endpoint<ServerSide>);
 
@@ -202,8 +198,7 @@ async fn refuse(connection: &Connection, status: StatusCode, reason: &str, timeo
     let code = close_code(status);
     let _ = tokio::time::timeout(timeout, async {
         let told = async {
-            let control = connection.open_uni().await.ok()?.await.ok()?;
-            let mut frames = FramedWrite::new(control, StreamCodec::new(0));
+            let mut frames = control_stream(connection).await?;
             let close_frame = StreamFrame::Close(u16::try_from(code).unwrap_or(u16::MAX), reason.to_string());
             frames.send(close_frame).await.ok()?;
             frames.into_inner().finish().await.ok()
@@ -214,6 +209,13 @@ async fn refuse(connection: &Connection, status: StatusCode, reason: &str, timeo
     })
     .await;
     connection.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+/// Opens the session's control stream (the server writes only: no frame
+/// is read, so no payload limit).
+async fn control_stream(connection: &Connection) -> Option<FramedWrite<wtransport::SendStream, StreamCodec>> {
+    let stream = connection.open_uni().await.ok()?.await.ok()?;
+    Some(FramedWrite::new(stream, StreamCodec::new(0)))
 }
 
 /// The session's protocol and caller, or the status a WebSocket upgrade
@@ -303,17 +305,12 @@ fn request_parts(
 /// An admitted session: its control stream, then a call machine for every
 /// stream the client opens, until the client closes it or the drain ends it.
 async fn run_session(connection: Connection, encoding: Encoding, who: Authenticated, state: WebTransportState) {
-    let control = match connection.open_uni().await {
-        Ok(opening) => match opening.await {
-            Ok(stream) => stream,
-            Err(_) => return,
-        },
-        Err(_) => return,
+    let Some(mut control) = control_stream(&connection).await else {
+        return;
     };
-    let mut control = FramedWrite::new(control, StreamCodec::new(0));
     let streams = tokio_util::task::TaskTracker::new();
     let mut drain = DrainCheck::new(&state.sockets.drain);
-    let max_payload = state.context.settings.max_message_size.saturating_add(RECORD_ROOM);
+    let max_payload = state.context.settings.largest_batch();
     loop {
         tokio::select! {
             accepted = connection.accept_bi() => {

@@ -100,6 +100,15 @@ pub struct SocketContext {
     pub transport: Transport,
 }
 
+impl SocketSettings {
+    /// The largest batch a client may send: v2 carries records around each
+    /// message, so a batch holding a message of the largest size fits with
+    /// 64 KiB to spare (a WebSocket message, a POST, a WebTransport frame).
+    pub fn largest_batch(&self) -> usize {
+        self.max_message_size.saturating_add(64 * 1024)
+    }
+}
+
 impl SocketContext {
     /// The sockets' context for a server whose calls `backend` answers;
     /// `data_service` counts the built-in service's calls, if it runs here.
