@@ -117,24 +117,18 @@ async fn the_control_stream_carries_goaway_and_the_session_ends_after_its_calls(
     let mut control = within("the control stream", session.accept_uni())
         .await
         .expect("the server opens it");
+    // An admitted session is told so first: an empty batch.
+    assert_eq!(
+        webtransport::control_frame(&mut control).await,
+        (webtransport::BATCH, vec![])
+    );
     let mut live = V2::on_stream(WtStream::open(&session).await, Enc::Proto);
     live.send(&[open(1), data(1, "before")]).await;
     assert_eq!(messages(&live.batch().await.unwrap()), ["processed: before"]);
 
     server.server.shutdown();
-    let mut frame = [0u8; 5];
-    within(
-        "goaway on the control stream",
-        tokio::io::AsyncReadExt::read_exact(&mut control, &mut frame),
-    )
-    .await
-    .expect("a frame");
-    let length = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
-    assert_eq!(frame[4], webtransport::BATCH);
-    let mut batch = vec![0u8; length - 1];
-    tokio::io::AsyncReadExt::read_exact(&mut control, &mut batch)
-        .await
-        .unwrap();
+    let (kind, batch) = webtransport::control_frame(&mut control).await;
+    assert_eq!(kind, webtransport::BATCH);
     let records = <streambridge_protocol::v2::ServerBatch as prost::Message>::decode(&batch[..])
         .unwrap()
         .records;

@@ -46,8 +46,8 @@ function certificate() {
   return { cert, key, hash: [...createHash('sha256').update(der).digest()] };
 }
 
-async function start(args) {
-  const server = await startStreambridge(args);
+async function start(args, options) {
+  const server = await startStreambridge(args, options);
   cleanups.push(() => server.child.kill('SIGKILL'));
   return server;
 }
@@ -184,4 +184,213 @@ test('Chromium\'s WebTransport runs calls on streams of their own, and refusals 
   assert.equal(refused.closeCode, 4401, JSON.stringify(refused));
   assert.match(refused.reason, /token/);
   await tab.close();
+});
+
+// The WASM client over WebTransport. The server has TLS (WebTransport needs
+// it), so its page is HTTPS with the test's certificate: the browser context
+// ignores certificate errors for the page and its WebSocket fallback, while
+// WebTransport itself trusts the certificate by hash, as a page would.
+
+/** A page of `server` with `window.client` connected; `options` add to or override connect's. */
+async function clientPage(server, hash, options = {}) {
+  const context = await browser.newContext({ ignoreHTTPSErrors: true });
+  const page = await context.newPage();
+  const problems = [];
+  page.on('pageerror', (error) => problems.push(error.message));
+  await page.goto(`https://${server.address}/pkg/package.json`);
+  await page.evaluate(
+    async ([url, options, hash]) => {
+      const { default: init, DataClient } = await import('/pkg/streambridge_client.js');
+      await init();
+      window.states = [];
+      window.client = await DataClient.connect(url, {
+        reconnect: { initialDelayMs: 20, maxDelayMs: 250 },
+        serverCertificateHashes: [{ algorithm: 'sha-256', value: new Uint8Array(hash) }],
+        ...options,
+      });
+      window.client.onstatechange = (state) => window.states.push(state);
+      // The server's live calls over WebTransport (its /metrics), once they
+      // are `count` (looked at every 20 ms for up to 5 s); else the last seen.
+      window.liveCallsReach = async (count) => {
+        let seen;
+        for (let look = 0; look < 250; look++) {
+          const text = await (await fetch('/metrics')).text();
+          const line = text.split('\n').find((l) => l.startsWith('streambridge_active_streams{transport="webtransport"}'));
+          seen = Number(line?.split(' ').pop() ?? 0);
+          if (seen === count) return seen;
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        return seen;
+      };
+    },
+    [`wss://${server.address}/ws`, { webtransport: `https://${server.webtransport}/ws`, ...options }, hash],
+  );
+  return { page, problems, close: () => context.close() };
+}
+
+async function wtServer(cert, extra = [], listen) {
+  return start(['--tls-cert', cert.cert, '--tls-key', cert.key, '--static-dir', staticDir, ...extra], listen);
+}
+
+test('the WASM client runs streams and call()s on WebTransport, each call on a stream of its own', async () => {
+  const cert = certificate();
+  const server = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0']);
+  for (const codec of ['json', 'proto']) {
+    const { page, problems, close } = await clientPage(server, cert.hash, { codec });
+    assert.equal(await page.evaluate(() => window.client.transport), 'webtransport', codec);
+    const result = await page.evaluate(async () => {
+      const client = window.client;
+      const streams = Array.from({ length: 20 }, () => client.bidirectionalStream());
+      const replies = streams.map(async (stream, s) => {
+        for (let i = 0; i < 5; i++) stream.send(`s${s} m${i}`);
+        stream.closeSend();
+        const got = [];
+        for await (const reply of stream) got.push(reply.result);
+        return { got, code: (await stream.finished()).code };
+      });
+      // Ping-pong: each message only after the previous reply.
+      const pingPong = client.bidirectionalStream();
+      const rounds = [];
+      for (let i = 0; i < 10; i++) {
+        pingPong.send(`ping ${i}`);
+        rounds.push((await pingPong.next()).result);
+      }
+      pingPong.closeSend();
+      return {
+        streams: await Promise.all(replies),
+        rounds,
+        pingPong: (await pingPong.finished()).code,
+        sockets: client.socketCount,
+      };
+    });
+    result.streams.forEach(({ got, code }, s) => {
+      assert.deepEqual(got, [0, 1, 2, 3, 4].map((i) => `processed: s${s} m${i}`));
+      assert.equal(code, 0);
+    });
+    assert.deepEqual(result.rounds, Array.from({ length: 10 }, (_, i) => `processed: ping ${i}`));
+    assert.equal(result.pingPong, 0);
+    assert.equal(result.sockets, 1, 'one session');
+    if (codec === 'json') {
+      const called = await page.evaluate(async () => {
+        const call = window.client.call('/DataService/BidirectionalStream');
+        call.send({ data: 'by call()' });
+        call.closeSend();
+        const got = [];
+        for await (const message of call) got.push(message.result);
+        return { got, code: (await call.finished()).code };
+      });
+      assert.deepEqual(called, { got: ['processed: by call()'], code: 0 });
+    }
+    // Every call's stream ended at the server (the client finished its side).
+    assert.equal(await page.evaluate(() => window.liveCallsReach(0)), 0);
+    assert.deepEqual(problems, []);
+    await close();
+  }
+});
+
+test('over WebTransport a cancel and a deadline end the call at the server, and the session goes on', async () => {
+  const cert = certificate();
+  const server = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0']);
+  const { page, problems, close } = await clientPage(server, cert.hash, { maxCalls: 1 });
+  const outcome = await page.evaluate(async () => {
+    const client = window.client;
+    const cancelled = client.bidirectionalStream();
+    cancelled.send('a');
+    const first = (await cancelled.next()).result;
+    const liveBefore = await window.liveCallsReach(1);
+    cancelled.cancel();
+    const liveAfterCancel = await window.liveCallsReach(0);
+    // maxCalls 1: this call starts only once the cancelled one freed its slot.
+    const timed = client.bidirectionalStream({ timeoutMs: 200 });
+    timed.send('b');
+    const timedReply = (await timed.next()).result;
+    const timedStatus = await timed.finished();
+    const liveAfterDeadline = await window.liveCallsReach(0);
+    const next = client.bidirectionalStream();
+    next.send('c');
+    next.closeSend();
+    return {
+      first,
+      liveBefore,
+      cancelled: (await cancelled.finished()).code,
+      liveAfterCancel,
+      timedReply,
+      timed: timedStatus.code,
+      liveAfterDeadline,
+      next: (await next.next()).result,
+      nextStatus: (await next.finished()).code,
+      transport: client.transport,
+    };
+  });
+  assert.deepEqual(outcome, {
+    first: 'processed: a',
+    liveBefore: 1,
+    cancelled: 1,
+    liveAfterCancel: 0,
+    timedReply: 'processed: b',
+    timed: 4,
+    liveAfterDeadline: 0,
+    next: 'processed: c',
+    nextStatus: 0,
+    transport: 'webtransport',
+  });
+  assert.deepEqual(problems, []);
+  await close();
+});
+
+test('a drain over WebTransport: goaway, the call ends with 14, and the client is back on WebTransport after the restart', async () => {
+  const cert = certificate();
+  const first = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0', '--drain-timeout', '30s']);
+  const { page, problems, close } = await clientPage(first, cert.hash);
+  await page.evaluate(async () => {
+    window.live = window.client.bidirectionalStream();
+    window.live.send('a');
+    await window.live.next();
+  });
+  first.child.kill('SIGTERM');
+  const live = await page.evaluate(() => window.live.finished());
+  assert.equal(live.code, 14, `the built-in service ends its calls at the drain: ${JSON.stringify(live)}`);
+  assert.equal(await first.exit, 0, 'the server drained and exited');
+  await page.waitForFunction(() => window.client.state === 'reconnecting');
+
+  await wtServer(cert, ['--webtransport-listen', first.webtransport], { listen: first.address });
+  await page.waitForFunction(() => window.client.state === 'open');
+  const after = await page.evaluate(async () => {
+    const stream = window.client.bidirectionalStream();
+    stream.send('after');
+    stream.closeSend();
+    return {
+      reply: (await stream.next()).result,
+      code: (await stream.finished()).code,
+      transport: window.client.transport,
+      states: window.states,
+    };
+  });
+  assert.deepEqual(after, {
+    reply: 'processed: after',
+    code: 0,
+    transport: 'webtransport',
+    states: ['reconnecting', 'open'],
+  });
+  assert.deepEqual(problems, []);
+  await close();
+});
+
+test('with the UDP port closed the WASM client falls back to the WebSocket', async () => {
+  const cert = certificate();
+  // TLS, but no WebTransport: the page's `webtransport` URL reaches nothing.
+  const server = await wtServer(cert);
+  const { page, problems, close } = await clientPage(
+    { address: server.address, webtransport: server.address },
+    cert.hash,
+  );
+  const outcome = await page.evaluate(async () => {
+    const stream = window.client.bidirectionalStream();
+    stream.send('over the fallback');
+    stream.closeSend();
+    return { transport: window.client.transport, reply: (await stream.next()).result };
+  });
+  assert.deepEqual(outcome, { transport: 'websocket', reply: 'processed: over the fallback' });
+  assert.deepEqual(problems, []);
+  await close();
 });

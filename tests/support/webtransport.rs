@@ -141,25 +141,32 @@ impl WtServer {
         let mut control = within("the control stream", connection.accept_uni())
             .await
             .expect("the server opens it");
-        let mut header = [0u8; 7];
-        within(
-            "the CLOSE frame",
-            tokio::io::AsyncReadExt::read_exact(&mut control, &mut header),
-        )
-        .await
-        .expect("a frame");
-        assert_eq!(header[4], CLOSE, "{path_and_query}: the first frame is a CLOSE");
-        let length = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
-        let mut reason = vec![0u8; length - 3];
-        tokio::io::AsyncReadExt::read_exact(&mut control, &mut reason)
-            .await
-            .unwrap();
+        let (kind, payload) = control_frame(&mut control).await;
+        assert_eq!(kind, CLOSE, "{path_and_query}: the first frame is a CLOSE");
+        let (code, reason) = payload.split_at(2);
         connection.close(wtransport::VarInt::from_u32(0), b"told why");
         (
-            u32::from(u16::from_be_bytes([header[5], header[6]])),
-            String::from_utf8(reason).expect("a UTF-8 reason"),
+            u32::from(u16::from_be_bytes([code[0], code[1]])),
+            String::from_utf8(reason.to_vec()).expect("a UTF-8 reason"),
         )
     }
+}
+
+/// The next frame on a control stream: its kind and payload.
+pub async fn control_frame(control: &mut wtransport::RecvStream) -> (u8, Vec<u8>) {
+    let mut header = [0u8; 5];
+    within(
+        "a frame on the control stream",
+        tokio::io::AsyncReadExt::read_exact(control, &mut header),
+    )
+    .await
+    .expect("a frame");
+    let length = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; length - 1];
+    tokio::io::AsyncReadExt::read_exact(control, &mut payload)
+        .await
+        .unwrap();
+    (header[4], payload)
 }
 
 /// One bidirectional stream: frames out and in.

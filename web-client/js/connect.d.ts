@@ -20,11 +20,16 @@ export interface StreambridgeTransportOptions {
   /** Calls live on the socket at once (default 100: the server's `--ws-max-calls`); more wait. */
   maxCalls?: number;
   /**
-   * The ways to reach the server, in order (default `['websocket', 'http']`):
-   * as `DataClient.connect`'s `transports`. Behind a proxy that refuses
-   * WebSockets, every call runs over the HTTP fallback unchanged.
+   * The ways to reach the server, in order (default `['webtransport',
+   * 'websocket', 'http']` with a `webtransport` URL, else `['websocket',
+   * 'http']`): as `DataClient.connect`'s `transports`. Behind a proxy that
+   * refuses WebSockets, every call runs over the HTTP fallback unchanged.
    */
-  transports?: ('websocket' | 'http')[];
+  transports?: ('webtransport' | 'websocket' | 'http')[];
+  /** The server's WebTransport URL (`https://host:port/ws`): each call on a QUIC stream of its own. */
+  webtransport?: string;
+  /** WebTransport certificates to trust by SHA-256 digest, as `DataClient.connect` takes them. */
+  serverCertificateHashes?: { algorithm: 'sha-256'; value: BufferSource }[];
   /** Interceptors applied to every call, as on every connect-es transport. */
   interceptors?: Interceptor[];
   /** The deadline of calls that set no `timeoutMs` of their own. */

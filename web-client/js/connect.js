@@ -29,7 +29,7 @@ export function createStreambridgeTransport(options) {
     throw new TypeError('createStreambridgeTransport: options.url (the bridge\'s ws:// or wss:// URL) is required');
   }
   const connectOptions = { codec: 'proto' };
-  for (const name of ['token', 'reconnect', 'window', 'maxCalls', 'transports']) {
+  for (const name of ['token', 'reconnect', 'window', 'maxCalls', 'transports', 'webtransport', 'serverCertificateHashes']) {
     if (options[name] !== undefined) connectOptions[name] = options[name];
   }
   let client;

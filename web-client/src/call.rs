@@ -293,6 +293,7 @@ pub fn attach(call: &CallRef, connection: &ConnRef) {
         let spec = &state.spec;
         let timeout_ms = remaining.map_or(0, |ms| ms.min(f64::from(u32::MAX)) as u32);
         connection.borrow_mut().write(
+            id,
             |batch| batch.open(id, &spec.method, &spec.metadata, timeout_ms, spec.window),
             64,
         );
@@ -360,11 +361,11 @@ fn pump(call: &CallRef) {
             let Some(payload) = state.queued.pop_front() else { break };
             state.credit -= 1;
             let size = payload.len();
-            connection.write(|batch| batch.message(id, payload), size);
+            connection.write(id, |batch| batch.message(id, payload), size);
         }
         if state.queued.is_empty() && state.half_close == HalfClose::Requested {
             state.half_close = HalfClose::Sent;
-            connection.write(|batch| batch.close_send(id), 32);
+            connection.write(id, |batch| batch.close_send(id), 32);
         }
         if state.queued.is_empty() {
             std::mem::take(&mut state.drained)
@@ -452,7 +453,7 @@ fn taken(call: &CallRef) {
         std::mem::take(&mut state.taken)
     };
     if let Some((connection, id)) = live(call) {
-        connection.borrow_mut().write(|batch| batch.window(id, grant), 32);
+        connection.borrow_mut().write(id, |batch| batch.window(id, grant), 32);
     }
 }
 
@@ -504,7 +505,7 @@ pub fn cancel_with(call: &CallRef, status: CallStatus) {
     let freed = live(call).map(|(connection, id)| {
         let mut connection = connection.borrow_mut();
         connection.forget(id);
-        connection.write(|batch| batch.cancel(id), 32);
+        connection.write(id, |batch| batch.cancel(id), 32);
         connection.session()
     });
     end(call, status);

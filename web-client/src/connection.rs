@@ -1,11 +1,13 @@
-//! One connection of protocol v2 (a WebSocket, or an HTTP session where
-//! WebSockets are blocked): the calls live on it, the batch being written,
-//! and the dispatch of what arrives.
+//! One connection of protocol v2 (a WebTransport session, a WebSocket, or an
+//! HTTP session where WebSockets are blocked): the calls live on it, the
+//! batches being written, and the dispatch of what arrives.
 //!
-//! Writes go into one [`Batch`] that is sent at the end of the current turn
-//! of the event loop (a task posted after it), so everything a page sends in one turn,
-//! across all its calls, is one WebSocket message; a batch that reaches
-//! [`BATCH_LIMIT`] is sent at once.
+//! Writes go into a [`Batch`] that is sent at the end of the current turn
+//! of the event loop (a task posted after it), so everything a page sends in
+//! one turn, across all its calls, is one WebSocket message; a batch that
+//! reaches [`BATCH_LIMIT`] is sent at once. Over WebTransport each call has
+//! a stream of its own, so each call has its own batch (one frame per call
+//! and turn).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -22,6 +24,7 @@ use crate::http_link::HttpLink;
 use crate::session::{self, SessionRef};
 use crate::socket::{Socket, SocketEvent};
 use crate::timer::queue_task;
+use crate::webtransport_link::WebTransportLink;
 
 /// Shared handle to a connection.
 pub type ConnRef = Rc<RefCell<Connection>>;
@@ -29,6 +32,7 @@ pub type ConnRef = Rc<RefCell<Connection>>;
 /// The ways a connection reaches the server, in `transports`' names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportKind {
+    WebTransport,
     WebSocket,
     Http,
 }
@@ -36,28 +40,66 @@ pub enum TransportKind {
 impl TransportKind {
     pub fn name(self) -> &'static str {
         match self {
+            TransportKind::WebTransport => "webtransport",
             TransportKind::WebSocket => "websocket",
             TransportKind::Http => "http",
         }
     }
 
     pub fn from_name(name: &str) -> Option<TransportKind> {
-        [TransportKind::WebSocket, TransportKind::Http]
-            .into_iter()
-            .find(|kind| kind.name() == name)
+        [
+            TransportKind::WebTransport,
+            TransportKind::WebSocket,
+            TransportKind::Http,
+        ]
+        .into_iter()
+        .find(|kind| kind.name() == name)
     }
+
+    /// Whether each call has a stream (and so a batch) of its own.
+    fn stream_per_call(self) -> bool {
+        self == TransportKind::WebTransport
+    }
+}
+
+/// Where a connection goes: the page's URL (`ws(s)://…/ws`), and the
+/// WebTransport session's, when the page gave one.
+pub struct Endpoint<'a> {
+    pub url: &'a str,
+    pub webtransport: Option<&'a WebTransportTarget>,
+}
+
+/// `connect`'s `webtransport` and `serverCertificateHashes` options.
+#[derive(Clone)]
+pub struct WebTransportTarget {
+    /// `https://host:port/ws`.
+    pub url: String,
+    /// Passed to the browser as is (undefined: the certificate must chain
+    /// to a trusted root).
+    pub certificate_hashes: JsValue,
 }
 
 /// What carries a connection's records.
 enum Link {
+    WebTransport(WebTransportLink),
     WebSocket(Socket),
     Http(HttpLink),
 }
 
 impl Link {
-    fn send(&self, frame: Frame) {
+    /// Sends a batch of `call`'s records (of every call's, unless each call
+    /// has a stream of its own).
+    fn send(&self, call: u32, frame: Frame) {
         // A failed send means the socket is closing: its close event ends the calls.
         let _ = match (self, frame) {
+            (Link::WebTransport(link), Frame::Text(text)) => {
+                link.send(call, &JsValue::from_str(&text));
+                Ok(())
+            }
+            (Link::WebTransport(link), Frame::Binary(bytes)) => {
+                link.send(call, &js_sys::Uint8Array::from(&bytes[..]));
+                Ok(())
+            }
             (Link::WebSocket(socket), Frame::Text(text)) => socket.send_text(&text),
             (Link::WebSocket(socket), Frame::Binary(bytes)) => socket.send_binary(&bytes),
             (Link::Http(link), frame) => {
@@ -69,6 +111,7 @@ impl Link {
 
     fn close(&self, reason: &str) {
         match self {
+            Link::WebTransport(link) => link.close(reason),
             Link::WebSocket(socket) => socket.close(reason),
             Link::Http(link) => link.close(),
         }
@@ -84,7 +127,10 @@ pub struct Connection {
     /// The id of the next call opened here (ids start at 1 and only grow).
     next_id: u32,
     calls: HashMap<u32, CallRef>,
-    batch: Batch,
+    encoding: Encoding,
+    /// Batches being written, by call id; one (under 0) for every call,
+    /// unless each call has a stream of its own.
+    batches: Vec<(u32, Batch)>,
     flush_scheduled: bool,
     /// Sends the batch; queued as a task after the current turn.
     flush: Option<Function>,
@@ -95,12 +141,16 @@ pub struct Connection {
 impl Connection {
     /// Starts connecting. `session` hears the socket open, drain and close.
     pub fn open(
-        url: &str,
+        endpoint: Endpoint,
         transport: TransportKind,
         encoding: Encoding,
         token: Option<&str>,
         session: &SessionRef,
     ) -> Result<ConnRef, JsValue> {
+        let url = match (transport, endpoint.webtransport) {
+            (TransportKind::WebTransport, Some(target)) => &target.url,
+            _ => endpoint.url,
+        };
         let connection = Rc::new(RefCell::new(Connection {
             url: url.to_string(),
             transport,
@@ -108,7 +158,8 @@ impl Connection {
             open: false,
             next_id: 1,
             calls: HashMap::new(),
-            batch: Batch::new(encoding),
+            encoding,
+            batches: Vec::new(),
             flush_scheduled: false,
             flush: None,
             session: Rc::downgrade(session),
@@ -118,7 +169,7 @@ impl Connection {
             if let Some(connection) = weak.upgrade() {
                 let mut connection = connection.borrow_mut();
                 connection.flush_scheduled = false;
-                connection.send_batch();
+                connection.send_batches();
             }
         });
         connection.borrow_mut().flush = Some(flush.into_js_value().unchecked_into());
@@ -127,13 +178,21 @@ impl Connection {
         // Boxed: each transport takes the handler as a generic, and a plain
         // closure would put a copy of the whole dispatch into each.
         let on_link_event: Box<dyn FnMut(SocketEvent)> = Box::new(move |event| on_event(&weak, &session, event));
-        let link = match transport {
-            TransportKind::WebSocket => {
+        let link = match (transport, endpoint.webtransport) {
+            (TransportKind::WebTransport, Some(target)) => Link::WebTransport(WebTransportLink::open(
+                url,
+                encoding,
+                token,
+                &target.certificate_hashes,
+                on_link_event,
+            )),
+            (TransportKind::WebTransport, None) => return Err(JsValue::from_str("no `webtransport` URL given")),
+            (TransportKind::WebSocket, _) => {
                 let mut offers = vec![encoding.name().to_string()];
                 offers.extend(token.map(|token| format!("streambridge.bearer.{token}")));
                 Link::WebSocket(Socket::open(url, &offers, on_link_event)?)
             }
-            TransportKind::Http => Link::Http(HttpLink::open(url, encoding, token, on_link_event)?),
+            (TransportKind::Http, _) => Link::Http(HttpLink::open(url, encoding, token, on_link_event)?),
         };
         connection.borrow_mut().link = Some(link);
         Ok(connection)
@@ -170,16 +229,26 @@ impl Connection {
         self.calls.len()
     }
 
-    /// Adds a record of about `size` bytes to the batch: the batch goes out
-    /// first if the record would take it past the limit, and at the end of
-    /// this turn otherwise.
-    pub fn write(&mut self, record: impl FnOnce(&mut Batch), size: usize) {
-        if !self.batch.is_empty() && self.batch.len() + size > BATCH_LIMIT {
-            self.send_batch();
+    /// Adds a record of about `size` bytes of call `call` to its batch: the
+    /// batch goes out first if the record would take it past the limit, and
+    /// at the end of this turn otherwise.
+    pub fn write(&mut self, call: u32, record: impl FnOnce(&mut Batch), size: usize) {
+        let lane = if self.transport.stream_per_call() { call } else { 0 };
+        // The call written last is the likeliest.
+        let index = match self.batches.iter().rposition(|(of, _)| *of == lane) {
+            Some(index) => index,
+            None => {
+                self.batches.push((lane, Batch::new(self.encoding)));
+                self.batches.len() - 1
+            }
+        };
+        let batch = &self.batches[index].1;
+        if !batch.is_empty() && batch.len() + size > BATCH_LIMIT {
+            self.send_batch(index);
         }
-        record(&mut self.batch);
-        if self.batch.len() >= BATCH_LIMIT {
-            self.send_batch();
+        record(&mut self.batches[index].1);
+        if self.batches[index].1.len() >= BATCH_LIMIT {
+            self.send_batch(index);
         } else if !self.flush_scheduled {
             self.flush_scheduled = true;
             if let Some(flush) = &self.flush {
@@ -188,13 +257,25 @@ impl Connection {
         }
     }
 
-    fn send_batch(&mut self) {
-        if self.batch.is_empty() {
+    fn send_batch(&mut self, index: usize) {
+        let (call, batch) = &mut self.batches[index];
+        if batch.is_empty() {
             return;
         }
-        let frame = self.batch.take();
+        let frame = batch.take();
         if let Some(link) = &self.link {
-            link.send(frame);
+            link.send(*call, frame);
+        }
+    }
+
+    /// Sends what this turn wrote.
+    fn send_batches(&mut self) {
+        for index in 0..self.batches.len() {
+            self.send_batch(index);
+        }
+        if self.transport.stream_per_call() {
+            // Calls end; the shared batch (and its buffer) is kept.
+            self.batches.clear();
         }
     }
 
@@ -247,6 +328,20 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
             };
             Connection::close(&connection, "", CallStatus::new(code::UNAVAILABLE, message));
             session::on_close(&session, &connection, was_open, &reason);
+            return;
+        }
+        SocketEvent::StreamEnded {
+            call: id,
+            code: close_code,
+            reason,
+        } => {
+            // Its status came first, unless the stream broke.
+            let Some(call) = connection.borrow_mut().calls.remove(&id) else {
+                return;
+            };
+            let message = format!("the call's stream closed before its status (close code {close_code}: {reason})");
+            call::end(&call, CallStatus::new(code::UNAVAILABLE, message));
+            session::start_waiting(&session);
             return;
         }
         SocketEvent::Text(text) => decode_text(&text),

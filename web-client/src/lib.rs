@@ -30,7 +30,9 @@
 //! - `connection`: one socket, its calls, batching and dispatch;
 //! - `call`: one call's state between records and promises, flow control;
 //! - `codec`: the v2 records in both encodings;
-//! - `socket`, `timer`: the browser's WebSocket and event loop;
+//! - `socket`, `http_link`, `webtransport_link`: the ways to the server
+//!   (a WebSocket, HTTP where WebSockets are blocked, WebTransport);
+//! - `timer`: the browser's event loop;
 //! - `error`: status codes, `StreamError`, the status object;
 //! - `tonic_channel` (feature `tonic`): the same calls for tonic clients in
 //!   Rust frontends.
@@ -47,6 +49,7 @@ mod timer;
 mod token;
 #[cfg(feature = "tonic")]
 pub mod tonic_channel;
+mod webtransport_link;
 
 use js_sys::{Function, JSON, Object, Promise, Reflect, Uint8Array};
 use prost::Message;
@@ -56,7 +59,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::call::{CallRef, CallSpec, Shape};
 use crate::codec::{Payload, push_json_string};
-use crate::connection::TransportKind;
+use crate::connection::{TransportKind, WebTransportTarget};
 use crate::error::{CallStatus, code, stream_error};
 use crate::session::{Backoff, Options, Session, SessionRef};
 use crate::token::TokenSource;
@@ -138,13 +141,29 @@ export interface ConnectOptions {
   maxCalls?: number;
   /**
    * The ways to reach the server, in order of preference (default
-   * `['websocket', 'http']`). Each attempt tries them in this order: one
-   * refused before it opens (a proxy that answers WebSocket upgrades with an
-   * error) hands over to the next at once. `http` is protocol v2 over plain
-   * HTTP (a streamed GET down, POSTs up) at the same URL (`ws://` becomes
-   * `http://`). `client.transport` says which one is in use.
+   * `['webtransport', 'websocket', 'http']` with a `webtransport` URL,
+   * `['websocket', 'http']` without). Each attempt tries them in this order:
+   * one refused before it opens (a proxy that answers WebSocket upgrades with
+   * an error, UDP blocked) hands over to the next at once. `http` is protocol
+   * v2 over plain HTTP (a streamed GET down, POSTs up) at the same URL
+   * (`ws://` becomes `http://`). `webtransport` is left out where the browser
+   * does not have it. `client.transport` says which one is in use.
    */
-  transports?: ('websocket' | 'http')[];
+  transports?: ('webtransport' | 'websocket' | 'http')[];
+  /**
+   * The server's WebTransport URL, `https://host:port/ws` (the port of its
+   * `--webtransport-listen`): each call then runs on a QUIC stream of its
+   * own, so a lost packet or a stalled call holds up no other call. A
+   * session not admitted within 5 s (UDP blocked) hands over to the next
+   * transport.
+   */
+  webtransport?: string;
+  /**
+   * Certificates to trust for WebTransport by their SHA-256 digest (for a
+   * server whose certificate no public CA signed: ECDSA, valid at most 14
+   * days), as the browser's `WebTransport` takes them.
+   */
+  serverCertificateHashes?: { algorithm: 'sha-256'; value: BufferSource }[];
 }
 
 /** Options of `bidirectionalStream()` and `call()`. */
@@ -240,9 +259,10 @@ impl DataClient {
         self.session.borrow().url().to_string()
     }
 
-    /// How the open connection reaches the server: `websocket`, or `http`
-    /// (the fallback where WebSockets are blocked); `null` while none is open.
-    #[wasm_bindgen(getter, unchecked_return_type = "'websocket' | 'http' | null")]
+    /// How the open connection reaches the server: `webtransport`,
+    /// `websocket`, or `http` (the fallback where WebSockets are blocked);
+    /// `null` while none is open.
+    #[wasm_bindgen(getter, unchecked_return_type = "'webtransport' | 'websocket' | 'http' | null")]
     pub fn transport(&self) -> Option<String> {
         self.session.borrow().transport().map(|kind| kind.name().to_string())
     }
@@ -545,7 +565,22 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
         Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
         Some(_) => return Err(invalid("maxCalls must be a whole number of at least 1")),
     };
+    let webtransport = match option(options, "webtransport") {
+        None => None,
+        Some(url) => Some(WebTransportTarget {
+            url: url
+                .as_string()
+                .ok_or_else(|| invalid("webtransport must be the session's URL, https://host:port/ws"))?,
+            certificate_hashes: option(options, "serverCertificateHashes").unwrap_or(JsValue::UNDEFINED),
+        }),
+    };
     let transports = match option(options, "transports") {
+        // WebTransport first where the page says where it is.
+        None if webtransport.is_some() => vec![
+            TransportKind::WebTransport,
+            TransportKind::WebSocket,
+            TransportKind::Http,
+        ],
         None => vec![TransportKind::WebSocket, TransportKind::Http],
         Some(list) => {
             let names: Vec<Option<String>> = js_sys::Array::from(&list).iter().map(|name| name.as_string()).collect();
@@ -557,7 +592,7 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
                 Some(kinds) if !kinds.is_empty() && js_sys::Array::is_array(&list) => kinds,
                 _ => {
                     return Err(invalid(
-                        "transports must be a non-empty array of 'websocket' and 'http'",
+                        "transports must be a non-empty array of 'webtransport', 'websocket' and 'http'",
                     ));
                 }
             }
@@ -570,6 +605,7 @@ fn connect_options(options: Option<&JsValue>) -> Result<Options, JsValue> {
         window,
         max_calls,
         transports,
+        webtransport,
     })
 }
 

@@ -27,7 +27,7 @@ use streambridge_protocol::v2::Encoding;
 use wasm_bindgen::prelude::*;
 
 use crate::call::{self, CallRef, CallSpec, CallState};
-use crate::connection::{ConnRef, Connection, TransportKind};
+use crate::connection::{ConnRef, Connection, Endpoint, TransportKind, WebTransportTarget};
 use crate::error::{CallStatus, code, stream_error};
 use crate::timer::Timer;
 use crate::token::{self, TokenSource};
@@ -85,6 +85,8 @@ pub struct Options {
     pub max_calls: usize,
     /// The ways to try, in order of preference (never empty).
     pub transports: Vec<TransportKind>,
+    /// Where WebTransport sessions go (`webtransport` in `transports` needs it).
+    pub webtransport: Option<WebTransportTarget>,
 }
 
 /// See the module documentation.
@@ -113,8 +115,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts the first connection.
-    pub fn start(url: String, options: Options) -> Result<SessionRef, JsValue> {
+    /// Starts the first connection. WebTransport is left out of
+    /// `transports` where the browser does not have it.
+    pub fn start(url: String, mut options: Options) -> Result<SessionRef, JsValue> {
+        if options.transports.contains(&TransportKind::WebTransport) && options.webtransport.is_none() {
+            return Err(JsValue::from_str(
+                "transports names 'webtransport' but no webtransport URL is given",
+            ));
+        }
+        if !crate::webtransport_link::available() {
+            options.transports.retain(|kind| *kind != TransportKind::WebTransport);
+            if options.transports.is_empty() {
+                return Err(JsValue::from_str("this browser has no WebTransport"));
+            }
+        }
         let session = Rc::new(RefCell::new(Session {
             url,
             options,
@@ -217,16 +231,21 @@ fn open_socket(session: &SessionRef) -> Result<(), JsValue> {
 
 /// Opens the client's new current socket with `token`.
 fn open_connection(session: &SessionRef, token: Option<&str>) -> Result<(), JsValue> {
-    let (url, encoding, transport) = {
+    let (url, webtransport, encoding, transport) = {
         let state = session.borrow();
         let transports = &state.options.transports;
         (
             state.url.clone(),
+            state.options.webtransport.clone(),
             state.options.encoding,
             transports[state.fallback.min(transports.len() - 1)],
         )
     };
-    let connection = Connection::open(&url, transport, encoding, token, session)?;
+    let endpoint = Endpoint {
+        url: &url,
+        webtransport: webtransport.as_ref(),
+    };
+    let connection = Connection::open(endpoint, transport, encoding, token, session)?;
     session.borrow_mut().current = Some(connection);
     Ok(())
 }

@@ -17,6 +17,9 @@ pub enum SocketEvent {
     Text(JsValue),
     /// The connection ended; `code` is the close code (1006 if it broke).
     Closed { code: u16, reason: String },
+    /// Where each call has a stream of its own (WebTransport): `call`'s
+    /// stream ended, with its CLOSE frame's code and reason (1006 without one).
+    StreamEnded { call: u32, code: u16, reason: String },
 }
 
 type Handler<T> = Closure<dyn FnMut(T)>;

@@ -44,6 +44,7 @@ use wasm_bindgen_futures::{JsFuture, spawn_local};
 
 use crate::call::{self, CallRef, CallSpec, Shape};
 use crate::codec::Payload;
+use crate::connection::WebTransportTarget;
 use crate::error::{CallStatus, code};
 use crate::session::{self, Backoff, Options, Session, SessionRef};
 use crate::token::TokenSource;
@@ -78,8 +79,16 @@ pub struct ChannelOptions {
     /// Calls live on the connection at once (the server's `--ws-max-calls`);
     /// more wait in the client, in order.
     pub max_calls: usize,
-    /// The ways to reach the server, in order of preference.
+    /// The ways to reach the server, in order of preference. WebTransport
+    /// is skipped without a `webtransport` URL or where the browser lacks it.
     pub transports: Vec<Transport>,
+    /// The server's WebTransport session URL (`https://host:port/ws`, the
+    /// port of `--webtransport-listen`).
+    pub webtransport: Option<String>,
+    /// SHA-256 digests of certificates to trust for WebTransport
+    /// (`serverCertificateHashes`: ECDSA, valid at most 14 days); empty: the
+    /// certificate must chain to a trusted root.
+    pub server_certificate_hashes: Vec<Vec<u8>>,
 }
 
 impl Default for ChannelOptions {
@@ -89,7 +98,9 @@ impl Default for ChannelOptions {
             reconnect: true,
             window: crate::DEFAULT_WINDOW,
             max_calls: crate::DEFAULT_MAX_CALLS,
-            transports: vec![Transport::WebSocket, Transport::Http],
+            transports: vec![Transport::WebTransport, Transport::WebSocket, Transport::Http],
+            webtransport: None,
+            server_certificate_hashes: Vec::new(),
         }
     }
 }
@@ -121,9 +132,17 @@ impl Channel {
 
     pub async fn connect_with(url: impl Into<String>, options: ChannelOptions) -> Result<Channel, Status> {
         let url = url.into();
-        if options.transports.is_empty() {
+        let mut transports = options.transports;
+        if options.webtransport.is_none() {
+            transports.retain(|kind| *kind != Transport::WebTransport);
+        }
+        if transports.is_empty() {
             return Err(Status::invalid_argument("transports must name at least one way in"));
         }
+        let webtransport = options.webtransport.map(|url| WebTransportTarget {
+            url,
+            certificate_hashes: certificate_hashes(&options.server_certificate_hashes),
+        });
         let options = Options {
             token: options.token.map_or(TokenSource::None, TokenSource::Fixed),
             // The generated code serialises: the server needs no descriptors.
@@ -131,7 +150,8 @@ impl Channel {
             reconnect: options.reconnect.then(Backoff::default),
             window: options.window.max(1),
             max_calls: options.max_calls.max(1),
-            transports: options.transports,
+            transports,
+            webtransport,
         };
         let session = Session::start(url.clone(), options)
             .map_err(|error| Status::unavailable(format!("cannot open {url}: {}", crate::describe(&error))))?;
@@ -415,6 +435,21 @@ impl ResponseBody {
 
 fn cancel(call: &CallRef) {
     call::cancel_with(call, CallStatus::new(code::CANCELLED, "cancelled by the client"));
+}
+
+/// `serverCertificateHashes` as the browser takes them (undefined when none).
+fn certificate_hashes(digests: &[Vec<u8>]) -> JsValue {
+    if digests.is_empty() {
+        return JsValue::UNDEFINED;
+    }
+    let hashes = js_sys::Array::new();
+    for digest in digests {
+        let hash = Object::new();
+        let _ = Reflect::set(&hash, &"algorithm".into(), &"sha-256".into());
+        let _ = Reflect::set(&hash, &"value".into(), &Uint8Array::from(&digest[..]));
+        hashes.push(&hash);
+    }
+    hashes.into()
 }
 
 fn grpc_content_type() -> HeaderValue {

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::response::Response;
+use bytes::Bytes;
 use futures_util::SinkExt;
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -252,7 +253,11 @@ async fn admit(
         ));
     }
     // The token as the WebSocket's subprotocol entry carries it: one check for both.
-    let offered = query("token").map(|token| format!("{BEARER_SUBPROTOCOL_PREFIX}{token}"));
+    // Percent-decoded: a page puts it in the URL with `encodeURIComponent`.
+    let offered = query("token").map(|token| {
+        let token = percent_encoding::percent_decode_str(token).decode_utf8_lossy();
+        format!("{BEARER_SUBPROTOCOL_PREFIX}{token}")
+    });
     let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
     let how_to_send = "send `Authorization: Bearer <token>`, or the token as the session URL's `token` parameter";
     let caller = match websocket::admit(&state.sockets, parts, &offered, how_to_send).await {
@@ -275,6 +280,28 @@ async fn refusal_text(refusal: Response) -> (StatusCode, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The host the origin check takes for the server's own. A session's
+/// authority names the UDP port, never the TCP port the page came from, so
+/// an origin on the session's host (any port) counts as the server's own
+/// page; other origins are checked against `--allowed-origin` as for a
+/// WebSocket.
+fn page_host<'a>(authority: &'a str, origin: Option<&'a String>) -> &'a str {
+    let host_of = |address: &'a str| match address.rsplit_once(':') {
+        // An IPv6 literal's colons are inside brackets.
+        Some((host, port)) if !port.contains(']') => host,
+        _ => address,
+    };
+    let origin_address = origin.and_then(|origin| {
+        origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"))
+    });
+    match origin_address {
+        Some(address) if host_of(address).eq_ignore_ascii_case(host_of(authority)) => address,
+        _ => authority,
+    }
+}
+
 /// The session request as the HTTP request the WebSocket checks read.
 fn request_parts(
     authority: &str,
@@ -284,7 +311,7 @@ fn request_parts(
     let mut request = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri(path)
-        .header(http::header::HOST, authority);
+        .header(http::header::HOST, page_host(authority, headers.get("origin")));
     for (name, value) in headers {
         if !name.starts_with(':')
             && let (Ok(name), Ok(value)) = (
@@ -308,6 +335,16 @@ async fn run_session(connection: Connection, encoding: Encoding, who: Authentica
     let Some(mut control) = control_stream(&connection).await else {
         return;
     };
+    // Admitted: an empty batch says so. A browser's `ready` resolves for
+    // refused sessions too (they are answered 200 and told on this stream),
+    // so a client counts the session open only at this first BATCH.
+    let accepted = match encoding {
+        Encoding::Proto => Bytes::new(),
+        Encoding::Json => Bytes::from_static(b"[]"),
+    };
+    if control.send(StreamFrame::Batch(accepted)).await.is_err() {
+        return;
+    }
     let streams = tokio_util::task::TaskTracker::new();
     let mut drain = DrainCheck::new(&state.sockets.drain);
     let max_payload = state.context.settings.largest_batch();
@@ -342,4 +379,36 @@ async fn run_session(connection: Connection, encoding: Encoding, who: Authentica
     // The client closed the session: its streams end with it.
     streams.close();
     streams.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page_host;
+
+    #[test]
+    fn a_page_on_the_sessions_host_is_the_servers_own_at_any_port() {
+        let origin = |value: &str| Some(value.to_string());
+        assert_eq!(
+            page_host("127.0.0.1:4433", origin("https://127.0.0.1:8443").as_ref()),
+            "127.0.0.1:8443"
+        );
+        assert_eq!(
+            page_host("example.com:443", origin("https://EXAMPLE.com").as_ref()),
+            "EXAMPLE.com"
+        );
+        assert_eq!(
+            page_host("[::1]:4433", origin("http://[::1]:8080").as_ref()),
+            "[::1]:8080"
+        );
+        // Another host, or no origin: the session's authority, which no page has.
+        assert_eq!(
+            page_host("example.com:443", origin("https://evil.example").as_ref()),
+            "example.com:443"
+        );
+        assert_eq!(
+            page_host("example.com:443", origin("https://example.com.evil:443").as_ref()),
+            "example.com:443"
+        );
+        assert_eq!(page_host("example.com:443", None), "example.com:443");
+    }
 }
