@@ -13,7 +13,7 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::{ServerAddr, TestServer, within};
+use support::{ServerAddr, TestServer, webtransport, within};
 
 #[tokio::test]
 #[ignore = "needs static/pkg and tests/e2e/node_modules: cargo xtask test runs it"]
@@ -31,9 +31,24 @@ async fn connect_es_clients_run_on_the_transport_through_an_added_service_and_an
         config.upstream = Some(upstream_url);
     })
     .await;
+    // The added service again, behind a bridge with TLS and WebTransport.
+    let cert = webtransport::cert().await;
+    let page = static_dir.clone();
+    let (over_wt, mut over_wt_cancelled) = EchoUpstream::added_to_bridge(|config| {
+        config.static_dir = page;
+        cert.configure(config);
+    })
+    .await;
+    let hash: String = cert.hash.as_ref().iter().map(|byte| format!("{byte:02x}")).collect();
     let bridges = serde_json::json!([
         { "name": "an added service", "address": added.addr().to_string() },
         { "name": "an upstream", "address": bridge.addr().to_string() },
+        {
+            "name": "an added service",
+            "address": over_wt.addr().to_string(),
+            "webtransport": over_wt.webtransport.expect("WebTransport is on").to_string(),
+            "hash": hash,
+        },
     ]);
 
     let node = tokio::process::Command::new("node")
@@ -50,7 +65,7 @@ async fn connect_es_clients_run_on_the_transport_through_an_added_service_and_an
     assert!(status.success(), "tests/e2e/connect/connect-es.mjs failed: {status}");
 
     // The page's AbortSignal (and its deadline) ended the calls on the servers too.
-    for cancelled in [&mut added_cancelled, &mut upstream.cancelled] {
+    for cancelled in [&mut added_cancelled, &mut upstream.cancelled, &mut over_wt_cancelled] {
         let mut seen = Vec::new();
         while !(seen.contains(&"server_stream") && seen.contains(&"unary")) {
             seen.push(

@@ -17,10 +17,28 @@ declare global {
   }
 }
 
-const url = `ws://${location.host}/ws`;
-// `?transport=http`: every call over the HTTP fallback instead of the WebSocket.
-const only = new URLSearchParams(location.search).get('transport');
+const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+// `?transport=http`: every call over the HTTP fallback instead of the
+// WebSocket; `?transport=webtransport&wt=HOST:PORT&hash=HEX`: over
+// WebTransport, trusting the certificate whose SHA-256 is HEX.
+const params = new URLSearchParams(location.search);
+const only = params.get('transport');
 const label = only ?? 'websocket';
+const ways =
+  only === 'http'
+    ? { transports: ['http' as const] }
+    : only === 'webtransport'
+      ? {
+          transports: ['webtransport' as const],
+          webtransport: `https://${params.get('wt')}/ws`,
+          serverCertificateHashes: [
+            {
+              algorithm: 'sha-256' as const,
+              value: new Uint8Array((params.get('hash') ?? '').match(/../g)!.map((byte) => parseInt(byte, 16))),
+            },
+          ],
+        }
+      : {};
 const intercepted: string[] = [];
 const stamp: Interceptor = (next) => async (req) => {
   req.header.set('x-intercepted', 'yes');
@@ -30,7 +48,7 @@ const stamp: Interceptor = (next) => async (req) => {
 const transport = createStreambridgeTransport({
   url,
   interceptors: [stamp],
-  ...(only === 'http' ? { transports: ['http' as const] } : {}),
+  ...ways,
 });
 const echo = createClient(Echo, transport);
 
@@ -199,7 +217,7 @@ window.scenarios = {
   // brought). Then every reply, in order.
   async fastProducer() {
     const total = 30000;
-    const slow = createClient(Echo, createStreambridgeTransport({ url, window: 4, ...(only === 'http' ? { transports: ['http' as const] } : {}) }));
+    const slow = createClient(Echo, createStreambridgeTransport({ url, window: 4, ...ways }));
     let pulled = 0;
     async function* requests() {
       for (let i = 0; i < total; i++) {

@@ -70,12 +70,19 @@ test('connect-es clients run on the streambridge transport', async (t) => {
 
   const browser = await launchChromium();
   try {
-    for (const [bridge, transport] of bridges.flatMap((bridge) => [[bridge, 'websocket'], [bridge, 'http']])) {
+    // A bridge with `webtransport` (its UDP address) and `hash` (its
+    // certificate's SHA-256, hex) has TLS: its page is HTTPS, its calls go
+    // over WebTransport.
+    const ways = (bridge) => (bridge.webtransport ? ['webtransport'] : ['websocket', 'http']);
+    for (const [bridge, transport] of bridges.flatMap((bridge) => ways(bridge).map((way) => [bridge, way]))) {
       await t.test(`${bridge.name} over ${transport}`, async () => {
-        const page = await browser.newPage();
+        const context = await browser.newContext({ ignoreHTTPSErrors: true });
+        const page = await context.newPage();
         const problems = [];
         page.on('pageerror', (error) => problems.push(error.message));
-        await page.goto(`http://${bridge.address}/index.html?transport=${transport}`);
+        const origin = bridge.webtransport ? `https://${bridge.address}` : `http://${bridge.address}`;
+        const wt = bridge.webtransport ? `&wt=${bridge.webtransport}&hash=${bridge.hash}` : '';
+        await page.goto(`${origin}/index.html?transport=${transport}${wt}`);
         await page.waitForFunction(() => window.ready !== undefined);
         await page.evaluate(() => window.ready);
         const run = (name) => page.evaluate((name) => window.scenarios[name](), name);
@@ -110,8 +117,8 @@ test('connect-es clients run on the streambridge transport', async (t) => {
         assert.equal((await run('deadline')).code, 'DeadlineExceeded');
         assert.equal(await run('fiftyUnary'), true);
         const counts = await run('counts');
-        if (transport === 'http') {
-          assert.equal(counts.sockets, 0, 'no WebSocket: every call over the HTTP fallback');
+        if (transport !== 'websocket') {
+          assert.equal(counts.sockets, 0, `no WebSocket: every call over ${transport}`);
         } else {
           assert.equal(counts.sockets, 1, 'one WebSocket for every call of every client');
         }
@@ -122,7 +129,7 @@ test('connect-es clients run on the streambridge transport', async (t) => {
         assert.ok(producer.whileUnread < producer.total / 2, `pulled ${producer.whileUnread} of ${producer.total} while no reply was read`);
         assert.deepEqual([producer.replies, producer.inOrder], [producer.total, true], 'every reply, in order');
         assert.deepEqual(problems, []);
-        await page.close();
+        await context.close();
       });
     }
   } finally {
