@@ -12,7 +12,7 @@
 mod support;
 
 use support::upstream::EchoUpstream;
-use support::{ServerAddr, within};
+use support::{ServerAddr, webtransport, within};
 
 #[tokio::test]
 #[ignore = "needs the wasm32 target, chromedriver and wasm-bindgen-test-runner: cargo xtask test runs it"]
@@ -20,6 +20,15 @@ async fn a_tonic_generated_client_runs_in_the_browser_over_the_channel() {
     // wasm-bindgen-test serves its page from an origin of its own.
     let (bridge, mut cancelled) =
         EchoUpstream::added_to_bridge(|config| config.allowed_origins = vec!["*".into()]).await;
+    // The same service behind a bridge with TLS and WebTransport.
+    let cert = webtransport::cert().await;
+    let (over_wt, _) = EchoUpstream::added_to_bridge(|config| {
+        config.allowed_origins = vec!["*".into()];
+        cert.configure(config);
+    })
+    .await;
+    let hash: String = cert.hash.as_ref().iter().map(|byte| format!("{byte:02x}")).collect();
+    let over_wt = webtransport::WtServer::new(over_wt, cert);
 
     let mut cargo = tokio::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
@@ -35,6 +44,8 @@ async fn a_tonic_generated_client_runs_in_the_browser_over_the_channel() {
         .args(["--", "--nocapture"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("STREAMBRIDGE_TEST_WS_URL", format!("ws://{}/ws", bridge.addr()))
+        .env("STREAMBRIDGE_TEST_WT_URL", format!("https://{}/ws", over_wt.udp))
+        .env("STREAMBRIDGE_TEST_WT_HASH", hash)
         .kill_on_drop(true);
     // What cargo set for this test's own build would leak into that one's.
     for (name, _) in std::env::vars_os() {

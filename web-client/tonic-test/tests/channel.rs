@@ -338,6 +338,48 @@ async fn the_http_fallback_carries_the_same_calls() {
 }
 
 #[wasm_bindgen_test]
+async fn webtransport_carries_the_same_calls() {
+    // A second bridge (TLS, --webtransport-listen) whose certificate is
+    // trusted by its hash, as the pages do.
+    let (Some(url), Some(hash)) = (
+        option_env!("STREAMBRIDGE_TEST_WT_URL"),
+        option_env!("STREAMBRIDGE_TEST_WT_HASH"),
+    ) else {
+        panic!("build with STREAMBRIDGE_TEST_WT_URL and STREAMBRIDGE_TEST_WT_HASH (tests/tonic_wasm.rs does)");
+    };
+    let digest = (0..hash.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&hash[at..at + 2], 16).expect("a hex digest"))
+        .collect();
+    let options = ChannelOptions {
+        transports: vec![Transport::WebTransport],
+        webtransport: Some(url.to_string()),
+        server_certificate_hashes: vec![digest],
+        ..ChannelOptions::default()
+    };
+    // The WebSocket URL is never used: WebTransport is the only way given.
+    let channel = Channel::connect_with(server_url(), options)
+        .await
+        .expect("connect over WebTransport");
+    assert_eq!(channel.transport(), Some(Transport::WebTransport));
+    let mut echo = EchoClient::new(channel);
+    assert_eq!(
+        echo.unary(request("over webtransport")).await.unwrap().into_inner().text,
+        "over webtransport"
+    );
+    let requests = futures_util::stream::iter(["x", "y", "z"].map(request));
+    let replies: Vec<String> = echo
+        .bidi(requests)
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|reply| reply.unwrap().text)
+        .collect()
+        .await;
+    assert_eq!(replies, ["x", "y", "z"]);
+}
+
+#[wasm_bindgen_test]
 async fn a_server_that_is_not_there_is_unavailable() {
     let options = ChannelOptions {
         reconnect: false,
