@@ -290,7 +290,10 @@ test('the WASM client runs streams and call()s on WebTransport, each call on a s
 
 test('over WebTransport a cancel and a deadline end the call at the server, and the session goes on', async () => {
   const cert = certificate();
-  const server = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0']);
+  // Two QUIC streams at once: the calls below run one after another, so
+  // each call's stream must be freed when the call ends, or the third
+  // waits forever.
+  const server = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0', '--ws-max-calls', '2']);
   const { page, problems, close } = await clientPage(server, cert.hash, { maxCalls: 1 });
   const outcome = await page.evaluate(async () => {
     const client = window.client;
@@ -391,6 +394,30 @@ test('with the UDP port closed the WASM client falls back to the WebSocket', asy
     return { transport: window.client.transport, reply: (await stream.next()).result };
   });
   assert.deepEqual(outcome, { transport: 'websocket', reply: 'processed: over the fallback' });
+  assert.deepEqual(problems, []);
+  await close();
+});
+
+test('over WebTransport the WASM client sends its token, and a refusal says why', async () => {
+  const cert = certificate();
+  // `+` would be a space if the server did not percent-decode the parameter.
+  const token = 's3cret+x~y';
+  const server = await wtServer(cert, ['--webtransport-listen', '127.0.0.1:0', '--auth-token', token]);
+  const { page, problems, close } = await clientPage(server, cert.hash, { token, transports: ['webtransport'] });
+  assert.equal(await page.evaluate(() => window.client.transport), 'webtransport');
+  const refused = await page.evaluate(
+    async ([url, webtransport, hash]) => {
+      const { DataClient } = await import('/pkg/streambridge_client.js');
+      const serverCertificateHashes = [{ algorithm: 'sha-256', value: new Uint8Array(hash) }];
+      return DataClient.connect(url, { webtransport, serverCertificateHashes, transports: ['webtransport'], token: 'wrong' }).then(
+        () => 'connected',
+        (error) => ({ code: error.code, message: error.message }),
+      );
+    },
+    [`wss://${server.address}/ws`, `https://${server.webtransport}/ws`, cert.hash],
+  );
+  assert.equal(refused.code, 14, JSON.stringify(refused));
+  assert.match(refused.message, /close code 4401|bearer token/, 'the reason the server gave on the control stream');
   assert.deepEqual(problems, []);
   await close();
 });

@@ -13,7 +13,8 @@
 //! - nginx: Debian's `nginx-light` (installed with apt-get when missing), the
 //!   proxy of the "gRPC through a proxy" scenario.
 //!
-//! - The browser: `tests/e2e/browser-bench.mjs` in headless Chromium (pinned
+//! - The browser: `tests/e2e/browser-bench.mjs` (and `connect/bench.mjs`,
+//!   `webtransport-bench.mjs`) in headless Chromium (pinned
 //!   to CPU 0) against the release server (CPU 1), the WASM client against raw
 //!   WebSocket; results in `target/bench/browser.json`.
 //!
@@ -86,8 +87,9 @@ pub fn run_browser(args: &[String]) -> Result {
 }
 
 /// The browser benchmarks, Chromium and the server on different CPUs: the
-/// page's own throughput demo (`tests/e2e/browser-bench.mjs`), then the
-/// connect-es transport (`tests/e2e/connect/bench.mjs`).
+/// page's own throughput demo (`tests/e2e/browser-bench.mjs`), the
+/// connect-es transport (`tests/e2e/connect/bench.mjs`), then WebTransport
+/// against the WebSocket (`tests/e2e/webtransport-bench.mjs`).
 fn browser(quick: bool) -> Result {
     web::build()?;
     let e2e = root().join("tests/e2e");
@@ -119,6 +121,19 @@ fn browser(quick: bool) -> Result {
             .env("BENCH_CLIENT_MESSAGES", "20000")
             .env("BENCH_RAW_MESSAGES", "1000")
             .env("BENCH_UNARY_CALLS", "100");
+    }
+    run_command(&mut node)?;
+    // WebTransport against the WebSocket, both to a TLS server of the
+    // script's own (issue 28); the script pins the server to CPU 1.
+    let mut node = Command::new("taskset");
+    node.args(["-c", "0", "node", "webtransport-bench.mjs"])
+        .current_dir(&e2e)
+        .env("STREAMBRIDGE_BIN", target_dir().join("release/streambridge"))
+        .env("BENCH_OUT", target_dir().join("bench/browser-webtransport.json"));
+    if quick {
+        node.env("BENCH_ROUNDS", "1")
+            .env("BENCH_MESSAGES", "20000")
+            .env("BENCH_PINGS", "200");
     }
     run_command(&mut node)
 }

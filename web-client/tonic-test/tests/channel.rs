@@ -364,7 +364,11 @@ async fn webtransport_carries_the_same_calls() {
     assert_eq!(channel.transport(), Some(Transport::WebTransport));
     let mut echo = EchoClient::new(channel);
     assert_eq!(
-        echo.unary(request("over webtransport")).await.unwrap().into_inner().text,
+        echo.unary(request("over webtransport"))
+            .await
+            .unwrap()
+            .into_inner()
+            .text,
         "over webtransport"
     );
     let requests = futures_util::stream::iter(["x", "y", "z"].map(request));
