@@ -100,6 +100,7 @@ pub struct Config {
     /// browser sends it whole), inside a message of a native gRPC stream
     /// (between messages a stream may be quiet for as long as it likes). A
     /// stalled request fails with DEADLINE_EXCEEDED and frees its connection.
+    /// Also how long a WebTransport stream may wait for its first frame.
     #[arg(long, env = "STREAMBRIDGE_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub request_body_timeout: Duration,
 

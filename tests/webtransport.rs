@@ -318,3 +318,24 @@ async fn a_frame_of_unknown_kind_resets_its_stream_and_only_that_stream() {
     let (got, _) = call_on_stream(&session, Enc::Proto, &["fine"]).await;
     assert_eq!(messages(&got), ["processed: fine"]);
 }
+
+#[tokio::test]
+async fn a_stream_that_brings_no_frame_in_time_is_reset_and_frees_its_slot() {
+    let server = webtransport::start(|config| {
+        config.request_body_timeout = Duration::from_millis(300);
+        config.ws_max_calls = 1;
+    })
+    .await;
+    let session = server.proto_session().await;
+    // Opened, and nothing written after the stream's header.
+    let mut silent = WtStream::open(&session).await;
+    assert_eq!(silent.read_frame().await, None);
+    assert_eq!(silent.reset, Some(1008), "reset with the policy-violation code");
+    // The server also stopped reading it; a browser's QUIC stack answers
+    // that with a reset of its own side, quinn leaves it to the application:
+    // here, dropping the stream.
+    drop(silent);
+    // Its slot (the session's only one) is free again.
+    let (got, _) = call_on_stream(&session, Enc::Proto, &["after"]).await;
+    assert_eq!(messages(&got), ["processed: after"]);
+}

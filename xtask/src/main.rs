@@ -42,7 +42,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use process::{ServerProcess, TestCounts, run, run_counted};
+use process::{ServerProcess, TestCounts, run, run_counted, run_counted_in_browser};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
@@ -184,7 +184,7 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
         // a default server would refuse (403): allow any origin here.
         // With a token, so the client's token option is exercised too.
         let server = ServerProcess::start(&["--allowed-origin", "*", "--auth-token", WASM_TEST_TOKEN])?;
-        run_counted(
+        run_counted_in_browser(
             in_browser(cargo().args([
                 "test",
                 "-p",
@@ -203,7 +203,7 @@ fn browser_tests(counts: &mut TestCounts) -> Result {
     }
     // The tonic channel: the Rust test adds the test echo to a bridge, then
     // builds and runs web-client/tonic-test in Chromium against it.
-    run_counted(
+    run_counted_in_browser(
         in_browser(cargo().args(["test", "--locked", "--test", "tonic_wasm", "--", "--ignored"])),
         counts,
     )?;

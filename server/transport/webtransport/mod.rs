@@ -109,6 +109,8 @@ pub struct WebTransportState {
     max_sessions: usize,
     live: Arc<AtomicUsize>,
     close_timeout: Duration,
+    /// A stream's first frame comes within this (`--request-body-timeout`).
+    first_frame_within: Duration,
 }
 
 impl WebTransportState {
@@ -123,6 +125,7 @@ impl WebTransportState {
         });
         WebTransportState {
             close_timeout: config.ws_close_timeout,
+            first_frame_within: config.request_body_timeout,
             max_sessions: config.webtransport_max_sessions,
             live: Arc::default(),
             context,
@@ -352,7 +355,8 @@ async fn run_session(connection: Connection, encoding: Encoding, who: Authentica
         tokio::select! {
             accepted = connection.accept_bi() => {
                 let Ok((send, recv)) = accepted else { break };
-                let wire = StreamWire::new(wtransport::stream::BiStream::join((send, recv)), encoding, max_payload);
+                let stream = wtransport::stream::BiStream::join((send, recv));
+                let wire = StreamWire::new(stream, encoding, max_payload, state.first_frame_within);
                 let (context, drain, who) = (state.context.clone(), state.sockets.drain.clone(), who.clone());
                 streams.spawn(async move {
                     websocket::run_v2(wire, Protocol::V2(encoding), context, &drain, who).await;

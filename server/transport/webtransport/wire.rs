@@ -127,6 +127,10 @@ impl Encoder<StreamFrame> for StreamCodec {
 /// error.
 pub const BROKEN_FRAMING: u32 = 1002;
 
+/// The stream error code of a stream that brought no frame in time (as
+/// WebSocket's close code for a policy violation).
+pub const NO_CALL_IN_TIME: u32 = 1008;
+
 /// The call machine's side of one stream.
 pub struct StreamWire {
     frames: Framed<BiStream, StreamCodec>,
@@ -140,10 +144,16 @@ pub struct StreamWire {
     /// A batch has come: the client's end of its side after it (FIN) only
     /// says it sends nothing more; its call goes on.
     read_any: bool,
+    /// Until the first frame: a stream that brings none by then is reset, so
+    /// an opened and forgotten stream does not hold one of its session's
+    /// stream slots (`--ws-max-calls`) for the whole session.
+    first_frame_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl StreamWire {
-    pub fn new(stream: BiStream, encoding: Encoding, max_payload: usize) -> StreamWire {
+    /// `first_frame_within`: how long the stream may stay silent before its
+    /// first frame (`--request-body-timeout`).
+    pub fn new(stream: BiStream, encoding: Encoding, max_payload: usize, first_frame_within: Duration) -> StreamWire {
         StreamWire {
             frames: Framed::new(stream, StreamCodec::new(max_payload)),
             encoding,
@@ -151,6 +161,7 @@ impl StreamWire {
             reader: None,
             ended: false,
             read_any: false,
+            first_frame_by: Some(Box::pin(tokio::time::sleep(first_frame_within))),
         }
     }
 }
@@ -183,7 +194,24 @@ impl Stream for StreamWire {
             };
         }
         let encoding = self.encoding;
-        let frame = match std::task::ready!(self.frames.poll_next_unpin(cx)) {
+        let polled = self.frames.poll_next_unpin(cx);
+        if polled.is_pending() {
+            if let Some(deadline) = &mut self.first_frame_by
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                tracing::debug!("a WebTransport stream brought no frame in time");
+                let _ = self
+                    .frames
+                    .get_mut()
+                    .send_mut()
+                    .reset(VarInt::from_u32(NO_CALL_IN_TIME));
+                self.ended = true;
+                return Poll::Ready(None);
+            }
+            return Poll::Pending;
+        }
+        self.first_frame_by = None;
+        let frame = match std::task::ready!(polled) {
             None => {
                 self.ended = true;
                 return if self.read_any {
