@@ -85,15 +85,7 @@ struct Pending {
     iteration: bool,
 }
 
-#[wasm_bindgen(inline_js = r#"
-export function iterationResult(value) {
-  return value === null ? { value: undefined, done: true } : { value, done: false };
-}
-export function withResult(reply) {
-  if (reply.result === undefined) reply.result = '';
-  return reply;
-}
-"#)]
+#[wasm_bindgen(module = "/js/runtime.js")]
 extern "C" {
     #[wasm_bindgen(js_name = iterationResult)]
     fn iteration_result(value: &JsValue) -> JsValue;

@@ -249,33 +249,7 @@ fn with_keys<T>(f: impl FnOnce(&Keys) -> T) -> T {
     })
 }
 
-// One call into JavaScript per WebSocket message: the browser parses the
-// batch and sorts its records by kind where property access is cheap, and
-// WASM gets the calls and kinds as one copied array plus the values, instead
-// of crossing the boundary several times per record.
-#[wasm_bindgen(inline_js = r#"
-const MESSAGE = 0, WINDOW = 1, STATUS = 2, HEADERS = 3, GOAWAY = 4, UNKNOWN = 5;
-const isObject = (v) => v !== null && typeof v === 'object' && !Array.isArray(v);
-export function splitBatch(text) {
-  const parsed = JSON.parse(text);
-  const records = Array.isArray(parsed) ? parsed : [parsed];
-  const heads = new Uint32Array(records.length * 2);
-  const values = new Array(records.length);
-  for (let i = 0; i < records.length; i++) {
-    const record = records[i];
-    if (!isObject(record)) return null;
-    let kind = UNKNOWN;
-    if (record.message !== undefined) { kind = MESSAGE; values[i] = record.message; }
-    else if (record.window !== undefined && record.window !== null) { kind = WINDOW; values[i] = Number(record.window) >>> 0; }
-    else if (isObject(record.status)) { kind = STATUS; values[i] = record.status; }
-    else if (isObject(record.headers)) { kind = HEADERS; values[i] = isObject(record.headers.metadata) ? record.headers.metadata : {}; }
-    else if (isObject(record.goaway)) kind = GOAWAY;
-    heads[2 * i] = record.call === undefined || record.call === null ? 0 : Number(record.call) >>> 0;
-    heads[2 * i + 1] = kind;
-  }
-  return [heads, values];
-}
-"#)]
+#[wasm_bindgen(module = "/js/runtime.js")]
 extern "C" {
     /// `[heads, values]`: per record its call and kind, and its value; `null`
     /// if a record is not an object; throws if the text is not JSON.

@@ -335,10 +335,16 @@ fn on_event(connection: &Weak<RefCell<Connection>>, session: &Weak<RefCell<sessi
             code: close_code,
             reason,
         } => {
-            // Its status came first, unless the stream broke.
-            let Some(call) = connection.borrow_mut().calls.remove(&id) else {
-                return;
+            let call = {
+                let mut state = connection.borrow_mut();
+                // What the call still had queued (a `window` granted as its
+                // status arrived) has no stream to go on, and would open one
+                // with no call on it.
+                state.batches.retain(|(lane, _)| *lane != id);
+                // Its status came first, unless the stream broke.
+                state.calls.remove(&id)
             };
+            let Some(call) = call else { return };
             let message = format!("the call's stream closed before its status (close code {close_code}: {reason})");
             call::end(&call, CallStatus::new(code::UNAVAILABLE, message));
             session::start_waiting(&session);

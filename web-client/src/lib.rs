@@ -177,28 +177,7 @@ export interface CallOptions {
 }
 "#;
 
-#[wasm_bindgen(inline_js = r#"
-export function installAsyncIterator(prototype) {
-  if (Object.prototype.hasOwnProperty.call(prototype, Symbol.asyncIterator)) return;
-  Object.defineProperty(prototype, Symbol.asyncIterator, {
-    configurable: true,
-    value: function () {
-      const stream = this;
-      return {
-        // The client makes the `{ value, done }` itself: one promise per message.
-        next() {
-          return stream.nextResult();
-        },
-        async return() {
-          stream.cancel();
-          return { value: undefined, done: true };
-        },
-        [Symbol.asyncIterator]() { return this; },
-      };
-    },
-  });
-}
-"#)]
+#[wasm_bindgen(module = "/js/runtime.js")]
 extern "C" {
     #[wasm_bindgen(js_name = installAsyncIterator)]
     fn install_async_iterator(prototype: &JsValue);

@@ -12,21 +12,7 @@ extern "C" {
     fn clear_timeout(id: &JsValue);
 }
 
-// A task of its own, not a microtask: an `async` producer (a `for await`
-// loop, connect-es's iterators) sends each message from a microtask of its
-// own, and a microtask queued at its first send would run before its
-// second, sending one message per WebSocket message. A posted message runs
-// once the current task and all its microtasks are done, without
-// `setTimeout`'s clamping.
-#[wasm_bindgen(inline_js = r#"
-const channel = new MessageChannel();
-const due = [];
-channel.port1.onmessage = () => due.shift()();
-export function queueTask(f) {
-  due.push(f);
-  channel.port2.postMessage(0);
-}
-"#)]
+#[wasm_bindgen(module = "/js/runtime.js")]
 extern "C" {
     /// Runs `f` once the current turn (this task and its microtasks) is over.
     #[wasm_bindgen(js_name = queueTask)]

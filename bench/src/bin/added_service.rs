@@ -25,7 +25,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .register_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .bind()
         .await?;
-    println!("added service listening on {}", server.local_addr()?);
+    // As streambridge's own binary says it, so harnesses read both alike.
+    let webtransport = server
+        .webtransport_addr()
+        .map(|udp| format!("; WebTransport https://{udp}/ws (UDP)"))
+        .unwrap_or_default();
+    println!("added service listening on {}{webtransport}", server.local_addr()?);
     server.run().await;
     Ok(())
 }

@@ -51,7 +51,9 @@ const BULK_IN_FLIGHT: usize = 32;
 struct Args {
     #[command(subcommand)]
     mode: Option<Mode>,
-    /// The streambridge binary (release).
+    /// The streambridge binary (release); or `bench-added-service` (the
+    /// bench crate's), which serves the same method as an added service:
+    /// the generic call path users' own services take.
     #[arg(long, default_value = "target/release/streambridge")]
     streambridge: PathBuf,
     /// Percent of packets dropped in the namespace.
