@@ -4,10 +4,13 @@
 // WebSocket (wss: both encrypted, to the same TLS server), alternating
 // within each round. Throughput: messages sent at once, every reply read
 // (msg/s). Ping-pong: each message sent only after the previous reply
-// (p50/p99 of the round trips). `cargo xtask bench-webtransport` runs it
+// (p50/p99 of the round trips). `cargo xtask bench-browser` runs it
 // against a release server pinned to its own CPU; see docs/benchmarks.md.
 //
-//   STREAMBRIDGE_BIN   the release streambridge binary (required)
+//   STREAMBRIDGE_BIN   the server (required): the release streambridge binary
+//                      (the built-in service), or the bench crate's
+//                      bench-added-service (the same method as an added
+//                      service: the path users' services take; xtask uses it)
 //   BENCH_ROUNDS       rounds (default 5)
 //   BENCH_MESSAGES     messages per throughput run (default 100000)
 //   BENCH_PINGS        round trips per ping-pong run (default 2000)

@@ -28,9 +28,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // As streambridge's own binary says it, so harnesses read both alike.
     let webtransport = server
         .webtransport_addr()
-        .map(|udp| format!("; WebTransport https://{udp}/ws (UDP)"))
+        .map(|udp| format!("WebTransport https://{udp}/ws (UDP)"))
         .unwrap_or_default();
-    println!("added service listening on {}{webtransport}", server.local_addr()?);
+    println!("added service listening on {}: {webtransport}", server.local_addr()?);
     server.run().await;
     Ok(())
 }
