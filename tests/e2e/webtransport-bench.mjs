@@ -18,12 +18,12 @@
 //                      runs where this script runs: pin it with taskset)
 //   BENCH_OUT          file to write the results to as JSON (optional)
 import { execFileSync } from 'node:child_process';
-import { X509Certificate, createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { launchChromium } from './chromium.mjs';
 import { startStreambridge, staticDir } from './streambridge.mjs';
+import { makeCertificate } from './webtransport-certificate.mjs';
 
 const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
 const messages = Number(process.env.BENCH_MESSAGES ?? 100000);
@@ -31,16 +31,7 @@ const pings = Number(process.env.BENCH_PINGS ?? 2000);
 const serverCpu = process.env.BENCH_SERVER_CPU ?? '1';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'streambridge-wt-bench-'));
-const [cert, key] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
-execFileSync('openssl', [
-  'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-  '-keyout', key, '-out', cert, '-days', '10', '-subj', '/CN=localhost',
-  '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
-  '-addext', 'basicConstraints=critical,CA:FALSE',
-  '-addext', 'keyUsage=critical,digitalSignature',
-  '-addext', 'extendedKeyUsage=serverAuth',
-], { stdio: 'ignore' });
-const hash = [...createHash('sha256').update(new X509Certificate(readFileSync(cert)).raw).digest()];
+const { cert, key, hash } = makeCertificate(dir);
 
 const server = await startStreambridge(
   ['--tls-cert', cert, '--tls-key', key, '--static-dir', staticDir, '--webtransport-listen', '127.0.0.1:0'],

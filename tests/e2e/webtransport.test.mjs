@@ -8,13 +8,12 @@
 // STREAMBRIDGE_BIN: the streambridge binary (cargo xtask test sets it).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { X509Certificate, createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { launchChromium } from './chromium.mjs';
 import { startStreambridge, staticDir } from './streambridge.mjs';
+import { makeCertificate } from './webtransport-certificate.mjs';
 
 let browser;
 let dir;
@@ -33,17 +32,7 @@ after(async () => {
 
 /** A certificate WebTransport accepts by hash; its PEM files and SHA-256. */
 function certificate() {
-  const [cert, key] = [path.join(dir, 'cert.pem'), path.join(dir, 'key.pem')];
-  execFileSync('openssl', [
-    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-    '-keyout', key, '-out', cert, '-days', '10', '-subj', '/CN=localhost',
-    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
-    '-addext', 'basicConstraints=critical,CA:FALSE',
-    '-addext', 'keyUsage=critical,digitalSignature',
-    '-addext', 'extendedKeyUsage=serverAuth',
-  ], { stdio: 'ignore' });
-  const der = new X509Certificate(readFileSync(cert)).raw;
-  return { cert, key, hash: [...createHash('sha256').update(der).digest()] };
+  return makeCertificate(dir);
 }
 
 async function start(args, options) {
