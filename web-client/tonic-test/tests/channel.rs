@@ -309,23 +309,17 @@ async fn fifty_concurrent_unary_calls_share_one_connection() {
     assert_eq!(texts, (0..50).map(|i| format!("n{i}")).collect::<Vec<_>>());
 }
 
-#[wasm_bindgen_test]
-async fn the_http_fallback_carries_the_same_calls() {
-    let options = ChannelOptions {
-        transports: vec![Transport::Http],
-        ..ChannelOptions::default()
-    };
-    // Cross-origin (the test page is served by wasm-bindgen-test): CORS at /ws.
+/// Connects with `options`, checks the channel went over `transport`, then
+/// a unary call and a bidi stream through it.
+async fn unary_and_bidi_over(transport: Transport, options: ChannelOptions) {
     let channel = Channel::connect_with(server_url(), options)
         .await
-        .expect("connect over HTTP");
-    assert_eq!(channel.transport(), Some(Transport::Http));
+        .unwrap_or_else(|status| panic!("connect over {}: {status:?}", transport.name()));
+    assert_eq!(channel.transport(), Some(transport));
     let mut echo = EchoClient::new(channel);
-    assert_eq!(
-        echo.unary(request("over http")).await.unwrap().into_inner().text,
-        "over http"
-    );
-    let requests = futures_util::stream::iter(["x", "y"].map(request));
+    let text = format!("over {}", transport.name());
+    assert_eq!(echo.unary(request(&text)).await.unwrap().into_inner().text, text);
+    let requests = futures_util::stream::iter(["x", "y", "z"].map(request));
     let replies: Vec<String> = echo
         .bidi(requests)
         .await
@@ -334,7 +328,17 @@ async fn the_http_fallback_carries_the_same_calls() {
         .map(|reply| reply.unwrap().text)
         .collect()
         .await;
-    assert_eq!(replies, ["x", "y"]);
+    assert_eq!(replies, ["x", "y", "z"]);
+}
+
+#[wasm_bindgen_test]
+async fn the_http_fallback_carries_the_same_calls() {
+    // Cross-origin (the test page is served by wasm-bindgen-test): CORS at /ws.
+    let options = ChannelOptions {
+        transports: vec![Transport::Http],
+        ..ChannelOptions::default()
+    };
+    unary_and_bidi_over(Transport::Http, options).await;
 }
 
 #[wasm_bindgen_test]
@@ -351,36 +355,14 @@ async fn webtransport_carries_the_same_calls() {
         .step_by(2)
         .map(|at| u8::from_str_radix(&hash[at..at + 2], 16).expect("a hex digest"))
         .collect();
+    // The WebSocket URL is never used: WebTransport is the only way given.
     let options = ChannelOptions {
         transports: vec![Transport::WebTransport],
         webtransport: Some(url.to_string()),
         server_certificate_hashes: vec![digest],
         ..ChannelOptions::default()
     };
-    // The WebSocket URL is never used: WebTransport is the only way given.
-    let channel = Channel::connect_with(server_url(), options)
-        .await
-        .expect("connect over WebTransport");
-    assert_eq!(channel.transport(), Some(Transport::WebTransport));
-    let mut echo = EchoClient::new(channel);
-    assert_eq!(
-        echo.unary(request("over webtransport"))
-            .await
-            .unwrap()
-            .into_inner()
-            .text,
-        "over webtransport"
-    );
-    let requests = futures_util::stream::iter(["x", "y", "z"].map(request));
-    let replies: Vec<String> = echo
-        .bidi(requests)
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|reply| reply.unwrap().text)
-        .collect()
-        .await;
-    assert_eq!(replies, ["x", "y", "z"]);
+    unary_and_bidi_over(Transport::WebTransport, options).await;
 }
 
 #[wasm_bindgen_test]
