@@ -145,8 +145,9 @@ pub struct StreamWire {
     /// says it sends nothing more; its call goes on.
     read_any: bool,
     /// Until the first frame: a stream that brings none by then is reset, so
-    /// an opened and forgotten stream does not hold one of its session's
-    /// stream slots (`--ws-max-calls`) for the whole session.
+    /// an opened and forgotten stream does not hold a call machine for the
+    /// whole session (nor, once the client's QUIC stack answers the reset,
+    /// one of its stream slots, `--ws-max-calls`).
     first_frame_by: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -170,10 +171,16 @@ impl StreamWire {
     /// Nothing after a frame that cannot be read can be framed: the stream
     /// is reset with a code saying so (no frame can carry a reason now).
     fn broken(&mut self) -> WsError {
-        let _ = self.frames.get_mut().send_mut().reset(VarInt::from_u32(BROKEN_FRAMING));
-        self.ended = true;
+        self.reset(BROKEN_FRAMING);
         self.read_any = false;
         WsError::Protocol(ProtocolError::InvalidCloseSequence)
+    }
+
+    /// Resets the server's side of the stream with `code`; nothing more is
+    /// read from it.
+    fn reset(&mut self, code: u32) {
+        let _ = self.frames.get_mut().send_mut().reset(VarInt::from_u32(code));
+        self.ended = true;
     }
 }
 
@@ -194,24 +201,23 @@ impl Stream for StreamWire {
             };
         }
         let encoding = self.encoding;
-        let polled = self.frames.poll_next_unpin(cx);
-        if polled.is_pending() {
-            if let Some(deadline) = &mut self.first_frame_by
-                && deadline.as_mut().poll(cx).is_ready()
-            {
-                tracing::debug!("a WebTransport stream brought no frame in time");
-                let _ = self
-                    .frames
-                    .get_mut()
-                    .send_mut()
-                    .reset(VarInt::from_u32(NO_CALL_IN_TIME));
-                self.ended = true;
-                return Poll::Ready(None);
+        let frame = match self.frames.poll_next_unpin(cx) {
+            Poll::Ready(frame) => {
+                self.first_frame_by = None;
+                frame
             }
-            return Poll::Pending;
-        }
-        self.first_frame_by = None;
-        let frame = match std::task::ready!(polled) {
+            Poll::Pending => {
+                if let Some(deadline) = &mut self.first_frame_by
+                    && deadline.as_mut().poll(cx).is_ready()
+                {
+                    tracing::debug!("a WebTransport stream brought no frame in time");
+                    self.reset(NO_CALL_IN_TIME);
+                    return Poll::Ready(None);
+                }
+                return Poll::Pending;
+            }
+        };
+        let frame = match frame {
             None => {
                 self.ended = true;
                 return if self.read_any {
