@@ -61,10 +61,15 @@ fn request_host(request: &Parts) -> Option<&str> {
 
 fn is_same_origin(origin: &str, host: Option<&str>) -> bool {
     let Some(host) = host else { return false };
-    let origin_host = origin
+    origin_address(origin).is_some_and(|origin_host| origin_host.eq_ignore_ascii_case(host))
+}
+
+/// An `http(s)` origin's host and port as a `Host` header names them
+/// (`https://example.com:8443` → `example.com:8443`).
+pub fn origin_address(origin: &str) -> Option<&str> {
+    origin
         .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
-    origin_host.is_some_and(|origin_host| origin_host.eq_ignore_ascii_case(host))
+        .or_else(|| origin.strip_prefix("https://"))
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ use self::wire::{StreamCodec, StreamFrame, StreamWire};
 use crate::config::Config;
 use crate::ops::shutdown::DrainCheck;
 use crate::policy::auth::{Authenticated, BEARER_SUBPROTOCOL_PREFIX};
+use crate::policy::origin::origin_address;
 use crate::transport::websocket::{self, Protocol, SocketContext, WebSocketState};
 use crate::transport::{Transport, query_param};
 
@@ -294,12 +295,7 @@ fn page_host<'a>(authority: &'a str, origin: Option<&'a String>) -> &'a str {
         Some((host, port)) if !port.contains(']') => host,
         _ => address,
     };
-    let origin_address = origin.and_then(|origin| {
-        origin
-            .strip_prefix("https://")
-            .or_else(|| origin.strip_prefix("http://"))
-    });
-    match origin_address {
+    match origin.and_then(|origin| origin_address(origin)) {
         Some(address) if host_of(address).eq_ignore_ascii_case(host_of(authority)) => address,
         _ => authority,
     }
