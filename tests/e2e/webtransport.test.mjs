@@ -270,7 +270,7 @@ test('the WASM client runs streams and call()s on WebTransport, each call on a s
       });
       assert.deepEqual(called, { got: ['processed: by call()'], code: 0 });
     }
-    // Every call's stream ended at the server (the client finished its side).
+    // Every call ended at the server.
     assert.equal(await page.evaluate(() => window.liveCallsReach(0)), 0);
     assert.deepEqual(problems, []);
     await close();

@@ -222,8 +222,9 @@ export class WtLink {
     } catch (error) {
       reason = `the stream broke: ${error.message}`;
     }
-    // The server is done with the call: finish our side too, so the
-    // stream no longer counts against the session's limit.
+    // The server is done with the call: finish our side too (the server
+    // has stopped reading; this ends the stream cleanly rather than by the
+    // server's STOP_SENDING).
     this.streams.get(call)?.then((writer) => writer.close()).catch(() => {});
     this.streamEnded(call, code, reason);
   }

@@ -6,11 +6,11 @@
 //! batches as from a WebSocket, plus the end of each call's stream.
 //!
 //! The streams are driven by a small JavaScript class (`WtLink` in
-//! `js/runtime.js`): WebTransport is
-//! promises and stream readers all the way down, which cost far less as
-//! JavaScript than as wasm-bindgen glue in the `.wasm` (whose size is
-//! budgeted), and web-sys's bindings would need `web_sys_unstable_apis`.
-//! The protocol (records, calls, flow control) stays in Rust.
+//! `js/runtime.js`): WebTransport is promises and stream readers all the way
+//! down, which cost far less as JavaScript than as wasm-bindgen glue in the
+//! `.wasm` (whose size is budgeted), and web-sys's bindings would need
+//! `web_sys_unstable_apis`. The protocol (records, calls, flow control)
+//! stays in Rust.
 
 use js_sys::Uint8Array;
 use streambridge_protocol::v2::Encoding;
@@ -25,8 +25,10 @@ const OPEN_TIMEOUT_MS: u32 = 5000;
 
 #[wasm_bindgen(module = "/js/runtime.js")]
 extern "C" {
+    /// Whether this browser has WebTransport (every major one since 2026;
+    /// not older Safari, nor some embedded views).
     #[wasm_bindgen(js_name = hasWebTransport)]
-    fn has_web_transport() -> bool;
+    pub fn available() -> bool;
 
     type WtLink;
 
@@ -45,12 +47,6 @@ extern "C" {
 
     #[wasm_bindgen(method)]
     fn close(this: &WtLink, reason: &str);
-}
-
-/// Whether this browser has WebTransport (every major one since 2026; not
-/// older Safari, nor some embedded views).
-pub fn available() -> bool {
-    has_web_transport()
 }
 
 /// An open or opening session; dropping it closes the session.

@@ -60,9 +60,11 @@ pub fn run_counted(command: &mut Command, counts: &mut TestCounts) -> Result {
 
 /// What wasm-bindgen-test-runner prints when Chromium never finished loading
 /// its test page: the page's status line was still "Loading scripts...", so
-/// none of the tests' code ran. Chromium's renderer now and then hangs at
-/// that point for the whole 300 s page-load timeout
-/// (wasm-bindgen/wasm-pack#783: "Timed out receiving message from renderer").
+/// none of the tests' code ran. Chromium's renderer can hang at that point
+/// for the whole 300 s page-load timeout (wasm-bindgen/wasm-pack#783:
+/// "Timed out receiving message from renderer"); here it did in about half
+/// the runs while the client's page imported five JavaScript modules, and
+/// not once since they are one (`web-client/js/runtime.js`).
 const PAGE_NEVER_LOADED: &str = "Loading scripts...Failed to detect test as having been run";
 
 /// [`run_counted`] for wasm-bindgen-test in Chromium: run once more, and
